@@ -1,0 +1,357 @@
+//! The resident token set: a lock-free map from SHA-256 to grant for the
+//! hot path, and the token tree for admin operations.
+//!
+//! Every token is resident, so a miss is a final answer: random credentials
+//! cost one hash and one map probe, never a storage read.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::watch;
+
+use super::scope::{Scope, Scopes};
+use super::token::{Denied, Devices, RateLimit, Status, TokenEntry};
+use crate::secret::{PrehashedState, TokenHash};
+
+/// Everything known about a token, as a consistent copy.
+#[derive(Clone, Debug)]
+pub struct TokenView {
+    pub id: String,
+    pub app: String,
+    pub name: String,
+    pub scopes: Scopes,
+    pub devices: Devices,
+    pub expires_at: Option<i64>,
+    pub status: Status,
+    pub parent_id: Option<String>,
+    pub created_at: i64,
+    pub last_used: Option<i64>,
+    pub rate_limit: Option<RateLimit>,
+    pub hash: TokenHash,
+}
+
+/// A token about to be added (after it has been persisted).
+#[derive(Debug)]
+pub struct NewToken {
+    pub id: String,
+    pub app: String,
+    pub name: String,
+    pub scopes: Scopes,
+    pub devices: Devices,
+    pub expires_at: Option<i64>,
+    pub status: Status,
+    pub parent_id: Option<String>,
+    pub created_at: i64,
+    pub last_used: i64,
+    pub rate_limit: Option<RateLimit>,
+    pub hash: TokenHash,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegistryError {
+    #[error("token {0} already exists")]
+    Duplicate(String),
+    #[error("parent token {0} does not exist")]
+    MissingParent(String),
+}
+
+struct Node {
+    entry: Arc<TokenEntry>,
+    name: String,
+    created_at: i64,
+    hash: TokenHash,
+    children: Vec<Box<str>>,
+}
+
+#[derive(Default)]
+struct Tree {
+    nodes: HashMap<Box<str>, Node>,
+}
+
+pub struct Registry {
+    /// Hot path: SHA-256 → grant. Reads take no lock.
+    by_hash: papaya::HashMap<TokenHash, Arc<TokenEntry>, PrehashedState>,
+    /// Admin side: ids, names, children. Only admin operations lock it.
+    tree: Mutex<Tree>,
+    /// Bumped whenever a token stops being usable by an admin action, so
+    /// long-lived sessions re-check their grant at once. A watch keeps only
+    /// the latest value, so it can never fill up.
+    revocations: watch::Sender<u64>,
+    /// Tokens whose lastUsedAt changed since the last flush. Each token is
+    /// queued at most once per flush (see `TokenEntry::touch`), so this is
+    /// bounded by the number of tokens.
+    used_tx: crossbeam_channel::Sender<Arc<TokenEntry>>,
+    used_rx: crossbeam_channel::Receiver<Arc<TokenEntry>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Registry {
+    pub fn new() -> Registry {
+        let (used_tx, used_rx) = crossbeam_channel::unbounded();
+        Registry {
+            by_hash: papaya::HashMap::builder()
+                .hasher(PrehashedState::default())
+                .build(),
+            tree: Mutex::new(Tree::default()),
+            revocations: watch::Sender::new(0),
+            used_tx,
+            used_rx,
+        }
+    }
+
+    fn tree(&self) -> MutexGuard<'_, Tree> {
+        // A panic while holding the lock leaves the tree as consistent as
+        // each single-step mutation made it; keep serving.
+        self.tree.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Installs the root admin token (kept in memory only).
+    pub fn set_root(&self, hash: TokenHash) {
+        self.by_hash
+            .pin()
+            .insert(hash, Arc::new(TokenEntry::new_root()));
+    }
+
+    /// The hot-path check: hash, probe, walk the chain, test the grant.
+    /// No lock, no allocation, no IO.
+    pub fn authorize(
+        &self,
+        credential: &[u8],
+        app: &str,
+        device: Option<&str>,
+        scope: Scope,
+        now_ms: i64,
+    ) -> Result<(), Denied> {
+        self.with_grant(credential, now_ms, |e| {
+            if e.permits(app, device, scope) {
+                Ok(())
+            } else {
+                Err(Denied::Forbidden)
+            }
+        })?
+    }
+
+    /// Runs `f` with the grant of a usable credential, without cloning it;
+    /// for callers that need to check more than one thing in between.
+    pub fn with_grant<R>(
+        &self,
+        credential: &[u8],
+        now_ms: i64,
+        f: impl FnOnce(&Arc<TokenEntry>) -> R,
+    ) -> Result<R, Denied> {
+        let hash = TokenHash::of(credential);
+        let map = self.by_hash.pin();
+        let entry = map.get(&hash).ok_or(Denied::Unauthorized)?;
+        if !entry.usable(now_ms) {
+            return Err(Denied::Unauthorized);
+        }
+        self.touch(entry, now_ms);
+        Ok(f(entry))
+    }
+
+    /// Resolves a credential to its grant if it is usable now; for sessions
+    /// and admin calls that keep the grant.
+    pub fn authenticate(&self, credential: &[u8], now_ms: i64) -> Result<Arc<TokenEntry>, Denied> {
+        let hash = TokenHash::of(credential);
+        let map = self.by_hash.pin();
+        let entry = map.get(&hash).ok_or(Denied::Unauthorized)?;
+        if !entry.usable(now_ms) {
+            return Err(Denied::Unauthorized);
+        }
+        self.touch(entry, now_ms);
+        Ok(entry.clone())
+    }
+
+    /// Records a use of a token already held (e.g. by an MQTT session).
+    pub fn touch(&self, entry: &Arc<TokenEntry>, now_ms: i64) {
+        if entry.touch(now_ms) {
+            // Unbounded but at most one entry per token; never blocks.
+            let _ = self.used_tx.send(entry.clone());
+        }
+    }
+
+    /// Tokens used since the last call, for persisting lastUsedAt.
+    pub fn take_used(&self) -> Vec<Arc<TokenEntry>> {
+        let used: Vec<_> = self.used_rx.try_iter().collect();
+        for e in &used {
+            e.clear_dirty();
+        }
+        used
+    }
+
+    pub fn subscribe_revocations(&self) -> watch::Receiver<u64> {
+        self.revocations.subscribe()
+    }
+
+    /// Number of application tokens resident (the root is not counted).
+    pub fn len(&self) -> usize {
+        self.tree().nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn insert(&self, t: NewToken) -> Result<Arc<TokenEntry>, RegistryError> {
+        let mut tree = self.tree();
+        if tree.nodes.contains_key(t.id.as_str()) {
+            return Err(RegistryError::Duplicate(t.id));
+        }
+        let parent = match &t.parent_id {
+            Some(pid) => Some(
+                tree.nodes
+                    .get(pid.as_str())
+                    .ok_or_else(|| RegistryError::MissingParent(pid.clone()))?
+                    .entry
+                    .clone(),
+            ),
+            None => None,
+        };
+        let id: Box<str> = t.id.into_boxed_str();
+        let entry = Arc::new(TokenEntry::new(
+            id.clone(),
+            t.app.into_boxed_str(),
+            t.scopes,
+            t.devices,
+            t.expires_at,
+            t.rate_limit,
+            parent,
+            t.status,
+            t.last_used,
+        ));
+        if let Some(pid) = &t.parent_id {
+            if let Some(p) = tree.nodes.get_mut(pid.as_str()) {
+                p.children.push(id.clone());
+            }
+        }
+        tree.nodes.insert(
+            id,
+            Node {
+                entry: entry.clone(),
+                name: t.name,
+                created_at: t.created_at,
+                hash: t.hash,
+                children: Vec::new(),
+            },
+        );
+        self.by_hash.pin().insert(t.hash, entry.clone());
+        Ok(entry)
+    }
+
+    pub fn entry(&self, id: &str) -> Option<Arc<TokenEntry>> {
+        self.tree().nodes.get(id).map(|n| n.entry.clone())
+    }
+
+    pub fn view(&self, id: &str) -> Option<TokenView> {
+        let tree = self.tree();
+        tree.nodes.get(id).map(view_of)
+    }
+
+    /// Tokens of `app`, oldest first; for a non-root caller only its
+    /// descendants.
+    pub fn list(&self, app: &str, caller: &TokenEntry) -> Vec<TokenView> {
+        let tree = self.tree();
+        let mut out: Vec<TokenView> = tree
+            .nodes
+            .values()
+            .filter(|n| *n.entry.app == *app && (caller.root || n.entry.descends_from(caller)))
+            .map(view_of)
+            .collect();
+        out.sort_by(|a, b| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        out
+    }
+
+    /// Changes a token's own status. Deactivation takes effect for the
+    /// whole subtree at once because usability is derived along the chain.
+    pub fn set_status(&self, id: &str, status: Status) -> Option<TokenView> {
+        let tree = self.tree();
+        let node = tree.nodes.get(id)?;
+        node.entry.set_status(status);
+        let view = view_of(node);
+        drop(tree);
+        if status != Status::Active {
+            self.revocations.send_modify(|v| *v += 1);
+        }
+        Some(view)
+    }
+
+    pub fn set_name(&self, id: &str, name: String) -> Option<TokenView> {
+        let mut tree = self.tree();
+        let node = tree.nodes.get_mut(id)?;
+        node.name = name;
+        Some(view_of(node))
+    }
+
+    /// Ids of `id` and all its descendants, parents before children.
+    pub fn subtree(&self, id: &str) -> Vec<String> {
+        let tree = self.tree();
+        subtree_ids(&tree, id)
+    }
+
+    /// Removes `id` and its descendants. Each is marked deleted first, so a
+    /// session holding one stops at its next check.
+    pub fn remove_subtree(&self, id: &str) -> Vec<String> {
+        let mut tree = self.tree();
+        let ids = subtree_ids(&tree, id);
+        let map = self.by_hash.pin();
+        for tid in &ids {
+            if let Some(node) = tree.nodes.remove(tid.as_str()) {
+                node.entry.set_status(Status::Deleted);
+                map.remove(&node.hash);
+                if let Some(p) = &node.entry.parent {
+                    if let Some(pn) = tree.nodes.get_mut(&*p.id) {
+                        pn.children.retain(|c| **c != **tid);
+                    }
+                }
+            }
+        }
+        drop(tree);
+        if !ids.is_empty() {
+            self.revocations.send_modify(|v| *v += 1);
+        }
+        ids
+    }
+}
+
+fn subtree_ids(tree: &Tree, id: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if !tree.nodes.contains_key(id) {
+        return out;
+    }
+    let mut stack = vec![id.to_string()];
+    while let Some(cur) = stack.pop() {
+        if let Some(n) = tree.nodes.get(cur.as_str()) {
+            stack.extend(n.children.iter().map(|c| c.to_string()));
+        }
+        out.push(cur);
+    }
+    out
+}
+
+fn view_of(n: &Node) -> TokenView {
+    let e = &n.entry;
+    let last = e.last_used();
+    TokenView {
+        id: e.id.to_string(),
+        app: e.app.to_string(),
+        name: n.name.clone(),
+        scopes: e.scopes,
+        devices: e.devices.clone(),
+        expires_at: e.expires_at,
+        status: e.status(),
+        parent_id: e.parent.as_ref().map(|p| p.id.to_string()),
+        created_at: n.created_at,
+        last_used: (last > 0).then_some(last),
+        rate_limit: e.rate_limit,
+        hash: n.hash,
+    }
+}

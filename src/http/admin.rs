@@ -1,0 +1,401 @@
+//! The admin HTTP API: token management, state read-back, metrics, health.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+
+use crate::auth::{Denied, Scope, TokenEntry};
+use crate::composite;
+use crate::ids::is_valid_id;
+use crate::metrics::Metrics;
+use crate::secret::parse_bearer;
+use crate::store::{device_key, HistoryQuery, Order, Position, Store};
+use crate::timefmt::{self, now_ms};
+use crate::tokens::{parse_create, parse_update, TokenError, TokenService};
+use crate::writer::IngestQueue;
+
+/// Default and largest page of history.
+pub const DEFAULT_LIMIT: usize = 100;
+pub const MAX_LIMIT: usize = 10_000;
+
+pub struct AdminApi {
+    pub tokens: Arc<TokenService>,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub queue: Arc<IngestQueue>,
+}
+
+/// An error as the API shows it: a status and a stable code.
+#[derive(Debug)]
+pub enum ApiError {
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    ExceedsParent(String),
+    BadRequest(String),
+    Internal,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match self {
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                serde_json::json!({"error": "unauthorized"}),
+            ),
+            ApiError::Forbidden => (
+                StatusCode::FORBIDDEN,
+                serde_json::json!({"error": "forbidden"}),
+            ),
+            ApiError::NotFound => (
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": "not_found"}),
+            ),
+            ApiError::ExceedsParent(d) => (
+                StatusCode::FORBIDDEN,
+                serde_json::json!({"error": "exceeds_parent", "detail": d}),
+            ),
+            ApiError::BadRequest(d) => (
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": "bad_request", "detail": d}),
+            ),
+            ApiError::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                serde_json::json!({"error": "internal"}),
+            ),
+        };
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<TokenError> for ApiError {
+    fn from(e: TokenError) -> Self {
+        match e {
+            TokenError::NotFound => ApiError::NotFound,
+            TokenError::ExceedsParent(x) => ApiError::ExceedsParent(x.to_string()),
+            TokenError::BadRequest(d) => ApiError::BadRequest(d),
+            TokenError::Store(e) => {
+                tracing::error!(error = %e, "token store failed");
+                ApiError::Internal
+            }
+            TokenError::Internal(e) => {
+                tracing::error!(error = %e, "token operation failed");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+type Api = State<Arc<AdminApi>>;
+
+pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route("/metrics", get(metrics))
+        .route(
+            "/applications/{app}/tokens",
+            get(list_tokens).post(create_token),
+        )
+        .route(
+            "/applications/{app}/tokens/{id}",
+            get(get_token).patch(update_token).delete(delete_token),
+        )
+        .route("/applications/{app}/devices/{device}/state", get(history))
+        .route(
+            "/applications/{app}/devices/{device}/compositeState",
+            get(composite_state),
+        )
+        .fallback(|| async { ApiError::NotFound })
+        .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+        .with_state(api)
+}
+
+impl AdminApi {
+    /// Authenticates the caller and checks `scope` in `app` (and `device`).
+    fn authorize(
+        &self,
+        headers: &HeaderMap,
+        app: &str,
+        device: Option<&str>,
+        scope: Scope,
+    ) -> Result<Arc<TokenEntry>, ApiError> {
+        let cred = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|h| parse_bearer(h.as_bytes()))
+            .ok_or(ApiError::Unauthorized)?;
+        let caller = self
+            .tokens
+            .registry()
+            .authenticate(cred, now_ms())
+            .map_err(|_: Denied| ApiError::Unauthorized)?;
+        if !is_valid_id(app) || device.is_some_and(|d| !is_valid_id(d)) {
+            return Err(ApiError::BadRequest(
+                "application and device ids must be 1-64 characters of A-Z a-z 0-9 _ . -".into(),
+            ));
+        }
+        if !caller.permits(app, device, scope) {
+            // A token of another application that may mint is told why.
+            if scope == Scope::TokenCreate && !caller.root && caller.scopes.allows(scope) {
+                return Err(ApiError::ExceedsParent(
+                    crate::auth::Exceeds::Application.to_string(),
+                ));
+            }
+            return Err(ApiError::Forbidden);
+        }
+        Ok(caller)
+    }
+}
+
+async fn metrics(State(api): Api) -> impl IntoResponse {
+    api.metrics.queue_depth.set(api.queue.depth() as i64);
+    api.metrics.queue_bytes.set(api.queue.bytes() as i64);
+    api.metrics
+        .token_cache_entries
+        .set(api.tokens.registry().len() as i64);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        api.metrics.render(),
+    )
+}
+
+async fn create_token(
+    State(api): Api,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let caller = api.authorize(&headers, &app, None, Scope::TokenCreate)?;
+    let req = parse_create(&body, api.tokens.max_devices()).map_err(ApiError::BadRequest)?;
+    let created = api.tokens.create(&caller, &app, req).await?;
+    Ok((StatusCode::CREATED, axum::Json(created)).into_response())
+}
+
+async fn list_tokens(
+    State(api): Api,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = api.authorize(&headers, &app, None, Scope::TokenRead)?;
+    Ok(axum::Json(api.tokens.list(&caller, &app)).into_response())
+}
+
+async fn get_token(
+    State(api): Api,
+    Path((app, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = api.authorize(&headers, &app, None, Scope::TokenRead)?;
+    Ok(axum::Json(api.tokens.get(&caller, &app, &id)?).into_response())
+}
+
+async fn update_token(
+    State(api): Api,
+    Path((app, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let caller = api.authorize(&headers, &app, None, Scope::TokenRevoke)?;
+    let upd = parse_update(&body).map_err(ApiError::BadRequest)?;
+    Ok(axum::Json(api.tokens.update(&caller, &app, &id, upd).await?).into_response())
+}
+
+async fn delete_token(
+    State(api): Api,
+    Path((app, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = api.authorize(&headers, &app, None, Scope::TokenRevoke)?;
+    api.tokens.delete(&caller, &app, &id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Parses the history query string into a store query.
+pub fn history_query(params: &HashMap<String, String>) -> Result<HistoryQuery, String> {
+    for k in params.keys() {
+        if !matches!(k.as_str(), "start" | "end" | "limit" | "order" | "cursor") {
+            return Err(format!("unknown query parameter {k:?}"));
+        }
+    }
+    let time = |k: &str| -> Result<Option<u64>, String> {
+        params
+            .get(k)
+            .map(|v| {
+                timefmt::parse_param(v)
+                    .map(|ms| ms as u64)
+                    .map_err(|e| format!("`{k}`: {e}"))
+            })
+            .transpose()
+    };
+    let start = time("start")?.unwrap_or(0);
+    let end = time("end")?.unwrap_or(timefmt::MAX_TIME_MS as u64);
+    if start > end {
+        return Err("`start` is after `end`".into());
+    }
+    let limit = match params.get("limit") {
+        None => DEFAULT_LIMIT,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
+            _ => return Err(format!("`limit` must be an integer from 1 to {MAX_LIMIT}")),
+        },
+    };
+    let order = match params.get("order").map(String::as_str) {
+        None | Some("desc") => Order::Desc,
+        Some("asc") => Order::Asc,
+        Some(_) => return Err("`order` must be \"asc\" or \"desc\"".into()),
+    };
+    let cursor = match params.get("cursor") {
+        None => None,
+        Some(c) => {
+            Some(Position::from_cursor(c).ok_or("`cursor` is not a cursor returned as `next`")?)
+        }
+    };
+    Ok(HistoryQuery {
+        start_ms: start,
+        end_ms: end,
+        limit,
+        order,
+        cursor,
+    })
+}
+
+async fn history(
+    State(api): Api,
+    Path((app, device)): Path<(String, String)>,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    api.authorize(&headers, &app, Some(&device), Scope::GetState)?;
+    let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let q = history_query(&params).map_err(ApiError::BadRequest)?;
+    let store = api.store.clone();
+    let key = device_key(&app, &device);
+    let page = tokio::task::spawn_blocking(move || store.history(&key, &q))
+        .await
+        .map_err(|_| ApiError::Internal)?
+        .map_err(|e| {
+            tracing::error!(error = %e, "history read failed");
+            ApiError::Internal
+        })?;
+    // The stored data is the exact JSON text the device sent; splice it in
+    // rather than re-encoding, so read-back is byte-equal.
+    let mut out =
+        Vec::with_capacity(64 + page.items.iter().map(|i| i.data.len() + 32).sum::<usize>());
+    out.extend_from_slice(b"{\"items\":[");
+    for (i, item) in page.items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"time\":");
+        out.extend_from_slice(itoa::Buffer::new().format(item.at.time_ms).as_bytes());
+        out.extend_from_slice(b",\"data\":");
+        out.extend_from_slice(&item.data);
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"],\"next\":");
+    match page.next {
+        Some(p) => {
+            out.push(b'"');
+            out.extend_from_slice(p.to_cursor().as_bytes());
+            out.push(b'"');
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+    out.push(b'}');
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        out,
+    )
+        .into_response())
+}
+
+async fn composite_state(
+    State(api): Api,
+    Path((app, device)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    api.authorize(&headers, &app, Some(&device), Scope::GetState)?;
+    let store = api.store.clone();
+    let key = device_key(&app, &device);
+    let value = tokio::task::spawn_blocking(move || store.composite(&key))
+        .await
+        .map_err(|_| ApiError::Internal)?
+        .map_err(|e| {
+            tracing::error!(error = %e, "composite read failed");
+            ApiError::Internal
+        })?
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(value.len() + 64);
+    out.push(b'{');
+    for (i, e) in composite::entries(&value).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let name = String::from_utf8_lossy(e.name);
+        // Writing JSON into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut out, &name);
+        out.extend_from_slice(b":{\"value\":");
+        out.extend_from_slice(e.value);
+        out.extend_from_slice(b",\"time\":");
+        out.extend_from_slice(itoa::Buffer::new().format(e.time_ms).as_bytes());
+        out.push(b'}');
+    }
+    out.push(b'}');
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        out,
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn history_params() {
+        let q = history_query(&params(&[])).unwrap();
+        assert_eq!((q.start_ms, q.limit, q.order), (0, 100, Order::Desc));
+        let q = history_query(&params(&[
+            ("start", "1000"),
+            ("end", "1970-01-01T00:00:02Z"),
+            ("order", "asc"),
+            ("limit", "10000"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (q.start_ms, q.end_ms, q.limit, q.order),
+            (1000, 2000, 10000, Order::Asc)
+        );
+        for bad in [
+            vec![("limit", "0")],
+            vec![("limit", "10001")],
+            vec![("limit", "x")],
+            vec![("order", "up")],
+            vec![("start", "tomorrow")],
+            vec![("start", "5"), ("end", "4")],
+            vec![("cursor", "zz")],
+            vec![("bogus", "1")],
+        ] {
+            assert!(history_query(&params(&bad)).is_err(), "{bad:?}");
+        }
+    }
+}

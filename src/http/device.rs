@@ -1,0 +1,232 @@
+//! The device-facing HTTP listener:
+//! `POST /applications/{app}/devices/{device}/state`.
+//!
+//! Order of checks (each stops at the first failure): route → token (401)
+//! → ids (400) → permission (403) → body size (413) → content type (415)
+//! → body (400) → queue (503) → commit (200 after it is durable).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Method, Request, Response};
+use tokio::sync::oneshot;
+
+use super::serve::{error_with_detail, json};
+use crate::auth::{Denied, Registry, Scope};
+use crate::ids::is_valid_id;
+use crate::metrics::Metrics;
+use crate::secret::parse_bearer;
+use crate::state::{self, Shape};
+use crate::store::device_key;
+use crate::timefmt::now_ms;
+use crate::writer::{Completion, EnqueueError, IngestQueue, WriteRequest};
+
+/// Everything the device listener needs, shared by all its connections.
+pub struct DeviceApi {
+    pub registry: Arc<Registry>,
+    pub queue: Arc<IngestQueue>,
+    pub metrics: Arc<Metrics>,
+    pub max_body_bytes: usize,
+    pub body_read_timeout: Duration,
+}
+
+/// A cheap, cloneable hyper service over a shared [`DeviceApi`].
+#[derive(Clone)]
+pub struct DeviceService(pub Arc<DeviceApi>);
+
+impl hyper::service::Service<Request<Incoming>> for DeviceService {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let api = self.0.clone();
+        Box::pin(async move {
+            let resp = api.handle(req).await;
+            api.metrics.http_response(resp.status().as_u16());
+            Ok(resp)
+        })
+    }
+}
+
+const UNAUTHORIZED: &str = r#"{"error":"unauthorized"}"#;
+const FORBIDDEN: &str = r#"{"error":"forbidden"}"#;
+const NOT_FOUND: &str = r#"{"error":"not_found"}"#;
+const TOO_LARGE: &str = r#"{"error":"payload_too_large"}"#;
+const OVERLOADED: &str = r#"{"error":"overloaded"}"#;
+const INTERNAL: &str = r#"{"error":"internal"}"#;
+const TIMEOUT: &str = r#"{"error":"request_timeout"}"#;
+const UNSUPPORTED: &str = r#"{"error":"unsupported_media_type"}"#;
+const METHOD: &str = r#"{"error":"method_not_allowed"}"#;
+
+fn fixed(status: u16, body: &'static str) -> Response<Full<Bytes>> {
+    json(status, Bytes::from_static(body.as_bytes()))
+}
+
+fn overloaded() -> Response<Full<Bytes>> {
+    let mut r = fixed(503, OVERLOADED);
+    r.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
+/// Splits `/applications/{app}/devices/{device}/state`.
+pub fn state_route(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix("/applications/")?;
+    let (app, rest) = rest.split_once('/')?;
+    let rest = rest.strip_prefix("devices/")?;
+    let (device, rest) = rest.split_once('/')?;
+    (rest == "state").then_some((app, device))
+}
+
+impl DeviceApi {
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path();
+        if path == "/healthz" {
+            return json(200, Bytes::from_static(b"{\"status\":\"ok\"}"));
+        }
+        let Some((app, device)) = state_route(path) else {
+            return fixed(404, NOT_FOUND);
+        };
+        if req.method() != Method::POST {
+            let mut r = fixed(405, METHOD);
+            r.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("POST"));
+            return r;
+        }
+        let now = now_ms();
+        let credential = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|h| parse_bearer(h.as_bytes()));
+        let Some(credential) = credential else {
+            return fixed(401, UNAUTHORIZED);
+        };
+        let verdict = self.registry.with_grant(credential, now, |grant| {
+            if !is_valid_id(app) || !is_valid_id(device) {
+                return Err(None);
+            }
+            if grant.permits(app, Some(device), Scope::SendState) {
+                Ok(())
+            } else {
+                Err(Some(Denied::Forbidden))
+            }
+        });
+        match verdict {
+            Err(Denied::Unauthorized) | Ok(Err(Some(Denied::Unauthorized))) => {
+                return fixed(401, UNAUTHORIZED)
+            }
+            Err(Denied::Forbidden) | Ok(Err(Some(Denied::Forbidden))) => {
+                return fixed(403, FORBIDDEN)
+            }
+            Ok(Err(None)) => {
+                return error_with_detail(
+                    400,
+                    "bad_request",
+                    "application and device ids must be 1-64 characters of A-Z a-z 0-9 _ . -",
+                )
+            }
+            Ok(Ok(())) => {}
+        }
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
+            return fixed(413, TOO_LARGE);
+        }
+        if let Some(ct) = req.headers().get(CONTENT_TYPE) {
+            if !is_json_content_type(ct.as_bytes()) {
+                return fixed(415, UNSUPPORTED);
+            }
+        }
+        let device_key = device_key(app, device);
+        let limited = Limited::new(req.into_body(), self.max_body_bytes);
+        let body = match tokio::time::timeout(self.body_read_timeout, limited.collect()).await {
+            Err(_) => return fixed(408, TIMEOUT),
+            Ok(Err(e)) => {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    return fixed(413, TOO_LARGE);
+                }
+                return error_with_detail(400, "bad_request", "the request body could not be read");
+            }
+            Ok(Ok(collected)) => collected.to_bytes(),
+        };
+        let parsed = match state::parse(&body, Shape::OneOrArray, now) {
+            Ok(p) => p,
+            Err(e) => return error_with_detail(400, "bad_request", &e.0),
+        };
+        let accepted = parsed.states.len();
+        let (tx, rx) = oneshot::channel();
+        let req = WriteRequest {
+            device: device_key,
+            body,
+            parsed,
+            done: Completion::Request(tx),
+        };
+        match self.queue.try_enqueue(req) {
+            Ok(()) => {}
+            Err(EnqueueError::Full(_)) | Err(EnqueueError::Closed) => return overloaded(),
+        }
+        match rx.await {
+            Ok(Ok(())) => {
+                let mut buf = itoa::Buffer::new();
+                let n = buf.format(accepted);
+                let mut body = Vec::with_capacity(16 + n.len());
+                body.extend_from_slice(b"{\"accepted\":");
+                body.extend_from_slice(n.as_bytes());
+                body.push(b'}');
+                json(200, body)
+            }
+            Ok(Err(crate::writer::CommitError::Storage)) => fixed(500, INTERNAL),
+            // The writer stopped before committing: not stored, say so.
+            Ok(Err(crate::writer::CommitError::ShuttingDown)) | Err(_) => overloaded(),
+        }
+    }
+}
+
+/// `application/json`, any `+json` type, with or without parameters.
+fn is_json_content_type(v: &[u8]) -> bool {
+    let essence = v.split(|&b| b == b';').next().unwrap_or(b"").trim_ascii();
+    essence.eq_ignore_ascii_case(b"application/json")
+        || (essence.len() > 5
+            && essence[essence.len() - 5..].eq_ignore_ascii_case(b"+json")
+            && essence.starts_with(b"application/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(
+            state_route("/applications/a/devices/d/state"),
+            Some(("a", "d"))
+        );
+        assert_eq!(state_route("/applications/a/devices/d/state/x"), None);
+        assert_eq!(state_route("/applications/a/devices/d"), None);
+        assert_eq!(state_route("/applications/a/things/d/state"), None);
+        assert_eq!(
+            state_route("/applications/a/devices/../state"),
+            Some(("a", ".."))
+        );
+    }
+
+    #[test]
+    fn content_types() {
+        assert!(is_json_content_type(b"application/json"));
+        assert!(is_json_content_type(b"Application/JSON; charset=utf-8"));
+        assert!(is_json_content_type(b"application/vnd.api+json"));
+        assert!(!is_json_content_type(b"text/plain"));
+        assert!(!is_json_content_type(b"application/x-www-form-urlencoded"));
+    }
+}

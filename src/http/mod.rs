@@ -1,0 +1,5 @@
+//! HTTP listeners: the device-facing ingest endpoint and the admin API.
+
+pub mod admin;
+pub mod device;
+pub mod serve;

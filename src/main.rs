@@ -1,0 +1,258 @@
+//! The `sluice` binary: `serve` runs the broker, `token …` talks to a
+//! running broker's admin API. All logic lives in the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use sluice::client::AdminClient;
+use sluice::config::{Config, Overrides};
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Durable IoT state broker with attenuable tokens"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve(ServeArgs),
+    /// Manage tokens through a running broker's admin API.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Parser)]
+struct ServeArgs {
+    /// Config file (TOML); built-in defaults equal config/sluice.toml.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long, value_name = "ADDR")]
+    mqtt_listen: Option<String>,
+    #[arg(long, value_name = "ADDR")]
+    http_listen: Option<String>,
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<String>,
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<String>,
+    /// Allow the admin listener on a non-loopback address.
+    #[arg(long)]
+    admin_allow_public: bool,
+}
+
+#[derive(Parser)]
+struct AdminArgs {
+    /// Admin API base URL. Default: the admin address in
+    /// <data-dir>/listening, else http://127.0.0.1:9090.
+    #[arg(long, value_name = "URL")]
+    admin: Option<String>,
+    /// Where to find `listening` and `admin.token` (SLUICE_ADMIN_TOKEN wins).
+    #[arg(long, value_name = "DIR", default_value = "./data")]
+    data_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token; prints the record including the secret (shown once).
+    Create {
+        #[arg(long)]
+        app: String,
+        /// Scope(s), repeatable or comma-separated, e.g. device.sendState.
+        #[arg(long, required = true, value_delimiter = ',')]
+        scope: Vec<String>,
+        /// Device id(s), repeatable; default every device the minter covers.
+        #[arg(long)]
+        device: Vec<String>,
+        /// Lifetime, e.g. 30d, 12h, 90m.
+        #[arg(long)]
+        expires: Option<String>,
+        #[arg(long, default_value = "cli token")]
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List the tokens of an application.
+    List {
+        #[arg(long)]
+        app: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Deactivate a token (and with it its subtree); --delete removes it
+    /// and its subtree permanently.
+    Revoke {
+        #[arg(long)]
+        app: String,
+        id: String,
+        #[arg(long)]
+        delete: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Token(cmd) => token(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let overrides = Overrides {
+        mqtt_listen: args.mqtt_listen,
+        http_listen: args.http_listen,
+        admin_listen: args.admin_listen,
+        data_dir: args.data_dir,
+        admin_allow_public: args.admin_allow_public,
+    };
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let config = match Config::load(args.config.as_deref(), &env, &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.level.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).context("log filter")?)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let admin_token = std::env::var("SLUICE_ADMIN_TOKEN").ok();
+    runtime.block_on(async move {
+        let listeners = sluice::Listeners::bind(&config).await?;
+        sluice::run(config, listeners, admin_token, shutdown_signal()).await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on the first SIGINT or SIGTERM; a second one exits at once.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        // Without signal handlers the broker still runs; it just cannot
+        // drain on a signal.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("signal received; send another to exit immediately");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("second signal: exiting without draining");
+        std::process::exit(130);
+    });
+}
+
+fn admin_url(args: &AdminArgs) -> String {
+    if let Some(u) = &args.admin {
+        return u.clone();
+    }
+    std::fs::read_to_string(args.data_dir.join("listening"))
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|l| {
+                l.strip_prefix("listening admin ")
+                    .map(|a| format!("http://{}", a.trim()))
+            })
+        })
+        .unwrap_or_else(|| "http://127.0.0.1:9090".to_string())
+}
+
+fn client(args: &AdminArgs) -> anyhow::Result<AdminClient> {
+    let env = std::env::var("SLUICE_ADMIN_TOKEN").ok();
+    let token = sluice::admin_token::read_for_client(Path::new(&args.data_dir), env.as_deref())
+        .context(
+        "no admin token: set SLUICE_ADMIN_TOKEN or point --data-dir at the broker's data directory",
+    )?;
+    Ok(AdminClient::new(&admin_url(args), &token))
+}
+
+fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let out = runtime.block_on(async move {
+        match cmd {
+            TokenCommand::Create {
+                app,
+                scope,
+                device,
+                expires,
+                name,
+                admin,
+            } => {
+                let mut body = serde_json::json!({ "name": name, "scope": scope });
+                if !device.is_empty() {
+                    body["devices"] = serde_json::json!(device);
+                }
+                if let Some(e) = expires {
+                    let d = humantime::parse_duration(&e).with_context(|| {
+                        format!("--expires {e:?}: use a duration like 30d or 12h")
+                    })?;
+                    let at = sluice::timefmt::now_ms() + d.as_millis() as i64;
+                    body["expirationDate"] = serde_json::json!(sluice::timefmt::format_rfc3339(at));
+                }
+                Ok::<_, anyhow::Error>(client(&admin)?.create_token(&app, &body).await?)
+            }
+            TokenCommand::List { app, admin } => Ok(client(&admin)?.list_tokens(&app).await?),
+            TokenCommand::Revoke {
+                app,
+                id,
+                delete,
+                admin,
+            } => {
+                let c = client(&admin)?;
+                if delete {
+                    c.delete_token(&app, &id).await?;
+                    Ok(serde_json::json!({ "id": id, "deleted": true }))
+                } else {
+                    Ok(c.set_status(&app, &id, "inactive").await?)
+                }
+            }
+        }
+    });
+    match out {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            if let Some(sluice::client::ClientError::Api { body, .. }) = e.downcast_ref() {
+                println!("{body}");
+            }
+            bail!(e)
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Prometheus metrics. Handles are resolved once at start-up so the hot
+//! path only increments atomics; writer metrics are counted per batch.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Statuses the device listener can answer; each has a pre-made counter.
+pub const HTTP_STATUSES: [u16; 12] = [200, 400, 401, 403, 404, 405, 408, 413, 415, 429, 500, 503];
+
+pub struct Metrics {
+    registry: Registry,
+    http_by_status: Vec<(u16, Counter)>,
+    pub messages_stored: Counter,
+    pub batches: Counter,
+    pub commit_errors: Counter,
+    pub batch_messages: Histogram,
+    pub commit_seconds: Histogram,
+    pub queue_depth: Gauge,
+    pub queue_bytes: Gauge,
+    pub token_cache_entries: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let http = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "sluice_http_requests",
+            "Device-listener HTTP requests by response status",
+            http.clone(),
+        );
+        let http_by_status = HTTP_STATUSES
+            .iter()
+            .map(|s| {
+                (
+                    *s,
+                    http.get_or_create_owned(&vec![("status".to_string(), s.to_string())]),
+                )
+            })
+            .collect();
+        let messages_stored = Counter::default();
+        registry.register(
+            "sluice_messages_stored",
+            "State messages committed to storage",
+            messages_stored.clone(),
+        );
+        let batches = Counter::default();
+        registry.register(
+            "sluice_batches_committed",
+            "Group commits written to storage",
+            batches.clone(),
+        );
+        let commit_errors = Counter::default();
+        registry.register(
+            "sluice_commit_errors",
+            "Group commits that failed (their requests got an error)",
+            commit_errors.clone(),
+        );
+        let batch_messages = Histogram::new(exponential_buckets(1.0, 2.0, 15));
+        registry.register(
+            "sluice_batch_messages",
+            "Messages per group commit",
+            batch_messages.clone(),
+        );
+        let commit_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        registry.register(
+            "sluice_commit_duration_seconds",
+            "Time to write one group commit (WAL and memtable, plus fsync if configured)",
+            commit_seconds.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "sluice_queue_depth",
+            "Requests waiting for the writer",
+            queue_depth.clone(),
+        );
+        let queue_bytes = Gauge::default();
+        registry.register(
+            "sluice_queue_bytes",
+            "Payload bytes waiting for the writer",
+            queue_bytes.clone(),
+        );
+        let token_cache_entries = Gauge::default();
+        registry.register(
+            "sluice_token_cache_entries",
+            "Application tokens resident in the token cache",
+            token_cache_entries.clone(),
+        );
+        Metrics {
+            registry,
+            http_by_status,
+            messages_stored,
+            batches,
+            commit_errors,
+            batch_messages,
+            commit_seconds,
+            queue_depth,
+            queue_bytes,
+            token_cache_entries,
+        }
+    }
+
+    /// Adds sub-metrics owned by another module (e.g. MQTT).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    pub fn http_response(&self, status: u16) {
+        if let Some((_, c)) = self.http_by_status.iter().find(|(s, _)| *s == status) {
+            c.inc();
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_names_with_total_suffix() {
+        let m = Metrics::new();
+        m.http_response(200);
+        m.http_response(200);
+        m.messages_stored.inc_by(5);
+        let text = m.render();
+        assert!(
+            text.contains("sluice_http_requests_total{status=\"200\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("sluice_messages_stored_total 5"), "{text}");
+        assert!(
+            text.contains("sluice_commit_duration_seconds_bucket"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,257 @@
+//! Wiring: open the store, load tokens, start the writer and the listeners,
+//! announce the ports, and shut down in the order that loses nothing.
+
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin_token;
+use crate::auth::Registry;
+use crate::config::Config;
+use crate::http::admin::{router, AdminApi};
+use crate::http::device::{DeviceApi, DeviceService};
+use crate::http::serve::{serve, HttpLimits};
+use crate::metrics::Metrics;
+use crate::mqtt;
+use crate::store::{Store, StoreError};
+use crate::tokens::{TokenError, TokenService};
+use crate::writer::{BatchPolicy, Writer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tokens(#[from] TokenError),
+    #[error(transparent)]
+    AdminToken(#[from] admin_token::AdminTokenError),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// The bound sockets. Binding is separate from running so a caller (a test)
+/// can bind port 0 and learn the addresses first.
+pub struct Listeners {
+    pub mqtt: TcpListener,
+    pub http: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(c: &Config) -> Result<Listeners, ServeError> {
+        async fn one(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { what, addr, source })
+        }
+        Ok(Listeners {
+            mqtt: one("mqtt", c.mqtt.listen).await?,
+            http: one("http", c.http.listen).await?,
+            admin: one("admin", c.admin.listen).await?,
+        })
+    }
+
+    fn addrs(&self) -> Vec<(&'static str, SocketAddr)> {
+        let addr = |l: &TcpListener| {
+            l.local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        };
+        vec![
+            ("mqtt", addr(&self.mqtt)),
+            ("http", addr(&self.http)),
+            ("admin", addr(&self.admin)),
+        ]
+    }
+}
+
+/// Runs the broker until `shutdown` resolves, then drains: listeners stop
+/// accepting, in-flight requests finish (up to `shutdown.grace`), the
+/// writer commits and syncs what is queued, and `run` returns.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    admin_token_env: Option<String>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let data_dir = config.storage.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|source| ServeError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
+
+    let (root_hash, source) = admin_token::bootstrap(&data_dir, admin_token_env.as_deref())?;
+    match &source {
+        admin_token::Source::Env => {
+            tracing::info!("root admin token taken from SLUICE_ADMIN_TOKEN")
+        }
+        admin_token::Source::File(p) => {
+            tracing::info!(path = %p.display(), "root admin token read from file")
+        }
+        admin_token::Source::Generated(p) => {
+            tracing::info!(path = %p.display(), "root admin token generated and written (mode 0600)")
+        }
+    }
+
+    let store = {
+        let dir = data_dir.join("db");
+        let sync = config.storage.sync;
+        tokio::task::spawn_blocking(move || Store::open(&dir, sync))
+            .await
+            .map_err(|e| ServeError::Internal(e.to_string()))??
+    };
+    let registry = Arc::new(Registry::new());
+    registry.set_root(root_hash);
+    let tokens = Arc::new(TokenService::load(
+        store.clone(),
+        registry.clone(),
+        config.tokens.max_devices_per_token,
+    )?);
+    tracing::info!(tokens = registry.len(), "token cache loaded");
+
+    let mut metrics = Metrics::new();
+    let mqtt_metrics = mqtt::MqttMetrics::register(metrics.registry_mut());
+    let metrics = Arc::new(metrics);
+    let writer = Writer::start(
+        store.clone(),
+        BatchPolicy {
+            max_messages: config.batch.max_messages,
+            max_bytes: config.batch.max_bytes,
+        },
+        config.batch.queue_capacity,
+        config.batch.queue_max_bytes,
+        metrics.clone(),
+    )?;
+    let queue = writer.queue();
+
+    let addrs = listeners.addrs();
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let grace = config.shutdown.grace;
+
+    let device = DeviceService(Arc::new(DeviceApi {
+        registry: registry.clone(),
+        queue: queue.clone(),
+        metrics: metrics.clone(),
+        max_body_bytes: config.http.max_body_bytes,
+        body_read_timeout: config.http.body_read_timeout,
+    }));
+    tasks.spawn(serve(
+        listeners.http,
+        device,
+        HttpLimits {
+            max_connections: config.http.max_connections,
+            header_read_timeout: config.http.header_read_timeout,
+        },
+        stop.clone(),
+        grace,
+        "http",
+    ));
+
+    let admin = router(
+        Arc::new(AdminApi {
+            tokens: tokens.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            queue: queue.clone(),
+        }),
+        config.admin.max_body_bytes,
+    );
+    tasks.spawn(serve(
+        listeners.admin,
+        hyper_util::service::TowerToHyperService::new(admin),
+        HttpLimits {
+            max_connections: config.admin.max_connections,
+            header_read_timeout: config.http.header_read_timeout,
+        },
+        stop.clone(),
+        grace,
+        "admin",
+    ));
+
+    tasks.spawn(mqtt::serve(
+        listeners.mqtt,
+        Arc::new(mqtt::MqttContext {
+            registry: registry.clone(),
+            queue: queue.clone(),
+            metrics: mqtt_metrics,
+            config: config.mqtt.clone(),
+        }),
+        stop.clone(),
+        grace,
+    ));
+
+    let flusher = {
+        let tokens = tokens.clone();
+        let stop = stop.clone();
+        let every = config.tokens.last_used_flush;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(every) => {
+                        if let Err(e) = tokens.flush_last_used().await {
+                            tracing::warn!(error = %e, "lastUsedAt flush failed");
+                        }
+                    }
+                }
+            }
+        })
+    };
+
+    announce(&data_dir, &addrs)?;
+    tracing::info!("serving");
+
+    shutdown.await;
+    tracing::info!("shutting down: draining connections");
+    stop.cancel();
+    tasks.close();
+    tasks.wait().await;
+    let _ = flusher.await;
+    tracing::info!("committing the last batch");
+    tokio::task::spawn_blocking(move || writer.stop())
+        .await
+        .map_err(|e| ServeError::Internal(e.to_string()))??;
+    if let Err(e) = tokens.flush_last_used().await {
+        tracing::warn!(error = %e, "final lastUsedAt flush failed");
+    }
+    let _ = std::fs::remove_file(data_dir.join("listening"));
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Prints `listening <name> <addr>` per listener and writes the same lines
+/// to `<data-dir>/listening` (atomically, so a reader never sees half).
+fn announce(data_dir: &Path, addrs: &[(&'static str, SocketAddr)]) -> Result<(), ServeError> {
+    let mut text = String::new();
+    for (name, addr) in addrs {
+        text.push_str(&format!("listening {name} {addr}\n"));
+    }
+    let tmp = data_dir.join("listening.tmp");
+    let io = |source| ServeError::DataDir {
+        path: data_dir.to_path_buf(),
+        source,
+    };
+    std::fs::write(&tmp, &text).map_err(io)?;
+    std::fs::rename(&tmp, data_dir.join("listening")).map_err(io)?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes()).map_err(io)?;
+    out.flush().map_err(io)?;
+    Ok(())
+}

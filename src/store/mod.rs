@@ -1,0 +1,523 @@
+//! Everything that touches RocksDB. No other module knows RocksDB exists.
+//!
+//! Column families and key layout:
+//! - `state`: `{app}/{device}/` ++ time_ms (u64 BE) ++ seq (u64 BE) → the
+//!   `data` object exactly as sent. Ids never contain `/`, so one device's
+//!   history is one contiguous key range ordered by time, and "device D
+//!   between t1 and t2, newest first" is a bounded reverse range scan.
+//! - `composite`: `{app}/{device}/` → merge value (see `composite`).
+//! - `tokens`: `t/{id}` → token record (JSON, with the secret's SHA-256
+//!   only); `u/{id}` → lastUsedAt (i64 BE), kept apart so the periodic
+//!   flush rewrites 8 bytes, not the record.
+//! - `meta`: `seq` → next state sequence number (u64 BE), written in every
+//!   state batch so sequence numbers stay unique across restarts.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DBRawIteratorWithThreadMode, MergeOperands, Options,
+    ReadOptions, WriteBatch, WriteOptions, DB,
+};
+
+use crate::composite;
+use crate::config::SyncMode;
+
+const CF_STATE: &str = "state";
+const CF_COMPOSITE: &str = "composite";
+const CF_TOKENS: &str = "tokens";
+const CF_META: &str = "meta";
+const SEQ_KEY: &[u8] = b"seq";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("storage: column family {0} is missing")]
+    MissingColumnFamily(&'static str),
+    #[error("storage: corrupt value under {0}")]
+    Corrupt(String),
+}
+
+/// Shared handle to the database.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+    sync: SyncMode,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.db.path())
+            .finish()
+    }
+}
+
+/// The key prefix of one device: `{app}/{device}/`. Ids are at most 64
+/// bytes each, so this always fits inline.
+pub type DeviceKey = smallvec::SmallVec<[u8; 64]>;
+
+pub fn device_key(app: &str, device: &str) -> DeviceKey {
+    let mut k = DeviceKey::new();
+    k.extend_from_slice(app.as_bytes());
+    k.push(b'/');
+    k.extend_from_slice(device.as_bytes());
+    k.push(b'/');
+    k
+}
+
+/// Newest-first or oldest-first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    Asc,
+    Desc,
+}
+
+/// Position of one history entry; also the pagination cursor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub time_ms: u64,
+    pub seq: u64,
+}
+
+impl Position {
+    fn bytes(self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.time_ms.to_be_bytes());
+        b[8..].copy_from_slice(&self.seq.to_be_bytes());
+        b
+    }
+
+    fn from_suffix(b: &[u8]) -> Option<Position> {
+        if b.len() != 16 {
+            return None;
+        }
+        let mut t = [0u8; 8];
+        let mut s = [0u8; 8];
+        t.copy_from_slice(&b[..8]);
+        s.copy_from_slice(&b[8..]);
+        Some(Position {
+            time_ms: u64::from_be_bytes(t),
+            seq: u64::from_be_bytes(s),
+        })
+    }
+
+    /// Cursor text: 32 lowercase hex digits.
+    pub fn to_cursor(self) -> String {
+        self.bytes().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn from_cursor(s: &str) -> Option<Position> {
+        if s.len() != 32 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut b = [0u8; 16];
+        for (i, byte) in b.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Position::from_suffix(&b)
+    }
+}
+
+/// A history read: inclusive time bounds, a page size and where to resume.
+#[derive(Clone, Copy, Debug)]
+pub struct HistoryQuery {
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub limit: usize,
+    pub order: Order,
+    /// The first entry of this page (from the previous page's `next`).
+    pub cursor: Option<Position>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryItem {
+    pub at: Position,
+    pub data: Vec<u8>,
+}
+
+/// A page of history and the cursor of the next page, if there is one.
+#[derive(Debug, Default)]
+pub struct HistoryPage {
+    pub items: Vec<HistoryItem>,
+    pub next: Option<Position>,
+}
+
+/// The writes of one group commit, built by the writer thread.
+pub struct CommitBatch {
+    wb: WriteBatch,
+    key: Vec<u8>,
+    messages: usize,
+}
+
+impl CommitBatch {
+    pub fn messages(&self) -> usize {
+        self.messages
+    }
+}
+
+fn merge_composite(_key: &[u8], existing: Option<&[u8]>, ops: &MergeOperands) -> Option<Vec<u8>> {
+    Some(composite::merge(existing.into_iter().chain(ops.iter())))
+}
+
+impl Store {
+    pub fn open(dir: &Path, sync: SyncMode) -> Result<Store, StoreError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_max_background_jobs(2);
+        opts.set_keep_log_file_num(4);
+        let mut composite_opts = Options::default();
+        composite_opts.set_merge_operator_associative("sluice.composite.v1", merge_composite);
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_STATE, Options::default()),
+            ColumnFamilyDescriptor::new(CF_COMPOSITE, composite_opts),
+            ColumnFamilyDescriptor::new(CF_TOKENS, Options::default()),
+            ColumnFamilyDescriptor::new(CF_META, Options::default()),
+        ];
+        let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
+        Ok(Store {
+            db: Arc::new(db),
+            sync,
+        })
+    }
+
+    fn cf(&self, name: &'static str) -> Result<&ColumnFamily, StoreError> {
+        self.db
+            .cf_handle(name)
+            .ok_or(StoreError::MissingColumnFamily(name))
+    }
+
+    fn write_opts(&self) -> WriteOptions {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(self.sync == SyncMode::Always);
+        wo
+    }
+
+    /// The next unused state sequence number.
+    pub fn load_seq(&self) -> Result<u64, StoreError> {
+        match self.db.get_pinned_cf(self.cf(CF_META)?, SEQ_KEY)? {
+            None => Ok(0),
+            Some(v) => {
+                let b: [u8; 8] = v
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("meta/seq".into()))?;
+                Ok(u64::from_be_bytes(b))
+            }
+        }
+    }
+
+    pub fn batch(&self, capacity_bytes: usize) -> CommitBatch {
+        CommitBatch {
+            wb: WriteBatch::with_capacity_bytes(capacity_bytes),
+            key: Vec::with_capacity(160),
+            messages: 0,
+        }
+    }
+
+    /// Adds one history entry.
+    pub fn put_state(
+        &self,
+        b: &mut CommitBatch,
+        device: &[u8],
+        at: Position,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        b.key.clear();
+        b.key.extend_from_slice(device);
+        b.key.extend_from_slice(&at.bytes());
+        b.wb.put_cf(self.cf(CF_STATE)?, &b.key, data);
+        b.messages += 1;
+        Ok(())
+    }
+
+    /// Adds one composite-state operand for a device.
+    pub fn merge_composite(
+        &self,
+        b: &mut CommitBatch,
+        device: &[u8],
+        operand: &[u8],
+    ) -> Result<(), StoreError> {
+        b.wb.merge_cf(self.cf(CF_COMPOSITE)?, device, operand);
+        Ok(())
+    }
+
+    /// Writes the batch atomically with its WAL record (fsynced when
+    /// `storage.sync = "always"`), recording `next_seq`.
+    pub fn commit(&self, mut b: CommitBatch, next_seq: u64) -> Result<(), StoreError> {
+        b.wb.put_cf(self.cf(CF_META)?, SEQ_KEY, next_seq.to_be_bytes());
+        self.db.write_opt(b.wb, &self.write_opts())?;
+        Ok(())
+    }
+
+    /// Syncs the WAL; used at shutdown so the last batch is on disk.
+    pub fn sync_wal(&self) -> Result<(), StoreError> {
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+
+    /// Reads one page of a device's history.
+    pub fn history(&self, device: &[u8], q: &HistoryQuery) -> Result<HistoryPage, StoreError> {
+        let cf = self.cf(CF_STATE)?;
+        let key_at = |p: Position| {
+            let mut k = device.to_vec();
+            k.extend_from_slice(&p.bytes());
+            k
+        };
+        let lower = key_at(Position {
+            time_ms: q.start_ms,
+            seq: 0,
+        });
+        // Exclusive upper bound just past the last possible key at end_ms.
+        let upper = match q.end_ms.checked_add(1) {
+            Some(t) => key_at(Position { time_ms: t, seq: 0 }),
+            None => {
+                let mut k = device.to_vec();
+                k.push(0xff);
+                k
+            }
+        };
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(lower.clone());
+        ro.set_iterate_upper_bound(upper);
+        let mut it: DBRawIteratorWithThreadMode<'_, DB> = self.db.raw_iterator_cf_opt(cf, ro);
+        match (q.order, q.cursor) {
+            (Order::Asc, Some(c)) => it.seek(key_at(c)),
+            (Order::Asc, None) => it.seek(&lower),
+            (Order::Desc, Some(c)) => it.seek_for_prev(key_at(c)),
+            (Order::Desc, None) => it.seek_to_last(),
+        }
+        let mut page = HistoryPage::default();
+        while it.valid() {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            let at = k
+                .strip_prefix(device)
+                .and_then(Position::from_suffix)
+                .ok_or_else(|| StoreError::Corrupt("state key".into()))?;
+            if page.items.len() == q.limit {
+                page.next = Some(at);
+                break;
+            }
+            page.items.push(HistoryItem {
+                at,
+                data: v.to_vec(),
+            });
+            match q.order {
+                Order::Asc => it.next(),
+                Order::Desc => it.prev(),
+            }
+        }
+        it.status()?;
+        Ok(page)
+    }
+
+    /// The folded composite value of a device (see `composite`), if any.
+    pub fn composite(&self, device: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_COMPOSITE)?, device)?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Stores (or replaces) a token record.
+    pub fn put_token(&self, id: &str, record: &[u8]) -> Result<(), StoreError> {
+        let mut wb = WriteBatch::default();
+        wb.put_cf(self.cf(CF_TOKENS)?, token_key(b't', id), record);
+        self.write_sync(wb)
+    }
+
+    /// Deletes token records and their lastUsedAt in one atomic write.
+    pub fn delete_tokens(&self, ids: &[String]) -> Result<(), StoreError> {
+        let cf = self.cf(CF_TOKENS)?;
+        let mut wb = WriteBatch::default();
+        for id in ids {
+            wb.delete_cf(cf, token_key(b't', id));
+            wb.delete_cf(cf, token_key(b'u', id));
+        }
+        self.write_sync(wb)
+    }
+
+    /// Persists lastUsedAt values.
+    pub fn put_last_used(&self, items: &[(String, i64)]) -> Result<(), StoreError> {
+        let cf = self.cf(CF_TOKENS)?;
+        let mut wb = WriteBatch::default();
+        for (id, ms) in items {
+            wb.put_cf(cf, token_key(b'u', id), ms.to_be_bytes());
+        }
+        self.db.write_opt(wb, &self.write_opts())?;
+        Ok(())
+    }
+
+    /// All token records and their lastUsedAt (0 when never used).
+    pub fn load_tokens(&self) -> Result<Vec<(Vec<u8>, i64)>, StoreError> {
+        let cf = self.cf(CF_TOKENS)?;
+        let mut records = Vec::new();
+        let mut last_used = std::collections::HashMap::new();
+        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+            let (k, v) = item?;
+            match k.split_first() {
+                Some((b't', rest)) => records.push((rest.to_vec(), v.to_vec())),
+                Some((b'u', rest)) => {
+                    let b: [u8; 8] = v
+                        .as_ref()
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt("token lastUsedAt".into()))?;
+                    last_used.insert(rest.to_vec(), i64::from_be_bytes(b));
+                }
+                _ => {}
+            }
+        }
+        Ok(records
+            .into_iter()
+            .map(|(id, rec)| {
+                let lu = last_used.get(&id).copied().unwrap_or(0);
+                (rec, lu)
+            })
+            .collect())
+    }
+
+    /// Token changes are rare and must survive a machine crash as soon as
+    /// the admin call returns: always fsynced.
+    fn write_sync(&self, wb: WriteBatch) -> Result<(), StoreError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(wb, &wo)?;
+        Ok(())
+    }
+}
+
+fn token_key(kind: u8, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + id.len());
+    k.push(kind);
+    k.push(b'/');
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pos(t: u64, s: u64) -> Position {
+        Position { time_ms: t, seq: s }
+    }
+
+    #[test]
+    fn cursor_roundtrip() {
+        let p = pos(1_700_000_000_000, 42);
+        assert_eq!(Position::from_cursor(&p.to_cursor()), Some(p));
+        assert_eq!(Position::from_cursor("xyz"), None);
+        assert_eq!(Position::from_cursor(&"g".repeat(32)), None);
+    }
+
+    #[test]
+    fn history_ranges_pages_and_orders() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::None).unwrap();
+        let d = device_key("app", "dev");
+        let other = device_key("app", "dev2");
+        let mut b = store.batch(1024);
+        for (i, t) in [10u64, 20, 20, 30, 40].iter().enumerate() {
+            store
+                .put_state(
+                    &mut b,
+                    &d,
+                    pos(*t, i as u64),
+                    format!("{{\"i\":{i}}}").as_bytes(),
+                )
+                .unwrap();
+        }
+        store.put_state(&mut b, &other, pos(25, 9), b"{}").unwrap();
+        store.commit(b, 10).unwrap();
+        assert_eq!(store.load_seq().unwrap(), 10);
+
+        let q = |start, end, limit, order, cursor| HistoryQuery {
+            start_ms: start,
+            end_ms: end,
+            limit,
+            order,
+            cursor,
+        };
+        let all = store
+            .history(&d, &q(0, u64::MAX, 100, Order::Desc, None))
+            .unwrap();
+        let seqs: Vec<u64> = all.items.iter().map(|i| i.at.seq).collect();
+        assert_eq!(seqs, vec![4, 3, 2, 1, 0]);
+        assert_eq!(all.next, None);
+
+        let mid = store
+            .history(&d, &q(20, 30, 100, Order::Asc, None))
+            .unwrap();
+        let seqs: Vec<u64> = mid.items.iter().map(|i| i.at.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
+
+        // Paging through ties at the same millisecond loses nothing.
+        let p1 = store.history(&d, &q(0, 100, 2, Order::Desc, None)).unwrap();
+        assert_eq!(p1.items.len(), 2);
+        let p2 = store
+            .history(&d, &q(0, 100, 2, Order::Desc, p1.next))
+            .unwrap();
+        let p3 = store
+            .history(&d, &q(0, 100, 2, Order::Desc, p2.next))
+            .unwrap();
+        let seqs: Vec<u64> = p1
+            .items
+            .iter()
+            .chain(&p2.items)
+            .chain(&p3.items)
+            .map(|i| i.at.seq)
+            .collect();
+        assert_eq!(seqs, vec![4, 3, 2, 1, 0]);
+        assert_eq!(p3.next, None);
+        assert_eq!(p1.items[0].data, b"{\"i\":4}");
+    }
+
+    #[test]
+    fn composite_merges_on_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::Always).unwrap();
+        let d = device_key("app", "dev");
+        let mut op1 = Vec::new();
+        composite::encode_entry(&mut op1, b"t", 5, b"1");
+        let mut op2 = Vec::new();
+        composite::encode_entry(&mut op2, b"t", 4, b"2");
+        composite::encode_entry(&mut op2, b"h", 4, b"3");
+        let mut b = store.batch(64);
+        store.merge_composite(&mut b, &d, &op1).unwrap();
+        store.merge_composite(&mut b, &d, &op2).unwrap();
+        store.commit(b, 0).unwrap();
+        let v = store.composite(&d).unwrap().unwrap();
+        let got: Vec<_> = composite::entries(&v)
+            .map(|e| (e.name.to_vec(), e.time_ms, e.value.to_vec()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (b"h".to_vec(), 4, b"3".to_vec()),
+                (b"t".to_vec(), 5, b"1".to_vec())
+            ]
+        );
+        assert_eq!(store.composite(&device_key("app", "x")).unwrap(), None);
+    }
+
+    #[test]
+    fn tokens_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), SyncMode::None).unwrap();
+            store.put_token("a", b"{\"id\":\"a\"}").unwrap();
+            store.put_token("b", b"{\"id\":\"b\"}").unwrap();
+            store.put_last_used(&[("a".into(), 77)]).unwrap();
+            store.delete_tokens(&["b".into()]).unwrap();
+        }
+        let store = Store::open(dir.path(), SyncMode::None).unwrap();
+        assert_eq!(
+            store.load_tokens().unwrap(),
+            vec![(b"{\"id\":\"a\"}".to_vec(), 77)]
+        );
+    }
+}

@@ -1,0 +1,244 @@
+//! Starts the real `sluice` binary on port 0 with a temp data dir and talks
+//! to it over loopback with real clients.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const ADMIN: &str = "test-admin-token-0123456789";
+
+pub struct Server {
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+    pub http: String,
+    pub admin: String,
+    pub mqtt: String,
+    _tmp: Option<tempfile::TempDir>,
+    pub stderr_path: PathBuf,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sluice")
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(env: &[(&str, &str)]) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut s = Self::start_in(&dir, env);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Starts on an existing data dir (for restart tests); the caller keeps
+    /// the directory alive.
+    pub fn start_in(dir: &Path, env: &[(&str, &str)]) -> Server {
+        let stderr_path = dir.join(format!(
+            "stderr-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--http-listen", "127.0.0.1:0"])
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .args(["--mqtt-listen", "127.0.0.1:0"])
+            .env("SLUICE_ADMIN_TOKEN", ADMIN)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn sluice");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let (mut http, mut admin, mut mqtt) = (None, None, None);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while http.is_none() || admin.is_none() || mqtt.is_none() {
+            assert!(Instant::now() < deadline, "server did not start");
+            let line = match lines.next() {
+                Some(Ok(l)) => l,
+                _ => panic!(
+                    "server exited before listening: {}",
+                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                ),
+            };
+            let parts: Vec<&str> = line.split(' ').collect();
+            if parts.len() == 3 && parts[0] == "listening" {
+                let addr = parts[2].to_string();
+                match parts[1] {
+                    "http" => http = Some(addr),
+                    "admin" => admin = Some(addr),
+                    "mqtt" => mqtt = Some(addr),
+                    _ => {}
+                }
+            }
+        }
+        Server {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            http: http.unwrap(),
+            admin: admin.unwrap(),
+            mqtt: mqtt.unwrap(),
+            _tmp: None,
+            stderr_path,
+        }
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// SIGTERM and wait; returns the exit status code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        unsafe_kill(child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st.code();
+            }
+            assert!(Instant::now() < deadline, "server did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn unsafe_kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// Response status and parsed JSON body (Null when empty).
+pub fn json_of(r: reqwest::blocking::Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    let text = r.text().unwrap();
+    let v = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+    };
+    (status, v)
+}
+
+pub fn post_state(s: &Server, token: &str, app: &str, device: &str, body: &str) -> (u16, Value) {
+    json_of(
+        client()
+            .post(s.http_url(&format!("/applications/{app}/devices/{device}/state")))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .unwrap(),
+    )
+}
+
+pub fn create_token(s: &Server, caller: &str, app: &str, body: Value) -> (u16, Value) {
+    json_of(
+        client()
+            .post(s.admin_url(&format!("/applications/{app}/tokens")))
+            .bearer_auth(caller)
+            .json(&body)
+            .send()
+            .unwrap(),
+    )
+}
+
+/// Creates a token and returns (id, secret), panicking unless 201.
+pub fn mint(s: &Server, caller: &str, app: &str, body: Value) -> (String, String) {
+    let (st, v) = create_token(s, caller, app, body);
+    assert_eq!(st, 201, "{v}");
+    (
+        v["id"].as_str().unwrap().to_string(),
+        v["token"].as_str().unwrap().to_string(),
+    )
+}
+
+pub fn get_admin(s: &Server, token: &str, path: &str) -> (u16, Value) {
+    json_of(
+        client()
+            .get(s.admin_url(path))
+            .bearer_auth(token)
+            .send()
+            .unwrap(),
+    )
+}
+
+pub fn patch_token(s: &Server, token: &str, app: &str, id: &str, body: Value) -> (u16, Value) {
+    json_of(
+        client()
+            .patch(s.admin_url(&format!("/applications/{app}/tokens/{id}")))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .unwrap(),
+    )
+}
+
+pub fn delete_token(s: &Server, token: &str, app: &str, id: &str) -> u16 {
+    client()
+        .delete(s.admin_url(&format!("/applications/{app}/tokens/{id}")))
+        .bearer_auth(token)
+        .send()
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// All history items of a device, oldest first, following cursors.
+pub fn history_all(s: &Server, token: &str, app: &str, device: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = format!("/applications/{app}/devices/{device}/state?order=asc&limit=10000");
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let (st, v) = get_admin(s, token, &path);
+        assert_eq!(st, 200, "{v}");
+        out.extend(v["items"].as_array().unwrap().iter().cloned());
+        match v["next"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return out,
+        }
+    }
+}
