@@ -324,11 +324,7 @@ impl Worker {
         }
     }
 
-    fn build_and_write(
-        &mut self,
-        batch: &[WriteRequest],
-        size: Size,
-    ) -> Result<(), StoreError> {
+    fn build_and_write(&mut self, batch: &[WriteRequest], size: Size) -> Result<(), StoreError> {
         // Keys add ~80 bytes per message on top of the payloads.
         let mut cb = self.store.batch(size.bytes + size.messages * 80 + 64);
         let mut seq = self.next_seq;

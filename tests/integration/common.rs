@@ -120,6 +120,8 @@ impl Server {
         }
     }
 
+    /// The server's log so far, for assertion messages.
+    #[allow(dead_code)]
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }

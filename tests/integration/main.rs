@@ -1,0 +1,11 @@
+//! Integration tests: the real `sluice` binary on port 0 with a temp data
+//! dir, driven by real HTTP (and MQTT) clients over loopback. One test
+//! binary keeps link time down; each module is one area of the contract.
+
+mod common;
+
+mod cli;
+mod http_ingest;
+mod lifecycle;
+mod token_props;
+mod tokens_api;

@@ -1,0 +1,1 @@
+//! Placeholder: property tests are being written.
