@@ -16,9 +16,37 @@ pub fn is_valid_id(s: &str) -> bool {
         && s != ".."
 }
 
+/// Splits `applications/{app}/devices/{device}/state` (the MQTT topic, and
+/// the HTTP path without its leading `/`) into its two ids, unchecked.
+/// Anything else, including extra or missing levels, is `None`.
+pub fn state_path(s: &str) -> Option<(&str, &str)> {
+    let rest = s.strip_prefix("applications/")?;
+    let (app, rest) = rest.split_once('/')?;
+    let rest = rest.strip_prefix("devices/")?;
+    let (device, rest) = rest.split_once('/')?;
+    (rest == "state").then_some((app, device))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_paths() {
+        assert_eq!(
+            state_path("applications/a/devices/d/state"),
+            Some(("a", "d"))
+        );
+        assert_eq!(state_path("applications/a/devices/d/state/x"), None);
+        assert_eq!(state_path("applications/a/devices/d"), None);
+        assert_eq!(state_path("applications/a/things/d/state"), None);
+        assert_eq!(
+            state_path("applications/a/devices/+/state"),
+            Some(("a", "+"))
+        );
+        assert_eq!(state_path("/applications/a/devices/d/state"), None);
+        assert_eq!(state_path("applications/a/b/devices/d/state"), None);
+    }
 
     #[test]
     fn ids() {

@@ -187,12 +187,12 @@ pub async fn run(
 
     tasks.spawn(mqtt::serve(
         listeners.mqtt,
-        Arc::new(mqtt::MqttContext {
-            registry: registry.clone(),
-            queue: queue.clone(),
-            metrics: mqtt_metrics,
-            config: config.mqtt.clone(),
-        }),
+        Arc::new(mqtt::MqttContext::new(
+            registry.clone(),
+            queue.clone(),
+            mqtt_metrics,
+            config.mqtt.clone(),
+        )),
         stop.clone(),
         grace,
     ));

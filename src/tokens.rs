@@ -23,6 +23,10 @@ pub const MAX_NAME_CHARS: usize = 255;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
+    /// The caller's token stopped being usable before the change could be
+    /// made (revoked or deleted concurrently).
+    #[error("unauthorized")]
+    Unauthorized,
     #[error("not found")]
     NotFound,
     #[error("exceeds parent: {0}")]
@@ -356,6 +360,7 @@ impl TokenService {
         req: CreateToken,
     ) -> Result<TokenJson, TokenError> {
         let _guard = self.changes.lock().await;
+        self.still_usable(caller)?;
         let granted = attenuate(
             caller,
             app,
@@ -412,6 +417,19 @@ impl TokenService {
         Ok(json)
     }
 
+    /// The caller was authenticated before the change lock was taken; a
+    /// concurrent revoke or delete in between must win, or a child could be
+    /// minted under a deleted parent.
+    fn still_usable(&self, caller: &TokenEntry) -> Result<(), TokenError> {
+        if caller.root
+            || (self.registry.entry(&caller.id).is_some() && caller.usable(timefmt::now_ms()))
+        {
+            Ok(())
+        } else {
+            Err(TokenError::Unauthorized)
+        }
+    }
+
     /// A token `caller` may see: in `app`, and a descendant unless root.
     fn visible(&self, caller: &TokenEntry, app: &str, id: &str) -> Result<TokenView, TokenError> {
         let entry = self.registry.entry(id).ok_or(TokenError::NotFound)?;
@@ -444,6 +462,7 @@ impl TokenService {
         upd: UpdateToken,
     ) -> Result<TokenJson, TokenError> {
         let _guard = self.changes.lock().await;
+        self.still_usable(caller)?;
         let mut view = self.visible(caller, app, id)?;
         if let Some(s) = upd.status {
             view.status = s;
@@ -470,6 +489,7 @@ impl TokenService {
     /// Deletes a token and its whole subtree, permanently.
     pub async fn delete(&self, caller: &TokenEntry, app: &str, id: &str) -> Result<(), TokenError> {
         let _guard = self.changes.lock().await;
+        self.still_usable(caller)?;
         self.visible(caller, app, id)?;
         let ids = self.registry.subtree(id);
         let store = self.store.clone();

@@ -272,7 +272,11 @@ impl Registry {
 
     /// Changes a token's own status. Deactivation takes effect for the
     /// whole subtree at once because usability is derived along the chain.
+    /// Deletion is not a status change: use [`Registry::remove_subtree`].
     pub fn set_status(&self, id: &str, status: Status) -> Option<TokenView> {
+        if status == Status::Deleted {
+            return None;
+        }
         let tree = self.tree();
         let node = tree.nodes.get(id)?;
         node.entry.set_status(status);

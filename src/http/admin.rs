@@ -77,6 +77,7 @@ impl IntoResponse for ApiError {
 impl From<TokenError> for ApiError {
     fn from(e: TokenError) -> Self {
         match e {
+            TokenError::Unauthorized => ApiError::Unauthorized,
             TokenError::NotFound => ApiError::NotFound,
             TokenError::ExceedsParent(x) => ApiError::ExceedsParent(x.to_string()),
             TokenError::BadRequest(d) => ApiError::BadRequest(d),

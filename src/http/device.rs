@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 
 use super::serve::{error_with_detail, json};
 use crate::auth::{Denied, Registry, Scope};
-use crate::ids::is_valid_id;
+use crate::ids::{is_valid_id, state_path};
 use crate::metrics::Metrics;
 use crate::secret::parse_bearer;
 use crate::state::{self, Shape};
@@ -77,22 +77,13 @@ fn overloaded() -> Response<Full<Bytes>> {
     r
 }
 
-/// Splits `/applications/{app}/devices/{device}/state`.
-pub fn state_route(path: &str) -> Option<(&str, &str)> {
-    let rest = path.strip_prefix("/applications/")?;
-    let (app, rest) = rest.split_once('/')?;
-    let rest = rest.strip_prefix("devices/")?;
-    let (device, rest) = rest.split_once('/')?;
-    (rest == "state").then_some((app, device))
-}
-
 impl DeviceApi {
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = req.uri().path();
         if path == "/healthz" {
             return json(200, Bytes::from_static(b"{\"status\":\"ok\"}"));
         }
-        let Some((app, device)) = state_route(path) else {
+        let Some((app, device)) = path.strip_prefix('/').and_then(state_path) else {
             return fixed(404, NOT_FOUND);
         };
         if req.method() != Method::POST {
@@ -205,21 +196,6 @@ fn is_json_content_type(v: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn routes() {
-        assert_eq!(
-            state_route("/applications/a/devices/d/state"),
-            Some(("a", "d"))
-        );
-        assert_eq!(state_route("/applications/a/devices/d/state/x"), None);
-        assert_eq!(state_route("/applications/a/devices/d"), None);
-        assert_eq!(state_route("/applications/a/things/d/state"), None);
-        assert_eq!(
-            state_route("/applications/a/devices/../state"),
-            Some(("a", ".."))
-        );
-    }
 
     #[test]
     fn content_types() {

@@ -1,42 +1,281 @@
-//! MQTT listener (work in progress: accepts and closes until the MQTT issue
-//! lands).
+//! The MQTT listener (3.1.1 and 5): a tokio accept loop and one task per
+//! connection. Sluice owns its connections so it can authorize every
+//! publish, acknowledge only after commit, and cut revoked sessions.
+//!
+//! Sessions are ingest-only and never stored: CONNACK always says "no
+//! session present", Will messages are ignored, SUBSCRIBE is refused.
 
+mod proto;
+mod session;
+
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytestring::ByteString;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as PromRegistry;
 use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::Registry;
 use crate::config::MqttConfig;
 use crate::writer::IngestQueue;
 
-pub struct MqttMetrics {}
+pub use proto::{Codec, Incoming, ProtoError};
 
-impl MqttMetrics {
-    pub fn register(_r: &mut PromRegistry) -> MqttMetrics {
-        MqttMetrics {}
-    }
-}
+/// Connections over `mqtt.max_connections` that may be waiting for their
+/// CONNECT so they can be told "server busy"; beyond this many they are
+/// closed at once, so a flood cannot grow memory.
+const MAX_REFUSALS_IN_FLIGHT: usize = 64;
 
+/// Everything a session needs, shared by all of them.
 pub struct MqttContext {
     pub registry: Arc<Registry>,
     pub queue: Arc<IngestQueue>,
     pub metrics: MqttMetrics,
     pub config: MqttConfig,
+    pub takeover: Takeover,
 }
 
+impl MqttContext {
+    pub fn new(
+        registry: Arc<Registry>,
+        queue: Arc<IngestQueue>,
+        metrics: MqttMetrics,
+        config: MqttConfig,
+    ) -> MqttContext {
+        MqttContext {
+            registry,
+            queue,
+            metrics,
+            config,
+            takeover: Takeover::default(),
+        }
+    }
+
+    fn next_serial(&self) -> u64 {
+        self.takeover.serial.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Client ids of live sessions. MQTT requires that a new connection with
+/// the id of a live one disconnects the old one ("session taken over");
+/// that also frees half-open connections of devices that reconnected.
+#[derive(Default)]
+pub struct Takeover {
+    live: papaya::HashMap<ByteString, (u64, Arc<Notify>)>,
+    serial: AtomicU64,
+}
+
+impl Takeover {
+    fn register(&self, client_id: &ByteString) -> (u64, Arc<Notify>) {
+        let serial = self.serial.fetch_add(1, Ordering::Relaxed);
+        let kick = Arc::new(Notify::new());
+        let map = self.live.pin();
+        if let Some((_, old)) = map.insert(client_id.clone(), (serial, kick.clone())) {
+            // notify_one stores a permit, so the old session sees it even
+            // if it is busy right now.
+            old.notify_one();
+        }
+        (serial, kick)
+    }
+
+    fn unregister(&self, client_id: &ByteString, serial: u64) {
+        let _ = self
+            .live
+            .pin()
+            .remove_if(client_id, |_, (s, _)| *s == serial);
+    }
+}
+
+/// Outcome of a CONNECT, as counted in metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectOutcome {
+    Accepted,
+    NotAuthorized,
+    ServerBusy,
+    BadClientId,
+    Malformed,
+    Timeout,
+}
+
+const CONNECT_OUTCOMES: [(ConnectOutcome, &str); 6] = [
+    (ConnectOutcome::Accepted, "accepted"),
+    (ConnectOutcome::NotAuthorized, "not_authorized"),
+    (ConnectOutcome::ServerBusy, "server_busy"),
+    (ConnectOutcome::BadClientId, "bad_client_id"),
+    (ConnectOutcome::Malformed, "malformed"),
+    (ConnectOutcome::Timeout, "timeout"),
+];
+
+/// Outcome of a PUBLISH, as counted in metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PublishOutcome {
+    Accepted,
+    NotAuthorized,
+    BadPayload,
+    QuotaExceeded,
+    QosUnsupported,
+}
+
+const PUBLISH_OUTCOMES: [(PublishOutcome, &str); 5] = [
+    (PublishOutcome::Accepted, "accepted"),
+    (PublishOutcome::NotAuthorized, "not_authorized"),
+    (PublishOutcome::BadPayload, "bad_payload"),
+    (PublishOutcome::QuotaExceeded, "quota_exceeded"),
+    (PublishOutcome::QosUnsupported, "qos_unsupported"),
+];
+
+/// MQTT metrics; every counter is resolved at start-up.
+pub struct MqttMetrics {
+    open: Gauge,
+    connects: Vec<Counter>,
+    /// Indexed by QoS (0..=2), then outcome.
+    publishes: Vec<Vec<Counter>>,
+    pub revoked: Counter,
+}
+
+type Labels = Vec<(String, String)>;
+
+impl MqttMetrics {
+    pub fn register(r: &mut PromRegistry) -> MqttMetrics {
+        let open = Gauge::default();
+        r.register(
+            "sluice_mqtt_connections",
+            "Open MQTT sessions",
+            open.clone(),
+        );
+        let connects = Family::<Labels, Counter>::default();
+        r.register(
+            "sluice_mqtt_connects",
+            "MQTT CONNECT attempts by outcome",
+            connects.clone(),
+        );
+        let publishes = Family::<Labels, Counter>::default();
+        r.register(
+            "sluice_mqtt_publishes",
+            "MQTT PUBLISH packets by QoS and outcome",
+            publishes.clone(),
+        );
+        let revoked = Counter::default();
+        r.register(
+            "sluice_mqtt_sessions_revoked",
+            "MQTT sessions closed because their token was revoked or expired",
+            revoked.clone(),
+        );
+        let label = |k: &str, v: &str| (k.to_string(), v.to_string());
+        MqttMetrics {
+            open,
+            connects: CONNECT_OUTCOMES
+                .iter()
+                .map(|(_, n)| connects.get_or_create_owned(&vec![label("outcome", n)]))
+                .collect(),
+            publishes: (0..3)
+                .map(|q: u8| {
+                    PUBLISH_OUTCOMES
+                        .iter()
+                        .map(|(_, n)| {
+                            publishes.get_or_create_owned(&vec![
+                                label("qos", &q.to_string()),
+                                label("outcome", n),
+                            ])
+                        })
+                        .collect()
+                })
+                .collect(),
+            revoked,
+        }
+    }
+
+    pub fn connect(&self, o: ConnectOutcome) {
+        if let Some(i) = CONNECT_OUTCOMES.iter().position(|(x, _)| *x == o) {
+            self.connects[i].inc();
+        }
+    }
+
+    pub fn publish(&self, qos: u8, o: PublishOutcome) {
+        if let (Some(per_qos), Some(i)) = (
+            self.publishes.get(qos as usize),
+            PUBLISH_OUTCOMES.iter().position(|(x, _)| *x == o),
+        ) {
+            per_qos[i].inc();
+        }
+    }
+
+    fn open_connection(&self) -> OpenConnection<'_> {
+        self.open.inc();
+        OpenConnection(&self.open)
+    }
+}
+
+/// Decrements the open-connections gauge when a session ends, however.
+struct OpenConnection<'a>(&'a Gauge);
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Accepts MQTT connections until `stop`, then lets sessions finish their
+/// in-flight QoS 1 publishes (up to `grace`) before closing them.
 pub async fn serve(
     listener: TcpListener,
-    _ctx: Arc<MqttContext>,
+    ctx: Arc<MqttContext>,
     stop: CancellationToken,
-    _grace: Duration,
+    grace: Duration,
 ) {
+    // One permit per session: over the limit a connection is refused with
+    // CONNACK "server busy" and closed.
+    let permits = Arc::new(Semaphore::new(ctx.config.max_connections));
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
+    let sessions = TaskTracker::new();
+    let hard_stop = CancellationToken::new();
     loop {
-        tokio::select! {
+        let (stream, _peer) = tokio::select! {
             _ = stop.cancelled() => break,
-            r = listener.accept() => drop(r),
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "MQTT accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        match permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let ctx = ctx.clone();
+                let stop = stop.clone();
+                let hard_stop = hard_stop.clone();
+                sessions.spawn(async move {
+                    session::run(stream, ctx, stop, hard_stop).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                if let Ok(permit) = refusals.clone().try_acquire_owned() {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        session::refuse_busy(stream, ctx).await;
+                        drop(permit);
+                    });
+                } else {
+                    ctx.metrics.connect(ConnectOutcome::ServerBusy);
+                }
+            }
         }
+    }
+    drop(listener);
+    sessions.close();
+    if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+        tracing::warn!("MQTT sessions still open after the shutdown grace period; closing them");
+        hard_stop.cancel();
+        sessions.wait().await;
     }
 }

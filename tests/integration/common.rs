@@ -244,3 +244,39 @@ pub fn history_all(s: &Server, token: &str, app: &str, device: &str) -> Vec<Valu
         }
     }
 }
+
+#[derive(serde::Deserialize)]
+struct RawPage {
+    items: Vec<RawItem>,
+    next: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct RawItem {
+    data: Box<serde_json::value::RawValue>,
+}
+
+/// The exact `data` text of every history item, oldest first.
+pub fn history_raw_data(s: &Server, token: &str, app: &str, device: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = format!("/applications/{app}/devices/{device}/state?order=asc&limit=10000");
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let text = client()
+            .get(s.admin_url(&path))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        let page: RawPage = serde_json::from_str(&text).unwrap();
+        out.extend(page.items.into_iter().map(|i| i.data.get().to_string()));
+        match page.next {
+            Some(c) => cursor = Some(c),
+            None => return out,
+        }
+    }
+}

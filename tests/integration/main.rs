@@ -7,5 +7,6 @@ mod common;
 mod cli;
 mod http_ingest;
 mod lifecycle;
+mod mqtt;
 mod token_props;
 mod tokens_api;
