@@ -26,7 +26,8 @@ use crate::auth::Registry;
 use crate::config::MqttConfig;
 use crate::writer::IngestQueue;
 
-pub use proto::{Codec, Incoming, ProtoError};
+pub use proto::{Codec, Incoming, ProtoError, Publish};
+pub use session::{check_publish, PublishRefusal};
 
 /// Connections over `mqtt.max_connections` that may be waiting for their
 /// CONNECT so they can be told "server busy"; beyond this many they are

@@ -18,8 +18,8 @@ use super::proto::{qos_of, AckReason, Codec, ConnectInfo, Goodbye, Incoming, Pro
 use super::{ConnectOutcome, MqttContext, PublishOutcome};
 use crate::auth::{Scope, TokenEntry};
 use crate::ids::{is_valid_id, state_path};
-use crate::state::{self, Shape};
-use crate::store::device_key;
+use crate::state::{self, ParsedStates, Shape};
+use crate::store::{device_key, DeviceKey};
 use crate::timefmt::now_ms;
 use crate::writer::{AckSink, CommitError, Completion, EnqueueError, WriteRequest};
 
@@ -92,6 +92,37 @@ pub(super) async fn refuse_busy(mut stream: TcpStream, ctx: Arc<MqttContext>) {
 /// while, in case the wake-up raced the failed attempt).
 async fn queue_space(ctx: &MqttContext) {
     let _ = tokio::time::timeout(SPACE_RECHECK, ctx.queue.space.notified()).await;
+}
+
+/// Why a publish is refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PublishRefusal {
+    /// The grant is no longer usable, or does not cover the topic's
+    /// application and device, or the topic is not a state topic.
+    NotAuthorized,
+    BadPayload(state::BadState),
+}
+
+/// The per-publish check, shared with benches and fuzzing: the grant is
+/// still usable (revocation), the topic is `applications/{app}/devices/
+/// {device}/state` for ids the grant covers, and the payload is one valid
+/// state message. Topic parsing borrows; the only lookup is the chain walk.
+pub fn check_publish(
+    grant: &TokenEntry,
+    topic: &str,
+    payload: &[u8],
+    now_ms: i64,
+) -> Result<(DeviceKey, ParsedStates), PublishRefusal> {
+    let (app, dev) = state_path(topic).ok_or(PublishRefusal::NotAuthorized)?;
+    if !grant.usable(now_ms)
+        || !is_valid_id(app)
+        || !is_valid_id(dev)
+        || !grant.permits(app, Some(dev), Scope::SendState)
+    {
+        return Err(PublishRefusal::NotAuthorized);
+    }
+    let parsed = state::parse(payload, Shape::One, now_ms).map_err(PublishRefusal::BadPayload)?;
+    Ok((device_key(app, dev), parsed))
 }
 
 /// One QoS 1 publish waiting for its PUBACK, in arrival order.
@@ -370,26 +401,18 @@ impl Session {
             return Some(End::Refused("QoS 2"));
         }
         let now = now_ms();
-        // Per publish: the grant is still usable (revocation), and it covers
-        // this application and device. Topic parsing borrows; no lookups.
-        let permitted = self.grant.usable(now)
-            && state_path(&p.topic).is_some_and(|(app, dev)| {
-                is_valid_id(app)
-                    && is_valid_id(dev)
-                    && self.grant.permits(app, Some(dev), Scope::SendState)
-            });
-        if !permitted {
-            m.publish(qos, PublishOutcome::NotAuthorized);
-            return self.refuse(
-                qos,
-                p.packet_id,
-                AckReason::NotAuthorized,
-                Goodbye::NotAuthorized,
-            );
-        }
-        let parsed = match state::parse(&p.payload, Shape::One, now) {
+        let (device, parsed) = match check_publish(&self.grant, &p.topic, &p.payload, now) {
             Ok(x) => x,
-            Err(e) => {
+            Err(PublishRefusal::NotAuthorized) => {
+                m.publish(qos, PublishOutcome::NotAuthorized);
+                return self.refuse(
+                    qos,
+                    p.packet_id,
+                    AckReason::NotAuthorized,
+                    Goodbye::NotAuthorized,
+                );
+            }
+            Err(PublishRefusal::BadPayload(e)) => {
                 tracing::debug!(error = %e, "invalid state payload");
                 m.publish(qos, PublishOutcome::BadPayload);
                 return self.refuse(
@@ -401,8 +424,6 @@ impl Session {
             }
         };
         self.ctx.registry.touch(&self.grant, now);
-        // Checked above: the topic is a state path.
-        let (app, dev) = state_path(&p.topic).unwrap_or_default();
         let done = match (qos, p.packet_id) {
             (1, Some(id)) => {
                 self.acks.push_back(PendingAck {
@@ -419,7 +440,7 @@ impl Session {
         };
         m.publish(qos, PublishOutcome::Accepted);
         let req = WriteRequest {
-            device: device_key(app, dev),
+            device,
             body: p.payload,
             parsed,
             done,
