@@ -44,6 +44,11 @@ impl std::fmt::Display for End {
     }
 }
 
+/// After sending FIN, how long and how much of a client's remaining input
+/// is read and dropped so the close does not turn into a reset.
+const LINGER: Duration = Duration::from_millis(500);
+const LINGER_BYTES: usize = 1 << 20;
+
 /// How long a session whose request waits for queue space sleeps before it
 /// retries even without a wake-up (the wake-up can race the retry).
 const SPACE_RECHECK: Duration = Duration::from_millis(20);
@@ -350,9 +355,24 @@ impl Session {
     }
 
     /// Writes what is buffered (a farewell, if any) and ends the session.
+    /// Closing a socket with unread input makes the kernel send RST, which
+    /// destroys the PUBACKs and DISCONNECT still in flight to the client;
+    /// so after FIN, whatever the client still sends is read and dropped
+    /// for a short, bounded while.
     async fn finish(&mut self, stream: &mut TcpStream, end: End) -> End {
         let _ = self.flush(stream).await;
         let _ = stream.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let mut budget = LINGER_BYTES;
+        let _ = tokio::time::timeout(LINGER, async {
+            while budget > 0 {
+                match stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => budget = budget.saturating_sub(n),
+                }
+            }
+        })
+        .await;
         end
     }
 

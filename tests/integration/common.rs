@@ -108,8 +108,13 @@ impl Server {
 
     /// SIGTERM and wait; returns the exit status code.
     pub fn stop(&mut self) -> Option<i32> {
+        unsafe_kill(self.child.as_ref()?.id(), "TERM");
+        self.wait_exit()
+    }
+
+    /// Waits for the process to exit (after a signal sent elsewhere).
+    pub fn wait_exit(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;
-        unsafe_kill(child.id(), "TERM");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(st) = child.try_wait().unwrap() {

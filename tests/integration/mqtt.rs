@@ -756,3 +756,65 @@ fn session_takeover_disconnects_the_older_connection() {
         );
     });
 }
+
+#[test]
+fn shutdown_commits_and_acks_in_flight_publishes_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start_in(dir.path(), &[("SLUICE_STORAGE__SYNC", "always")]);
+    let (_, t) = device_token(&s, json!(["*"]));
+    let rt = rt();
+    let (c, mut ev) = rt.block_on(v5_connect(v5_opts(&s, "drain", &t))).unwrap();
+    let pid = s.child.as_ref().unwrap().id();
+    // Publish continuously; SIGTERM arrives while QoS 1 publishes are in
+    // flight. Every PUBACK received must correspond to a stored message.
+    let (acked, farewell) = rt.block_on(async {
+        let publisher = tokio::spawn(async move {
+            for i in 0..20_000 {
+                let body = format!(r#"{{"data":{{"i":{i}}}}}"#);
+                if c.publish(TOPIC, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, body)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let mut acked = 0usize;
+        let farewell = loop {
+            match ev.poll().await {
+                Ok(rumqttc::v5::Event::Incoming(p5::Packet::PubAck(a))) => {
+                    assert_eq!(a.reason, p5::PubAckReason::Success);
+                    acked += 1;
+                    if acked == 200 {
+                        unsafe_kill(pid, "TERM");
+                    }
+                }
+                Ok(_) => {}
+                Err(rumqttc::v5::ConnectionError::MqttState(
+                    rumqttc::v5::StateError::ServerDisconnect { reason_code, .. },
+                )) => break Some(reason_code),
+                Err(e) => {
+                    eprintln!("connection ended: {e:?} after {acked} acks");
+                    break None;
+                }
+            }
+        };
+        publisher.abort();
+        (acked, farewell)
+    });
+    assert_eq!(farewell, Some(p5::DisconnectReasonCode::ServerShuttingDown));
+    assert_eq!(s.wait_exit(), Some(0));
+    let s2 = Server::start_in(dir.path(), &[]);
+    let stored: Vec<i64> = stored(&s2, "d1")
+        .iter()
+        .map(|i| i["data"]["i"].as_i64().unwrap())
+        .collect();
+    // PUBACKs come in publish order, so the first `acked` publishes are the
+    // acknowledged ones; each must be stored exactly once, in order.
+    assert!(
+        stored.len() >= acked,
+        "{} stored < {acked} acked",
+        stored.len()
+    );
+    assert_eq!(stored[..acked], (0..acked as i64).collect::<Vec<_>>()[..]);
+}
