@@ -618,8 +618,23 @@ fn malformed_bytes_harm_nothing_else() {
 
 #[test]
 fn every_acknowledged_publish_is_stored_exactly_once_byte_equal() {
+    acked_means_stored(&[]);
+}
+
+#[test]
+fn a_full_queue_stops_reading_and_loses_nothing() {
+    // One request fits the queue and every batch is fsynced: sessions spend
+    // most of the run blocked on the queue (TCP backpressure), and still
+    // every publish is acknowledged and stored.
+    acked_means_stored(&[
+        ("SLUICE_BATCH__QUEUE_CAPACITY", "1"),
+        ("SLUICE_STORAGE__SYNC", "always"),
+    ]);
+}
+
+fn acked_means_stored(env: &[(&str, &str)]) {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Server::start_in(dir.path(), &[]);
+    let mut s = Server::start_in(dir.path(), env);
     let (_, t) = device_token(&s, json!(["*"]));
     const CLIENTS: usize = 6;
     const PER_CLIENT: usize = 300;
