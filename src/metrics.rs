@@ -1,6 +1,8 @@
 //! Prometheus metrics. Handles are resolved once at start-up so the hot
 //! path only increments atomics; writer metrics are counted per batch.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -22,7 +24,14 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub queue_bytes: Gauge,
     pub token_cache_entries: Gauge,
+    rate_limited: Family<Vec<(String, String)>, Counter>,
+    /// Distinct token ids in `rate_limited`, to bound its cardinality.
+    rate_limited_series: AtomicUsize,
 }
+
+/// Most token ids that get their own `sluice_rate_limited_total` series;
+/// later ones are counted under `token="_other"`.
+pub const MAX_RATE_LIMITED_SERIES: usize = 1000;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -96,7 +105,15 @@ impl Metrics {
             "Application tokens resident in the token cache",
             token_cache_entries.clone(),
         );
+        let rate_limited = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "sluice_rate_limited",
+            "Requests and publishes refused by a token's rate limit, by token id",
+            rate_limited.clone(),
+        );
         Metrics {
+            rate_limited,
+            rate_limited_series: AtomicUsize::new(0),
             registry,
             http_by_status,
             messages_stored,
@@ -119,6 +136,17 @@ impl Metrics {
         if let Some((_, c)) = self.http_by_status.iter().find(|(s, _)| *s == status) {
             c.inc();
         }
+    }
+
+    /// Counts a rate-limit refusal (not on the hot path: only refusals).
+    pub fn rate_limited(&self, token_id: &str) {
+        let mut label = vec![("token".to_string(), token_id.to_string())];
+        if self.rate_limited.get(&label).is_none()
+            && self.rate_limited_series.fetch_add(1, Ordering::Relaxed) >= MAX_RATE_LIMITED_SERIES
+        {
+            label = vec![("token".to_string(), "_other".to_string())];
+        }
+        self.rate_limited.get_or_create(&label).inc();
     }
 
     pub fn render(&self) -> String {

@@ -191,6 +191,7 @@ pub async fn run(
             registry.clone(),
             queue.clone(),
             mqtt_metrics,
+            metrics.clone(),
             config.mqtt.clone(),
         )),
         stop.clone(),

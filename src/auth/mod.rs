@@ -3,11 +3,13 @@
 //! can be tested and fuzzed alone. Persistence lives in `tokens`.
 
 pub mod attenuation;
+pub mod rate;
 pub mod registry;
 pub mod scope;
 pub mod token;
 
 pub use attenuation::{attenuate, Exceeds, Granted, Requested};
+pub use rate::{monotonic_ns, Limiter};
 pub use registry::{NewToken, Registry, RegistryError, TokenView};
 pub use scope::{Scope, Scopes};
 pub use token::{Denied, Devices, RateLimit, Status, TokenEntry};

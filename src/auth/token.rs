@@ -4,6 +4,9 @@
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::sync::Arc;
 
+use std::time::Duration;
+
+use super::rate::Limiter;
 use super::scope::{Scope, Scopes};
 
 /// Own status of a token. Usability is derived from the whole chain.
@@ -114,6 +117,9 @@ pub struct TokenEntry {
     /// Epoch milliseconds after which the token is unusable.
     pub expires_at: Option<i64>,
     pub rate_limit: Option<RateLimit>,
+    /// The bucket enforcing `rate_limit`, shared by every connection that
+    /// uses this token.
+    limiter: Option<Limiter>,
     /// The token that minted this one; its usability bounds ours.
     pub parent: Option<Arc<TokenEntry>>,
     status: AtomicU8,
@@ -146,6 +152,7 @@ impl TokenEntry {
             devices,
             expires_at,
             rate_limit,
+            limiter: rate_limit.map(Limiter::new),
             parent,
             status: AtomicU8::new(status as u8),
             last_used: AtomicI64::new(last_used),
@@ -237,6 +244,15 @@ impl TokenEntry {
             return Err(Denied::Forbidden);
         }
         Ok(())
+    }
+
+    /// Charges `n` messages to the token's rate limit, if it has one;
+    /// `Err` carries how long until they would be admitted.
+    pub fn admit(&self, n: u32, now_ns: u64) -> Result<(), Duration> {
+        match &self.limiter {
+            None => Ok(()),
+            Some(l) => l.take(n, now_ns),
+        }
     }
 
     /// Whether `self` is a strict descendant of `ancestor`.

@@ -19,7 +19,7 @@ use hyper::{Method, Request, Response};
 use tokio::sync::oneshot;
 
 use super::serve::{error_with_detail, json};
-use crate::auth::{Denied, Registry, Scope};
+use crate::auth::{monotonic_ns, Denied, Registry, Scope};
 use crate::ids::{is_valid_id, state_path};
 use crate::metrics::Metrics;
 use crate::secret::parse_bearer;
@@ -61,6 +61,7 @@ const FORBIDDEN: &str = r#"{"error":"forbidden"}"#;
 const NOT_FOUND: &str = r#"{"error":"not_found"}"#;
 const TOO_LARGE: &str = r#"{"error":"payload_too_large"}"#;
 const OVERLOADED: &str = r#"{"error":"overloaded"}"#;
+const RATE_LIMITED: &str = r#"{"error":"rate_limited"}"#;
 const INTERNAL: &str = r#"{"error":"internal"}"#;
 const TIMEOUT: &str = r#"{"error":"request_timeout"}"#;
 const UNSUPPORTED: &str = r#"{"error":"unsupported_media_type"}"#;
@@ -68,6 +69,17 @@ const METHOD: &str = r#"{"error":"method_not_allowed"}"#;
 
 fn fixed(status: u16, body: &'static str) -> Response<Full<Bytes>> {
     json(status, Bytes::from_static(body.as_bytes()))
+}
+
+/// 429 with `Retry-After` in whole seconds, at least 1.
+fn rate_limited(wait: Duration) -> Response<Full<Bytes>> {
+    let mut r = fixed(429, RATE_LIMITED);
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let mut buf = itoa::Buffer::new();
+    if let Ok(v) = HeaderValue::from_str(buf.format(secs.max(1))) {
+        r.headers_mut().insert(RETRY_AFTER, v);
+    }
+    r
 }
 
 fn overloaded() -> Response<Full<Bytes>> {
@@ -100,17 +112,19 @@ impl DeviceApi {
         let Some(credential) = credential else {
             return fixed(401, UNAUTHORIZED);
         };
+        // The grant is only kept (one Arc clone) when it has a rate limit,
+        // which can only be charged once the body says how many states.
         let verdict = self.registry.with_grant(credential, now, |grant| {
             if !is_valid_id(app) || !is_valid_id(device) {
                 return Err(None);
             }
             if grant.permits(app, Some(device), Scope::SendState) {
-                Ok(())
+                Ok(grant.rate_limit.is_some().then(|| grant.clone()))
             } else {
                 Err(Some(Denied::Forbidden))
             }
         });
-        match verdict {
+        let metered = match verdict {
             Err(Denied::Unauthorized) | Ok(Err(Some(Denied::Unauthorized))) => {
                 return fixed(401, UNAUTHORIZED)
             }
@@ -124,8 +138,8 @@ impl DeviceApi {
                     "application and device ids must be 1-64 characters of A-Z a-z 0-9 _ . -",
                 )
             }
-            Ok(Ok(())) => {}
-        }
+            Ok(Ok(metered)) => metered,
+        };
         let declared = req
             .headers()
             .get(CONTENT_LENGTH)
@@ -156,6 +170,12 @@ impl DeviceApi {
             Err(e) => return error_with_detail(400, "bad_request", &e.0),
         };
         let accepted = parsed.states.len();
+        if let Some(grant) = metered {
+            if let Err(wait) = grant.admit(accepted as u32, monotonic_ns()) {
+                self.metrics.rate_limited(&grant.id);
+                return rate_limited(wait);
+            }
+        }
         let (tx, rx) = oneshot::channel();
         let req = WriteRequest {
             device: device_key,

@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Registry;
 use crate::config::MqttConfig;
+use crate::metrics::Metrics;
 use crate::writer::IngestQueue;
 
 pub use proto::{Codec, Incoming, ProtoError, Publish};
@@ -39,6 +40,8 @@ pub struct MqttContext {
     pub registry: Arc<Registry>,
     pub queue: Arc<IngestQueue>,
     pub metrics: MqttMetrics,
+    /// Broker-wide metrics (rate-limit refusals are counted per token there).
+    pub shared_metrics: Arc<Metrics>,
     pub config: MqttConfig,
     pub takeover: Takeover,
 }
@@ -48,15 +51,21 @@ impl MqttContext {
         registry: Arc<Registry>,
         queue: Arc<IngestQueue>,
         metrics: MqttMetrics,
+        shared_metrics: Arc<Metrics>,
         config: MqttConfig,
     ) -> MqttContext {
         MqttContext {
             registry,
             queue,
             metrics,
+            shared_metrics,
             config,
             takeover: Takeover::default(),
         }
+    }
+
+    fn rate_limited(&self, token_id: &str) {
+        self.shared_metrics.rate_limited(token_id);
     }
 
     fn next_serial(&self) -> u64 {

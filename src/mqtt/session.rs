@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::proto::{qos_of, AckReason, Codec, ConnectInfo, Goodbye, Incoming, ProtoError, Refusal};
 use super::{ConnectOutcome, MqttContext, PublishOutcome};
-use crate::auth::{Scope, TokenEntry};
+use crate::auth::{monotonic_ns, Scope, TokenEntry};
 use crate::ids::{is_valid_id, state_path};
 use crate::state::{self, ParsedStates, Shape};
 use crate::store::{device_key, DeviceKey};
@@ -443,6 +443,16 @@ impl Session {
                 );
             }
         };
+        if self.grant.admit(1, monotonic_ns()).is_err() {
+            m.publish(qos, PublishOutcome::QuotaExceeded);
+            self.ctx.rate_limited(&self.grant.id);
+            return self.refuse(
+                qos,
+                p.packet_id,
+                AckReason::QuotaExceeded,
+                Goodbye::QuotaExceeded,
+            );
+        }
         self.ctx.registry.touch(&self.grant, now);
         let done = match (qos, p.packet_id) {
             (1, Some(id)) => {

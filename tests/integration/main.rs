@@ -8,5 +8,6 @@ mod cli;
 mod http_ingest;
 mod lifecycle;
 mod mqtt;
+mod rate_limits;
 mod token_props;
 mod tokens_api;

@@ -1,0 +1,162 @@
+//! Per-token rate limits on HTTP (429 + Retry-After) and MQTT (0x96).
+
+use std::time::{Duration, Instant};
+
+use rumqttc::v5::mqttbytes::v5 as p5;
+use serde_json::json;
+
+use crate::common::*;
+
+const OK: &str = r#"{"data":{"x":1}}"#;
+
+#[test]
+fn http_rate_limit_refuses_with_retry_after_and_holds_the_rate() {
+    let s = Server::start();
+    let (_, t) = mint(
+        &s,
+        ADMIN,
+        "app",
+        json!({"name": "slow", "scope": ["device.sendState"], "rateLimit": {"perSecond": 20, "burst": 5}}),
+    );
+    let c = client();
+    let post = |body: &str| {
+        c.post(s.http_url("/applications/app/devices/d/state"))
+            .bearer_auth(&t)
+            .body(body.to_string())
+            .send()
+            .unwrap()
+    };
+    // The burst passes, the next is refused with a Retry-After.
+    for _ in 0..5 {
+        assert_eq!(post(OK).status().as_u16(), 200);
+    }
+    let r = post(OK);
+    assert_eq!(r.status().as_u16(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1);
+    assert_eq!(json_of(r).1, json!({"error": "rate_limited"}));
+    // An array costs one per state: larger than the burst never fits.
+    let six = format!("[{}]", [OK; 6].join(","));
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(post(&six).status().as_u16(), 429);
+
+    // Offered far above the limit for 2 s, the accepted rate is ~20/s.
+    std::thread::sleep(Duration::from_millis(400));
+    let started = Instant::now();
+    let (mut ok, mut limited) = (0u32, 0u32);
+    while started.elapsed() < Duration::from_secs(2) {
+        match post(OK).status().as_u16() {
+            200 => ok += 1,
+            429 => limited += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let rate = f64::from(ok) / secs;
+    eprintln!("configured 20/s burst 5; measured {ok} accepted in {secs:.2}s ({rate:.1}/s), {limited} refused");
+    // burst (5) + 20/s × 2 s = 45, give or take scheduling.
+    assert!((40..=50).contains(&ok), "{ok} accepted");
+    assert!(limited > 0);
+    let metrics = client()
+        .get(s.admin_url("/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        metrics.contains("sluice_rate_limited_total{token="),
+        "{metrics}"
+    );
+    // Nothing refused was stored.
+    let stored = history_all(&s, ADMIN, "app", "d").len() as u32;
+    assert_eq!(stored, 5 + ok);
+}
+
+#[test]
+fn mqtt_rate_limit_per_version() {
+    let s = Server::start();
+    let (_, t) = mint(
+        &s,
+        ADMIN,
+        "app",
+        json!({"name": "slow", "scope": ["device.sendState"], "rateLimit": {"perSecond": 1, "burst": 3}}),
+    );
+    let port: u16 = s.mqtt.rsplit(':').next().unwrap().parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut o = rumqttc::v5::MqttOptions::new("rl5", "127.0.0.1", port);
+        o.set_credentials("u", &t);
+        let (c, mut ev) = rumqttc::v5::AsyncClient::new(o, 100);
+        for _ in 0..5 {
+            c.publish(
+                "applications/app/devices/d/state",
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                OK,
+            )
+            .await
+            .unwrap();
+        }
+        let mut reasons = vec![];
+        while reasons.len() < 5 {
+            if let rumqttc::v5::Event::Incoming(p5::Packet::PubAck(a)) = ev.poll().await.unwrap() {
+                reasons.push(a.reason);
+            }
+        }
+        assert_eq!(
+            reasons,
+            vec![
+                p5::PubAckReason::Success,
+                p5::PubAckReason::Success,
+                p5::PubAckReason::Success,
+                p5::PubAckReason::QuotaExceeded,
+                p5::PubAckReason::QuotaExceeded
+            ]
+        );
+        // QoS 0 over the limit: DISCONNECT 0x96.
+        c.publish(
+            "applications/app/devices/d/state",
+            rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+            false,
+            OK,
+        )
+        .await
+        .unwrap();
+        let reason = loop {
+            match ev.poll().await {
+                Ok(_) => continue,
+                Err(rumqttc::v5::ConnectionError::MqttState(
+                    rumqttc::v5::StateError::ServerDisconnect { reason_code, .. },
+                )) => break Some(reason_code),
+                Err(_) => break None,
+            }
+        };
+        assert_eq!(reason, Some(p5::DisconnectReasonCode::QuotaExceeded));
+
+        // MQTT 3.1.1: closed.
+        let mut o = rumqttc::MqttOptions::new("rl4", "127.0.0.1", port);
+        o.set_credentials("u", &t);
+        let (c, mut ev) = rumqttc::AsyncClient::new(o, 10);
+        c.publish(
+            "applications/app/devices/d/state",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            OK,
+        )
+        .await
+        .unwrap();
+        let closed = loop {
+            match ev.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break false,
+                Ok(_) => continue,
+                Err(_) => break true,
+            }
+        };
+        assert!(closed, "3.1.1 publish over the limit was acknowledged");
+    });
+    assert_eq!(history_all(&s, ADMIN, "app", "d").len(), 3);
+}
