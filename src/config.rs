@@ -28,6 +28,7 @@ pub struct Config {
     pub tokens: TokensConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -105,6 +106,22 @@ pub struct ShutdownConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain; TLS is off while this and `key` are empty.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    pub mqtts_listen: SocketAddr,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.cert.as_os_str().is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct LogConfig {
     pub level: String,
 }
@@ -129,6 +146,7 @@ pub struct Overrides {
     pub mqtt_listen: Option<String>,
     pub http_listen: Option<String>,
     pub admin_listen: Option<String>,
+    pub mqtts_listen: Option<String>,
     pub data_dir: Option<String>,
     pub admin_allow_public: bool,
 }
@@ -263,6 +281,9 @@ impl Config {
                 self.log.level
             ));
         }
+        if self.tls.cert.as_os_str().is_empty() != self.tls.key.as_os_str().is_empty() {
+            p.push("`tls.cert` and `tls.key` must be set together (or both left empty)".into());
+        }
         if self.storage.data_dir.as_os_str().is_empty() {
             p.push("`storage.data_dir` must not be empty".into());
         }
@@ -318,6 +339,7 @@ fn overrides_provider(o: &Overrides) -> Named {
         ("mqtt.listen", &o.mqtt_listen),
         ("http.listen", &o.http_listen),
         ("admin.listen", &o.admin_listen),
+        ("tls.mqtts_listen", &o.mqtts_listen),
         ("storage.data_dir", &o.data_dir),
     ];
     for (path, v) in pairs {

@@ -16,6 +16,7 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod timefmt;
+pub mod tls;
 pub mod tokens;
 pub mod writer;
 

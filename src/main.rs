@@ -40,6 +40,9 @@ struct ServeArgs {
     http_listen: Option<String>,
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<String>,
+    /// MQTT over TLS (used when tls.cert and tls.key are set).
+    #[arg(long, value_name = "ADDR")]
+    mqtts_listen: Option<String>,
     #[arg(long, value_name = "DIR")]
     data_dir: Option<String>,
     /// Allow the admin listener on a non-loopback address.
@@ -118,6 +121,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         mqtt_listen: args.mqtt_listen,
         http_listen: args.http_listen,
         admin_listen: args.admin_listen,
+        mqtts_listen: args.mqtts_listen,
         data_dir: args.data_dir,
         admin_allow_public: args.admin_allow_public,
     };

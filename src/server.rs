@@ -42,6 +42,8 @@ pub enum ServeError {
     Tokens(#[from] TokenError),
     #[error(transparent)]
     AdminToken(#[from] admin_token::AdminTokenError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -52,6 +54,8 @@ pub struct Listeners {
     pub mqtt: TcpListener,
     pub http: TcpListener,
     pub admin: TcpListener,
+    /// MQTT over TLS; bound only when `tls.cert` and `tls.key` are set.
+    pub mqtts: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -65,6 +69,10 @@ impl Listeners {
             mqtt: one("mqtt", c.mqtt.listen).await?,
             http: one("http", c.http.listen).await?,
             admin: one("admin", c.admin.listen).await?,
+            mqtts: match c.tls.enabled() {
+                true => Some(one("mqtts", c.tls.mqtts_listen).await?),
+                false => None,
+            },
         })
     }
 
@@ -73,11 +81,15 @@ impl Listeners {
             l.local_addr()
                 .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
         };
-        vec![
+        let mut v = vec![
             ("mqtt", addr(&self.mqtt)),
             ("http", addr(&self.http)),
             ("admin", addr(&self.admin)),
-        ]
+        ];
+        if let Some(l) = &self.mqtts {
+            v.push(("mqtts", addr(l)));
+        }
+        v
     }
 }
 
@@ -96,6 +108,13 @@ pub async fn run(
         source,
     })?;
 
+    let tls = match config.tls.enabled() {
+        true => Some(crate::tls::Acceptors::load(
+            &config.tls.cert,
+            &config.tls.key,
+        )?),
+        false => None,
+    };
     let (root_hash, source) = admin_token::bootstrap(&data_dir, admin_token_env.as_deref())?;
     match &source {
         admin_token::Source::Env => {
@@ -154,6 +173,7 @@ pub async fn run(
     }));
     tasks.spawn(serve(
         listeners.http,
+        tls.as_ref().map(|t| t.http.clone()),
         device,
         HttpLimits {
             max_connections: config.http.max_connections,
@@ -175,6 +195,7 @@ pub async fn run(
     );
     tasks.spawn(serve(
         listeners.admin,
+        None,
         hyper_util::service::TowerToHyperService::new(admin),
         HttpLimits {
             max_connections: config.admin.max_connections,
@@ -185,18 +206,29 @@ pub async fn run(
         "admin",
     ));
 
+    let mqtt_ctx = Arc::new(mqtt::MqttContext::new(
+        registry.clone(),
+        queue.clone(),
+        mqtt_metrics,
+        metrics.clone(),
+        config.mqtt.clone(),
+    ));
     tasks.spawn(mqtt::serve(
         listeners.mqtt,
-        Arc::new(mqtt::MqttContext::new(
-            registry.clone(),
-            queue.clone(),
-            mqtt_metrics,
-            metrics.clone(),
-            config.mqtt.clone(),
-        )),
+        None,
+        mqtt_ctx.clone(),
         stop.clone(),
         grace,
     ));
+    if let (Some(l), Some(t)) = (listeners.mqtts, &tls) {
+        tasks.spawn(mqtt::serve(
+            l,
+            Some(t.mqtt.clone()),
+            mqtt_ctx,
+            stop.clone(),
+            grace,
+        ));
+    }
 
     let flusher = {
         let tokens = tokens.clone();

@@ -17,8 +17,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as PromRegistry;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -30,9 +32,7 @@ use crate::writer::IngestQueue;
 pub use proto::{Codec, Incoming, ProtoError, Publish};
 pub use session::{check_publish, PublishRefusal};
 
-/// Connections over `mqtt.max_connections` that may be waiting for their
-/// CONNECT so they can be told "server busy"; beyond this many they are
-/// closed at once, so a flood cannot grow memory.
+/// See `MqttContext::refusals`.
 const MAX_REFUSALS_IN_FLIGHT: usize = 64;
 
 /// Everything a session needs, shared by all of them.
@@ -44,6 +44,14 @@ pub struct MqttContext {
     pub shared_metrics: Arc<Metrics>,
     pub config: MqttConfig,
     pub takeover: Takeover,
+    /// One permit per session, shared by the plain and TLS listeners: over
+    /// `mqtt.max_connections` a connection is refused with CONNACK "server
+    /// busy" and closed.
+    permits: Arc<Semaphore>,
+    /// Connections over the limit that may be waiting for their CONNECT so
+    /// they can be told "server busy"; beyond this many they are closed at
+    /// once, so a flood cannot grow memory.
+    refusals: Arc<Semaphore>,
 }
 
 impl MqttContext {
@@ -59,6 +67,8 @@ impl MqttContext {
             queue,
             metrics,
             shared_metrics,
+            permits: Arc::new(Semaphore::new(config.max_connections)),
+            refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
             config,
             takeover: Takeover::default(),
         }
@@ -232,18 +242,16 @@ impl Drop for OpenConnection<'_> {
     }
 }
 
-/// Accepts MQTT connections until `stop`, then lets sessions finish their
-/// in-flight QoS 1 publishes (up to `grace`) before closing them.
+/// Accepts MQTT connections (over TLS when `tls` is given) until `stop`,
+/// then lets sessions finish their in-flight QoS 1 publishes (up to
+/// `grace`) before closing them.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     ctx: Arc<MqttContext>,
     stop: CancellationToken,
     grace: Duration,
 ) {
-    // One permit per session: over the limit a connection is refused with
-    // CONNACK "server busy" and closed.
-    let permits = Arc::new(Semaphore::new(ctx.config.max_connections));
-    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
     let sessions = TaskTracker::new();
     let hard_stop = CancellationToken::new();
     loop {
@@ -258,28 +266,41 @@ pub async fn serve(
                 }
             },
         };
-        match permits.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let ctx = ctx.clone();
-                let stop = stop.clone();
-                let hard_stop = hard_stop.clone();
-                sessions.spawn(async move {
-                    session::run(stream, ctx, stop, hard_stop).await;
-                    drop(permit);
-                });
-            }
-            Err(_) => {
-                if let Ok(permit) = refusals.clone().try_acquire_owned() {
-                    let ctx = ctx.clone();
-                    tokio::spawn(async move {
-                        session::refuse_busy(stream, ctx).await;
-                        drop(permit);
-                    });
-                } else {
+        let _ = stream.set_nodelay(true);
+        let (permit, refusal) = match ctx.permits.clone().try_acquire_owned() {
+            Ok(p) => (Some(p), None),
+            Err(_) => match ctx.refusals.clone().try_acquire_owned() {
+                Ok(r) => (None, Some(r)),
+                Err(_) => {
                     ctx.metrics.connect(ConnectOutcome::ServerBusy);
+                    continue;
+                }
+            },
+        };
+        let ctx = ctx.clone();
+        let stop = stop.clone();
+        let hard_stop = hard_stop.clone();
+        let tls = tls.clone();
+        sessions.spawn(async move {
+            match tls {
+                None => serve_one(stream, ctx, stop, hard_stop, permit.is_some()).await,
+                Some(acceptor) => {
+                    // The handshake counts against the CONNECT timeout.
+                    match tokio::time::timeout(ctx.config.connect_timeout, acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(s)) => serve_one(s, ctx, stop, hard_stop, permit.is_some()).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "MQTT TLS handshake failed");
+                            ctx.metrics.connect(ConnectOutcome::Malformed);
+                        }
+                        Err(_) => ctx.metrics.connect(ConnectOutcome::Timeout),
+                    }
                 }
             }
-        }
+            drop(permit);
+            drop(refusal);
+        });
     }
     drop(listener);
     sessions.close();
@@ -287,5 +308,19 @@ pub async fn serve(
         tracing::warn!("MQTT sessions still open after the shutdown grace period; closing them");
         hard_stop.cancel();
         sessions.wait().await;
+    }
+}
+
+async fn serve_one<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    ctx: Arc<MqttContext>,
+    stop: CancellationToken,
+    hard_stop: CancellationToken,
+    admitted: bool,
+) {
+    if admitted {
+        session::run(stream, ctx, stop, hard_stop).await;
+    } else {
+        session::refuse_busy(stream, ctx).await;
     }
 }

@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use bytestring::ByteString;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -54,8 +53,8 @@ const LINGER_BYTES: usize = 1 << 20;
 const SPACE_RECHECK: Duration = Duration::from_millis(20);
 
 /// Reads one CONNECT (within the caller's timeout) and detects the version.
-async fn read_connect(
-    stream: &mut TcpStream,
+async fn read_connect<S: AsyncRead + Unpin>(
+    stream: &mut S,
     buf: &mut BytesMut,
     max_packet: u32,
 ) -> Result<Option<(Codec, ConnectInfo)>, ProtoError> {
@@ -78,7 +77,10 @@ async fn read_connect(
 
 /// Refuses a connection over the limit: answers its CONNECT with "server
 /// busy" if it arrives promptly, then closes.
-pub(super) async fn refuse_busy(mut stream: TcpStream, ctx: Arc<MqttContext>) {
+pub(super) async fn refuse_busy<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    ctx: Arc<MqttContext>,
+) {
     let mut buf = BytesMut::with_capacity(512);
     let read = tokio::time::timeout(
         Duration::from_secs(1),
@@ -158,13 +160,12 @@ struct Session {
     close_after_flush: bool,
 }
 
-pub(super) async fn run(
-    mut stream: TcpStream,
+pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
     ctx: Arc<MqttContext>,
     stop: CancellationToken,
     hard_stop: CancellationToken,
 ) {
-    let _ = stream.set_nodelay(true);
     let cfg = &ctx.config;
     let mut buf = BytesMut::with_capacity(cfg.read_buffer_bytes);
     let first = tokio::time::timeout(
@@ -257,9 +258,9 @@ pub(super) async fn run(
 impl Session {
     /// The session loop. Returns when the connection is to be closed; any
     /// farewell packet has been written by then.
-    async fn serve(
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut S,
         buf: &mut BytesMut,
         keep_alive: u16,
         stop: &CancellationToken,
@@ -347,7 +348,7 @@ impl Session {
         }
     }
 
-    async fn revoked(&mut self, stream: &mut TcpStream) -> End {
+    async fn revoked<S: AsyncRead + AsyncWrite + Unpin>(&mut self, stream: &mut S) -> End {
         self.codec.disconnect(&mut self.out, Goodbye::NotAuthorized);
         self.ctx.metrics.revoked.inc();
         self.finish(stream, End::Refused("token revoked or expired"))
@@ -359,7 +360,7 @@ impl Session {
     /// destroys the PUBACKs and DISCONNECT still in flight to the client;
     /// so after FIN, whatever the client still sends is read and dropped
     /// for a short, bounded while.
-    async fn finish(&mut self, stream: &mut TcpStream, end: End) -> End {
+    async fn finish<S: AsyncRead + AsyncWrite + Unpin>(&mut self, stream: &mut S, end: End) -> End {
         let _ = self.flush(stream).await;
         let _ = stream.shutdown().await;
         let mut sink = [0u8; 4096];
@@ -376,7 +377,7 @@ impl Session {
         end
     }
 
-    async fn flush(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
+    async fn flush<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) -> std::io::Result<()> {
         if !self.out.is_empty() {
             stream.write_all(&self.out).await?;
             self.out.clear();

@@ -16,6 +16,8 @@ pub struct Server {
     pub http: String,
     pub admin: String,
     pub mqtt: String,
+    /// MQTT over TLS, when the server was started with a certificate.
+    pub mqtts: Option<String>,
     _tmp: Option<tempfile::TempDir>,
     pub stderr_path: PathBuf,
 }
@@ -55,6 +57,7 @@ impl Server {
             .args(["--http-listen", "127.0.0.1:0"])
             .args(["--admin-listen", "127.0.0.1:0"])
             .args(["--mqtt-listen", "127.0.0.1:0"])
+            .args(["--mqtts-listen", "127.0.0.1:0"])
             .env("SLUICE_ADMIN_TOKEN", ADMIN)
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
@@ -65,9 +68,10 @@ impl Server {
         let mut child = cmd.spawn().expect("spawn sluice");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
-        let (mut http, mut admin, mut mqtt) = (None, None, None);
+        let (mut http, mut admin, mut mqtt, mut mqtts) = (None, None, None, None);
+        let want_tls = env.iter().any(|(k, _)| *k == "SLUICE_TLS__CERT");
         let deadline = Instant::now() + Duration::from_secs(60);
-        while http.is_none() || admin.is_none() || mqtt.is_none() {
+        while http.is_none() || admin.is_none() || mqtt.is_none() || (want_tls && mqtts.is_none()) {
             assert!(Instant::now() < deadline, "server did not start");
             let line = match lines.next() {
                 Some(Ok(l)) => l,
@@ -83,6 +87,7 @@ impl Server {
                     "http" => http = Some(addr),
                     "admin" => admin = Some(addr),
                     "mqtt" => mqtt = Some(addr),
+                    "mqtts" => mqtts = Some(addr),
                     _ => {}
                 }
             }
@@ -93,6 +98,7 @@ impl Server {
             http: http.unwrap(),
             admin: admin.unwrap(),
             mqtt: mqtt.unwrap(),
+            mqtts,
             _tmp: None,
             stderr_path,
         }

@@ -9,5 +9,6 @@ mod http_ingest;
 mod lifecycle;
 mod mqtt;
 mod rate_limits;
+mod tls;
 mod token_props;
 mod tokens_api;
