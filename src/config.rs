@@ -69,6 +69,11 @@ pub struct MqttConfig {
     #[serde(with = "human_duration")]
     pub connect_timeout: Duration,
     pub read_buffer_bytes: usize,
+    pub connect_rate_per_ip: u32,
+    pub connect_burst_per_ip: u32,
+    pub auth_failure_rate_per_ip: u32,
+    pub auth_failure_burst_per_ip: u32,
+    pub ip_table_max: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -247,6 +252,7 @@ impl Config {
         positive("mqtt.max_packet_bytes", self.mqtt.max_packet_bytes as usize);
         positive("mqtt.receive_maximum", self.mqtt.receive_maximum as usize);
         positive("mqtt.read_buffer_bytes", self.mqtt.read_buffer_bytes);
+        positive("mqtt.ip_table_max", self.mqtt.ip_table_max);
         positive("admin.max_connections", self.admin.max_connections);
         positive("admin.max_body_bytes", self.admin.max_body_bytes);
         positive("batch.max_messages", self.batch.max_messages);

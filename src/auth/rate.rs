@@ -60,6 +60,23 @@ impl Limiter {
     }
 }
 
+impl Limiter {
+    /// How long until one more message would fit, without taking it.
+    pub fn wait(&self, now: u64) -> Duration {
+        let next = self
+            .tat
+            .load(Ordering::Acquire)
+            .max(now)
+            .saturating_add(self.interval);
+        Duration::from_nanos((next - now).saturating_sub(self.tolerance))
+    }
+
+    /// Whether the bucket is full again (it has not been used for a while).
+    pub fn is_idle(&self, now: u64) -> bool {
+        self.tat.load(Ordering::Acquire) <= now
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

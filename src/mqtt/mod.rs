@@ -5,6 +5,7 @@
 //! Sessions are ingest-only and never stored: CONNACK always says "no
 //! session present", Will messages are ignored, SUBSCRIBE is refused.
 
+mod ip_limit;
 mod proto;
 mod session;
 
@@ -29,6 +30,7 @@ use crate::config::MqttConfig;
 use crate::metrics::Metrics;
 use crate::writer::IngestQueue;
 
+use proto::Refusal;
 pub use proto::{Codec, Incoming, ProtoError, Publish};
 pub use session::{check_publish, PublishRefusal};
 
@@ -52,6 +54,10 @@ pub struct MqttContext {
     /// they can be told "server busy"; beyond this many they are closed at
     /// once, so a flood cannot grow memory.
     refusals: Arc<Semaphore>,
+    /// New connections per address (`mqtt.connect_rate_per_ip`).
+    connects: ip_limit::IpLimiter,
+    /// Failed authentications per address (`mqtt.auth_failure_rate_per_ip`).
+    auth_failures: ip_limit::IpLimiter,
 }
 
 impl MqttContext {
@@ -69,6 +75,16 @@ impl MqttContext {
             shared_metrics,
             permits: Arc::new(Semaphore::new(config.max_connections)),
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
+            connects: ip_limit::IpLimiter::new(
+                config.connect_rate_per_ip,
+                config.connect_burst_per_ip,
+                config.ip_table_max,
+            ),
+            auth_failures: ip_limit::IpLimiter::new(
+                config.auth_failure_rate_per_ip,
+                config.auth_failure_burst_per_ip,
+                config.ip_table_max,
+            ),
             config,
             takeover: Takeover::default(),
         }
@@ -122,15 +138,17 @@ pub enum ConnectOutcome {
     BadClientId,
     Malformed,
     Timeout,
+    RateLimited,
 }
 
-const CONNECT_OUTCOMES: [(ConnectOutcome, &str); 6] = [
+const CONNECT_OUTCOMES: [(ConnectOutcome, &str); 7] = [
     (ConnectOutcome::Accepted, "accepted"),
     (ConnectOutcome::NotAuthorized, "not_authorized"),
     (ConnectOutcome::ServerBusy, "server_busy"),
     (ConnectOutcome::BadClientId, "bad_client_id"),
     (ConnectOutcome::Malformed, "malformed"),
     (ConnectOutcome::Timeout, "timeout"),
+    (ConnectOutcome::RateLimited, "rate_limited"),
 ];
 
 /// Outcome of a PUBLISH, as counted in metrics.
@@ -255,7 +273,7 @@ pub async fn serve(
     let sessions = TaskTracker::new();
     let hard_stop = CancellationToken::new();
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -267,15 +285,28 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let (permit, refusal) = match ctx.permits.clone().try_acquire_owned() {
-            Ok(p) => (Some(p), None),
-            Err(_) => match ctx.refusals.clone().try_acquire_owned() {
-                Ok(r) => (None, Some(r)),
+        let over_rate = ctx.connects.take(peer.ip()).is_err();
+        let permit = match over_rate {
+            true => None,
+            false => ctx.permits.clone().try_acquire_owned().ok(),
+        };
+        let refusal = match permit {
+            Some(_) => None,
+            None => match ctx.refusals.clone().try_acquire_owned() {
+                Ok(r) => Some(r),
                 Err(_) => {
-                    ctx.metrics.connect(ConnectOutcome::ServerBusy);
+                    ctx.metrics.connect(match over_rate {
+                        true => ConnectOutcome::RateLimited,
+                        false => ConnectOutcome::ServerBusy,
+                    });
                     continue;
                 }
             },
+        };
+        let admit = match (permit.is_some(), over_rate) {
+            (true, _) => Admit::Session(peer.ip()),
+            (false, true) => Admit::Refuse(Refusal::RateLimited),
+            (false, false) => Admit::Refuse(Refusal::ServerBusy),
         };
         let ctx = ctx.clone();
         let stop = stop.clone();
@@ -283,13 +314,13 @@ pub async fn serve(
         let tls = tls.clone();
         sessions.spawn(async move {
             match tls {
-                None => serve_one(stream, ctx, stop, hard_stop, permit.is_some()).await,
+                None => serve_one(stream, ctx, stop, hard_stop, admit).await,
                 Some(acceptor) => {
                     // The handshake counts against the CONNECT timeout.
                     match tokio::time::timeout(ctx.config.connect_timeout, acceptor.accept(stream))
                         .await
                     {
-                        Ok(Ok(s)) => serve_one(s, ctx, stop, hard_stop, permit.is_some()).await,
+                        Ok(Ok(s)) => serve_one(s, ctx, stop, hard_stop, admit).await,
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, "MQTT TLS handshake failed");
                             ctx.metrics.connect(ConnectOutcome::Malformed);
@@ -311,16 +342,22 @@ pub async fn serve(
     }
 }
 
+/// What to do with an accepted connection.
+#[derive(Clone, Copy)]
+enum Admit {
+    Session(std::net::IpAddr),
+    Refuse(Refusal),
+}
+
 async fn serve_one<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     ctx: Arc<MqttContext>,
     stop: CancellationToken,
     hard_stop: CancellationToken,
-    admitted: bool,
+    admit: Admit,
 ) {
-    if admitted {
-        session::run(stream, ctx, stop, hard_stop).await;
-    } else {
-        session::refuse_busy(stream, ctx).await;
+    match admit {
+        Admit::Session(ip) => session::run(stream, ip, ctx, stop, hard_stop).await,
+        Admit::Refuse(why) => session::refuse(stream, ctx, why).await,
     }
 }

@@ -84,6 +84,8 @@ pub enum Refusal {
     ServerBusy,
     /// 3.1.1 code 2 / 5.0 reason 0x85.
     BadClientId,
+    /// 3.1.1 code 3 / 5.0 reason 0x9F.
+    RateLimited,
 }
 
 /// PUBACK outcomes (only MQTT 5 can say anything but success).
@@ -282,6 +284,7 @@ impl Codec {
                         Refusal::NotAuthorized => v3::ConnectAckReason::NotAuthorized,
                         Refusal::ServerBusy => v3::ConnectAckReason::ServiceUnavailable,
                         Refusal::BadClientId => v3::ConnectAckReason::IdentifierRejected,
+                        Refusal::RateLimited => v3::ConnectAckReason::ServiceUnavailable,
                     },
                     session_present: false,
                 }),
@@ -292,6 +295,7 @@ impl Codec {
                         Refusal::NotAuthorized => v5::ConnectAckReason::NotAuthorized,
                         Refusal::ServerBusy => v5::ConnectAckReason::ServerBusy,
                         Refusal::BadClientId => v5::ConnectAckReason::ClientIdentifierNotValid,
+                        Refusal::RateLimited => v5::ConnectAckReason::ConnectionRateExceeded,
                     },
                     ..v5::ConnectAck::default()
                 };

@@ -75,11 +75,12 @@ async fn read_connect<S: AsyncRead + Unpin>(
     }
 }
 
-/// Refuses a connection over the limit: answers its CONNECT with "server
-/// busy" if it arrives promptly, then closes.
-pub(super) async fn refuse_busy<S: AsyncRead + AsyncWrite + Unpin>(
+/// Refuses a connection over a limit: answers its CONNECT with `why` if it
+/// arrives promptly, then closes.
+pub(super) async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     ctx: Arc<MqttContext>,
+    why: Refusal,
 ) {
     let mut buf = BytesMut::with_capacity(512);
     let read = tokio::time::timeout(
@@ -89,10 +90,13 @@ pub(super) async fn refuse_busy<S: AsyncRead + AsyncWrite + Unpin>(
     .await;
     if let Ok(Ok(Some((mut codec, _)))) = read {
         let mut out = BytesMut::with_capacity(16);
-        codec.connack_refuse(&mut out, Refusal::ServerBusy);
+        codec.connack_refuse(&mut out, why);
         let _ = stream.write_all(&out).await;
     }
-    ctx.metrics.connect(ConnectOutcome::ServerBusy);
+    ctx.metrics.connect(match why {
+        Refusal::RateLimited => ConnectOutcome::RateLimited,
+        _ => ConnectOutcome::ServerBusy,
+    });
 }
 
 /// Waits until the writer has taken requests off the queue (or a short
@@ -162,6 +166,7 @@ struct Session {
 
 pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
+    peer: std::net::IpAddr,
     ctx: Arc<MqttContext>,
     stop: CancellationToken,
     hard_stop: CancellationToken,
@@ -191,6 +196,12 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         let _ = stream.write_all(&out).await;
         return ctx.metrics.connect(ConnectOutcome::BadClientId);
     }
+    // An address that spent its failed-authentication budget waits for it
+    // to refill before its token is even looked at.
+    let hold = ctx.auth_failures.wait(peer).min(cfg.connect_timeout);
+    if !hold.is_zero() {
+        tokio::time::sleep(hold).await;
+    }
     let now = now_ms();
     let grant = info
         .password
@@ -200,6 +211,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         .ok()
         .filter(|g| g.root || g.scopes.allows(Scope::SendState));
     let Some(grant) = grant else {
+        let _ = ctx.auth_failures.take(peer);
         codec.connack_refuse(&mut out, Refusal::NotAuthorized);
         let _ = stream.write_all(&out).await;
         return ctx.metrics.connect(ConnectOutcome::NotAuthorized);

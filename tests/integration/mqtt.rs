@@ -833,3 +833,55 @@ fn shutdown_commits_and_acks_in_flight_publishes_first() {
     );
     assert_eq!(stored[..acked], (0..acked as i64).collect::<Vec<_>>()[..]);
 }
+
+#[test]
+fn per_ip_connect_rate_and_failed_auth_budget() {
+    let s = Server::start_with(&[
+        ("SLUICE_MQTT__CONNECT_RATE_PER_IP", "1"),
+        ("SLUICE_MQTT__CONNECT_BURST_PER_IP", "3"),
+    ]);
+    let (_, t) = device_token(&s, json!(["*"]));
+    rt().block_on(async {
+        let mut keep = vec![];
+        for i in 0..3 {
+            keep.push(v4_connect(v4_opts(&s, &format!("r{i}"), &t)).await.unwrap());
+        }
+        match v5_connect(v5_opts(&s, "r3", &t)).await {
+            Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
+                assert_eq!(code, p5::ConnectReturnCode::ConnectionRateExceeded)
+            }
+            other => panic!("fourth connect in a burst of 3: {:?}", other.err()),
+        }
+        match v4_connect(v4_opts(&s, "r4", &t)).await {
+            Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+                assert_eq!(code, rumqttc::ConnectReturnCode::ServiceUnavailable)
+            }
+            other => panic!("fifth connect: {:?}", other.err()),
+        }
+    });
+
+    // Failed authentications: a budget of 2 refilled at 2/s. Ten wrong
+    // tokens in a row take at least (10 - 2) / 2 = 4 s, yet a valid token
+    // from the same address right after is admitted, at most delayed.
+    let s = Server::start_with(&[
+        ("SLUICE_MQTT__AUTH_FAILURE_RATE_PER_IP", "2"),
+        ("SLUICE_MQTT__AUTH_FAILURE_BURST_PER_IP", "2"),
+    ]);
+    let (_, t) = device_token(&s, json!(["*"]));
+    rt().block_on(async {
+        let started = Instant::now();
+        for i in 0..10 {
+            assert!(v4_connect(v4_opts(&s, &format!("bad{i}"), "wrong"))
+                .await
+                .is_err());
+        }
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(3500),
+            "10 failures took only {took:?}"
+        );
+        let started = Instant::now();
+        assert!(v4_connect(v4_opts(&s, "good", &t)).await.is_ok());
+        assert!(started.elapsed() < Duration::from_millis(1500));
+    });
+}
