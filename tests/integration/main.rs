@@ -5,6 +5,7 @@
 mod common;
 
 mod cli;
+mod hostile;
 mod http_ingest;
 mod lifecycle;
 mod mqtt;
