@@ -126,7 +126,12 @@ impl DeviceApi {
         });
         let metered = match verdict {
             Err(Denied::Unauthorized) | Ok(Err(Some(Denied::Unauthorized))) => {
-                return fixed(401, UNAUTHORIZED)
+                tracing::debug!(
+                    app,
+                    device,
+                    "state request with an unknown or unusable token"
+                );
+                return fixed(401, UNAUTHORIZED);
             }
             Err(Denied::Forbidden) | Ok(Err(Some(Denied::Forbidden))) => {
                 return fixed(403, FORBIDDEN)
@@ -153,6 +158,7 @@ impl DeviceApi {
                 return fixed(415, UNSUPPORTED);
             }
         }
+        tracing::trace!(app, device, "state request authorized");
         let device_key = device_key(app, device);
         let limited = Limited::new(req.into_body(), self.max_body_bytes);
         let body = match tokio::time::timeout(self.body_read_timeout, limited.collect()).await {
@@ -189,6 +195,7 @@ impl DeviceApi {
         }
         match rx.await {
             Ok(Ok(())) => {
+                tracing::trace!(states = accepted, "state request committed");
                 let mut buf = itoa::Buffer::new();
                 let n = buf.format(accepted);
                 let mut body = Vec::with_capacity(16 + n.len());

@@ -211,6 +211,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         .ok()
         .filter(|g| g.root || g.scopes.allows(Scope::SendState));
     let Some(grant) = grant else {
+        tracing::debug!(client = %info.client_id, %peer, "MQTT CONNECT refused: unknown or unusable token");
         let _ = ctx.auth_failures.take(peer);
         codec.connack_refuse(&mut out, Refusal::NotAuthorized);
         let _ = stream.write_all(&out).await;
@@ -238,6 +239,13 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     }
     out.clear();
     ctx.metrics.connect(ConnectOutcome::Accepted);
+    tracing::trace!(
+        client = %client_id,
+        token = %grant.id,
+        keep_alive = info.keep_alive,
+        v5 = codec.is_v5(),
+        "MQTT session started"
+    );
     let _open = ctx.metrics.open_connection();
     let (serial, kicked) = ctx.takeover.register(&client_id);
 
@@ -482,6 +490,7 @@ impl Session {
             _ => Completion::None,
         };
         m.publish(qos, PublishOutcome::Accepted);
+        tracing::trace!(topic = %p.topic, qos, "publish accepted");
         let req = WriteRequest {
             device,
             body: p.payload,

@@ -10,6 +10,7 @@ mod http_ingest;
 mod lifecycle;
 mod mqtt;
 mod rate_limits;
+mod secrets;
 mod tls;
 mod token_props;
 mod tokens_api;
