@@ -4,6 +4,7 @@
 
 mod common;
 
+mod bad_input;
 mod cli;
 mod hostile;
 mod http_ingest;
