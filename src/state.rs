@@ -343,7 +343,9 @@ impl<'de: 'a, 'a> Visitor<'de> for AttrsSeed<'_, 'a> {
                 )));
             }
             if name.chars().any(char::is_control) {
-                return Err(de::Error::custom("attribute names must not contain control characters"));
+                return Err(de::Error::custom(
+                    "attribute names must not contain control characters",
+                ));
             }
             let value: &'de RawValue = map.next_value()?;
             self.acc.attrs.push(Attr {
@@ -525,7 +527,11 @@ mod tests {
                 "out of range",
             ),
             (r#"{"data":{"":1}}"#, Shape::One, "must not be empty"),
-            (r#"{"data":{"a\u0000b":1}}"#, Shape::One, "control characters"),
+            (
+                r#"{"data":{"a\u0000b":1}}"#,
+                Shape::One,
+                "control characters",
+            ),
             (r#"{"data":{"a":1}"#, Shape::One, "EOF"),
             (r#"{"data":{"a":1}} x"#, Shape::One, "trailing"),
             ("[]", Shape::OneOrArray, "empty"),

@@ -361,3 +361,49 @@ async fn serve_one<S: AsyncRead + AsyncWrite + Unpin>(
         Admit::Refuse(why) => session::refuse(stream, ctx, why).await,
     }
 }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Idle sessions must stay small (the target is ≤ 16 KiB of RSS per
+    /// idle connection): the session's future is most of what a connection
+    /// costs besides its read buffer, so keep large arrays out of it.
+    #[test]
+    fn session_future_stays_small() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path(), crate::config::SyncMode::None).unwrap();
+        let mut m = Metrics::new();
+        let mm = MqttMetrics::register(m.registry_mut());
+        let m = Arc::new(m);
+        let policy = crate::writer::BatchPolicy {
+            max_messages: 1,
+            max_bytes: 1,
+        };
+        let w = crate::writer::Writer::start(store, policy, 1, 1, m.clone()).unwrap();
+        let size = rt.block_on(async {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let s = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+                .await
+                .unwrap();
+            let ctx = Arc::new(MqttContext::new(
+                Arc::new(Registry::new()),
+                w.queue(),
+                mm,
+                m,
+                crate::Config::default().mqtt,
+            ));
+            let admit = Admit::Session("127.0.0.1".parse().unwrap());
+            let f = serve_one(
+                s,
+                ctx,
+                CancellationToken::new(),
+                CancellationToken::new(),
+                admit,
+            );
+            std::mem::size_of_val(&f)
+        });
+        w.stop().unwrap();
+        assert!(size <= 3072, "session future is {size} bytes");
+    }
+}

@@ -43,6 +43,10 @@ impl std::fmt::Display for End {
     }
 }
 
+/// The largest a session's read buffer grows to while a client streams
+/// (packets bigger than this still get the room they need).
+const MAX_READ_BUFFER: usize = 64 * 1024;
+
 /// After sending FIN, how long and how much of a client's remaining input
 /// is read and dropped so the close does not turn into a reset.
 const LINGER: Duration = Duration::from_millis(500);
@@ -335,6 +339,7 @@ impl Session {
                 return self.finish(stream, End::Stopped).await;
             }
             let can_read = !draining && self.blocked.is_none() && self.acks.len() < max_inflight;
+            let spare = buf.capacity() - buf.len();
             tokio::select! {
                 biased;
                 _ = hard_stop.cancelled() => return End::Stopped,
@@ -357,9 +362,15 @@ impl Session {
                 _ = queue_space(&ctx), if self.blocked.is_some() => self.retry_blocked(),
                 r = stream.read_buf(buf), if can_read => match r {
                     Ok(0) => return End::ClientClosed,
-                    Ok(_) => {
+                    Ok(n) => {
                         if let Some(k) = keep_alive {
                             deadline = Instant::now() + k;
+                        }
+                        // A read that filled the buffer means the client is
+                        // streaming: double the buffer (up to a bound) so it
+                        // takes fewer reads. Idle devices keep the small one.
+                        if n >= spare && buf.capacity() < MAX_READ_BUFFER {
+                            buf.reserve(buf.capacity());
                         }
                     }
                     Err(e) => return End::Io(e),
@@ -383,7 +394,8 @@ impl Session {
     async fn finish<S: AsyncRead + AsyncWrite + Unpin>(&mut self, stream: &mut S, end: End) -> End {
         let _ = self.flush(stream).await;
         let _ = stream.shutdown().await;
-        let mut sink = [0u8; 4096];
+        // On the heap: an array here would live in every session's future.
+        let mut sink = vec![0u8; 4096];
         let mut budget = LINGER_BYTES;
         let _ = tokio::time::timeout(LINGER, async {
             while budget > 0 {
