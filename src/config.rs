@@ -51,6 +51,7 @@ pub struct StorageConfig {
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
+    pub listen_backlog: u32,
     pub max_body_bytes: usize,
     pub max_connections: usize,
     #[serde(with = "human_duration")]
@@ -63,6 +64,7 @@ pub struct HttpConfig {
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
     pub listen: SocketAddr,
+    pub listen_backlog: u32,
     pub max_connections: usize,
     pub max_packet_bytes: u32,
     pub receive_maximum: u16,
@@ -247,6 +249,8 @@ impl Config {
             }
         };
         positive("http.max_body_bytes", self.http.max_body_bytes);
+        positive("http.listen_backlog", self.http.listen_backlog as usize);
+        positive("mqtt.listen_backlog", self.mqtt.listen_backlog as usize);
         positive("http.max_connections", self.http.max_connections);
         positive("mqtt.max_connections", self.mqtt.max_connections);
         positive("mqtt.max_packet_bytes", self.mqtt.max_packet_bytes as usize);

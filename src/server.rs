@@ -60,17 +60,29 @@ pub struct Listeners {
 
 impl Listeners {
     pub async fn bind(c: &Config) -> Result<Listeners, ServeError> {
-        async fn one(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Bind { what, addr, source })
+        fn one(
+            what: &'static str,
+            addr: SocketAddr,
+            backlog: u32,
+        ) -> Result<TcpListener, ServeError> {
+            let err = |source| ServeError::Bind { what, addr, source };
+            let socket = match addr {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+            }
+            .map_err(err)?;
+            socket.set_reuseaddr(true).map_err(err)?;
+            socket.bind(addr).map_err(err)?;
+            // The std/mio default of 128 drops SYNs when a fleet reconnects
+            // at once; the kernel still caps this at net.core.somaxconn.
+            socket.listen(backlog).map_err(err)
         }
         Ok(Listeners {
-            mqtt: one("mqtt", c.mqtt.listen).await?,
-            http: one("http", c.http.listen).await?,
-            admin: one("admin", c.admin.listen).await?,
+            mqtt: one("mqtt", c.mqtt.listen, c.mqtt.listen_backlog)?,
+            http: one("http", c.http.listen, c.http.listen_backlog)?,
+            admin: one("admin", c.admin.listen, 128)?,
             mqtts: match c.tls.enabled() {
-                true => Some(one("mqtts", c.tls.mqtts_listen).await?),
+                true => Some(one("mqtts", c.tls.mqtts_listen, c.mqtt.listen_backlog)?),
                 false => None,
             },
         })

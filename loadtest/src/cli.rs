@@ -1,0 +1,348 @@
+//! Command-line options (clap derive). Every option is documented here; this
+//! text is what `loadtest --help` and `loadtest mqtt --help` print.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "loadtest",
+    version,
+    about = "Load generator for Sluice or any MQTT / HTTP broker",
+    long_about = "Load generator for Sluice or any MQTT / HTTP broker.\n\n\
+        Opens --connections connections, then sends state messages on a common \
+        clock: with --rate R, message i of every connection has an intended send \
+        time, and latency is measured from that time to the acknowledgement (MQTT \
+        PUBACK / HTTP 200), so a slow server is not hidden by a client that waits \
+        for it (no coordinated omission). Prints a summary (throughput, connect \
+        rate, latency percentiles from an HDR histogram, errors by kind) and exits \
+        non-zero when errors exceed --max-errors or --verify finds a loss.\n\n\
+        Examples:\n  \
+        SLUICE_ADMIN_TOKEN=... loadtest mqtt 127.0.0.1:1883 --admin http://127.0.0.1:9090 -c 100 -r 50000 -d 30s --verify\n  \
+        loadtest http http://127.0.0.1:8080 --token sl_... -c 50 -n 100000 --json out.json\n  \
+        loadtest mqtt 127.0.0.1:1883 --no-provision --topic 'bench/{device}' --mqtt-version 3.1.1 -c 10 -n 10000"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Publish state over MQTT 3.1.1 or 5, QoS 0 or 1.
+    Mqtt(MqttArgs),
+    /// POST state over HTTP/1.1 keep-alive connections (one request in flight per connection).
+    Http(HttpArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MqttVersion {
+    /// MQTT 3.1.1 (protocol level 4).
+    #[value(name = "3.1.1", alias = "3", alias = "4", alias = "311")]
+    V311,
+    /// MQTT 5.
+    #[value(name = "5")]
+    V5,
+}
+
+impl std::fmt::Display for MqttVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MqttVersion::V311 => "3.1.1",
+            MqttVersion::V5 => "5",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MqttClientImpl {
+    /// The built-in minimal client (lowest client CPU; the default).
+    Native,
+    /// rumqttc's AsyncClient/EventLoop, one per connection (MQTT 3.1.1 only;
+    /// to cross-check the native client; costs more client CPU and adds
+    /// about a millisecond of its own latency).
+    Rumqttc,
+}
+
+#[derive(Debug, Args)]
+pub struct MqttArgs {
+    /// Broker address: HOST:PORT (an optional mqtt:// or tcp:// prefix is ignored).
+    #[arg(value_name = "ADDR")]
+    pub addr: String,
+
+    /// QoS of every publish: 1 waits for PUBACK and measures latency; 0 is
+    /// fire-and-forget (only sends are counted, no latency).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1), help_heading = "MQTT")]
+    pub qos: u8,
+
+    /// MQTT protocol version.
+    #[arg(
+        long = "mqtt-version",
+        value_enum,
+        default_value = "5",
+        help_heading = "MQTT"
+    )]
+    pub version: MqttVersion,
+
+    /// QoS 1 publishes awaiting PUBACK per connection (the in-flight window).
+    /// MQTT 5 also caps it at the broker's Receive Maximum.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..), help_heading = "MQTT")]
+    pub inflight: u16,
+
+    /// Topic template; `{app}` and `{device}` are replaced. For other brokers
+    /// use a plain template, e.g. 'bench/{device}'.
+    #[arg(
+        long,
+        default_value = "applications/{app}/devices/{device}/state",
+        help_heading = "MQTT"
+    )]
+    pub topic: String,
+
+    /// MQTT user name (Sluice ignores it; the token is the password).
+    #[arg(long, default_value = "loadtest", help_heading = "MQTT")]
+    pub username: String,
+
+    /// Client id prefix; the connection number is appended
+    /// [default: loadtest-RUNID-].
+    #[arg(long, help_heading = "MQTT")]
+    pub client_id_prefix: Option<String>,
+
+    /// Keep-alive sent in CONNECT; a PINGREQ goes out when a connection has
+    /// written nothing for this long. 0 disables.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, help_heading = "MQTT")]
+    pub keep_alive: Duration,
+
+    /// Leave Nagle's algorithm on (no TCP_NODELAY), as many device stacks
+    /// do: fewer, larger TCP segments, but a publish may wait for the previous
+    /// segment's ACK, which adds latency. Default: TCP_NODELAY.
+    #[arg(long, help_heading = "MQTT")]
+    pub nagle: bool,
+
+    /// MQTT client implementation.
+    #[arg(
+        long = "mqtt-client",
+        value_enum,
+        default_value = "native",
+        help_heading = "MQTT"
+    )]
+    pub client: MqttClientImpl,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct HttpArgs {
+    /// Base URL of the device HTTP listener, e.g. http://127.0.0.1:8080
+    /// (http only; a bare HOST:PORT is accepted).
+    #[arg(value_name = "URL")]
+    pub url: String,
+
+    /// Request path template; `{app}` and `{device}` are replaced.
+    #[arg(
+        long,
+        default_value = "/applications/{app}/devices/{device}/state",
+        help_heading = "HTTP"
+    )]
+    pub path: String,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// Options shared by `mqtt` and `http`.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Concurrent connections.
+    #[arg(short = 'c', long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Load")]
+    pub connections: u32,
+
+    /// Total messages over all connections (split evenly). Without --messages
+    /// and --duration: 10000.
+    #[arg(short = 'n', long, help_heading = "Load")]
+    pub messages: Option<u64>,
+
+    /// Stop scheduling new messages after this long (e.g. 30s, 2m); with
+    /// --messages too, whichever comes first.
+    #[arg(short = 'd', long, value_parser = parse_duration, help_heading = "Load")]
+    pub duration: Option<Duration>,
+
+    /// Target rate in messages/s over all connections. 0 = as fast as the
+    /// in-flight windows allow. Otherwise each message has a scheduled send
+    /// time and latency is measured from it, even when the client is behind.
+    #[arg(short = 'r', long, default_value_t = 0.0, help_heading = "Load")]
+    pub rate: f64,
+
+    /// Size in bytes of every message body (one JSON state message, padded
+    /// with a "p" attribute); raised to the unpadded size if smaller.
+    #[arg(short = 's', long, default_value_t = 128, help_heading = "Load")]
+    pub payload_size: usize,
+
+    /// Devices per connection; a connection's messages go round-robin over
+    /// its devices. Device ids are --device-prefix + number.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Load")]
+    pub devices_per_connection: u32,
+
+    /// Connections being opened at once during the connect phase.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Load")]
+    pub connect_concurrency: u32,
+
+    /// Give up after this long on a connect (incl. CONNACK), an HTTP response,
+    /// or a connection that has messages in flight and gets no acknowledgement;
+    /// its unacknowledged messages count as errors.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, help_heading = "Load")]
+    pub timeout: Duration,
+
+    /// Client worker threads (tokio) [default: one per CPU].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Load")]
+    pub threads: Option<u32>,
+
+    /// Application id: used in topic/path templates, for provisioning and --verify.
+    #[arg(long, default_value = "loadtest", help_heading = "Load")]
+    pub app: String,
+
+    /// Device ids are this prefix + a number from 0 (unless --tokens-file names them).
+    #[arg(long, default_value = "lt-", help_heading = "Load")]
+    pub device_prefix: String,
+
+    /// Admin API base URL (e.g. http://127.0.0.1:9090). With it, loadtest
+    /// creates device-scoped tokens (scope device.sendState) through the API,
+    /// unless --token, --tokens-file or --no-provision; --verify needs it.
+    #[arg(long, value_name = "URL", help_heading = "Credentials")]
+    pub admin: Option<String>,
+
+    /// Token for the admin API.
+    #[arg(
+        long,
+        env = "SLUICE_ADMIN_TOKEN",
+        hide_env_values = true,
+        help_heading = "Credentials"
+    )]
+    pub admin_token: Option<String>,
+
+    /// One token for every connection (MQTT password / HTTP bearer token).
+    #[arg(long, conflicts_with = "tokens_file", help_heading = "Credentials")]
+    pub token: Option<String>,
+
+    /// File of `DEVICE TOKEN` lines (blank lines and # comments skipped).
+    /// Devices are taken from it in order, cycling if there are fewer lines
+    /// than connections × devices per connection. An MQTT connection uses the
+    /// token of its first device.
+    #[arg(long, value_name = "FILE", help_heading = "Credentials")]
+    pub tokens_file: Option<PathBuf>,
+
+    /// Create no tokens (for brokers without Sluice's admin API, e.g.
+    /// Mosquitto). Without --token the MQTT CONNECT has no credentials and
+    /// HTTP requests no Authorization header.
+    #[arg(long, help_heading = "Credentials")]
+    pub no_provision: bool,
+
+    /// Concurrent admin API requests while provisioning and verifying.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Credentials")]
+    pub admin_concurrency: u32,
+
+    /// Also write the summary as JSON to this file.
+    #[arg(long, value_name = "FILE", help_heading = "Output")]
+    pub json: Option<PathBuf>,
+
+    /// Exit non-zero when more errors than this occurred.
+    #[arg(long, default_value_t = 0, help_heading = "Output")]
+    pub max_errors: u64,
+
+    /// After the run, read every device's history back through the admin API
+    /// and check that each acknowledged message is stored exactly once,
+    /// byte-equal. Exits non-zero on any loss, duplicate or mismatch.
+    #[arg(long, help_heading = "Output")]
+    pub verify: bool,
+
+    /// Never show the live progress line (it is hidden anyway when stdout or
+    /// stderr is not a terminal).
+    #[arg(long, help_heading = "Output")]
+    pub no_progress: bool,
+
+    #[command(flatten)]
+    pub ramp: RampArgs,
+}
+
+/// `--ramp`: step the rate up and find the highest rate whose p99 holds.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Ramp")]
+pub struct RampArgs {
+    /// Ramp mode: run steps of --ramp-step-duration each, at rates
+    /// --ramp-start, --ramp-start + --ramp-step, ... up to --ramp-max msg/s,
+    /// on the same connections. A step
+    /// passes when its p99 (messages not acknowledged count as slower) is
+    /// under --p99-max and it had no errors. Stops after the first failing
+    /// step, reports the highest passing rate and plots every step.
+    /// --rate, --messages and --duration are ignored.
+    #[arg(long)]
+    pub ramp: bool,
+
+    /// Rate of the first step, msg/s.
+    #[arg(long, default_value_t = 1000.0)]
+    pub ramp_start: f64,
+
+    /// Rate increase per step, msg/s.
+    #[arg(long, default_value_t = 1000.0)]
+    pub ramp_step: f64,
+
+    /// Length of each step.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub ramp_step_duration: Duration,
+
+    /// Rate of the last step, msg/s.
+    #[arg(long, default_value_t = 100_000.0)]
+    pub ramp_max: f64,
+
+    /// Latency bound a step's p99 must stay under (e.g. 50ms).
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub p99_max: Duration,
+
+    /// SVG plot of throughput and p99 per step.
+    #[arg(long, default_value = "ramp.svg", value_name = "FILE")]
+    pub plot: PathBuf,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 500ms, 10s, 2m)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_versions_and_durations() {
+        let cli = Cli::parse_from([
+            "loadtest",
+            "mqtt",
+            "127.0.0.1:1883",
+            "--mqtt-version",
+            "3.1.1",
+            "-d",
+            "1m",
+            "--timeout",
+            "500ms",
+        ]);
+        let Command::Mqtt(m) = cli.command else {
+            panic!()
+        };
+        assert_eq!(m.version, MqttVersion::V311);
+        assert_eq!(m.common.duration, Some(Duration::from_secs(60)));
+        assert_eq!(m.common.timeout, Duration::from_millis(500));
+        assert_eq!(m.qos, 1);
+        assert_eq!(m.inflight, 100);
+    }
+}

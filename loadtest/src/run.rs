@@ -1,0 +1,514 @@
+//! One run from options to exit status: credentials, connect phase, the
+//! timed phase with progress, then verification, report and plot.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use hyper::header::HeaderValue;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::cli::{Cli, Command, CommonArgs, MqttClientImpl, MqttVersion};
+use crate::fleet::{self, Admin, Fleet, FleetSpec, TokenUnit};
+use crate::http::{self, HttpConfig};
+use crate::mqtt::{self, MqttConfig};
+use crate::mqtt_rumqttc;
+use crate::payload::Payload;
+use crate::ramp;
+use crate::report::{self, Summary};
+use crate::schedule::{self, ConnSchedule, Step};
+use crate::stats::{Bits, Stats};
+use crate::verify;
+
+/// What every connection of a run shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub stats: Stats,
+    pub payload: Payload,
+    pub payload_size: usize,
+    pub timeout: Duration,
+    /// Set by Ctrl-C or the ramp controller: schedules end, connections drain.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// What one connection did, for verification.
+#[derive(Debug, Default)]
+pub struct ConnOutcome {
+    pub conn: u32,
+    /// Sequence numbers used: messages 0..seqs were sent or attempted.
+    pub seqs: u64,
+    /// Which of them were acknowledged.
+    pub acked: Bits,
+}
+
+enum Driver {
+    Mqtt(MqttConfig, MqttClientImpl),
+    Http(HttpConfig),
+}
+
+enum Targets {
+    Topics(Vec<Vec<u8>>),
+    Http(Vec<http::Target>),
+}
+
+/// Everything `main` needs after the options are checked.
+struct Plan {
+    driver: Driver,
+    protocol: &'static str,
+    target: String,
+    mode: String,
+    /// Topic (MQTT) or path (HTTP) template.
+    template: String,
+    common: CommonArgs,
+}
+
+pub fn main(cli: Cli) -> Result<ExitCode> {
+    let threads = match &cli.command {
+        Command::Mqtt(m) => m.common.threads,
+        Command::Http(h) => h.common.threads,
+    };
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        rt.worker_threads(n as usize);
+    }
+    let rt = rt
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(run(cli))
+}
+
+fn run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    let x = nanos ^ (u64::from(std::process::id()) << 40);
+    // A cheap mix so runs started close together still differ in every digit.
+    let x = (x ^ (x >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    format!("{:08x}", (x ^ (x >> 29)) as u32)
+}
+
+fn plan(cli: Cli, run: &str) -> Result<Plan> {
+    Ok(match cli.command {
+        Command::Mqtt(m) => {
+            if m.client == MqttClientImpl::Rumqttc && m.version == MqttVersion::V5 {
+                bail!("--mqtt-client rumqttc supports --mqtt-version 3.1.1 only");
+            }
+            let cfg = MqttConfig {
+                addr: mqtt::strip_scheme(&m.addr).to_string(),
+                v5: m.version == MqttVersion::V5,
+                qos: m.qos,
+                window: if m.qos == 1 { m.inflight } else { 1 },
+                username: m.username.clone(),
+                client_id_prefix: m
+                    .client_id_prefix
+                    .clone()
+                    .unwrap_or_else(|| format!("loadtest-{run}-")),
+                keep_alive: m.keep_alive,
+                timeout: m.common.timeout,
+                nodelay: !m.nagle,
+            };
+            let mode = format!(
+                "MQTT {}, QoS {}{}, {} client{}",
+                m.version,
+                m.qos,
+                if m.qos == 1 {
+                    format!(", window {}", m.inflight)
+                } else {
+                    String::new()
+                },
+                match m.client {
+                    MqttClientImpl::Native => "native",
+                    MqttClientImpl::Rumqttc => "rumqttc",
+                },
+                if m.nagle { ", Nagle on" } else { "" }
+            );
+            Plan {
+                target: cfg.addr.clone(),
+                driver: Driver::Mqtt(cfg, m.client),
+                protocol: "mqtt",
+                mode,
+                template: m.topic,
+                common: m.common,
+            }
+        }
+        Command::Http(h) => {
+            let cfg = HttpConfig::from_url(&h.url, h.common.timeout)?;
+            Plan {
+                target: h.url.clone(),
+                driver: Driver::Http(cfg),
+                protocol: "http",
+                mode: "HTTP/1.1 keep-alive, 1 request in flight per connection".into(),
+                template: h.path,
+                common: h.common,
+            }
+        }
+    })
+}
+
+fn fill(template: &str, app: &str, device: &str) -> String {
+    template.replace("{app}", app).replace("{device}", device)
+}
+
+fn check_common(c: &CommonArgs) -> Result<()> {
+    if !c.rate.is_finite() || c.rate < 0.0 {
+        bail!("--rate must be 0 or a positive number");
+    }
+    if c.verify && c.admin.is_none() {
+        bail!("--verify reads the data back through the admin API: give --admin URL");
+    }
+    if c.ramp.ramp {
+        let r = &c.ramp;
+        if !(r.ramp_start > 0.0 && r.ramp_step > 0.0 && r.ramp_max >= r.ramp_start) {
+            bail!("--ramp needs --ramp-start > 0, --ramp-step > 0 and --ramp-max >= --ramp-start");
+        }
+        if r.ramp_step_duration.is_zero() {
+            bail!("--ramp-step-duration must be positive");
+        }
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let run = run_id();
+    let plan = plan(cli, &run)?;
+    let c = plan.common.clone();
+    check_common(&c)?;
+
+    let needs_admin = c.verify
+        || (c.token.is_none() && c.tokens_file.is_none() && !c.no_provision && c.admin.is_some());
+    let admin = match (&c.admin, &c.admin_token) {
+        (Some(url), Some(tok)) => Some(Admin::new(url, tok, c.timeout)?),
+        (Some(_), None) if needs_admin => {
+            bail!("--admin needs the admin token: set SLUICE_ADMIN_TOKEN or --admin-token")
+        }
+        _ => None,
+    };
+
+    let payload = Payload::new(&run, c.payload_size);
+    if c.payload_size < payload.min_size() {
+        eprintln!(
+            "note: messages are at least their unpadded size (up to {} bytes), \
+             more than --payload-size {}",
+            payload.min_size(),
+            c.payload_size
+        );
+    }
+    let steps: Vec<Step> = if c.ramp.ramp {
+        ramp::steps(&c.ramp)
+    } else {
+        vec![Step {
+            rate: c.rate,
+            start: Duration::ZERO,
+            end: c.duration,
+        }]
+    };
+    let total: Option<u64> = if c.ramp.ramp {
+        None
+    } else {
+        match (c.messages, c.duration) {
+            (None, None) => Some(10_000),
+            (m, _) => m,
+        }
+    };
+
+    eprintln!("loadtest run {run}: {} {}", plan.protocol, plan.target);
+    let unit = match plan.driver {
+        Driver::Mqtt(..) => TokenUnit::PerConnection,
+        Driver::Http(_) => TokenUnit::PerDevice,
+    };
+    let fleet = fleet::build(FleetSpec {
+        app: &c.app,
+        run: &run,
+        connections: c.connections,
+        per_conn: c.devices_per_connection,
+        device_prefix: &c.device_prefix,
+        token: c.token.as_deref(),
+        tokens_file: c.tokens_file.as_deref(),
+        no_provision: c.no_provision,
+        admin: admin.as_ref(),
+        unit,
+        concurrency: c.admin_concurrency as usize,
+    })
+    .await?;
+    eprintln!("credentials: {}", fleet.source);
+    let targets = build_targets(&plan, &c, &fleet)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sh = Arc::new(Shared {
+        stats: Stats::new(steps.len()),
+        payload,
+        payload_size: c.payload_size,
+        timeout: c.timeout,
+        stop: stop.clone(),
+    });
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("\nstopping: finishing what is in flight (Ctrl-C again to quit now)");
+                stop.store(true, Ordering::Relaxed);
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            }
+        }
+    });
+
+    let bar = progress_bar(&c);
+    let steps: Arc<[Step]> = steps.into();
+    let driver = Arc::new(plan.driver);
+    let targets = Arc::new(targets);
+    let fleet = Arc::new(fleet);
+    let (start_tx, start_rx) = tokio::sync::watch::channel(None::<Instant>);
+    let sem = Arc::new(tokio::sync::Semaphore::new(c.connect_concurrency as usize));
+    let (connected_tx, mut connected_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let conns = c.connections;
+    let connect_started = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for conn in 0..conns {
+        let (sh, driver, targets, fleet, sem, steps) = (
+            sh.clone(),
+            driver.clone(),
+            targets.clone(),
+            fleet.clone(),
+            sem.clone(),
+            steps.clone(),
+        );
+        let mut start_rx = start_rx.clone();
+        let connected_tx = connected_tx.clone();
+        let quota = total.map(|t| schedule::quota(t, conns, conn));
+        set.spawn(async move {
+            let password = fleet.conn_tokens[conn as usize].as_deref();
+            let permit = sem.acquire().await.expect("semaphore open");
+            let connected = match &*driver {
+                Driver::Mqtt(cfg, MqttClientImpl::Native) => {
+                    mqtt::connect(cfg, conn, password).await.map(Conn::Mqtt)
+                }
+                Driver::Mqtt(cfg, MqttClientImpl::Rumqttc) => {
+                    mqtt_rumqttc::connect(cfg, conn, password)
+                        .await
+                        .map(|c| Conn::Rumqttc(Box::new(c)))
+                }
+                Driver::Http(cfg) => http::connect(cfg).await.map(Conn::Http),
+            };
+            drop(permit);
+            match &connected {
+                Ok(_) => sh.stats.connected.fetch_add(1, Ordering::Relaxed),
+                Err(kind) => {
+                    sh.stats.error(kind, 1);
+                    sh.stats.connect_failed.fetch_add(1, Ordering::Relaxed)
+                }
+            };
+            let _ = connected_tx.send(());
+            let connected = match connected {
+                Ok(x) => x,
+                Err(_) => {
+                    return ConnOutcome {
+                        conn,
+                        ..ConnOutcome::default()
+                    };
+                }
+            };
+            let start = match start_rx.wait_for(|s| s.is_some()).await {
+                Ok(s) => s.expect("checked"),
+                Err(_) => {
+                    return ConnOutcome {
+                        conn,
+                        ..ConnOutcome::default()
+                    }
+                }
+            };
+            tokio::time::sleep_until(start.into()).await;
+            let sched = ConnSchedule::new(conn, conns, start, steps, quota, sh.stop.clone());
+            let per = fleet.per_conn as usize;
+            let range = conn as usize * per..(conn as usize + 1) * per;
+            match (&*driver, connected, &*targets) {
+                (Driver::Mqtt(cfg, _), Conn::Mqtt(x), Targets::Topics(t)) => {
+                    mqtt::run_conn(&sh, cfg, conn, x, sched, &t[range]).await
+                }
+                (Driver::Mqtt(cfg, _), Conn::Rumqttc(x), Targets::Topics(t)) => {
+                    mqtt_rumqttc::run_conn(&sh, cfg, conn, *x, sched, &t[range]).await
+                }
+                (Driver::Http(cfg), Conn::Http(x), Targets::Http(t)) => {
+                    http::run_conn(&sh, cfg, conn, x, sched, &t[range]).await
+                }
+                _ => unreachable!("driver, connection and targets match"),
+            }
+        });
+    }
+    drop(start_rx);
+
+    // Connect phase: every task reports once, connected or not.
+    drop(connected_tx);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut reported = 0u32;
+    while reported < conns {
+        tokio::select! {
+            r = connected_rx.recv() => match r {
+                Some(()) => reported += 1,
+                None => break,
+            },
+            _ = tick.tick() => {
+                let failed = sh.stats.connect_failed.load(Ordering::Relaxed);
+                bar.set_message(format!("connecting {reported}/{conns} ({failed} failed)"));
+            }
+        }
+    }
+    let connect_secs = connect_started.elapsed().as_secs_f64();
+    let connected = sh.stats.connected.load(Ordering::Relaxed);
+
+    // Timed phase.
+    let start = Instant::now() + Duration::from_millis(20);
+    let cpu_before = report::cpu_seconds();
+    let _ = start_tx.send(Some(start));
+    let controller = if c.ramp.ramp && connected > 0 {
+        Some(tokio::spawn(ramp::control(
+            sh.clone(),
+            steps.clone(),
+            start,
+            conns,
+            c.ramp.p99_max,
+        )))
+    } else {
+        None
+    };
+    let mut outcomes: Vec<ConnOutcome> = Vec::with_capacity(conns as usize);
+    let mut live = report::Live::new(start);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            r = set.join_next() => match r {
+                None => break,
+                Some(Ok(o)) => outcomes.push(o),
+                Some(Err(e)) => {
+                    sh.stats.error("internal_task_failure", 1);
+                    eprintln!("loadtest: a connection task failed: {e}");
+                }
+            },
+            _ = tick.tick() => {
+                bar.set_message(live.line(&sh.stats, &steps));
+            }
+        }
+    }
+    let end = Instant::now();
+    let cpu_after = report::cpu_seconds();
+    bar.finish_and_clear();
+    let evaluated = match controller {
+        Some(h) => h.await.unwrap_or(0),
+        None => 0,
+    };
+    outcomes.sort_by_key(|o| o.conn);
+
+    let elapsed = end.saturating_duration_since(start).as_secs_f64();
+    let mut summary = Summary::new(
+        &run,
+        plan.protocol,
+        &plan.target,
+        &plan.mode,
+        &c,
+        &sh.stats,
+        connected,
+        connect_secs,
+        elapsed,
+        total,
+    );
+    summary.credentials = fleet.source.clone();
+    summary.template = plan.template.clone();
+    summary.stopped_early = stop.load(Ordering::Relaxed) && !c.ramp.ramp;
+    if let (Some((u0, s0)), Some((u1, s1))) = (cpu_before, cpu_after) {
+        summary.set_cpu(u1 - u0, s1 - s0);
+    }
+
+    if c.ramp.ramp {
+        let results = ramp::results(&sh.stats, &steps, evaluated, conns, c.ramp.p99_max);
+        let r = ramp::summarize(results, c.ramp.p99_max);
+        match crate::plot::ramp_svg(&c.ramp.plot, &r) {
+            Ok(()) => summary.plot = Some(c.ramp.plot.display().to_string()),
+            Err(e) => eprintln!("loadtest: could not write the plot: {e:#}"),
+        }
+        summary.ramp = Some(r);
+    }
+
+    if c.verify {
+        let admin = admin.as_ref().expect("checked: --verify has --admin");
+        let res = verify::run(
+            admin,
+            &c.app,
+            &fleet,
+            &sh.payload,
+            &outcomes,
+            c.admin_concurrency as usize,
+        )
+        .await;
+        match res {
+            Ok(v) => summary.verify = Some(v),
+            Err(e) => {
+                summary.verify_error = Some(format!("{e:#}"));
+            }
+        }
+    }
+
+    summary.judge(c.max_errors);
+    print!("{}", summary.text());
+    if let Some(path) = &c.json {
+        let json = serde_json::to_string_pretty(&summary)?;
+        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(summary.exit_code())
+}
+
+enum Conn {
+    Mqtt(mqtt::Connected),
+    Rumqttc(Box<mqtt_rumqttc::Connected>),
+    Http(http::Connected),
+}
+
+fn build_targets(plan: &Plan, c: &CommonArgs, fleet: &Fleet) -> Result<Targets> {
+    let template = plan.template.as_str();
+    Ok(match &plan.driver {
+        Driver::Mqtt(..) => Targets::Topics(
+            fleet
+                .devices
+                .iter()
+                .map(|d| fill(template, &c.app, d).into_bytes())
+                .collect(),
+        ),
+        Driver::Http(_) => {
+            let mut v = Vec::with_capacity(fleet.devices.len());
+            for (k, d) in fleet.devices.iter().enumerate() {
+                let path = fill(template, &c.app, d);
+                let path: hyper::Uri = path
+                    .parse()
+                    .with_context(|| format!("bad request path {path:?}"))?;
+                let auth = match &fleet.device_tokens[k] {
+                    Some(t) => Some(
+                        HeaderValue::from_str(&format!("Bearer {t}"))
+                            .context("token is not a valid header value")?,
+                    ),
+                    None => None,
+                };
+                v.push(http::Target { path, auth });
+            }
+            Targets::Http(v)
+        }
+    })
+}
+
+fn progress_bar(c: &CommonArgs) -> ProgressBar {
+    let tty = std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
+    if !tty || c.no_progress {
+        return ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_draw_target(ProgressDrawTarget::stderr_with_hz(4));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}").expect("valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(250));
+    bar
+}

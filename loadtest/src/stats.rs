@@ -1,0 +1,259 @@
+//! Counters, latency histograms and errors, shared by every connection.
+//!
+//! Counters are atomics; latencies go into a few sharded HDR histograms
+//! (microseconds, 3 significant digits) per step, each locked once per
+//! batch of acknowledgements, not per message. Errors are rare and keyed by
+//! kind in a map behind a mutex.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use hdrhistogram::Histogram;
+
+/// Histograms per step; connections pick one by number.
+const SHARDS: usize = 4;
+
+pub fn new_histogram() -> Histogram<u64> {
+    // Auto-resizing: starts small and grows to the largest value recorded.
+    Histogram::new(3).expect("3 significant digits is valid")
+}
+
+#[derive(Debug)]
+pub struct StepStats {
+    /// Messages handed to the socket (HTTP: requests sent).
+    pub sent: AtomicU64,
+    /// Acknowledged: MQTT PUBACK with a success reason, HTTP 200.
+    pub acked: AtomicU64,
+    /// Sent and then refused, timed out or lost with their connection.
+    pub failed: AtomicU64,
+    hist: Vec<Mutex<Histogram<u64>>>,
+}
+
+impl StepStats {
+    fn new() -> StepStats {
+        StepStats {
+            sent: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            hist: (0..SHARDS).map(|_| Mutex::new(new_histogram())).collect(),
+        }
+    }
+
+    /// All latencies of this step so far (microseconds).
+    pub fn histogram(&self) -> Histogram<u64> {
+        let mut h = new_histogram();
+        for s in &self.hist {
+            h.add(&*s.lock().unwrap()).expect("auto-resizing histogram");
+        }
+        h
+    }
+}
+
+#[derive(Debug)]
+pub struct Stats {
+    pub steps: Vec<StepStats>,
+    pub connected: AtomicU64,
+    pub connect_failed: AtomicU64,
+    /// Paced messages only: how late the client handed each message to the
+    /// socket after its scheduled time (µs). Large values mean the client
+    /// (or a full in-flight window) held messages back.
+    lag: Vec<Mutex<Histogram<u64>>>,
+    errors: Mutex<BTreeMap<String, u64>>,
+    errors_total: AtomicU64,
+}
+
+impl Stats {
+    pub fn new(steps: usize) -> Stats {
+        Stats {
+            steps: (0..steps.max(1)).map(|_| StepStats::new()).collect(),
+            connected: AtomicU64::new(0),
+            connect_failed: AtomicU64::new(0),
+            lag: (0..SHARDS).map(|_| Mutex::new(new_histogram())).collect(),
+            errors: Mutex::new(BTreeMap::new()),
+            errors_total: AtomicU64::new(0),
+        }
+    }
+
+    pub fn sent(&self, step: usize, n: u64) {
+        self.steps[step].sent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `n` messages of `step` failed for reason `kind`.
+    pub fn failed(&self, step: usize, kind: &str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.steps[step].failed.fetch_add(n, Ordering::Relaxed);
+        self.error(kind, n);
+    }
+
+    /// Counts an error of `kind` (a message or a connection event).
+    pub fn error(&self, kind: &str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        *self
+            .errors
+            .lock()
+            .unwrap()
+            .entry(kind.to_string())
+            .or_insert(0) += n;
+        self.errors_total.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Records acknowledged messages of `step` with their latencies (µs).
+    pub fn acked(&self, step: usize, shard: usize, latencies_us: &[u64]) {
+        if latencies_us.is_empty() {
+            return;
+        }
+        let st = &self.steps[step];
+        st.acked
+            .fetch_add(latencies_us.len() as u64, Ordering::Relaxed);
+        record_all(&mut st.hist[shard % SHARDS].lock().unwrap(), latencies_us);
+    }
+
+    /// Records send lags (µs) of paced messages.
+    pub fn lagged(&self, shard: usize, lags_us: &[u64]) {
+        if !lags_us.is_empty() {
+            record_all(&mut self.lag[shard % SHARDS].lock().unwrap(), lags_us);
+        }
+    }
+
+    pub fn lag_histogram(&self) -> Histogram<u64> {
+        let mut h = new_histogram();
+        for s in &self.lag {
+            h.add(&*s.lock().unwrap()).expect("auto-resizing histogram");
+        }
+        h
+    }
+
+    /// Acknowledged messages without latency (QoS 0 has none).
+    pub fn acked_count(&self, step: usize, n: u64) {
+        self.steps[step].acked.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn errors(&self) -> BTreeMap<String, u64> {
+        self.errors.lock().unwrap().clone()
+    }
+
+    pub fn errors_total(&self) -> u64 {
+        self.errors_total.load(Ordering::Relaxed)
+    }
+
+    pub fn total_sent(&self) -> u64 {
+        self.steps
+            .iter()
+            .map(|s| s.sent.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    pub fn total_acked(&self) -> u64 {
+        self.steps
+            .iter()
+            .map(|s| s.acked.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    pub fn total_failed(&self) -> u64 {
+        self.steps
+            .iter()
+            .map(|s| s.failed.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Every latency recorded so far.
+    pub fn histogram(&self) -> Histogram<u64> {
+        let mut h = new_histogram();
+        for s in &self.steps {
+            h.add(s.histogram()).expect("auto-resizing histogram");
+        }
+        h
+    }
+}
+
+fn record_all(h: &mut Histogram<u64>, values: &[u64]) {
+    for &v in values {
+        // Auto-resizing: `record` grows the histogram (saturating_record
+        // would clamp to the current range instead).
+        if h.record(v.max(1)).is_err() {
+            h.saturating_record(v.max(1));
+        }
+    }
+}
+
+/// A growable bit set over sequence numbers (which messages were acked).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bits(Vec<u64>);
+
+impl Bits {
+    pub fn with_len(n: u64) -> Bits {
+        Bits(vec![0; n.div_ceil(64) as usize])
+    }
+
+    pub fn set(&mut self, i: u64) {
+        let w = (i / 64) as usize;
+        if w >= self.0.len() {
+            self.0.resize((w + 1).next_power_of_two(), 0);
+        }
+        self.0[w] |= 1 << (i % 64);
+    }
+
+    pub fn get(&self, i: u64) -> bool {
+        self.0
+            .get((i / 64) as usize)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Indexes of set bits, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.0.iter().enumerate().flat_map(|(k, &w)| {
+            (0..64)
+                .filter(move |b| w & (1 << b) != 0)
+                .map(move |b| k as u64 * 64 + b)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bits() {
+        let mut b = Bits::default();
+        for i in [0, 63, 64, 1000, 5] {
+            b.set(i);
+        }
+        b.set(5);
+        assert_eq!(b.count(), 5);
+        assert!(b.get(1000) && b.get(0) && !b.get(1) && !b.get(100_000));
+        assert_eq!(b.iter().collect::<Vec<_>>(), [0, 5, 63, 64, 1000]);
+    }
+
+    use super::*;
+
+    #[test]
+    fn counts_and_percentiles() {
+        let s = Stats::new(2);
+        let lats: Vec<u64> = (1..=1000).collect();
+        s.sent(0, 1000);
+        s.acked(0, 0, &lats[..500]);
+        s.acked(0, 3, &lats[500..]);
+        s.sent(1, 10);
+        s.failed(1, "timeout", 10);
+        s.error("disconnected", 1);
+        assert_eq!(s.total_sent(), 1010);
+        assert_eq!(s.total_acked(), 1000);
+        assert_eq!(s.total_failed(), 10);
+        assert_eq!(s.errors_total(), 11);
+        assert_eq!(s.errors()["timeout"], 10);
+        let h = s.histogram();
+        assert_eq!(h.len(), 1000);
+        let p99 = h.value_at_quantile(0.99);
+        assert!((985..=995).contains(&p99), "{p99}");
+        assert_eq!(s.steps[1].histogram().len(), 0);
+    }
+}
