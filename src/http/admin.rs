@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -39,6 +40,8 @@ pub enum ApiError {
     NotFound,
     ExceedsParent(String),
     BadRequest(String),
+    PayloadTooLarge,
+    MethodNotAllowed,
     Internal,
 }
 
@@ -64,6 +67,14 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(d) => (
                 StatusCode::BAD_REQUEST,
                 serde_json::json!({"error": "bad_request", "detail": d}),
+            ),
+            ApiError::PayloadTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                serde_json::json!({"error": "payload_too_large"}),
+            ),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                serde_json::json!({"error": "method_not_allowed"}),
             ),
             ApiError::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -95,6 +106,23 @@ impl From<TokenError> for ApiError {
 
 type Api = State<Arc<AdminApi>>;
 
+/// Path parameters, with a malformed path answered as a JSON 400.
+type PathOf<T> = Result<Path<T>, PathRejection>;
+/// A request body, with an oversized one answered as a JSON 413.
+type BodyOf = Result<Bytes, BytesRejection>;
+
+fn path<T>(p: PathOf<T>) -> Result<T, ApiError> {
+    p.map(|Path(t)| t)
+        .map_err(|e| ApiError::BadRequest(e.body_text()))
+}
+
+fn body(b: BodyOf) -> Result<Bytes, ApiError> {
+    b.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+        _ => ApiError::BadRequest(e.body_text()),
+    })
+}
+
 pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
     Router::new()
         .route(
@@ -116,6 +144,7 @@ pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
             get(composite_state),
         )
         .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .with_state(api)
 }
@@ -173,10 +202,12 @@ async fn metrics(State(api): Api) -> impl IntoResponse {
 
 async fn create_token(
     State(api): Api,
-    Path(app): Path<String>,
+    app: PathOf<String>,
     headers: HeaderMap,
-    body: Bytes,
+    raw: BodyOf,
 ) -> Result<Response, ApiError> {
+    let app = path(app)?;
+    let body = body(raw)?;
     let caller = api.authorize(&headers, &app, None, Scope::TokenCreate)?;
     let req = parse_create(&body, api.tokens.max_devices()).map_err(ApiError::BadRequest)?;
     let created = api.tokens.create(&caller, &app, req).await?;
@@ -185,28 +216,32 @@ async fn create_token(
 
 async fn list_tokens(
     State(api): Api,
-    Path(app): Path<String>,
+    app: PathOf<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let app = path(app)?;
     let caller = api.authorize(&headers, &app, None, Scope::TokenRead)?;
     Ok(axum::Json(api.tokens.list(&caller, &app)).into_response())
 }
 
 async fn get_token(
     State(api): Api,
-    Path((app, id)): Path<(String, String)>,
+    ids: PathOf<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let (app, id) = path(ids)?;
     let caller = api.authorize(&headers, &app, None, Scope::TokenRead)?;
     Ok(axum::Json(api.tokens.get(&caller, &app, &id)?).into_response())
 }
 
 async fn update_token(
     State(api): Api,
-    Path((app, id)): Path<(String, String)>,
+    ids: PathOf<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    raw: BodyOf,
 ) -> Result<Response, ApiError> {
+    let (app, id) = path(ids)?;
+    let body = body(raw)?;
     let caller = api.authorize(&headers, &app, None, Scope::TokenRevoke)?;
     let upd = parse_update(&body).map_err(ApiError::BadRequest)?;
     Ok(axum::Json(api.tokens.update(&caller, &app, &id, upd).await?).into_response())
@@ -214,9 +249,10 @@ async fn update_token(
 
 async fn delete_token(
     State(api): Api,
-    Path((app, id)): Path<(String, String)>,
+    ids: PathOf<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let (app, id) = path(ids)?;
     let caller = api.authorize(&headers, &app, None, Scope::TokenRevoke)?;
     api.tokens.delete(&caller, &app, &id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -273,10 +309,11 @@ pub fn history_query(params: &HashMap<String, String>) -> Result<HistoryQuery, S
 
 async fn history(
     State(api): Api,
-    Path((app, device)): Path<(String, String)>,
+    ids: PathOf<(String, String)>,
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let (app, device) = path(ids)?;
     api.authorize(&headers, &app, Some(&device), Scope::GetState)?;
     let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let q = history_query(&params).map_err(ApiError::BadRequest)?;
@@ -323,9 +360,10 @@ async fn history(
 
 async fn composite_state(
     State(api): Api,
-    Path((app, device)): Path<(String, String)>,
+    ids: PathOf<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let (app, device) = path(ids)?;
     api.authorize(&headers, &app, Some(&device), Scope::GetState)?;
     let store = api.store.clone();
     let key = device_key(&app, &device);

@@ -85,6 +85,22 @@ fn crud_and_secrets_shown_once() {
     assert_eq!((st, error_of(&v)), (400, "bad_request"));
     assert!(v["detail"].as_str().unwrap().contains("unknown scope"));
     assert_eq!(get_admin(&s, ADMIN, "/nope").0, 404);
+    // Every admin error is JSON with a stable code, framework ones included.
+    let r = client()
+        .post(s.admin_url("/applications/app/tokens"))
+        .bearer_auth(ADMIN)
+        .body(vec![b'a'; 2 << 20])
+        .send()
+        .unwrap();
+    assert_eq!(json_of(r), (413, json!({"error": "payload_too_large"})));
+    let r = client()
+        .put(s.admin_url("/applications/app/tokens"))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap();
+    assert_eq!(json_of(r), (405, json!({"error": "method_not_allowed"})));
+    let (st, v) = get_admin(&s, ADMIN, "/applications/a%FF/tokens");
+    assert_eq!((st, error_of(&v)), (400, "bad_request"));
     assert_eq!(
         get_admin(&s, ADMIN, "/healthz"),
         (200, json!({"status": "ok"}))
