@@ -5,6 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
+
+/// glibc's allocator serialises on arena locks when one thread frees what
+/// another allocated, which is the ingest path's shape (request bodies are
+/// allocated on tokio workers and released by the writer thread).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand};
 use sluice::client::AdminClient;
 use sluice::config::{Config, Overrides};
