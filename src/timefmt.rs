@@ -1,8 +1,10 @@
 //! Times on the wire: RFC 3339 strings or epoch milliseconds in, epoch
 //! milliseconds (history) or RFC 3339 with milliseconds (token records) out.
 
-/// 9999-12-31T23:59:59.999Z: the last instant RFC 3339 can write.
-pub const MAX_TIME_MS: i64 = 253_402_300_799_999;
+/// 9999-12-30T22:00:00.000Z: the last millisecond the time library can
+/// both format and parse (its range stops ~26 hours short of year 10000),
+/// so every accepted time reads back as it was written.
+pub const MAX_TIME_MS: i64 = 253_402_207_200_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TimeError {
@@ -90,5 +92,20 @@ mod tests {
         assert!(parse_rfc3339("2017-06-13").is_err());
         assert_eq!(check_ms(MAX_TIME_MS), Ok(MAX_TIME_MS));
         assert!(check_ms(MAX_TIME_MS + 1).is_err());
+    }
+
+    /// Found by fuzzing (fuzz/regressions/time_parse-*): the last day of
+    /// year 9999 was accepted but could not be formatted or parsed back.
+    #[test]
+    fn every_accepted_time_round_trips() {
+        for ms in [0, 1, 1_497_326_400_123, MAX_TIME_MS - 1, MAX_TIME_MS] {
+            assert_eq!(parse_rfc3339(&format_rfc3339(ms)), Ok(ms), "{ms}");
+            assert_eq!(parse_param(&format_rfc3339(ms)), Ok(ms), "{ms}");
+        }
+        assert!(matches!(
+            parse_rfc3339("9999-12-31T23:59:59.999Z"),
+            Err(TimeError::Range(_)) | Err(TimeError::Syntax(_))
+        ));
+        assert!(check_ms(253_402_207_200_001).is_err());
     }
 }

@@ -238,6 +238,12 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         &info,
         assigned,
     );
+    if out.is_empty() {
+        // The client's Maximum Packet Size is too small for any CONNACK
+        // (found by fuzzing): it can never be answered, so close instead of
+        // leaving it waiting.
+        return ctx.metrics.connect(ConnectOutcome::Malformed);
+    }
     if stream.write_all(&out).await.is_err() {
         return;
     }

@@ -885,3 +885,31 @@ fn per_ip_connect_rate_and_failed_auth_budget() {
         assert!(started.elapsed() < Duration::from_millis(1500));
     });
 }
+
+#[test]
+fn a_client_too_small_for_any_connack_is_closed_not_left_waiting() {
+    use rumqttc::v5::mqttbytes::v5 as p5;
+    let s = Server::start();
+    let (_, t) = device_token(&s, json!(["*"]));
+    // MQTT 5 CONNECT declaring a Maximum Packet Size of 8 bytes.
+    let mut props = p5::ConnectProperties::new();
+    props.max_packet_size = Some(8);
+    let connect = p5::Connect {
+        keep_alive: 30,
+        client_id: "tiny".into(),
+        clean_start: true,
+        properties: Some(props),
+    };
+    let mut out = bytes::BytesMut::new();
+    p5::Packet::Connect(connect, None, Some(p5::Login::new("u", &t)))
+        .write(&mut out, None)
+        .unwrap();
+    let mut sock = TcpStream::connect(&s.mqtt).unwrap();
+    sock.write_all(&out).unwrap();
+    let (got, closed) = read_until_close(&mut sock, Duration::from_secs(3));
+    assert!(closed, "left waiting");
+    assert!(
+        got.len() <= 8,
+        "a packet larger than the client allows: {got:?}"
+    );
+}
