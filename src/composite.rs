@@ -93,6 +93,20 @@ pub fn merge<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
     out
 }
 
+/// Decoded entries as owned strings, for assertions in tests.
+#[cfg(test)]
+pub(crate) fn decoded(buf: &[u8]) -> Vec<(String, u64, String)> {
+    entries(buf)
+        .map(|e| {
+            (
+                String::from_utf8_lossy(e.name).into_owned(),
+                e.time_ms,
+                String::from_utf8_lossy(e.value).into_owned(),
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,17 +124,8 @@ mod tests {
         let a = enc(&[("temp", 10, "1"), ("hum", 10, "50")]);
         let b = enc(&[("temp", 5, "2"), ("hum", 10, "51"), ("x", 1, "true")]);
         let m = merge([a.as_slice(), b.as_slice()]);
-        let got: Vec<_> = entries(&m)
-            .map(|e| {
-                (
-                    String::from_utf8(e.name.to_vec()).unwrap(),
-                    e.time_ms,
-                    String::from_utf8(e.value.to_vec()).unwrap(),
-                )
-            })
-            .collect();
         assert_eq!(
-            got,
+            decoded(&m),
             vec![
                 ("hum".into(), 10, "51".into()),
                 ("temp".into(), 10, "1".into()),

@@ -441,15 +441,7 @@ mod tests {
     }
 
     fn comp(p: &ParsedStates) -> Vec<(String, u64, String)> {
-        composite::entries(&p.composite)
-            .map(|e| {
-                (
-                    String::from_utf8(e.name.to_vec()).unwrap(),
-                    e.time_ms,
-                    String::from_utf8(e.value.to_vec()).unwrap(),
-                )
-            })
-            .collect()
+        composite::decoded(&p.composite)
     }
 
     #[test]

@@ -491,15 +491,9 @@ mod tests {
         store.merge_composite(&mut b, &d, &op2).unwrap();
         store.commit(b, 0).unwrap();
         let v = store.composite(&d).unwrap().unwrap();
-        let got: Vec<_> = composite::entries(&v)
-            .map(|e| (e.name.to_vec(), e.time_ms, e.value.to_vec()))
-            .collect();
         assert_eq!(
-            got,
-            vec![
-                (b"h".to_vec(), 4, b"3".to_vec()),
-                (b"t".to_vec(), 5, b"1".to_vec())
-            ]
+            composite::decoded(&v),
+            vec![("h".into(), 4, "3".into()), ("t".into(), 5, "1".into())]
         );
         assert_eq!(store.composite(&device_key("app", "x")).unwrap(), None);
     }

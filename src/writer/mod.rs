@@ -488,17 +488,8 @@ mod tests {
         }
         w.stop().unwrap();
         let v = store.composite(&device_key("a", "d")).unwrap().unwrap();
-        let got: Vec<(String, u64, String)> = crate::composite::entries(&v)
-            .map(|e| {
-                (
-                    String::from_utf8(e.name.to_vec()).unwrap(),
-                    e.time_ms,
-                    String::from_utf8(e.value.to_vec()).unwrap(),
-                )
-            })
-            .collect();
         assert_eq!(
-            got,
+            crate::composite::decoded(&v),
             vec![
                 ("a".into(), 50, "1".into()),
                 ("b".into(), 50, "2".into()),

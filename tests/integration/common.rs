@@ -237,29 +237,46 @@ pub fn delete_token(s: &Server, token: &str, app: &str, id: &str) -> u16 {
         .as_u16()
 }
 
-/// All history items of a device, oldest first, following cursors.
-pub fn history_all(s: &Server, token: &str, app: &str, device: &str) -> Vec<Value> {
-    let mut out = Vec::new();
+/// Every page of a device's history, oldest first, following `next`, as
+/// the raw response texts.
+fn history_pages(s: &Server, token: &str, app: &str, device: &str) -> Vec<String> {
+    let mut pages = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
         let mut path = format!("/applications/{app}/devices/{device}/state?order=asc&limit=10000");
         if let Some(c) = &cursor {
             path.push_str(&format!("&cursor={c}"));
         }
-        let (st, v) = get_admin(s, token, &path);
-        assert_eq!(st, 200, "{v}");
-        out.extend(v["items"].as_array().unwrap().iter().cloned());
-        match v["next"].as_str() {
-            Some(c) => cursor = Some(c.to_string()),
-            None => return out,
+        let r = client()
+            .get(s.admin_url(&path))
+            .bearer_auth(token)
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let text = r.text().unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        cursor = v["next"].as_str().map(String::from);
+        pages.push(text);
+        if cursor.is_none() {
+            return pages;
         }
     }
+}
+
+/// All history items of a device, oldest first.
+pub fn history_all(s: &Server, token: &str, app: &str, device: &str) -> Vec<Value> {
+    history_pages(s, token, app, device)
+        .iter()
+        .flat_map(|text| {
+            let v: Value = serde_json::from_str(text).unwrap();
+            v["items"].as_array().unwrap().clone()
+        })
+        .collect()
 }
 
 #[derive(serde::Deserialize)]
 struct RawPage {
     items: Vec<RawItem>,
-    next: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -269,25 +286,11 @@ struct RawItem {
 
 /// The exact `data` text of every history item, oldest first.
 pub fn history_raw_data(s: &Server, token: &str, app: &str, device: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let mut path = format!("/applications/{app}/devices/{device}/state?order=asc&limit=10000");
-        if let Some(c) = &cursor {
-            path.push_str(&format!("&cursor={c}"));
-        }
-        let text = client()
-            .get(s.admin_url(&path))
-            .bearer_auth(token)
-            .send()
-            .unwrap()
-            .text()
-            .unwrap();
-        let page: RawPage = serde_json::from_str(&text).unwrap();
-        out.extend(page.items.into_iter().map(|i| i.data.get().to_string()));
-        match page.next {
-            Some(c) => cursor = Some(c),
-            None => return out,
-        }
-    }
+    history_pages(s, token, app, device)
+        .iter()
+        .flat_map(|text| {
+            let page: RawPage = serde_json::from_str(text).unwrap();
+            page.items.into_iter().map(|i| i.data.get().to_string())
+        })
+        .collect()
 }
