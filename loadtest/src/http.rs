@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 
 use crate::mqtt::connect_error_kind;
 use crate::run::{ConnOutcome, Shared};
-use crate::schedule::{ConnSchedule, Slot};
+use crate::schedule::ConnSchedule;
 use crate::stats::Bits;
 
 #[derive(Debug, Clone)]
@@ -116,20 +116,12 @@ pub async fn run_conn(
     let per_conn = targets.len() as u64;
     let shard = conn as usize;
     loop {
-        let now = Instant::now();
-        let (intended, step) = match sched.peek(now) {
-            Slot::Done => break,
-            Slot::At(t, s) => {
-                if t > now {
-                    tokio::time::sleep_until(t.into()).await;
-                }
-                let lag = Instant::now().saturating_duration_since(t).as_micros() as u64;
-                sh.stats.lagged(conn as usize, &[lag]);
-                (t, s)
-            }
-            Slot::Now(s) => (now, s),
+        let Some((intended, step, lag)) = sched.next_due().await else {
+            break;
         };
-        sched.advance();
+        if let Some(lag) = lag {
+            sh.stats.lagged(conn as usize, &[lag]);
+        }
         let target = &targets[(seq % per_conn) as usize];
         sh.payload.write(&mut body, conn, seq);
         let mut req = Request::new(Full::new(Bytes::copy_from_slice(&body)));

@@ -16,7 +16,7 @@ use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgo
 
 use crate::mqtt::{connect_error_kind, MqttConfig};
 use crate::run::{ConnOutcome, Shared};
-use crate::schedule::{ConnSchedule, Slot};
+use crate::schedule::ConnSchedule;
 use crate::stats::Bits;
 
 pub struct Connected {
@@ -117,20 +117,12 @@ pub async fn run_conn(
             let mut body = Vec::with_capacity(sh.payload_size + 64);
             let mut seq = 0u64;
             loop {
-                let now = Instant::now();
-                let (intended, step) = match sched.peek(now) {
-                    Slot::Done => break,
-                    Slot::At(t, s) => {
-                        if t > now {
-                            tokio::time::sleep_until(t.into()).await;
-                        }
-                        let lag = Instant::now().saturating_duration_since(t).as_micros() as u64;
-                        sh.stats.lagged(conn as usize, &[lag]);
-                        (t, s)
-                    }
-                    Slot::Now(s) => (now, s),
+                let Some((intended, step, lag)) = sched.next_due().await else {
+                    break;
                 };
-                sched.advance();
+                if let Some(lag) = lag {
+                    sh.stats.lagged(conn as usize, &[lag]);
+                }
                 sh.payload.write(&mut body, conn, seq);
                 queued.lock().unwrap().push_back(Sent {
                     intended,

@@ -105,6 +105,26 @@ impl ConnSchedule {
         }
     }
 
+    /// Waits until the next message is due and takes its slot: its
+    /// intended send time, its step, and (when paced) how late the client
+    /// is in microseconds. `None` when the schedule is done.
+    pub async fn next_due(&mut self) -> Option<(Instant, usize, Option<u64>)> {
+        let now = Instant::now();
+        let due = match self.peek(now) {
+            Slot::Done => return None,
+            Slot::At(t, s) => {
+                if t > now {
+                    tokio::time::sleep_until(t.into()).await;
+                }
+                let lag = Instant::now().saturating_duration_since(t).as_micros() as u64;
+                (t, s, Some(lag))
+            }
+            Slot::Now(s) => (now, s, None),
+        };
+        self.advance();
+        Some(due)
+    }
+
     fn next_step(&mut self) {
         self.step += 1;
         self.i = 0;
