@@ -523,12 +523,7 @@ fn malformed_http_requests_get_their_documented_error_and_store_nothing() {
         get_admin(&s, ADMIN, "/applications/app/devices/d/compositeState").1,
         json!({})
     );
-    let metrics = client()
-        .get(s.admin_url("/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = metrics_text(&s);
     assert!(
         metrics.contains("sluice_messages_stored_total 0"),
         "{metrics}"
@@ -720,12 +715,7 @@ fn malformed_mqtt_publishes_get_their_reason_code_and_store_nothing() {
         }
         other => panic!("QoS 2: {other:?}"),
     }
-    let metrics = client()
-        .get(s.admin_url("/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = metrics_text(&s);
     assert!(
         metrics.contains("sluice_messages_stored_total 0"),
         "{metrics}"

@@ -173,6 +173,16 @@ pub fn json_of(r: reqwest::blocking::Response) -> (u16, Value) {
     (status, v)
 }
 
+/// The Prometheus text of the admin listener's `/metrics`.
+pub fn metrics_text(s: &Server) -> String {
+    client()
+        .get(s.admin_url("/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap()
+}
+
 pub fn post_state(s: &Server, token: &str, app: &str, device: &str, body: &str) -> (u16, Value) {
     json_of(
         client()

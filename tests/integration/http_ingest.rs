@@ -259,15 +259,7 @@ fn every_refusal_of_the_contract_and_nothing_stored() {
         get_admin(&s, ADMIN, "/applications/app/devices/d2/compositeState"),
         (200, json!({}))
     );
-    let (_, metrics) = (
-        0,
-        client()
-            .get(s.admin_url("/metrics"))
-            .send()
-            .unwrap()
-            .text()
-            .unwrap(),
-    );
+    let metrics = metrics_text(&s);
     assert!(
         metrics.contains("sluice_http_requests_total{status=\"401\"} 5"),
         "{metrics}"

@@ -162,12 +162,7 @@ fn connect_refusals_per_version() {
         ));
         assert!(v4_connect(v4_opts(&s, "ok", &t)).await.is_ok());
     });
-    let metrics = client()
-        .get(s.admin_url("/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = metrics_text(&s);
     assert!(
         metrics.contains(r#"sluice_mqtt_connects_total{outcome="not_authorized"} 5"#),
         "{metrics}"

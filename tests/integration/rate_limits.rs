@@ -61,12 +61,7 @@ fn http_rate_limit_refuses_with_retry_after_and_holds_the_rate() {
     // burst (5) + 20/s × 2 s = 45, give or take scheduling.
     assert!((40..=50).contains(&ok), "{ok} accepted");
     assert!(limited > 0);
-    let metrics = client()
-        .get(s.admin_url("/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = metrics_text(&s);
     assert!(
         metrics.contains("sluice_rate_limited_total{token="),
         "{metrics}"
