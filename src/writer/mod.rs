@@ -175,10 +175,6 @@ impl IngestQueue {
     pub fn bytes(&self) -> usize {
         self.queued_bytes.load(Ordering::Relaxed)
     }
-
-    pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
 }
 
 /// The running writer thread.
