@@ -142,6 +142,7 @@ fn bench(c: &mut Criterion) {
                 while let Some(Incoming::Publish(p)) = codec.decode(&mut buf).unwrap() {
                     let (device, parsed) = check_publish(&grant, &p.topic, &p.payload, 1).unwrap();
                     let req = WriteRequest {
+                        grant: grant.clone(),
                         device,
                         body: p.payload,
                         parsed,

@@ -126,6 +126,8 @@ fn run_writer(queue: &IngestQueue, pool: &[Msg], iters: u64, mode: Mode) -> Dura
             let n = iters / PRODUCERS as u64 + u64::from((p as u64) < iters % PRODUCERS as u64);
             let start = &start;
             s.spawn(move || {
+                // A device token, as the listeners hand the writer.
+                let grant = std::sync::Arc::new(sluice::auth::TokenEntry::new_root());
                 let mut inflight: VecDeque<Done> = VecDeque::with_capacity(WINDOW);
                 let mut j = p * POOL / PRODUCERS;
                 start.wait();
@@ -153,6 +155,7 @@ fn run_writer(queue: &IngestQueue, pool: &[Msg], iters: u64, mode: Mode) -> Dura
                     };
                     let (tx, rx) = oneshot::channel();
                     let mut req = WriteRequest {
+                        grant: grant.clone(),
                         device: m.device.clone(),
                         body: m.body.clone(),
                         parsed,
@@ -165,7 +168,9 @@ fn run_writer(queue: &IngestQueue, pool: &[Msg], iters: u64, mode: Mode) -> Dura
                                 req = *r;
                                 thread::yield_now();
                             }
-                            Err(EnqueueError::Closed) => panic!("writer closed"),
+                            Err(EnqueueError::Closed | EnqueueError::Revoked) => {
+                                panic!("writer closed")
+                            }
                         }
                     }
                     inflight.push_back(rx);

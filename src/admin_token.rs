@@ -11,11 +11,15 @@ use crate::secret::{plausible_credential, TokenHash, TokenSecret};
 
 pub const FILE_NAME: &str = "admin.token";
 
+/// Shortest root token accepted. The root token can do everything in every
+/// application, so it must not be guessable; generated ones have 46.
+pub const MIN_LEN: usize = 32;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdminTokenError {
-    #[error("SLUICE_ADMIN_TOKEN must be 1-512 visible ASCII characters")]
+    #[error("SLUICE_ADMIN_TOKEN must be {MIN_LEN}-512 visible ASCII characters")]
     BadEnv,
-    #[error("{0} does not hold a usable token (1-512 visible ASCII characters)")]
+    #[error("{0} does not hold a usable token ({MIN_LEN}-512 visible ASCII characters)")]
     BadFile(PathBuf),
     #[error("cannot read or write {path}: {source}")]
     Io {
@@ -40,7 +44,7 @@ pub fn bootstrap(
     from_env: Option<&str>,
 ) -> Result<(TokenHash, Source), AdminTokenError> {
     if let Some(t) = from_env.filter(|t| !t.is_empty()) {
-        if !plausible_credential(t.as_bytes()) {
+        if !acceptable(t) {
             return Err(AdminTokenError::BadEnv);
         }
         return Ok((TokenHash::of(t.as_bytes()), Source::Env));
@@ -53,7 +57,7 @@ pub fn bootstrap(
     match std::fs::read_to_string(&path) {
         Ok(s) => {
             let t = s.trim();
-            if !plausible_credential(t.as_bytes()) {
+            if !acceptable(t) {
                 return Err(AdminTokenError::BadFile(path));
             }
             Ok((TokenHash::of(t.as_bytes()), Source::File(path)))
@@ -76,6 +80,12 @@ pub fn bootstrap(
         }
         Err(e) => Err(io(e)),
     }
+}
+
+/// Whether `t` may be the root token: long enough not to be guessed, and a
+/// credential the listeners can parse.
+pub fn acceptable(t: &str) -> bool {
+    t.len() >= MIN_LEN && plausible_credential(t.as_bytes())
 }
 
 /// Reads the admin token the way the CLI does: env first, then the file.
@@ -112,9 +122,14 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
-        let (h3, s3) = bootstrap(dir.path(), Some("from-env-token")).unwrap();
+        let long = "from-env-token-0123456789abcdefghij";
+        let (h3, s3) = bootstrap(dir.path(), Some(long)).unwrap();
         assert_eq!(s3, Source::Env);
-        assert_eq!(h3, TokenHash::of(b"from-env-token"));
-        assert!(bootstrap(dir.path(), Some("has space")).is_err());
+        assert_eq!(h3, TokenHash::of(long.as_bytes()));
+        assert!(bootstrap(dir.path(), Some("has space 0123456789abcdefghijklmn")).is_err());
+        assert!(matches!(
+            bootstrap(dir.path(), Some("short-but-visible")),
+            Err(AdminTokenError::BadEnv)
+        ));
     }
 }

@@ -9,6 +9,7 @@ pub mod composite;
 pub mod config;
 pub mod http;
 pub mod ids;
+pub mod ip_limit;
 pub mod metrics;
 pub mod mqtt;
 pub mod secret;

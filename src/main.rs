@@ -132,9 +132,23 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         admin_allow_public: args.admin_allow_public,
     };
     let env: Vec<(String, String)> = std::env::vars().collect();
+    let admin_token = std::env::var("SLUICE_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    // A weak root token is a configuration error, reported with the rest.
+    let token_problem = admin_token
+        .as_deref()
+        .filter(|t| !sluice::admin_token::acceptable(t))
+        .map(|_| sluice::admin_token::AdminTokenError::BadEnv.to_string());
     let config = match Config::load(args.config.as_deref(), &env, &overrides) {
-        Ok(c) => c,
-        Err(e) => {
+        Ok(c) if token_problem.is_none() => c,
+        Ok(_) => {
+            let e = sluice::config::ConfigErrors(token_problem.into_iter().collect());
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+        Err(mut e) => {
+            e.0.extend(token_problem);
             eprintln!("{e}");
             return Ok(ExitCode::from(2));
         }
@@ -149,7 +163,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let admin_token = std::env::var("SLUICE_ADMIN_TOKEN").ok();
     runtime.block_on(async move {
         let listeners = sluice::Listeners::bind(&config).await?;
         sluice::run(config, listeners, admin_token, shutdown_signal()).await?;

@@ -7,7 +7,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{loadtest, loadtest_bin, wait_with_limit, Server, ADMIN};
+use common::{loadtest, loadtest_bin, mint_device_token, wait_with_limit, Server, ADMIN};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -113,13 +113,14 @@ fn http_counts_and_verify() {
 fn shared_token_tokens_file_and_qos0() {
     let s = Server::start();
     // A shared token without provisioning, on a plain topic template.
+    let shared = mint_device_token(&s.admin, "bench");
     let r = loadtest(
         &[
             "mqtt",
             &s.mqtt,
             "--no-provision",
             "--token",
-            ADMIN,
+            &shared,
             "--app",
             "bench",
             "--topic",
@@ -140,7 +141,8 @@ fn shared_token_tokens_file_and_qos0() {
     // Devices and tokens from a file, over HTTP.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("tokens");
-    std::fs::write(&file, format!("# device token\nfa {ADMIN}\nfb {ADMIN}\n")).unwrap();
+    let filed = mint_device_token(&s.admin, "filed");
+    std::fs::write(&file, format!("# device token\nfa {filed}\nfb {filed}\n")).unwrap();
     let r = loadtest(
         &[
             "http",

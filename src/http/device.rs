@@ -112,19 +112,25 @@ impl DeviceApi {
         let Some(credential) = credential else {
             return fixed(401, UNAUTHORIZED);
         };
-        // The grant is only kept (one Arc clone) when it has a rate limit,
-        // which can only be charged once the body says how many states.
+        // The grant is kept (one Arc clone): the rate limit can only be
+        // charged once the body says how many states, and the token is
+        // checked again when the request is queued.
         let verdict = self.registry.with_grant(credential, now, |grant| {
             if !is_valid_id(app) || !is_valid_id(device) {
                 return Err(None);
             }
+            // The root token is an admin-plane credential: it never
+            // travels over a device-facing port, so it is not one here.
+            if grant.root {
+                return Err(Some(Denied::Unauthorized));
+            }
             if grant.permits(app, Some(device), Scope::SendState) {
-                Ok(grant.rate_limit.is_some().then(|| grant.clone()))
+                Ok(grant.clone())
             } else {
                 Err(Some(Denied::Forbidden))
             }
         });
-        let metered = match verdict {
+        let grant = match verdict {
             Err(Denied::Unauthorized) | Ok(Err(Some(Denied::Unauthorized))) => {
                 tracing::debug!(
                     app,
@@ -143,7 +149,7 @@ impl DeviceApi {
                     "application and device ids must be 1-64 characters of A-Z a-z 0-9 _ . -",
                 )
             }
-            Ok(Ok(metered)) => metered,
+            Ok(Ok(grant)) => grant,
         };
         let declared = req
             .headers()
@@ -176,14 +182,13 @@ impl DeviceApi {
             Err(e) => return error_with_detail(400, "bad_request", &e.0),
         };
         let accepted = parsed.states.len();
-        if let Some(grant) = metered {
-            if let Err(wait) = grant.admit(accepted as u32, monotonic_ns()) {
-                self.metrics.rate_limited(&grant.id);
-                return rate_limited(wait);
-            }
+        if let Err(wait) = grant.admit(accepted as u32, monotonic_ns()) {
+            self.metrics.rate_limited(&grant.id);
+            return rate_limited(wait);
         }
         let (tx, rx) = oneshot::channel();
         let req = WriteRequest {
+            grant,
             device: device_key,
             body,
             parsed,
@@ -192,6 +197,10 @@ impl DeviceApi {
         match self.queue.try_enqueue(req) {
             Ok(()) => {}
             Err(EnqueueError::Full(_)) | Err(EnqueueError::Closed) => return overloaded(),
+            Err(EnqueueError::Revoked) => {
+                tracing::debug!("state request refused: token revoked while its body was read");
+                return fixed(401, UNAUTHORIZED);
+            }
         }
         match rx.await {
             Ok(Ok(())) => {

@@ -5,7 +5,7 @@
 //! Sessions are ingest-only and never stored: CONNACK always says "no
 //! session present", Will messages are ignored, SUBSCRIBE is refused.
 
-mod ip_limit;
+mod acks;
 mod proto;
 mod session;
 
@@ -55,9 +55,9 @@ pub struct MqttContext {
     /// once, so a flood cannot grow memory.
     refusals: Arc<Semaphore>,
     /// New connections per address (`mqtt.connect_rate_per_ip`).
-    connects: ip_limit::IpLimiter,
+    connects: crate::ip_limit::IpLimiter,
     /// Failed authentications per address (`mqtt.auth_failure_rate_per_ip`).
-    auth_failures: ip_limit::IpLimiter,
+    auth_failures: crate::ip_limit::IpLimiter,
 }
 
 impl MqttContext {
@@ -75,12 +75,12 @@ impl MqttContext {
             shared_metrics,
             permits: Arc::new(Semaphore::new(config.max_connections)),
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
-            connects: ip_limit::IpLimiter::new(
+            connects: crate::ip_limit::IpLimiter::new(
                 config.connect_rate_per_ip,
                 config.connect_burst_per_ip,
                 config.ip_table_max,
             ),
-            auth_failures: ip_limit::IpLimiter::new(
+            auth_failures: crate::ip_limit::IpLimiter::new(
                 config.auth_failure_rate_per_ip,
                 config.auth_failure_burst_per_ip,
                 config.ip_table_max,

@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
+use super::acks::AckSink;
 use super::proto::{qos_of, AckReason, Codec, ConnectInfo, Goodbye, Incoming, ProtoError, Refusal};
 use super::{ConnectOutcome, MqttContext, PublishOutcome};
 use crate::auth::{monotonic_ns, Scope, TokenEntry};
@@ -20,7 +21,7 @@ use crate::ids::{is_valid_id, state_path};
 use crate::state::{self, ParsedStates, Shape};
 use crate::store::{device_key, DeviceKey};
 use crate::timefmt::now_ms;
-use crate::writer::{AckSink, CommitError, Completion, EnqueueError, WriteRequest};
+use crate::writer::{CommitError, Completion, EnqueueError, WriteRequest};
 
 /// Why a session ended; for the debug log.
 enum End {
@@ -213,7 +214,9 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         .ok_or(())
         .and_then(|pw| ctx.registry.authenticate(pw, now).map_err(|_| ()))
         .ok()
-        .filter(|g| g.root || g.scopes.allows(Scope::SendState));
+        // The root token is an admin-plane credential, refused here like
+        // a token that may not send state.
+        .filter(|g| !g.root && g.scopes.allows(Scope::SendState));
     let Some(grant) = grant else {
         tracing::debug!(client = %info.client_id, %peer, "MQTT CONNECT refused: unknown or unusable token");
         let _ = ctx.auth_failures.take(peer);
@@ -365,7 +368,11 @@ impl Session {
                     self.codec.disconnect(&mut self.out, Goodbye::KeepAliveTimeout);
                     return self.finish(stream, End::Refused("keep-alive timeout")).await;
                 }
-                _ = queue_space(&ctx), if self.blocked.is_some() => self.retry_blocked(),
+                _ = queue_space(&ctx), if self.blocked.is_some() => {
+                    if let Some(end) = self.retry_blocked() {
+                        return self.finish(stream, end).await;
+                    }
+                }
                 r = stream.read_buf(buf), if can_read => match r {
                     Ok(0) => return End::ClientClosed,
                     Ok(n) => {
@@ -386,10 +393,8 @@ impl Session {
     }
 
     async fn revoked<S: AsyncRead + AsyncWrite + Unpin>(&mut self, stream: &mut S) -> End {
-        self.codec.disconnect(&mut self.out, Goodbye::NotAuthorized);
-        self.ctx.metrics.revoked.inc();
-        self.finish(stream, End::Refused("token revoked or expired"))
-            .await
+        let end = self.revoked_now();
+        self.finish(stream, end).await
     }
 
     /// Writes what is buffered (a farewell, if any) and ends the session.
@@ -500,9 +505,9 @@ impl Session {
                     reason: None,
                 });
                 self.committing += 1;
-                Completion::Publish {
+                Completion::Sink {
                     sink: self.sink.clone(),
-                    pkid: id.get(),
+                    tag: id.get(),
                 }
             }
             _ => Completion::None,
@@ -510,6 +515,7 @@ impl Session {
         m.publish(qos, PublishOutcome::Accepted);
         tracing::trace!(topic = %p.topic, qos, "publish accepted");
         let req = WriteRequest {
+            grant: self.grant.clone(),
             device,
             body: p.payload,
             parsed,
@@ -557,15 +563,25 @@ impl Session {
                 self.codec.disconnect(&mut self.out, Goodbye::ShuttingDown);
                 Some(End::Stopped)
             }
+            Err(EnqueueError::Revoked) => Some(self.revoked_now()),
         }
     }
 
-    fn retry_blocked(&mut self) {
+    /// The token was revoked between the publish's check and its queueing:
+    /// nothing of it is stored and the session ends as on any revocation.
+    fn revoked_now(&mut self) -> End {
+        self.codec.disconnect(&mut self.out, Goodbye::NotAuthorized);
+        self.ctx.metrics.revoked.inc();
+        End::Refused("token revoked or expired")
+    }
+
+    fn retry_blocked(&mut self) -> Option<End> {
         if let Some(req) = self.blocked.take() {
-            let qos1 = matches!(req.done, Completion::Publish { .. });
+            let qos1 = matches!(req.done, Completion::Sink { .. });
             match self.ctx.queue.try_enqueue(req) {
                 Ok(()) => {}
                 Err(EnqueueError::Full(req)) => self.blocked = Some(*req),
+                Err(EnqueueError::Revoked) => return Some(self.revoked_now()),
                 Err(EnqueueError::Closed) => {
                     // The blocked publish is the newest one (reading stops
                     // while blocked); if QoS 1, its PUBACK says it failed.
@@ -579,6 +595,7 @@ impl Session {
                 }
             }
         }
+        None
     }
 
     /// Takes commit outcomes from the writer and writes every PUBACK that

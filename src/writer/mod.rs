@@ -4,19 +4,21 @@
 //! in the WAL.
 //!
 //! source (HTTP, MQTT) → [`IngestQueue`] → writer thread → `Store::commit`
-//! → completions (oneshot per HTTP request, [`AckSink`] per MQTT session).
+//! → completions (oneshot per HTTP request, a [`CommitSink`] per MQTT
+//! session).
 
 pub mod policy;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::{oneshot, Notify};
 
+use crate::auth::TokenEntry;
 use crate::metrics::Metrics;
 use crate::state::ParsedStates;
 use crate::store::{DeviceKey, Position, Store, StoreError};
@@ -40,46 +42,40 @@ pub enum EnqueueError {
     Full(Box<WriteRequest>),
     #[error("writer stopped")]
     Closed,
+    /// The request's token (or an ancestor) stopped being usable before the
+    /// request could be queued: it is refused like an unknown token.
+    #[error("token no longer usable")]
+    Revoked,
 }
 
 /// How the writer reports the outcome of a request.
 pub enum Completion {
     /// An HTTP request waiting for its response.
     Request(oneshot::Sender<Result<(), CommitError>>),
-    /// A QoS 1 MQTT publish; the session writes the PUBACK.
-    Publish { sink: Arc<AckSink>, pkid: u16 },
-    /// A QoS 0 publish: nobody waits.
+    /// A request of a connection that collects its outcomes itself (an
+    /// MQTT session writing PUBACKs); `tag` identifies the request there.
+    Sink { sink: Arc<dyn CommitSink>, tag: u16 },
+    /// Nobody waits (MQTT QoS 0).
     None,
 }
 
-/// Outcomes of one MQTT session's publishes, in commit order. The writer
-/// pushes every outcome of a batch and then wakes the session once, so the
-/// session sends all PUBACKs of one commit in one socket write. Bounded by
-/// the session's receive maximum (it never has more publishes in flight).
-#[derive(Default)]
-pub struct AckSink {
-    done: Mutex<Vec<(u16, Result<(), CommitError>)>>,
-    pub notify: Notify,
-}
-
-impl AckSink {
-    /// Moves the finished outcomes into `out` (which is cleared first).
-    pub fn take_into(&self, out: &mut Vec<(u16, Result<(), CommitError>)>) {
-        out.clear();
-        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        std::mem::swap(&mut *done, out);
-    }
-
-    fn push(&self, pkid: u16, r: Result<(), CommitError>) -> bool {
-        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        done.push((pkid, r));
-        done.len() == 1
-    }
+/// A connection that receives the outcomes of its requests in commit order
+/// and is woken once per batch, not once per request.
+pub trait CommitSink: Send + Sync {
+    /// Records one outcome; returns true when the sink was empty before,
+    /// i.e. when it must be woken after the batch.
+    fn record(&self, tag: u16, r: Result<(), CommitError>) -> bool;
+    /// Called once per batch for each sink that recorded something.
+    fn wake(&self);
 }
 
 /// One request for the writer: the states of one HTTP request or one MQTT
 /// publish, all for one device, committed together or not at all.
 pub struct WriteRequest {
+    /// The token the request was authorised with. It is checked again when
+    /// the request is queued, so a request whose body arrived slowly is
+    /// refused if its token was revoked meanwhile.
+    pub grant: Arc<TokenEntry>,
     pub device: DeviceKey,
     /// The original body; `parsed` holds spans into it.
     pub body: Bytes,
@@ -95,14 +91,14 @@ impl WriteRequest {
         }
     }
 
-    fn complete(self, r: Result<(), CommitError>, wake: &mut Vec<Arc<AckSink>>) {
+    fn complete(self, r: Result<(), CommitError>, wake: &mut Vec<Arc<dyn CommitSink>>) {
         match self.done {
             Completion::Request(tx) => {
                 // The client may have gone away; nothing to tell then.
                 let _ = tx.send(r);
             }
-            Completion::Publish { sink, pkid } => {
-                if sink.push(pkid, r) {
+            Completion::Sink { sink, tag } => {
+                if sink.record(tag, r) {
                     wake.push(sink);
                 }
             }
@@ -137,15 +133,20 @@ impl std::fmt::Debug for EnqueueError {
         f.write_str(match self {
             EnqueueError::Full(_) => "Full",
             EnqueueError::Closed => "Closed",
+            EnqueueError::Revoked => "Revoked",
         })
     }
 }
 
 impl IngestQueue {
-    /// Queues a request without blocking.
+    /// Queues a request without blocking. This is the moment a request is
+    /// authorised for commit: its token must still be usable now.
     pub fn try_enqueue(&self, req: WriteRequest) -> Result<(), EnqueueError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(EnqueueError::Closed);
+        }
+        if !req.grant.usable(crate::timefmt::now_ms()) {
+            return Err(EnqueueError::Revoked);
         }
         let bytes = req.size().bytes;
         let before = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
@@ -256,7 +257,7 @@ impl Worker {
         let mut carry: Option<WriteRequest> = None;
         let mut stopping = false;
         let mut batch: Vec<WriteRequest> = Vec::new();
-        let mut wake: Vec<Arc<AckSink>> = Vec::new();
+        let mut wake: Vec<Arc<dyn CommitSink>> = Vec::new();
         loop {
             let first = match carry.take() {
                 Some(r) => r,
@@ -298,7 +299,12 @@ impl Worker {
         self.store.sync_wal()
     }
 
-    fn commit(&mut self, batch: &mut Vec<WriteRequest>, size: Size, wake: &mut Vec<Arc<AckSink>>) {
+    fn commit(
+        &mut self,
+        batch: &mut Vec<WriteRequest>,
+        size: Size,
+        wake: &mut Vec<Arc<dyn CommitSink>>,
+    ) {
         let started = Instant::now();
         let result = self.build_and_write(batch, size);
         let elapsed = started.elapsed();
@@ -320,7 +326,7 @@ impl Worker {
             req.complete(outcome, wake);
         }
         for sink in wake.drain(..) {
-            sink.notify.notify_one();
+            sink.wake();
         }
     }
 
@@ -375,15 +381,63 @@ mod tests {
     use crate::state::{self, Shape};
     use crate::store::{device_key, HistoryQuery, Order};
 
+    fn grant() -> Arc<TokenEntry> {
+        Arc::new(TokenEntry::new_root())
+    }
+
     fn request(body: &'static str, done: Completion) -> WriteRequest {
         let body = Bytes::from_static(body.as_bytes());
         let parsed = state::parse(&body, Shape::OneOrArray, 1).unwrap();
         WriteRequest {
+            grant: grant(),
             device: device_key("a", "d"),
             body,
             parsed,
             done,
         }
+    }
+
+    #[derive(Default)]
+    struct Recorded(std::sync::Mutex<Vec<(u16, Result<(), CommitError>)>>);
+
+    impl CommitSink for Recorded {
+        fn record(&self, tag: u16, r: Result<(), CommitError>) -> bool {
+            let mut v = self.0.lock().unwrap();
+            v.push((tag, r));
+            v.len() == 1
+        }
+        fn wake(&self) {}
+    }
+
+    #[test]
+    fn revoked_grant_is_refused_at_enqueue() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::None).unwrap();
+        let policy = BatchPolicy {
+            max_messages: 10,
+            max_bytes: 1 << 20,
+        };
+        let w = Writer::start(store, policy, 16, 1 << 20, Arc::new(Metrics::new())).unwrap();
+        let q = w.queue();
+        let token = Arc::new(TokenEntry::new(
+            "t".into(),
+            "a".into(),
+            crate::auth::Scopes::of(&[crate::auth::Scope::SendState]),
+            crate::auth::Devices::All,
+            None,
+            None,
+            None,
+            crate::auth::Status::Active,
+            0,
+        ));
+        let mut req = request(r#"{"data":{"x":1}}"#, Completion::None);
+        req.grant = token.clone();
+        assert!(q.try_enqueue(req).is_ok());
+        token.set_status(crate::auth::Status::Inactive);
+        let mut req = request(r#"{"data":{"x":1}}"#, Completion::None);
+        req.grant = token;
+        assert!(matches!(q.try_enqueue(req), Err(EnqueueError::Revoked)));
+        w.stop().unwrap();
     }
 
     #[test]
@@ -410,19 +464,17 @@ mod tests {
         for rx in rxs {
             assert_eq!(rx.blocking_recv().unwrap(), Ok(()));
         }
-        let sink = Arc::new(AckSink::default());
+        let sink = Arc::new(Recorded::default());
         q.try_enqueue(request(
             r#"{"data":{"x":5},"time":9}"#,
-            Completion::Publish {
+            Completion::Sink {
                 sink: sink.clone(),
-                pkid: 7,
+                tag: 7,
             },
         ))
         .unwrap();
         w.stop().unwrap();
-        let mut acks = vec![];
-        sink.take_into(&mut acks);
-        assert_eq!(acks, vec![(7, Ok(()))]);
+        assert_eq!(*sink.0.lock().unwrap(), vec![(7, Ok(()))]);
         assert!(matches!(
             q.try_enqueue(request(r#"{"data":{"x":1}}"#, Completion::None)),
             Err(EnqueueError::Closed)

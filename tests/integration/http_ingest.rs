@@ -159,10 +159,12 @@ fn every_refusal_of_the_contract_and_nothing_stored() {
         .send()
         .unwrap();
     assert_eq!(status_and_error(json_of(r)), (401, "unauthorized".into()));
+    // The root admin token is an admin-plane credential: refused here.
     for t in [
         "sl_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
         expired.as_str(),
         inactive.as_str(),
+        ADMIN,
     ] {
         assert_eq!(
             status_and_error(post_state(&s, t, "app", "d2", ok_body)),
@@ -261,7 +263,7 @@ fn every_refusal_of_the_contract_and_nothing_stored() {
     );
     let metrics = metrics_text(&s);
     assert!(
-        metrics.contains("sluice_http_requests_total{status=\"401\"} 5"),
+        metrics.contains("sluice_http_requests_total{status=\"401\"} 6"),
         "{metrics}"
     );
     assert!(

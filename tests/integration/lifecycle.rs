@@ -165,6 +165,21 @@ fn bad_config_lists_every_problem_and_exits_nonzero() {
     }
     assert!(out.stdout.is_empty());
 
+    // A root token short enough to guess is a configuration error, listed
+    // with the other problems.
+    let out = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("SLUICE_ADMIN_TOKEN", "only-twenty-six-characters")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in ["http.listen", "SLUICE_ADMIN_TOKEN must be 32-512"] {
+        assert!(err.contains(needle), "{needle} missing from: {err}");
+    }
+    assert!(!err.contains("only-twenty-six-characters"), "{err}");
+
     // A public admin address needs the explicit flag.
     let out = Command::new(bin())
         .args(["serve", "--admin-listen", "0.0.0.0:0", "--data-dir"])

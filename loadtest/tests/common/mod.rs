@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub const ADMIN: &str = "loadtest-admin-token-0123456789";
+pub const ADMIN: &str = "loadtest-admin-token-0123456789abcdefghij";
 
 /// `sluice` sits next to the test executable's directory:
 /// `target/debug/deps/e2e-HASH` → `target/debug/sluice`.
@@ -31,6 +31,29 @@ pub fn sluice_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// Mints a `device.sendState` token for every device of `app` through the
+/// admin API (`admin` is the `http://` base URL); returns the secret. The
+/// root token itself is refused on the device listeners.
+pub fn mint_device_token(admin: &str, app: &str) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let v: Value = reqwest::Client::new()
+            .post(format!("{admin}/applications/{app}/tokens"))
+            .bearer_auth(ADMIN)
+            .json(&serde_json::json!({"name": "shared", "scope": ["device.sendState"]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["token"].as_str().expect("minted token").to_string()
+    })
 }
 
 pub fn loadtest_bin() -> &'static str {

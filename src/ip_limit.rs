@@ -1,7 +1,8 @@
-//! Per-IP limits for MQTT: how fast one address may open connections, and
-//! how many failed authentications it may make before its next CONNECTs are
-//! held back. IPv6 addresses are grouped by /64, the unit a single host or
-//! site usually gets, so an attacker cannot escape by rotating addresses.
+//! Per-address limits shared by the device listeners: how fast one address
+//! may open connections, and how many failed authentications it may make
+//! before its next attempts are held back. IPv6 addresses are grouped by
+//! /64, the unit a single host or site usually gets, so an attacker cannot
+//! escape by rotating addresses.
 
 use std::net::IpAddr;
 use std::time::Duration;
