@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::secret::parse_bearer;
 use crate::store::{device_key, HistoryQuery, Order, Position, Store};
 use crate::timefmt::{self, now_ms};
-use crate::tokens::{parse_create, parse_update, TokenError, TokenService};
+use crate::tokens::{parse_create, parse_update, TokenError, TokenJson, TokenService};
 use crate::writer::IngestQueue;
 
 /// Default and largest page of history.
@@ -130,6 +130,7 @@ pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
             get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
         )
         .route("/metrics", get(metrics))
+        .route("/whoami", get(whoami))
         .route(
             "/applications/{app}/tokens",
             get(list_tokens).post(create_token),
@@ -143,6 +144,7 @@ pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
             "/applications/{app}/devices/{device}/compositeState",
             get(composite_state),
         )
+        .merge(super::console::routes())
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
@@ -150,6 +152,18 @@ pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
 }
 
 impl AdminApi {
+    /// The usable token the request is made with.
+    fn caller(&self, headers: &HeaderMap) -> Result<Arc<TokenEntry>, ApiError> {
+        let cred = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|h| parse_bearer(h.as_bytes()))
+            .ok_or(ApiError::Unauthorized)?;
+        self.tokens
+            .registry()
+            .authenticate(cred, now_ms())
+            .map_err(|_: Denied| ApiError::Unauthorized)
+    }
+
     /// Authenticates the caller and checks `scope` in `app` (and `device`).
     fn authorize(
         &self,
@@ -158,15 +172,7 @@ impl AdminApi {
         device: Option<&str>,
         scope: Scope,
     ) -> Result<Arc<TokenEntry>, ApiError> {
-        let cred = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|h| parse_bearer(h.as_bytes()))
-            .ok_or(ApiError::Unauthorized)?;
-        let caller = self
-            .tokens
-            .registry()
-            .authenticate(cred, now_ms())
-            .map_err(|_: Denied| ApiError::Unauthorized)?;
+        let caller = self.caller(headers)?;
         if !is_valid_id(app) || device.is_some_and(|d| !is_valid_id(d)) {
             return Err(ApiError::BadRequest(
                 "application and device ids must be 1-64 characters of A-Z a-z 0-9 _ . -".into(),
@@ -198,6 +204,23 @@ async fn metrics(State(api): Api) -> impl IntoResponse {
         )],
         api.metrics.render(),
     )
+}
+
+/// `GET /whoami`: the caller's own record, so a client holding only a
+/// secret (the console) learns its application and what it may do. Any
+/// usable token may read itself; it reveals nothing the secret's holder
+/// could not already find out by trying.
+async fn whoami(State(api): Api, headers: HeaderMap) -> Result<Response, ApiError> {
+    let caller = api.caller(&headers)?;
+    if caller.root {
+        return Ok(axum::Json(serde_json::json!({"root": true})).into_response());
+    }
+    let view = api
+        .tokens
+        .registry()
+        .view(&caller.id)
+        .ok_or(ApiError::Unauthorized)?;
+    Ok(axum::Json(serde_json::json!({"root": false, "token": TokenJson::of(&view)})).into_response())
 }
 
 async fn create_token(

@@ -1,5 +1,6 @@
 //! HTTP listeners: the device-facing ingest endpoint and the admin API.
 
 pub mod admin;
+pub mod console;
 pub mod device;
 pub mod serve;

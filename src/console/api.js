@@ -1,0 +1,116 @@
+// The admin API as the console uses it. The signed-in secret lives only in
+// a private field of the Session object (memory of this tab): never in
+// storage, cookies, the URL or the console log. Secrets of tokens minted in
+// this tab are kept the same way, so the operator can mint under them.
+
+/** An error answer of the admin API, with its stable code and detail. */
+export class ApiError extends Error {
+  constructor(status, code, detail) {
+    super(detail ? `${code}: ${detail}` : code);
+    this.status = status;
+    this.code = code;
+    this.detail = detail || '';
+  }
+}
+
+async function send(method, path, secret, body) {
+  const headers = {};
+  if (secret) headers.Authorization = `Bearer ${secret}`;
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  let res;
+  try {
+    res = await fetch(path, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+      credentials: 'omit',
+      cache: 'no-store',
+      redirect: 'error',
+      referrerPolicy: 'no-referrer',
+    });
+  } catch {
+    throw new ApiError(0, 'unreachable', 'the broker did not answer');
+  }
+  if (res.status === 204) return null;
+  const text = await res.text();
+  let json = null;
+  try {
+    json = text ? JSON.parse(text) : null;
+  } catch {
+    json = null;
+  }
+  if (!res.ok) {
+    throw new ApiError(res.status, (json && json.error) || `http_${res.status}`, json && json.detail);
+  }
+  return json;
+}
+
+export class Session {
+  #secret;
+  #minted = new Map();
+
+  /** `onRevoked` runs when the signed-in token stops being accepted. */
+  constructor(secret, onRevoked) {
+    this.#secret = secret;
+    this.onRevoked = onRevoked;
+  }
+
+  /** Calls the admin API with the signed-in token. */
+  async call(method, path, body) {
+    if (!this.#secret) throw new ApiError(401, 'unauthorized', 'signed out');
+    try {
+      return await send(method, path, this.#secret, body);
+    } catch (e) {
+      if (e.status === 401 && this.onRevoked) this.onRevoked();
+      throw e;
+    }
+  }
+
+  get(path) {
+    return this.call('GET', path);
+  }
+
+  /**
+   * Calls the admin API as another token: one minted in this tab, or one
+   * whose secret the operator pasted (`pasted`), kept once it is accepted.
+   */
+  async callAs(id, method, path, body, pasted) {
+    const secret = pasted || this.#minted.get(id);
+    if (!secret) throw new ApiError(401, 'unauthorized', 'this tab does not hold that token’s secret');
+    const out = await send(method, path, secret, body);
+    if (pasted) this.#minted.set(id, pasted);
+    return out;
+  }
+
+  /** Keeps a minted token's secret in memory so the tab can mint under it. */
+  remember(id, secret) {
+    this.#minted.set(id, secret);
+  }
+
+  holds(id) {
+    return this.#minted.has(id);
+  }
+
+  /** Forgets every secret (sign-out). */
+  forget() {
+    this.#secret = null;
+    this.#minted.clear();
+  }
+}
+
+/** The caller's own record: `{root: true}` or `{root: false, token}`. */
+export function whoami(secret) {
+  return send('GET', '/whoami', secret);
+}
+
+/** Prometheus text of `/metrics` (no token needed). */
+export async function metricsText() {
+  const res = await fetch('/metrics', { cache: 'no-store', credentials: 'omit' });
+  if (!res.ok) throw new ApiError(res.status, `http_${res.status}`);
+  return res.text();
+}
+
+/** Path of one of an application's collections, ids encoded. */
+export function appPath(app, ...rest) {
+  return ['', 'applications', app, ...rest].map(encodeURIComponent).join('/');
+}

@@ -1,0 +1,84 @@
+// The broker view: live figures from `/metrics`, scraped every two seconds.
+
+import { metricsText } from './api.js';
+import { sparkline } from './chart.js';
+import { h, fill, note } from './dom.js';
+import { parsePrometheus, summarize } from './metrics.js';
+
+const INTERVAL_MS = 2000;
+/** Samples kept for the sparklines (two minutes). */
+const KEEP = 60;
+
+function num(v, digits = 0) {
+  if (v === null || v === undefined || Number.isNaN(v)) return '—';
+  return v.toLocaleString('en-US', { maximumFractionDigits: digits, minimumFractionDigits: digits });
+}
+
+function ms(seconds) {
+  return seconds === null ? '—' : `${num(seconds * 1000, seconds < 0.01 ? 2 : 1)} ms`;
+}
+
+export class BrokerView {
+  constructor(ctx) {
+    this.ctx = ctx;
+    this.el = h('section', { class: 'view', 'aria-labelledby': 'broker-h' });
+    this.rates = [];
+    this.p99s = [];
+    this.prev = null;
+    this.timer = null;
+  }
+
+  mount(container) {
+    container.append(this.el);
+    fill(this.el, h('h1', { id: 'broker-h' }, 'Broker'), note('loading', 'Reading metrics…'));
+    return this.tick();
+  }
+
+  unmount() {
+    clearTimeout(this.timer);
+    this.timer = null;
+    this.el.remove();
+  }
+
+  async tick() {
+    try {
+      const at = performance.now();
+      const cur = parsePrometheus(await metricsText());
+      if (this.prev) {
+        const sum = summarize(this.prev.m, cur, (at - this.prev.at) / 1000);
+        this.rates = [...this.rates, sum.ingestRate].slice(-KEEP);
+        this.p99s = [...this.p99s, sum.commitP99 ?? 0].slice(-KEEP);
+        this.render(sum);
+      }
+      this.prev = { m: cur, at };
+    } catch (e) {
+      fill(this.el, h('h1', { id: 'broker-h' }, 'Broker'), note('error', `Could not read /metrics: ${e.message}`));
+    }
+    if (this.el.isConnected) this.timer = setTimeout(() => this.tick(), this.prev ? INTERVAL_MS : 200);
+  }
+
+  render(x) {
+    const card = (label, value, extra) => h('div', { class: 'stat' }, h('div', { class: 'label' }, label), h('div', { class: 'value' }, value), extra);
+    const rows = x.refusals.filter((r) => r.total > 0);
+    fill(this.el,
+      h('h1', { id: 'broker-h' }, 'Broker'),
+      h('p', { class: 'muted' }, 'Live from /metrics, every 2 s. Rates are over the last interval.'),
+      h('div', { class: 'stats', role: 'group', 'aria-label': 'Live figures' },
+        card('Ingest (stored)', `${num(x.ingestRate)} msg/s`, sparkline(this.rates, 'Ingest rate, last two minutes')),
+        card('Group-commit latency', `p50 ${ms(x.commitP50)} · p99 ${ms(x.commitP99)}`, sparkline(this.p99s, 'Commit latency p99, last two minutes')),
+        card('Commits', `${num(x.batchRate)} /s`, h('div', { class: 'muted' }, `mean batch ${num(x.meanBatch, 1)} msg`)),
+        card('MQTT connections', num(x.mqttConnections)),
+        card('HTTP requests', `${num(x.httpRate)} /s`),
+        card('Write queue', `${num(x.queueDepth)} waiting`),
+        card('Tokens', num(x.tokens)),
+        card('Stored since start', num(x.stored))),
+      h('p', { class: 'hint' }, 'An acknowledgement is sent after its group commit; the commit latency is the storage part of ack latency (queue wait comes on top while the writer is busy).'),
+      h('h2', {}, 'Refusals by reason'),
+      rows.length
+        ? h('div', { class: 'table-wrap' }, h('table', {},
+          h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, 'Where'), h('th', { scope: 'col' }, 'Reason'), h('th', { scope: 'col', class: 'num' }, 'Total'), h('th', { scope: 'col', class: 'num' }, 'Now /s'))),
+          h('tbody', {}, rows.map((r) => h('tr', {},
+            h('td', {}, r.source), h('td', {}, r.reason), h('td', { class: 'num' }, num(r.total)), h('td', { class: 'num' }, num(r.rate, 1)))))))
+        : note('empty', 'No refusals since the broker started.'));
+  }
+}

@@ -1,0 +1,297 @@
+// The operator console in headless Chromium (Debian's package) against the
+// real binary: sign in, mint a child under a parent, use it on the device
+// listener, deactivate the parent in the console and see the child
+// refused, open a device and see its chart and a live state arrive, read
+// the broker's figures; and the token never reaches the URL, storage or
+// cookies. Screenshots of every view go to artifacts/.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+import { ADMIN, startServer, postState } from './server.mjs';
+
+const HERE = dirname(fileURLToPath(import.meta.url));
+const ARTIFACTS = join(HERE, 'artifacts');
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+const TIMEOUT = 15000;
+
+let server;
+let profile;
+let browser;
+/** Every URL the page requested, and everything it logged. */
+const requests = [];
+const logs = [];
+
+before(async () => {
+  mkdirSync(ARTIFACTS, { recursive: true });
+  server = await startServer();
+  profile = mkdtempSync(join(tmpdir(), 'sluice-chromium-'));
+  browser = await chromium.launchPersistentContext(profile, {
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+    viewport: { width: 1280, height: 800 },
+  });
+  browser.setDefaultTimeout(TIMEOUT);
+  browser.on('request', (r) => requests.push(r.url()));
+  browser.on('console', (m) => logs.push(`${m.type()}: ${m.text()}`));
+  browser.on('weberror', (e) => logs.push(`pageerror: ${e.error().message}`));
+});
+
+after(async () => {
+  if (browser) await browser.close();
+  if (profile) rmSync(profile, { recursive: true, force: true });
+  if (server) await server.stop();
+});
+
+async function shot(page, name) {
+  await page.screenshot({ path: join(ARTIFACTS, `${name}.png`), fullPage: true });
+}
+
+/** Asserts that none of `secrets` is in the URL, web storage or cookies. */
+async function assertNoSecretKept(page, secrets) {
+  const url = page.url();
+  const stored = await page.evaluate(() => {
+    const dump = (s) => Array.from({ length: s.length }, (_, i) => `${s.key(i)}=${s.getItem(s.key(i))}`).join('\n');
+    return { local: dump(localStorage), session: dump(sessionStorage), cookie: document.cookie };
+  });
+  const cookies = JSON.stringify(await browser.cookies());
+  for (const secret of secrets) {
+    assert.ok(!url.includes(secret), `secret in the URL ${url}`);
+    assert.ok(!stored.local.includes(secret), 'secret in localStorage');
+    assert.ok(!stored.session.includes(secret), 'secret in sessionStorage');
+    assert.ok(!stored.cookie.includes(secret) && !cookies.includes(secret), 'secret in cookies');
+    for (const line of logs) assert.ok(!line.includes(secret), `secret in the browser console: ${line}`);
+  }
+  assert.equal(stored.local, '', 'the console wrote to localStorage');
+  assert.equal(stored.session, '', 'the console wrote to sessionStorage');
+  assert.equal(stored.cookie, '', 'the console set a cookie');
+}
+
+function card(page, name) {
+  return page.locator(`article[aria-label="Token ${name}"]`);
+}
+
+async function tokenId(page, name) {
+  return (await card(page, name).locator('dt:text-is("Id") + dd code').textContent()).trim();
+}
+
+/** Mints through the open mint dialog's "Mint" and returns the shown secret. */
+async function takeSecret(page, shotName) {
+  const dlg = page.getByRole('dialog', { name: 'New token secret' });
+  await dlg.waitFor();
+  const secret = await dlg.locator('input.secret').inputValue();
+  assert.match(secret, /^sl_[A-Za-z0-9_-]{43}$/);
+  if (shotName) await shot(page, shotName);
+  await dlg.getByRole('button', { name: 'Done' }).click();
+  await dlg.waitFor({ state: 'detached' });
+  return secret;
+}
+
+test('root signs in, mints a branch, revokes it, watches a device and the broker', async () => {
+  const page = browser.pages()[0] ?? await browser.newPage();
+  const base = server.admin;
+
+  await page.goto(`${base}/console`);
+  assert.equal(page.url(), `${base}/console/`, 'the bare path redirects to /console/');
+  await shot(page, '01-sign-in');
+
+  // A wrong token is refused with a clear message.
+  await page.getByLabel('Token', { exact: true }).fill('sl_not-a-real-token');
+  await page.getByRole('button', { name: 'Sign in' }).click();
+  await page.getByText('does not accept this token').waitFor();
+
+  // Sign in with the keyboard only.
+  await page.getByLabel('Token', { exact: true }).focus();
+  await page.keyboard.type(ADMIN);
+  await page.keyboard.press('Enter');
+  await page.getByRole('heading', { name: 'Application' }).waitFor();
+  assert.equal(await page.getByLabel('Token', { exact: true }).inputValue(), '', 'the password field is cleared');
+  await page.getByLabel('Application id').fill('farm');
+  await page.keyboard.press('Enter');
+  await page.getByText('This application has no tokens yet').waitFor();
+  await assertNoSecretKept(page, [ADMIN]);
+
+  // The root mints a parent with an expiry and a rate limit.
+  await page.getByRole('button', { name: 'Mint token' }).click();
+  let dlg = page.getByRole('dialog', { name: 'Mint a token' });
+  await dlg.getByLabel('Name').fill('gateway');
+  for (const sc of ['device.getState', 'token.create']) await dlg.getByLabel(sc).check();
+  const in30d = new Date(Date.now() + 30 * 86400e3);
+  const local = (d) => new Date(d.getTime() - d.getTimezoneOffset() * 60e3).toISOString().slice(0, 16);
+  await dlg.getByLabel('Expires').fill(local(in30d));
+  await dlg.getByLabel('Per second').fill('100');
+  await dlg.getByLabel('Burst').fill('200');
+  await dlg.getByRole('button', { name: 'Mint' }).click();
+  const gatewaySecret = await takeSecret(page, '02-new-secret');
+  const gatewayId = await tokenId(page, 'gateway');
+
+  // Its child: the form offers only what the gateway may grant...
+  await card(page, 'gateway').getByRole('button', { name: 'Mint child' }).click();
+  dlg = page.getByRole('dialog', { name: 'Mint a child of gateway' });
+  const offered = await dlg.locator('input[name=scope]').evaluateAll((els) => els.map((e) => e.value));
+  assert.deepEqual(offered, ['device.sendState', 'device.getState', 'token.create']);
+  assert.equal(await dlg.getByLabel('Per second').getAttribute('max'), '100');
+  await dlg.getByLabel('Name').fill('pump-1');
+  await dlg.getByLabel('Only these:').check();
+  await dlg.getByLabel('Device ids, separated by commas or spaces').fill('pump-1');
+  // ...and what the server refuses is shown as its exceeds_parent detail.
+  await dlg.getByLabel('Per second').fill('500');
+  await dlg.getByLabel('Burst').fill('1000');
+  await dlg.getByRole('button', { name: 'Mint' }).click();
+  await dlg.getByRole('alert').getByText("exceeds_parent: the child's rate limit cannot exceed the parent's").waitFor();
+  await shot(page, '03-mint-refused');
+  await dlg.getByLabel('Per second').fill('10');
+  await dlg.getByLabel('Burst').fill('20');
+  await dlg.getByRole('button', { name: 'Mint' }).click();
+  const childSecret = await takeSecret(page);
+  const childId = await tokenId(page, 'pump-1');
+  // The child hangs under its parent in the tree.
+  await page.locator(`li[data-token-id="${gatewayId}"] li[data-token-id="${childId}"]`).waitFor();
+  const child = await (await fetch(`${base}/applications/farm/tokens/${childId}`, { headers: { Authorization: `Bearer ${ADMIN}` } })).json();
+  assert.equal(child.parentId, gatewayId);
+  assert.deepEqual(child.devices, ['pump-1']);
+  assert.deepEqual(child.rateLimit, { perSecond: 10, burst: 20 });
+
+  // The child works on the device listener.
+  let r = await postState(server, childSecret, 'farm', 'pump-1', { data: { flow: 1 } });
+  assert.equal(r.status, 200, JSON.stringify(r.body));
+  await shot(page, '04-token-tree');
+
+  // Deactivating the parent in the console: the count is shown first.
+  await card(page, 'gateway').getByRole('button', { name: 'Deactivate' }).click();
+  dlg = page.getByRole('dialog', { name: 'Deactivate branch' });
+  await dlg.getByText('its 1 descendant stop working at once').waitFor();
+  await dlg.getByText('2 tokens currently usable will be refused').waitFor();
+  await shot(page, '05-confirm-deactivate');
+  await dlg.getByRole('button', { name: 'Deactivate' }).click();
+  await card(page, 'gateway').locator('.badge.inactive').waitFor();
+  await card(page, 'pump-1').getByText('blocked: gateway is inactive').waitFor();
+  r = await postState(server, childSecret, 'farm', 'pump-1', { data: { flow: 2 } });
+  assert.equal(r.status, 401, 'the child is refused once its parent is inactive');
+  await shot(page, '06-branch-inactive');
+
+  // Re-activating restores the branch.
+  await card(page, 'gateway').getByRole('button', { name: 'Re-activate' }).click();
+  dlg = page.getByRole('dialog', { name: 'Re-activate branch' });
+  await dlg.getByText('2 tokens').waitFor();
+  await dlg.getByRole('button', { name: 'Re-activate' }).click();
+  await card(page, 'pump-1').locator('.badge.active').waitFor();
+  r = await postState(server, childSecret, 'farm', 'pump-1', { data: { flow: 3 } });
+  assert.equal(r.status, 200);
+
+  // Some history for the chart: a minute of readings up to now.
+  const now = Date.now();
+  const states = Array.from({ length: 30 }, (_, i) => ({ time: now - (30 - i) * 2000, data: { flow: 10 + (i % 7), on: true } }));
+  r = await postState(server, gatewaySecret, 'farm', 'pump-1', states);
+  assert.equal(r.status, 200, JSON.stringify(r.body));
+
+  // Devices: pump-1 is known from the child's device list.
+  await page.getByRole('navigation', { name: 'Views' }).getByRole('button', { name: 'Devices' }).click();
+  const row = page.getByRole('row').filter({ has: page.getByRole('rowheader', { name: 'pump-1' }) });
+  await row.getByText('ago').waitFor();
+  await shot(page, '07-devices');
+  await row.getByRole('button', { name: 'Open pump-1' }).click();
+
+  // Its composite state and a chart of `flow` over the last hour.
+  await page.getByRole('rowheader', { name: 'flow' }).waitFor();
+  const chart = page.locator('svg.chart');
+  await chart.waitFor();
+  const drawn = Number(await page.locator('[data-points]').getAttribute('data-points'));
+  assert.equal(drawn, 32, 'every flow value of the last hour is charted (flow 1, flow 3 and the array of 30)');
+  assert.ok((await chart.locator('path.series').getAttribute('d')).startsWith('M'));
+  await page.getByText('Watching for new states').waitFor();
+
+  // A live state arrives without reloading.
+  r = await postState(server, childSecret, 'farm', 'pump-1', { data: { flow: 42.5, marker: 'live-1' } });
+  assert.equal(r.status, 200);
+  await page.locator('ol.live li', { hasText: 'live-1' }).waitFor();
+  await page.locator('[data-points="33"]').waitFor();
+  await page.getByRole('row', { name: /marker/ }).waitFor();
+  await shot(page, '08-device');
+
+  // Broker figures from /metrics, including the refusal seen above.
+  await page.getByRole('navigation', { name: 'Views' }).getByRole('button', { name: 'Broker' }).click();
+  await page.getByRole('heading', { name: 'Refusals by reason' }).waitFor();
+  await page.getByRole('cell', { name: '401 unauthorized' }).waitFor();
+  const stored = await page.locator('.stat', { hasText: 'Stored since start' }).locator('.value').textContent();
+  // flow 1 and 3, the 30-state array and the live one; flow 2 was refused.
+  assert.equal(stored.trim(), '33');
+  await shot(page, '09-broker');
+
+  // A phone-sized viewport: the tree and the device view fit the width.
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.getByRole('navigation', { name: 'Views' }).getByRole('button', { name: 'Tokens' }).click();
+  await card(page, 'pump-1').waitFor();
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  assert.ok(overflow <= 0, `the page scrolls sideways by ${overflow}px on a phone`);
+  await shot(page, '10-phone-tokens');
+  await page.setViewportSize({ width: 1280, height: 800 });
+
+  await assertNoSecretKept(page, [ADMIN, gatewaySecret, childSecret]);
+
+  // Signing out forgets the token: the views are gone.
+  await page.getByRole('button', { name: 'Sign out' }).click();
+  await page.getByRole('heading', { name: 'Sign in' }).waitFor();
+  assert.equal(await page.locator('#view').innerHTML(), '');
+
+  // Nothing left this origin: no CDN, no fonts, no other host.
+  const origin = new URL(base).origin;
+  for (const u of requests) assert.ok(u.startsWith(`${origin}/`), `request to another origin: ${u}`);
+  // No script error and no CSP refusal; the only failed loads are the
+  // refused sign-in (401) and the refused mint (403) above.
+  const errors = logs.filter((l) => l.startsWith('error') || l.startsWith('pageerror'));
+  const unexpected = errors.filter((l) => !/Failed to load resource: .* (401|403) /.test(l));
+  assert.deepEqual(unexpected, [], `errors in the page: ${unexpected.join('\n')}`);
+});
+
+test('an application token sees its own branch and nothing wider', async () => {
+  const base = server.admin;
+  const mint = async (caller, body) => {
+    const res = await fetch(`${base}/applications/orchard/tokens`, {
+      method: 'POST', headers: { Authorization: `Bearer ${caller}`, 'Content-Type': 'application/json' }, body: JSON.stringify(body),
+    });
+    assert.equal(res.status, 201);
+    return res.json();
+  };
+  const backend = await mint(ADMIN, { name: 'backend', scope: ['device.sendState', 'device.getState', 'token.create', 'token.read', 'token.revoke'], devices: ['tree-1', 'tree-2'] });
+  const sibling = await mint(ADMIN, { name: 'sibling', scope: ['device.sendState'] });
+  const sensor = await mint(backend.token, { name: 'sensor', scope: ['device.sendState'], devices: ['tree-1'] });
+
+  const page = await browser.newPage();
+  await page.goto(`${base}/console/`);
+  await page.getByLabel('Token', { exact: true }).fill(backend.token);
+  await page.getByRole('button', { name: 'Sign in' }).click();
+  // No application picker: the token's own record names its application.
+  await page.getByText('Application orchard').waitFor();
+  await card(page, 'backend').getByText('you').waitFor();
+  await card(page, 'sensor').waitFor();
+  assert.equal(await card(page, 'sibling').count(), 0, 'a token outside its branch is not shown');
+  assert.equal(await page.getByRole('button', { name: 'change' }).isVisible(), false);
+  // It may not deactivate itself, only what it minted.
+  assert.equal(await card(page, 'backend').getByRole('button', { name: 'Deactivate' }).count(), 0);
+  await card(page, 'sensor').getByRole('button', { name: 'Deactivate' }).waitFor();
+  // Its mint form offers its own devices only.
+  await card(page, 'backend').getByRole('button', { name: 'Mint child' }).click();
+  const dlg = page.getByRole('dialog', { name: 'Mint a child of backend' });
+  const devices = await dlg.locator('input[name=device]').evaluateAll((els) => els.map((e) => e.value));
+  assert.deepEqual(devices, ['tree-1', 'tree-2']);
+  await dlg.getByRole('button', { name: 'Cancel' }).click();
+  await shot(page, '11-app-token');
+
+  // When its own token is deactivated, the console signs it out.
+  const res = await fetch(`${base}/applications/orchard/tokens/${backend.id}`, {
+    method: 'PATCH', headers: { Authorization: `Bearer ${ADMIN}`, 'Content-Type': 'application/json' }, body: JSON.stringify({ status: 'inactive' }),
+  });
+  assert.equal(res.status, 200);
+  await page.getByRole('button', { name: 'Refresh' }).click();
+  await page.getByText('Your token is no longer accepted').waitFor();
+  await page.getByRole('heading', { name: 'Sign in' }).waitFor();
+  await assertNoSecretKept(page, [backend.token, sensor.token, sibling.token]);
+  await page.close();
+});
