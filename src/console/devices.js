@@ -105,7 +105,7 @@ class DeviceDetail {
     this.liveList = h('ol', { class: 'live', 'aria-live': 'polite', 'aria-relevant': 'additions' });
     this.liveStatus = h('p', { class: 'hint', role: 'status' }, 'Starting…');
     this.el = h('div', { class: 'device' },
-      h('div', { class: 'view-head' },
+      h('div', { class: 'view-head start' },
         h('button', { type: 'button', class: 'secondary', onclick: back }, '← All devices'),
         h('h1', { id: 'devices-h' }, 'Device ', h('code', {}, device))),
       h('div', { class: 'panels' },

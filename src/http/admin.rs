@@ -220,7 +220,10 @@ async fn whoami(State(api): Api, headers: HeaderMap) -> Result<Response, ApiErro
         .registry()
         .view(&caller.id)
         .ok_or(ApiError::Unauthorized)?;
-    Ok(axum::Json(serde_json::json!({"root": false, "token": TokenJson::of(&view)})).into_response())
+    Ok(
+        axum::Json(serde_json::json!({"root": false, "token": TokenJson::of(&view)}))
+            .into_response(),
+    )
 }
 
 async fn create_token(

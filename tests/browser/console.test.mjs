@@ -185,9 +185,9 @@ test('root signs in, mints a branch, revokes it, watches a device and the broker
   r = await postState(server, childSecret, 'farm', 'pump-1', { data: { flow: 3 } });
   assert.equal(r.status, 200);
 
-  // Some history for the chart: a minute of readings up to now.
+  // Some history for the chart: readings every two minutes or so over the last hour.
   const now = Date.now();
-  const states = Array.from({ length: 30 }, (_, i) => ({ time: now - (30 - i) * 2000, data: { flow: 10 + (i % 7), on: true } }));
+  const states = Array.from({ length: 30 }, (_, i) => ({ time: now - (30 - i) * 115e3, data: { flow: 10 + 4 * Math.sin(i / 3) + (i % 4), on: true } }));
   r = await postState(server, gatewaySecret, 'farm', 'pump-1', states);
   assert.equal(r.status, 200, JSON.stringify(r.body));
 
@@ -222,6 +222,17 @@ test('root signs in, mints a branch, revokes it, watches a device and the broker
   const stored = await page.locator('.stat', { hasText: 'Stored since start' }).locator('.value').textContent();
   // flow 1 and 3, the 30-state array and the live one; flow 2 was refused.
   assert.equal(stored.trim(), '33');
+  // While devices send, the live ingest rate and commit latency show it.
+  const ingest = page.locator('.stat', { hasText: 'Ingest' }).locator('.value');
+  const latency = page.locator('.stat', { hasText: 'Group-commit latency' }).locator('.value');
+  let seen = false;
+  for (let i = 0; i < 60 && !seen; i += 1) {
+    const batch = Array.from({ length: 20 }, (_, k) => ({ data: { flow: 20 + k } }));
+    assert.equal((await postState(server, gatewaySecret, 'farm', 'pump-2', batch)).status, 200);
+    await page.waitForTimeout(100);
+    seen = /^[1-9]/.test((await ingest.textContent()).trim()) && /p50 [0-9]/.test(await latency.textContent());
+  }
+  assert.ok(seen, `no live ingest rate shown: ${await ingest.textContent()} / ${await latency.textContent()}`);
   await shot(page, '09-broker');
 
   // A phone-sized viewport: the tree and the device view fit the width.

@@ -6,6 +6,7 @@ mod common;
 
 mod bad_input;
 mod cli;
+mod console;
 mod crash;
 mod hostile;
 mod http_ingest;
