@@ -109,6 +109,16 @@ async function openView(key) {
   flash('');
   current = VIEWS[key].make(ctx);
   await current.mount($('#view'));
+  focusHeading();
+}
+
+/** Moves keyboard focus to the new view's heading, so a screen reader
+ * announces it and Tab continues from there. */
+function focusHeading() {
+  const h1 = $('#view h1');
+  if (!h1) return;
+  h1.tabIndex = -1;
+  h1.focus({ preventScroll: true });
 }
 
 function changeApp() {

@@ -21,7 +21,13 @@ function ms(seconds) {
 export class BrokerView {
   constructor(ctx) {
     this.ctx = ctx;
-    this.el = h('section', { class: 'view', 'aria-labelledby': 'broker-h' });
+    // The heading stays while the figures below it are redrawn, so focus
+    // and the screen reader's place survive each scrape.
+    this.body = h('div', {}, note('loading', 'Reading metrics…'));
+    this.el = h('section', { class: 'view', 'aria-labelledby': 'broker-h' },
+      h('h1', { id: 'broker-h' }, 'Broker'),
+      h('p', { class: 'muted' }, 'Live from /metrics, every 2 s. Rates are over the last interval.'),
+      this.body);
     this.rates = [];
     this.p99s = [];
     this.prev = null;
@@ -30,7 +36,6 @@ export class BrokerView {
 
   mount(container) {
     container.append(this.el);
-    fill(this.el, h('h1', { id: 'broker-h' }, 'Broker'), note('loading', 'Reading metrics…'));
     return this.tick();
   }
 
@@ -52,7 +57,7 @@ export class BrokerView {
       }
       this.prev = { m: cur, at };
     } catch (e) {
-      fill(this.el, h('h1', { id: 'broker-h' }, 'Broker'), note('error', `Could not read /metrics: ${e.message}`));
+      fill(this.body, note('error', `Could not read /metrics: ${e.message}`));
     }
     if (this.el.isConnected) this.timer = setTimeout(() => this.tick(), this.prev ? INTERVAL_MS : 200);
   }
@@ -60,9 +65,7 @@ export class BrokerView {
   render(x) {
     const card = (label, value, extra) => h('div', { class: 'stat' }, h('div', { class: 'label' }, label), h('div', { class: 'value' }, value), extra);
     const rows = x.refusals.filter((r) => r.total > 0);
-    fill(this.el,
-      h('h1', { id: 'broker-h' }, 'Broker'),
-      h('p', { class: 'muted' }, 'Live from /metrics, every 2 s. Rates are over the last interval.'),
+    fill(this.body,
       h('div', { class: 'stats', role: 'group', 'aria-label': 'Live figures' },
         card('Ingest (stored)', `${num(x.ingestRate)} msg/s`, sparkline(this.rates, 'Ingest rate, last two minutes')),
         card('Group-commit latency', `p50 ${ms(x.commitP50)} · p99 ${ms(x.commitP99)}`, sparkline(this.p99s, 'Commit latency p99, last two minutes')),

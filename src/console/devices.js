@@ -86,6 +86,8 @@ export class DevicesView {
     this.directory.remember(device);
     this.detail = new DeviceDetail(this.ctx, device, () => this.showList());
     fill(this.el, this.detail.el);
+    this.detail.el.querySelector('h1').tabIndex = -1;
+    this.detail.el.querySelector('h1').focus({ preventScroll: true });
     this.detail.start();
   }
 }

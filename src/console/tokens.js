@@ -248,6 +248,7 @@ export class TokensView {
         dlg.close('done');
         await this.showSecret(created, secret);
         await this.load();
+        this.focusCard(node);
       } catch (e) {
         err.textContent = e.status === 401 && needSecret
           ? 'That secret is not accepted for this token.'
@@ -299,7 +300,7 @@ export class TokensView {
       [{ label: action === 'deactivate' ? 'Deactivate' : 'Re-activate', value: 'ok', kind: action === 'deactivate' ? 'warn' : '' },
         { label: 'Cancel', value: 'cancel', kind: 'secondary' }]);
     if (!ok) return;
-    await this.act(() => this.ctx.session.call('PATCH', appPath(this.ctx.app, 'tokens', node.id), { status: to }));
+    await this.act(node, () => this.ctx.session.call('PATCH', appPath(this.ctx.app, 'tokens', node.id), { status: to }));
   }
 
   async remove(node) {
@@ -308,16 +309,25 @@ export class TokensView {
       h('p', { class: 'impact' }, `Delete “${node.record.name}” and its ${all} descendant${all === 1 ? '' : 's'}? ${changed} token${changed === 1 ? '' : 's'} will be gone for good; this cannot be undone.`),
       [{ label: 'Delete', value: 'ok', kind: 'danger' }, { label: 'Cancel', value: 'cancel', kind: 'secondary' }]);
     if (!ok) return;
-    await this.act(() => this.ctx.session.call('DELETE', appPath(this.ctx.app, 'tokens', node.id)));
+    await this.act(node.parent, () => this.ctx.session.call('DELETE', appPath(this.ctx.app, 'tokens', node.id)));
   }
 
-  async act(f) {
+  /** Runs a change, redraws the tree and puts keyboard focus back on
+   * `focusNode`'s card (the redraw replaced the button that had it). */
+  async act(focusNode, f) {
     try {
       await f();
     } catch (e) {
       this.ctx.flash(`The broker refused: ${e.message}`);
     }
     await this.load();
+    this.focusCard(focusNode);
+  }
+
+  focusCard(node) {
+    const key = node.id ?? 'root';
+    const target = this.el.querySelector(`li[data-token-id="${key}"] > article .actions button`);
+    if (target) target.focus();
   }
 }
 

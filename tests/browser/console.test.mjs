@@ -244,6 +244,17 @@ test('root signs in, mints a branch, revokes it, watches a device and the broker
   await shot(page, '10-phone-tokens');
   await page.setViewportSize({ width: 1280, height: 800 });
 
+  // Deleting the branch: the count first, then both are gone for good.
+  await card(page, 'gateway').getByRole('button', { name: 'Delete' }).click();
+  dlg = page.getByRole('dialog', { name: 'Delete branch' });
+  await dlg.getByText('Delete “gateway” and its 1 descendant? 2 tokens will be gone for good').waitFor();
+  await dlg.getByRole('button', { name: 'Delete' }).click();
+  await card(page, 'gateway').waitFor({ state: 'detached' });
+  assert.equal(await card(page, 'pump-1').count(), 0);
+  await page.getByText('This application has no tokens yet').waitFor();
+  r = await postState(server, childSecret, 'farm', 'pump-1', { data: { flow: 4 } });
+  assert.equal(r.status, 401, 'a deleted branch is refused');
+
   await assertNoSecretKept(page, [ADMIN, gatewaySecret, childSecret]);
 
   // Signing out forgets the token: the views are gone.
@@ -276,12 +287,36 @@ test('an application token sees its own branch and nothing wider', async () => {
 
   const page = await browser.newPage();
   await page.goto(`${base}/console/`);
+
+  // The root mints under a token this tab never saw the secret of: the
+  // form asks for it, because a token mints its own children.
+  await page.getByLabel('Token', { exact: true }).fill(ADMIN);
+  await page.getByRole('button', { name: 'Sign in' }).click();
+  await page.getByLabel('Application id').fill('orchard');
+  await page.getByRole('button', { name: 'Open' }).click();
+  await card(page, 'backend').getByRole('button', { name: 'Mint child' }).click();
+  let dlg = page.getByRole('dialog', { name: 'Mint a child of backend' });
+  await dlg.getByLabel('Name').fill('camera');
+  await dlg.getByLabel('Secret of backend').fill('sl_wrong');
+  await dlg.getByRole('button', { name: 'Mint' }).click();
+  await dlg.getByText('That secret is not accepted for this token.').waitFor();
+  await dlg.getByLabel('Secret of backend').fill(backend.token);
+  await dlg.getByRole('button', { name: 'Mint' }).click();
+  const cameraSecret = await takeSecret(page);
+  const cameraId = await tokenId(page, 'camera');
+  await page.locator(`li[data-token-id="${backend.id}"] li[data-token-id="${cameraId}"]`).waitFor();
+  const camera = await (await fetch(`${base}/applications/orchard/tokens/${cameraId}`, { headers: { Authorization: `Bearer ${ADMIN}` } })).json();
+  assert.equal(camera.parentId, backend.id);
+  assert.deepEqual(camera.devices, ['tree-1', 'tree-2'], 'devices left as offered are the parent\'s');
+  await page.getByRole('button', { name: 'Sign out' }).click();
+
   await page.getByLabel('Token', { exact: true }).fill(backend.token);
   await page.getByRole('button', { name: 'Sign in' }).click();
   // No application picker: the token's own record names its application.
   await page.getByText('Application orchard').waitFor();
   await card(page, 'backend').getByText('you').waitFor();
   await card(page, 'sensor').waitFor();
+  await card(page, 'camera').waitFor();
   assert.equal(await card(page, 'sibling').count(), 0, 'a token outside its branch is not shown');
   assert.equal(await page.getByRole('button', { name: 'change' }).isVisible(), false);
   // It may not deactivate itself, only what it minted.
@@ -289,7 +324,8 @@ test('an application token sees its own branch and nothing wider', async () => {
   await card(page, 'sensor').getByRole('button', { name: 'Deactivate' }).waitFor();
   // Its mint form offers its own devices only.
   await card(page, 'backend').getByRole('button', { name: 'Mint child' }).click();
-  const dlg = page.getByRole('dialog', { name: 'Mint a child of backend' });
+  dlg = page.getByRole('dialog', { name: 'Mint a child of backend' });
+  assert.equal(await dlg.getByLabel('Secret of backend').count(), 0, 'the signed-in token mints as itself');
   const devices = await dlg.locator('input[name=device]').evaluateAll((els) => els.map((e) => e.value));
   assert.deepEqual(devices, ['tree-1', 'tree-2']);
   await dlg.getByRole('button', { name: 'Cancel' }).click();
@@ -303,6 +339,6 @@ test('an application token sees its own branch and nothing wider', async () => {
   await page.getByRole('button', { name: 'Refresh' }).click();
   await page.getByText('Your token is no longer accepted').waitFor();
   await page.getByRole('heading', { name: 'Sign in' }).waitFor();
-  await assertNoSecretKept(page, [backend.token, sensor.token, sibling.token]);
+  await assertNoSecretKept(page, [ADMIN, backend.token, sensor.token, sibling.token, cameraSecret]);
   await page.close();
 });
