@@ -36,6 +36,7 @@ before(async () => {
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync'],
     viewport: { width: 1280, height: 800 },
+    permissions: ['clipboard-read', 'clipboard-write'],
   });
   browser.setDefaultTimeout(TIMEOUT);
   browser.on('request', (r) => requests.push(r.url()));
@@ -87,7 +88,13 @@ async function takeSecret(page, shotName) {
   await dlg.waitFor();
   const secret = await dlg.locator('input.secret').inputValue();
   assert.match(secret, /^sl_[A-Za-z0-9_-]{43}$/);
-  if (shotName) await shot(page, shotName);
+  if (shotName) {
+    await shot(page, shotName);
+    // The copy button puts exactly the secret on the clipboard.
+    await dlg.getByRole('button', { name: 'Copy' }).click();
+    await dlg.getByText('Copied.').waitFor();
+    assert.equal(await page.evaluate(() => navigator.clipboard.readText()), secret);
+  }
   await dlg.getByRole('button', { name: 'Done' }).click();
   await dlg.waitFor({ state: 'detached' });
   return secret;
