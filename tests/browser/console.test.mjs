@@ -198,8 +198,11 @@ test('root signs in, mints a branch, revokes it, watches a device and the broker
   r = await postState(server, gatewaySecret, 'farm', 'pump-1', states);
   assert.equal(r.status, 200, JSON.stringify(r.body));
 
-  // Devices: pump-1 is known from the child's device list.
-  await page.getByRole('navigation', { name: 'Views' }).getByRole('button', { name: 'Devices' }).click();
+  // Devices, reached with the keyboard: focus lands on the view's heading.
+  await page.getByRole('navigation', { name: 'Views' }).getByRole('button', { name: 'Devices' }).focus();
+  await page.keyboard.press('Enter');
+  await page.waitForFunction(() => document.activeElement?.textContent === 'Devices');
+  // pump-1 is known from the child's device list.
   const row = page.getByRole('row').filter({ has: page.getByRole('rowheader', { name: 'pump-1' }) });
   await row.getByText('ago').waitFor();
   await shot(page, '07-devices');
@@ -220,6 +223,17 @@ test('root signs in, mints a branch, revokes it, watches a device and the broker
   await page.locator('ol.live li', { hasText: 'live-1' }).waitFor();
   await page.locator('[data-points="33"]').waitFor();
   await page.getByRole('row', { name: /marker/ }).waitFor();
+  // Two states with the same time, sent apart: each shows once, however
+  // many polls see that time again.
+  const t = Date.now();
+  for (const marker of ['same-a', 'same-b']) {
+    assert.equal((await postState(server, childSecret, 'farm', 'pump-1', { time: t, data: { flow: 41, marker } })).status, 200);
+    await page.locator('ol.live li', { hasText: marker }).waitFor();
+  }
+  await page.waitForTimeout(3500);
+  assert.equal(await page.locator('ol.live li', { hasText: 'same-a' }).count(), 1);
+  assert.equal(await page.locator('ol.live li', { hasText: 'same-b' }).count(), 1);
+  assert.equal(await page.locator('ol.live li').count(), 3);
   await shot(page, '08-device');
 
   // Broker figures from /metrics, including the refusal seen above.
@@ -227,8 +241,8 @@ test('root signs in, mints a branch, revokes it, watches a device and the broker
   await page.getByRole('heading', { name: 'Refusals by reason' }).waitFor();
   await page.getByRole('cell', { name: '401 unauthorized' }).waitFor();
   const stored = await page.locator('.stat', { hasText: 'Stored since start' }).locator('.value').textContent();
-  // flow 1 and 3, the 30-state array and the live one; flow 2 was refused.
-  assert.equal(stored.trim(), '33');
+  // flow 1 and 3, the 30-state array and the three live ones; flow 2 was refused.
+  assert.equal(stored.trim(), '35');
   // While devices send, the live ingest rate and commit latency show it.
   const ingest = page.locator('.stat', { hasText: 'Ingest' }).locator('.value');
   const latency = page.locator('.stat', { hasText: 'Group-commit latency' }).locator('.value');
