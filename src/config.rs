@@ -50,6 +50,8 @@ pub struct StorageConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
+    /// false: no device HTTP(S) listener at all.
+    pub enabled: bool,
     pub listen: SocketAddr,
     pub listen_backlog: u32,
     pub max_body_bytes: usize,
@@ -63,6 +65,11 @@ pub struct HttpConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
+    /// false: no plain MQTT listener (MQTT over TLS is `tls.mqtts_enabled`).
+    pub enabled: bool,
+    /// With TLS configured, plain MQTT stays off unless this is true, so
+    /// device tokens do not travel unencrypted next to the TLS port.
+    pub plain_with_tls: bool,
     pub listen: SocketAddr,
     pub listen_backlog: u32,
     pub max_connections: usize,
@@ -118,12 +125,53 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// PEM private key.
     pub key: PathBuf,
+    /// false: no MQTT-over-TLS listener even with a certificate.
+    pub mqtts_enabled: bool,
     pub mqtts_listen: SocketAddr,
 }
 
 impl TlsConfig {
     pub fn enabled(&self) -> bool {
         !self.cert.as_os_str().is_empty()
+    }
+}
+
+/// Whether a device listener is open, and if not, why: the reason is
+/// logged at start-up so an operator sees what is closed and which key
+/// opens it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Open {
+    Yes,
+    No(&'static str),
+}
+
+impl Config {
+    /// The plain MQTT listener.
+    pub fn mqtt_open(&self) -> Open {
+        match (self.mqtt.enabled, self.tls.enabled(), self.mqtt.plain_with_tls) {
+            (false, _, _) => Open::No("mqtt.enabled = false"),
+            (true, true, false) => Open::No(
+                "TLS is configured, so plain MQTT is off; set mqtt.plain_with_tls = true to keep it",
+            ),
+            _ => Open::Yes,
+        }
+    }
+
+    /// The MQTT-over-TLS listener.
+    pub fn mqtts_open(&self) -> Open {
+        match (self.tls.enabled(), self.tls.mqtts_enabled) {
+            (false, _) => Open::No("no TLS certificate (tls.cert, tls.key)"),
+            (true, false) => Open::No("tls.mqtts_enabled = false"),
+            (true, true) => Open::Yes,
+        }
+    }
+
+    /// The device HTTP listener (HTTPS when TLS is configured).
+    pub fn http_open(&self) -> Open {
+        match self.http.enabled {
+            false => Open::No("http.enabled = false"),
+            true => Open::Yes,
+        }
     }
 }
 

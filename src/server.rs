@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin_token;
 use crate::auth::Registry;
-use crate::config::Config;
+use crate::config::{Config, Open};
 use crate::http::admin::{router, AdminApi};
 use crate::http::device::{DeviceApi, DeviceService};
 use crate::http::serve::{serve, HttpLimits};
@@ -49,13 +49,18 @@ pub enum ServeError {
 }
 
 /// The bound sockets. Binding is separate from running so a caller (a test)
-/// can bind port 0 and learn the addresses first.
+/// can bind port 0 and learn the addresses first. A device listener the
+/// configuration turns off (see `Config::mqtt_open` and friends) is `None`
+/// and never bound.
 pub struct Listeners {
-    pub mqtt: TcpListener,
-    pub http: TcpListener,
+    pub mqtt: Option<TcpListener>,
+    /// HTTPS when TLS is configured.
+    pub http: Option<TcpListener>,
     pub admin: TcpListener,
-    /// MQTT over TLS; bound only when `tls.cert` and `tls.key` are set.
+    /// MQTT over TLS.
     pub mqtts: Option<TcpListener>,
+    /// Whether `http` serves HTTPS, so it is announced as what it is.
+    https: bool,
 }
 
 impl Listeners {
@@ -77,31 +82,59 @@ impl Listeners {
             // at once; the kernel still caps this at net.core.somaxconn.
             socket.listen(backlog).map_err(err)
         }
-        Ok(Listeners {
-            mqtt: one("mqtt", c.mqtt.listen, c.mqtt.listen_backlog)?,
-            http: one("http", c.http.listen, c.http.listen_backlog)?,
+        let device = |what: &'static str,
+                      open: Open,
+                      addr: SocketAddr,
+                      backlog: u32|
+         -> Result<Option<TcpListener>, ServeError> {
+            match open {
+                Open::Yes => one(what, addr, backlog).map(Some),
+                Open::No(why) => {
+                    tracing::info!(listener = what, reason = why, "listener off");
+                    Ok(None)
+                }
+            }
+        };
+        let https = c.tls.enabled();
+        let listeners = Listeners {
+            mqtt: device("mqtt", c.mqtt_open(), c.mqtt.listen, c.mqtt.listen_backlog)?,
+            http: device(
+                if https { "https" } else { "http" },
+                c.http_open(),
+                c.http.listen,
+                c.http.listen_backlog,
+            )?,
             admin: one("admin", c.admin.listen, 128)?,
-            mqtts: match c.tls.enabled() {
-                true => Some(one("mqtts", c.tls.mqtts_listen, c.mqtt.listen_backlog)?),
-                false => None,
-            },
-        })
+            mqtts: device(
+                "mqtts",
+                c.mqtts_open(),
+                c.tls.mqtts_listen,
+                c.mqtt.listen_backlog,
+            )?,
+            https,
+        };
+        if listeners.mqtt.is_none() && listeners.http.is_none() && listeners.mqtts.is_none() {
+            tracing::warn!("every device listener is off: nothing can send state");
+        }
+        Ok(listeners)
     }
 
+    /// What is open, in announcement order.
     fn addrs(&self) -> Vec<(&'static str, SocketAddr)> {
         let addr = |l: &TcpListener| {
             l.local_addr()
                 .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
         };
-        let mut v = vec![
-            ("mqtt", addr(&self.mqtt)),
-            ("http", addr(&self.http)),
-            ("admin", addr(&self.admin)),
-        ];
-        if let Some(l) = &self.mqtts {
-            v.push(("mqtts", addr(l)));
-        }
-        v
+        let http = if self.https { "https" } else { "http" };
+        [
+            ("mqtt", self.mqtt.as_ref()),
+            (http, self.http.as_ref()),
+            ("admin", Some(&self.admin)),
+            ("mqtts", self.mqtts.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(name, l)| l.map(|l| (name, addr(l))))
+        .collect()
     }
 }
 
@@ -183,18 +216,20 @@ pub async fn run(
         max_body_bytes: config.http.max_body_bytes,
         body_read_timeout: config.http.body_read_timeout,
     }));
-    tasks.spawn(serve(
-        listeners.http,
-        tls.as_ref().map(|t| t.http.clone()),
-        device,
-        HttpLimits {
-            max_connections: config.http.max_connections,
-            header_read_timeout: config.http.header_read_timeout,
-        },
-        stop.clone(),
-        grace,
-        "http",
-    ));
+    if let Some(l) = listeners.http {
+        tasks.spawn(serve(
+            l,
+            tls.as_ref().map(|t| t.http.clone()),
+            device,
+            HttpLimits {
+                max_connections: config.http.max_connections,
+                header_read_timeout: config.http.header_read_timeout,
+            },
+            stop.clone(),
+            grace,
+            "http",
+        ));
+    }
 
     let admin = router(
         Arc::new(AdminApi {
@@ -225,13 +260,15 @@ pub async fn run(
         metrics.clone(),
         config.mqtt.clone(),
     ));
-    tasks.spawn(mqtt::serve(
-        listeners.mqtt,
-        None,
-        mqtt_ctx.clone(),
-        stop.clone(),
-        grace,
-    ));
+    if let Some(l) = listeners.mqtt {
+        tasks.spawn(mqtt::serve(
+            l,
+            None,
+            mqtt_ctx.clone(),
+            stop.clone(),
+            grace,
+        ));
+    }
     if let (Some(l), Some(t)) = (listeners.mqtts, &tls) {
         tasks.spawn(mqtt::serve(
             l,

@@ -13,8 +13,10 @@ pub const ADMIN: &str = "test-admin-token-0123456789abcdefghijkl";
 pub struct Server {
     pub child: Option<Child>,
     pub dir: PathBuf,
+    /// Device HTTP (or HTTPS) address; empty when that listener is off.
     pub http: String,
     pub admin: String,
+    /// Plain MQTT address; empty when that listener is off.
     pub mqtt: String,
     /// MQTT over TLS, when the server was started with a certificate.
     pub mqtts: Option<String>,
@@ -68,36 +70,41 @@ impl Server {
         let mut child = cmd.spawn().expect("spawn sluice");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
-        let (mut http, mut admin, mut mqtt, mut mqtts) = (None, None, None, None);
-        let want_tls = env.iter().any(|(k, _)| *k == "SLUICE_TLS__CERT");
         let deadline = Instant::now() + Duration::from_secs(60);
-        while http.is_none() || admin.is_none() || mqtt.is_none() || (want_tls && mqtts.is_none()) {
+        // The server writes <dir>/listening (atomically) before it prints
+        // the same lines, so after the first printed line the file says
+        // everything that is open, whichever listeners are off.
+        loop {
             assert!(Instant::now() < deadline, "server did not start");
-            let line = match lines.next() {
-                Some(Ok(l)) => l,
+            match lines.next() {
+                Some(Ok(l)) if l.starts_with("listening ") => break,
+                Some(Ok(_)) => {}
                 _ => panic!(
                     "server exited before listening: {}",
                     std::fs::read_to_string(&stderr_path).unwrap_or_default()
                 ),
-            };
-            let parts: Vec<&str> = line.split(' ').collect();
-            if parts.len() == 3 && parts[0] == "listening" {
-                let addr = parts[2].to_string();
-                match parts[1] {
-                    "http" => http = Some(addr),
-                    "admin" => admin = Some(addr),
-                    "mqtt" => mqtt = Some(addr),
-                    "mqtts" => mqtts = Some(addr),
-                    _ => {}
-                }
             }
         }
+        let listening = std::fs::read_to_string(dir.join("listening")).unwrap();
+        let open = |kinds: &[&str]| {
+            listening.lines().find_map(|l| {
+                let parts: Vec<&str> = l.split(' ').collect();
+                (parts.len() == 3 && parts[0] == "listening" && kinds.contains(&parts[1]))
+                    .then(|| parts[2].to_string())
+            })
+        };
+        let (http, admin, mqtt, mqtts) = (
+            open(&["http", "https"]),
+            open(&["admin"]),
+            open(&["mqtt"]),
+            open(&["mqtts"]),
+        );
         Server {
             child: Some(child),
             dir: dir.to_path_buf(),
-            http: http.unwrap(),
-            admin: admin.unwrap(),
-            mqtt: mqtt.unwrap(),
+            http: http.unwrap_or_default(),
+            admin: admin.expect("listening admin"),
+            mqtt: mqtt.unwrap_or_default(),
             mqtts,
             _tmp: None,
             stderr_path,

@@ -11,6 +11,7 @@ mod crash;
 mod hostile;
 mod http_ingest;
 mod lifecycle;
+mod listeners;
 mod mqtt;
 mod rate_limits;
 mod secrets;

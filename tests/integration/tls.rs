@@ -8,14 +8,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::*;
 
-struct Pki {
+pub struct Pki {
     _dir: tempfile::TempDir,
-    cert: std::path::PathBuf,
-    key: std::path::PathBuf,
-    der: rustls::pki_types::CertificateDer<'static>,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub der: rustls::pki_types::CertificateDer<'static>,
 }
 
-fn pki() -> Pki {
+/// A fresh self-signed certificate for localhost and its key, as PEM files.
+pub fn pki() -> Pki {
     let dir = tempfile::tempdir().unwrap();
     let ck =
         rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
@@ -31,7 +32,8 @@ fn pki() -> Pki {
     }
 }
 
-fn connector(p: &Pki) -> tokio_rustls::TlsConnector {
+/// A TLS client that trusts exactly `p`'s certificate.
+pub fn connector(p: &Pki) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(p.der.clone()).unwrap();
     let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -57,6 +59,8 @@ fn https_and_mqtts_store_state() {
         json!({"name": "d", "scope": ["device.sendState", "device.getState"]}),
     );
     let mqtts = s.mqtts.clone().expect("listening mqtts line");
+    // With TLS configured, plain MQTT is off unless kept explicitly.
+    assert!(s.mqtt.is_empty(), "plain MQTT open beside TLS: {}", s.mqtt);
 
     // HTTPS POST with a real TLS client verifying the certificate.
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -102,7 +106,7 @@ fn https_and_mqtts_store_state() {
         );
     }
     // A client that does not trust the certificate is refused by its own
-    // verification; the plain MQTT listener still works beside TLS.
+    // verification.
     let out = std::process::Command::new("mosquitto_pub")
         .args(["-h", "localhost", "-p", port, "--capath", "/nonexistent"])
         .args([
