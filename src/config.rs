@@ -179,6 +179,17 @@ impl Config {
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     pub level: String,
+    pub format: LogFormat,
+}
+
+/// How log lines are written on stderr.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For people: one line per event, colours on a terminal.
+    Text,
+    /// For log shippers: one JSON object per line.
+    Json,
 }
 
 impl Default for Config {

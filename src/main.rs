@@ -153,22 +153,77 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.level.clone());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).context("log filter")?)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let level = sluice::logging::init(&config.log, rust_log.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
+        let (reloads, reloaded) = tokio::sync::watch::channel(config.clone());
+        // Installed before anything is announced: SIGHUP's default action
+        // would end the process.
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(hangups) => {
+                tokio::spawn(reload_on_hangup(
+                    hangups,
+                    args.config,
+                    env,
+                    overrides,
+                    level,
+                    reloads,
+                ));
+            }
+            Err(e) => tracing::warn!(error = %e, "no SIGHUP handler: reloading needs a restart"),
+        }
         let listeners = sluice::Listeners::bind(&config).await?;
-        sluice::run(config, listeners, admin_token, shutdown_signal()).await?;
-        Ok::<_, anyhow::Error>(())
-    })?;
+        sluice::run(config, listeners, admin_token, shutdown_signal(), reloaded).await
+    });
+    if let Err(e) = result {
+        // Through the log, so a JSON log stays one object per line.
+        tracing::error!(error = %e, "the broker stopped on an error");
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// On each SIGHUP, re-reads the configuration the way start-up read it
+/// (file, environment, flags), applies `log.level` here and hands the new
+/// configuration to the server, which re-reads the TLS pair. A
+/// configuration that does not load changes nothing.
+async fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    file: Option<PathBuf>,
+    env: Vec<(String, String)>,
+    overrides: Overrides,
+    level: sluice::logging::LogLevel,
+    reloads: tokio::sync::watch::Sender<Config>,
+) {
+    while hangups.recv().await.is_some() {
+        let (file, env, overrides) = (file.clone(), env.clone(), overrides.clone());
+        let loaded =
+            tokio::task::spawn_blocking(move || Config::load(file.as_deref(), &env, &overrides))
+                .await;
+        let config = match loaded {
+            Ok(Ok(c)) => c,
+            Ok(Err(problems)) => {
+                tracing::error!(%problems, "SIGHUP: configuration not reloaded; keeping the running one");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: configuration not reloaded");
+                continue;
+            }
+        };
+        match level.set(&config.log.level) {
+            Ok(true) => tracing::info!(level = %config.log.level, "SIGHUP: log level set"),
+            Ok(false) => tracing::info!("SIGHUP: RUST_LOG is set, so log.level is not applied"),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: log level not changed"),
+        }
+        if reloads.send(config).is_err() {
+            return;
+        }
+    }
 }
 
 /// Resolves on the first SIGINT or SIGTERM; a second one exits at once.
@@ -193,7 +248,7 @@ async fn shutdown_signal() {
             _ = int.recv() => {}
             _ = term.recv() => {}
         }
-        eprintln!("second signal: exiting without draining");
+        tracing::warn!("second signal: exiting without draining");
         std::process::exit(130);
     });
 }

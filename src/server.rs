@@ -140,12 +140,15 @@ impl Listeners {
 
 /// Runs the broker until `shutdown` resolves, then drains: listeners stop
 /// accepting, in-flight requests finish (up to `shutdown.grace`), the
-/// writer commits and syncs what is queued, and `run` returns.
+/// writer commits and syncs what is queued, and `run` returns. Each
+/// configuration sent on `reloads` (SIGHUP) is applied as far as a running
+/// broker can (see `reload`).
 pub async fn run(
     config: Config,
     listeners: Listeners,
     admin_token_env: Option<String>,
     shutdown: impl Future<Output = ()>,
+    reloads: tokio::sync::watch::Receiver<Config>,
 ) -> Result<(), ServeError> {
     let data_dir = config.storage.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| ServeError::DataDir {
@@ -261,13 +264,7 @@ pub async fn run(
         config.mqtt.clone(),
     ));
     if let Some(l) = listeners.mqtt {
-        tasks.spawn(mqtt::serve(
-            l,
-            None,
-            mqtt_ctx.clone(),
-            stop.clone(),
-            grace,
-        ));
+        tasks.spawn(mqtt::serve(l, None, mqtt_ctx.clone(), stop.clone(), grace));
     }
     if let (Some(l), Some(t)) = (listeners.mqtts, &tls) {
         tasks.spawn(mqtt::serve(
@@ -296,6 +293,13 @@ pub async fn run(
             }
         })
     };
+
+    tokio::spawn(crate::reload::watch(
+        config.clone(),
+        reloads,
+        tls.clone(),
+        stop.clone(),
+    ));
 
     announce(&data_dir, &addrs)?;
     tracing::info!("serving");

@@ -44,6 +44,12 @@ impl Server {
     /// Starts on an existing data dir (for restart tests); the caller keeps
     /// the directory alive.
     pub fn start_in(dir: &Path, env: &[(&str, &str)]) -> Server {
+        Self::start_args(dir, &[], env)
+    }
+
+    /// As `start_in`, with extra arguments to `sluice serve` (e.g.
+    /// `--config FILE`).
+    pub fn start_args(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let stderr_path = dir.join(format!(
             "stderr-{}.log",
             std::time::SystemTime::now()
@@ -60,6 +66,7 @@ impl Server {
             .args(["--admin-listen", "127.0.0.1:0"])
             .args(["--mqtt-listen", "127.0.0.1:0"])
             .args(["--mqtts-listen", "127.0.0.1:0"])
+            .args(args)
             .env("SLUICE_ADMIN_TOKEN", ADMIN)
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped())

@@ -67,7 +67,9 @@ fn open_listeners(mqtt: u16, http: u16, mqtts: u16, env: &[(&str, &str)]) -> (Ve
         .collect();
     // What is not announced must not be reachable either.
     for (name, port) in [("mqtt", mqtt), ("mqtts", mqtts)] {
-        let announced = lines.iter().any(|l| l.starts_with(&format!("listening {name} ")));
+        let announced = lines
+            .iter()
+            .any(|l| l.starts_with(&format!("listening {name} ")));
         assert_eq!(!announced, refused(port), "{name} on {port}: {lines:?}");
     }
     let http_announced = lines
@@ -152,12 +154,27 @@ fn plain_mqtt_kept_beside_tls_stores_state() {
     );
     let port = s.mqtt.rsplit(':').next().unwrap();
     let out = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", port, "-u", "x", "-P", &t, "-q", "1"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            port,
+            "-u",
+            "x",
+            "-P",
+            &t,
+            "-q",
+            "1",
+        ])
         .args(["-t", "applications/app/devices/d/state"])
         .args(["-m", r#"{"data":{"via":"plain"}}"#])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got = history_all(&s, ADMIN, "app", "d");
     assert_eq!(got.len(), 1);
     assert_eq!(got[0]["data"]["via"], "plain");

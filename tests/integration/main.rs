@@ -14,6 +14,7 @@ mod lifecycle;
 mod listeners;
 mod mqtt;
 mod rate_limits;
+mod reload;
 mod secrets;
 mod tls;
 mod token_props;

@@ -11,12 +11,47 @@ use crate::common::*;
 
 #[test]
 fn no_secret_in_logs_bodies_store_or_debug() {
+    scenario("text");
+}
+
+/// The same in `log.format = "json"`, where also every line of the log is
+/// one JSON object with the fields log shippers index on.
+#[test]
+fn json_log_is_one_object_per_line_without_secrets() {
+    let log = scenario("json");
+    let mut messages = 0;
+    for line in log.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+        for key in ["timestamp", "level", "target"] {
+            assert!(v[key].is_string(), "no {key}: {line}");
+        }
+        if v["message"].is_string() {
+            messages += 1;
+        }
+    }
+    assert!(
+        log.lines().count() > 10 && messages == log.lines().count(),
+        "every line has a message ({messages} of {})",
+        log.lines().count()
+    );
+    // Fields sit at the top level beside the message.
+    assert!(
+        log.lines()
+            .any(|l| l.contains(r#""message":"token cache loaded""#) && l.contains(r#""tokens":"#)),
+        "{log}"
+    );
+}
+
+/// Runs the scenario with the log in `format` and returns the log.
+fn scenario(format: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let mut s = Server::start_in(
         dir.path(),
         &[
             ("RUST_LOG", "trace"),
             ("SLUICE_TOKENS__LAST_USED_FLUSH", "100ms"),
+            ("SLUICE_LOG__FORMAT", format),
         ],
     );
     let mut secrets = vec![ADMIN.to_string()];
@@ -172,4 +207,5 @@ fn no_secret_in_logs_bodies_store_or_debug() {
     let dbg = format!("{generated:?} {admin_client:?}");
     assert!(!dbg.contains(&generated.expose()[3..]));
     assert!(!dbg.contains(&child[3..]));
+    log
 }
