@@ -109,6 +109,17 @@ impl AdminClient {
         Ok(())
     }
 
+    /// `POST /backup`: the broker writes a backup into `to`, a directory
+    /// on the broker's machine.
+    pub async fn backup(&self, to: &str) -> Result<Value, ClientError> {
+        let url = format!("{}/backup", self.base);
+        let body = serde_json::json!({ "to": to });
+        Ok(self
+            .send(self.http.post(&url).json(&body), &url)
+            .await?
+            .unwrap_or(Value::Null))
+    }
+
     /// One page of `GET …/state`; `query` is appended as given
     /// (e.g. `order=asc&limit=10000`).
     pub async fn history(

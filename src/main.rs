@@ -33,6 +33,27 @@ enum Command {
     /// Manage tokens through a running broker's admin API.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Back up a running broker's store (history, composite state and
+    /// tokens; not the root admin token) while it serves. The broker
+    /// writes the backup, so DIR is a path on the broker's machine.
+    Backup {
+        /// Directory to create (or an empty one); relative paths are taken
+        /// from the current directory.
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Restore a backup into a new data directory, then check that the
+    /// store opens and its tokens load. Refuses a non-empty directory.
+    Restore {
+        /// A directory written by `sluice backup`.
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        /// The data directory to create (or an empty one).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Parser)]
@@ -112,6 +133,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Token(cmd) => token(cmd),
+        Command::Backup { to, admin } => backup(&to, &admin),
+        Command::Restore { from, data_dir } => restore(&from, &data_dir),
     };
     match result {
         Ok(code) => code,
@@ -333,4 +356,39 @@ fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             bail!(e)
         }
     }
+}
+
+fn backup(to: &Path, admin: &AdminArgs) -> anyhow::Result<ExitCode> {
+    let to = std::path::absolute(to).with_context(|| format!("--to {}", to.display()))?;
+    let to = to
+        .to_str()
+        .with_context(|| format!("--to {}: not UTF-8", to.display()))?
+        .to_string();
+    let client = client(admin)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match runtime.block_on(client.backup(&to)) {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            if let sluice::client::ClientError::Api { body, .. } = &e {
+                println!("{body}");
+            }
+            bail!(e)
+        }
+    }
+}
+
+fn restore(from: &Path, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let restored = sluice::backup::restore(from, data_dir)?;
+    println!("{}", serde_json::to_string_pretty(&restored)?);
+    eprintln!(
+        "restored into {}; the root admin token is not part of a backup: start with SLUICE_ADMIN_TOKEN, or a new {}/admin.token is generated",
+        data_dir.display(),
+        data_dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }

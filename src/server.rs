@@ -240,6 +240,7 @@ pub async fn run(
             store: store.clone(),
             metrics: metrics.clone(),
             queue: queue.clone(),
+            backups: crate::backup::Backups::new(store.clone()),
         }),
         config.admin.max_body_bytes,
     );

@@ -30,6 +30,8 @@ pub struct AdminApi {
     pub store: Store,
     pub metrics: Arc<Metrics>,
     pub queue: Arc<IngestQueue>,
+    /// `POST /backup` (see `http::backup`).
+    pub backups: Arc<crate::backup::Backups>,
 }
 
 /// An error as the API shows it: a status and a stable code.
@@ -131,6 +133,7 @@ pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
         )
         .route("/metrics", get(metrics))
         .route("/whoami", get(whoami))
+        .route("/backup", axum::routing::post(super::backup::backup))
         .route(
             "/applications/{app}/tokens",
             get(list_tokens).post(create_token),
@@ -153,7 +156,7 @@ pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
 
 impl AdminApi {
     /// The usable token the request is made with.
-    fn caller(&self, headers: &HeaderMap) -> Result<Arc<TokenEntry>, ApiError> {
+    pub(crate) fn caller(&self, headers: &HeaderMap) -> Result<Arc<TokenEntry>, ApiError> {
         let cred = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|h| parse_bearer(h.as_bytes()))

@@ -258,6 +258,17 @@ impl Store {
         Ok(())
     }
 
+    /// Writes a consistent point-in-time copy of the whole database (every
+    /// column family: history, composite state, tokens, sequence) into
+    /// `dir`, which must not exist, while writes go on. RocksDB flushes the
+    /// memtables, so everything committed before the call is in it, and
+    /// hard-links the immutable table files when `dir` is on the same
+    /// filesystem (copies them otherwise). Blocking.
+    pub fn checkpoint(&self, dir: &Path) -> Result<(), StoreError> {
+        rocksdb::checkpoint::Checkpoint::new(&self.db)?.create_checkpoint(dir)?;
+        Ok(())
+    }
+
     /// Reads one page of a device's history.
     pub fn history(&self, device: &[u8], q: &HistoryQuery) -> Result<HistoryPage, StoreError> {
         let cf = self.cf(CF_STATE)?;
