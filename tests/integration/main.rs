@@ -9,6 +9,7 @@ mod bad_input;
 mod cli;
 mod console;
 mod crash;
+mod deploy;
 mod hostile;
 mod http_ingest;
 mod lifecycle;
