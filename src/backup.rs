@@ -5,7 +5,7 @@
 //! `SLUICE_ADMIN_TOKEN`) is not part of a backup: it belongs to the
 //! machine's secrets, not to the data.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -29,6 +29,8 @@ pub enum BackupError {
     NotAbsolute(PathBuf),
     #[error("{0} exists and is not an empty directory")]
     NotEmpty(PathBuf),
+    #[error("{0} is inside the live store's directory")]
+    InsideStore(PathBuf),
     #[error("another backup is running")]
     Busy,
     #[error("{path} is not a complete Sluice backup: {reason}")]
@@ -68,6 +70,8 @@ pub struct Manifest {
 /// Takes backups of the running store, one at a time.
 pub struct Backups {
     store: Store,
+    /// The live store's directory, resolved: a backup must not land in it.
+    store_dir: PathBuf,
     /// Set while a backup runs; a second request is refused rather than
     /// queued, since two checkpoints at once only double the I/O.
     running: AtomicBool,
@@ -83,9 +87,11 @@ impl Drop for Running<'_> {
 }
 
 impl Backups {
-    pub fn new(store: Store) -> Arc<Backups> {
+    /// `store_dir` is where `store` lives.
+    pub fn new(store: Store, store_dir: &Path) -> Arc<Backups> {
         Arc::new(Backups {
             store,
+            store_dir: resolved(store_dir),
             running: AtomicBool::new(false),
         })
     }
@@ -96,6 +102,9 @@ impl Backups {
     pub fn take(&self, to: &Path) -> Result<Manifest, BackupError> {
         if !to.is_absolute() {
             return Err(BackupError::NotAbsolute(to.to_path_buf()));
+        }
+        if resolved(to).starts_with(&self.store_dir) {
+            return Err(BackupError::InsideStore(to.to_path_buf()));
         }
         if self.running.swap(true, Ordering::AcqRel) {
             return Err(BackupError::Busy);
@@ -199,6 +208,25 @@ fn read_manifest(from: &Path) -> Result<Manifest, BackupError> {
     Ok(m)
 }
 
+/// `path` with symbolic links and `..` resolved one component at a time,
+/// as the kernel would, also where it does not exist yet.
+fn resolved(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+        if let Ok(real) = out.canonicalize() {
+            out = real;
+        }
+    }
+    out
+}
+
 /// Makes sure `dir` is an empty directory; returns whether it was created.
 fn prepare_empty(dir: &Path) -> Result<bool, BackupError> {
     match std::fs::read_dir(dir) {
@@ -278,7 +306,8 @@ mod tests {
     #[test]
     fn backup_then_restore_round_trips_and_refuses_to_overwrite() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = Store::open(&tmp.path().join("live"), SyncMode::None).unwrap();
+        let live = tmp.path().join("live");
+        let store = Store::open(&live, SyncMode::None).unwrap();
         let d = crate::store::device_key("app", "dev");
         let mut b = store.batch(64);
         store
@@ -290,12 +319,17 @@ mod tests {
             )
             .unwrap();
         store.commit(b, 1).unwrap();
-        let backups = Backups::new(store);
+        let backups = Backups::new(store, &live);
 
         assert!(matches!(
             backups.take(Path::new("relative")),
             Err(BackupError::NotAbsolute(_))
         ));
+        assert!(matches!(
+            backups.take(&tmp.path().join("x/../live/new")),
+            Err(BackupError::InsideStore(_))
+        ));
+        assert!(!live.join("new").exists());
         let to = tmp.path().join("backup");
         let m = backups.take(&to).unwrap();
         assert!(m.files > 0 && m.bytes > 0, "{m:?}");

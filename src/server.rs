@@ -240,7 +240,7 @@ pub async fn run(
             store: store.clone(),
             metrics: metrics.clone(),
             queue: queue.clone(),
-            backups: crate::backup::Backups::new(store.clone()),
+            backups: crate::backup::Backups::new(store.clone(), &data_dir.join("db")),
         }),
         config.admin.max_body_bytes,
     );

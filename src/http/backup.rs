@@ -73,7 +73,7 @@ pub async fn backup(
             "sluiceVersion": m.sluice_version,
         }))
         .into_response(),
-        Err(e @ BackupError::NotAbsolute(_)) => {
+        Err(e @ (BackupError::NotAbsolute(_) | BackupError::InsideStore(_))) => {
             refusal(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
         }
         Err(e @ BackupError::NotEmpty(_)) => {

@@ -271,6 +271,9 @@ fn backup_api_refusals() {
     assert_eq!(post("sl_nonsense", to.clone()).0, 401);
     let (st, v) = post(ADMIN, json!({"to": "relative/dir"}));
     assert_eq!((st, v["error"].as_str()), (400, Some("bad_request")));
+    let (st, v) = post(ADMIN, json!({"to": s.dir.join("db/inside")}));
+    assert_eq!((st, v["error"].as_str()), (400, Some("bad_request")), "{v}");
+    assert!(!s.dir.join("db/inside").exists());
     let (st, v) = post(ADMIN, json!({"to": target, "extra": 1}));
     assert_eq!((st, v["error"].as_str()), (400, Some("bad_request")));
     let (st, v) = post(ADMIN, to.clone());
