@@ -519,6 +519,20 @@ fn systemd_unit_is_sandboxed_and_its_commands_work() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{err}");
         assert!(!err.contains("sluice.service"), "{err}");
+        // systemd's exposure score (0 to 100; it prints a tenth): at most
+        // 20 is in its "OK" band.
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=true", "--threshold=20"])
+            .arg(&copy)
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&out.stdout);
+        let exposure = report
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .unwrap_or_default();
+        eprintln!("{}", exposure.trim());
+        assert!(out.status.success(), "{report}");
     } else {
         eprintln!("systemd-analyze is not installed: unit not verified by systemd");
     }
