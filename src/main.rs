@@ -183,6 +183,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the runtime")?;
     let result = runtime.block_on(async move {
+        // SIGHUP hands re-read configurations to the server. A watch
+        // channel holds only the latest one, so it is never full: a burst
+        // of SIGHUPs coalesces into the last configuration read.
         let (reloads, reloaded) = tokio::sync::watch::channel(config.clone());
         // Installed before anything is announced: SIGHUP's default action
         // would end the process.
