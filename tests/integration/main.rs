@@ -9,6 +9,7 @@ mod cli;
 mod crash;
 mod hostile;
 mod http_ingest;
+mod isolation;
 mod lifecycle;
 mod mqtt;
 mod mqtt_conformance;
