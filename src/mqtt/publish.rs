@@ -158,23 +158,34 @@ impl Session<'_> {
         End::Refused("token revoked or expired")
     }
 
-    /// Tries the publish that waits for queue space again.
-    pub(super) fn retry_blocked(&mut self) -> Option<End> {
-        let req = self.blocked.take()?;
-        let qos1 = matches!(req.done, Completion::Sink { .. });
-        match self.ctx.queue.try_enqueue(req) {
-            Ok(()) => {}
-            Err(EnqueueError::Full(req)) => self.blocked = Some(*req),
-            Err(EnqueueError::Revoked) => return Some(self.revoked_now()),
-            Err(EnqueueError::Closed) => {
-                // The blocked publish is the newest one (reading stops
-                // while blocked); if QoS 1, its PUBACK says it failed.
-                if qos1 {
-                    self.acks.fail_newest();
-                    self.write_ready_acks();
+    /// Queues the publish that waits for space as soon as the writer makes
+    /// room. The wake-up is registered before each attempt, so none is lost
+    /// between a full queue and the wait, and no timer polls.
+    pub(super) async fn queue_blocked(&mut self) -> Option<End> {
+        let queue = &self.ctx.queue;
+        loop {
+            let space = queue.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            let req = self.blocked.take()?;
+            let qos1 = matches!(req.done, Completion::Sink { .. });
+            match queue.try_enqueue(req) {
+                Ok(()) => return None,
+                Err(EnqueueError::Full(req)) => {
+                    self.blocked = Some(*req);
+                    space.await;
+                }
+                Err(EnqueueError::Revoked) => return Some(self.revoked_now()),
+                Err(EnqueueError::Closed) => {
+                    // The blocked publish is the newest one (reading stops
+                    // while blocked); if QoS 1, its PUBACK says it failed.
+                    if qos1 {
+                        self.acks.fail_newest();
+                        self.write_ready_acks();
+                    }
+                    return None;
                 }
             }
         }
-        None
     }
 }

@@ -52,10 +52,6 @@ const MAX_READ_BUFFER: usize = 64 * 1024;
 const LINGER: Duration = Duration::from_millis(500);
 const LINGER_BYTES: usize = 1 << 20;
 
-/// How long a session whose request waits for queue space sleeps before it
-/// retries even without a wake-up (the wake-up can race the retry).
-const SPACE_RECHECK: Duration = Duration::from_millis(20);
-
 /// Far enough to mean "never" for a timer.
 const NEVER: Duration = Duration::from_secs(86_400 * 365);
 
@@ -228,9 +224,8 @@ impl Session<'_> {
     ) -> End {
         let mut keep_alive = KeepAlive::new(keep_alive);
         let mut draining = false;
-        // Locals, so the futures in `select!` do not borrow `self`.
+        // A local, so the futures in `select!` do not borrow `self`.
         let sink = self.acks.sink().clone();
-        let ctx = self.ctx;
         loop {
             // Decode what is buffered, as far as the window and queue allow.
             while self.reading(draining) {
@@ -247,6 +242,11 @@ impl Session<'_> {
                         return self.finish(stream, End::Refused("bad packet"), sig).await;
                     }
                 }
+            }
+            // A client that once sent a large packet does not keep a large
+            // buffer while it idles.
+            if buf.is_empty() && buf.capacity() > MAX_READ_BUFFER {
+                *buf = BytesMut::with_capacity(self.ctx.config.read_buffer_bytes);
             }
             if let Err(end) = self.flush(stream, sig, &keep_alive).await {
                 return self.finish(stream, end, sig).await;
@@ -274,8 +274,8 @@ impl Session<'_> {
                     }
                 },
                 _ = sink.notify.notified() => self.collect_acks(),
-                _ = queue_space(ctx), if self.blocked.is_some() => {
-                    if let Some(end) = self.retry_blocked() {
+                end = self.queue_blocked(), if self.blocked.is_some() => {
+                    if let Some(end) = end {
                         return self.finish(stream, end, sig).await;
                     }
                 }
@@ -415,25 +415,23 @@ impl Session<'_> {
     /// Queues the blocked publish, waiting for space as long as it takes,
     /// unless the server stops hard or the token is revoked meanwhile.
     async fn settle_blocked(&mut self, hard_stop: &CancellationToken) {
+        let queue = &self.ctx.queue;
         while let Some(req) = self.blocked.take() {
-            match self.ctx.queue.try_enqueue(req) {
+            let space = queue.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            match queue.try_enqueue(req) {
                 Ok(()) | Err(EnqueueError::Revoked) | Err(EnqueueError::Closed) => {}
                 Err(EnqueueError::Full(req)) => {
                     self.blocked = Some(*req);
                     tokio::select! {
                         _ = hard_stop.cancelled() => return,
-                        _ = queue_space(self.ctx) => {}
+                        _ = space => {}
                     }
                 }
             }
         }
     }
-}
-
-/// Waits until the writer has taken requests off the queue (or a short
-/// while, in case the wake-up raced the failed attempt).
-pub(super) async fn queue_space(ctx: &MqttContext) {
-    let _ = tokio::time::timeout(SPACE_RECHECK, ctx.queue.space.notified()).await;
 }
 
 /// Writes all of `out` and flushes (TLS buffers records).
