@@ -773,6 +773,13 @@ fn v5_name(p: &v5::Packet) -> &'static str {
     }
 }
 
+/// Whether the next packet in `buf` is a PUBLISH (known from its first
+/// byte, before the packet is complete).
+pub fn starts_with_publish(buf: &[u8]) -> bool {
+    buf.first()
+        .is_some_and(|b| (PUBLISH_MIN..=PUBLISH_MAX).contains(b))
+}
+
 /// QoS of a publish as a number (2 included, so it can be refused).
 pub fn qos_of(p: &Publish) -> u8 {
     p.qos.value()

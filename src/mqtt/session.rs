@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::acks::Pubacks;
 use super::connect::Accepted;
-use super::proto::{Codec, Goodbye, Incoming};
+use super::proto::{starts_with_publish, Codec, Goodbye, Incoming};
 use super::MqttContext;
 use crate::auth::TokenEntry;
 use crate::timefmt::now_ms;
@@ -205,12 +205,16 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 impl Session<'_> {
-    /// Whether the session takes more packets: not while draining, while a
-    /// publish waits for queue space, or while its PUBACK window is full.
-    fn reading(&self, draining: bool) -> bool {
-        !draining
-            && self.blocked.is_none()
-            && self.acks.len() < self.ctx.config.receive_maximum as usize
+    /// Whether the session takes the next packet in `buf` (or reads for
+    /// one). Not while draining; and while a publish waits for queue space
+    /// or the PUBACK window is full, no further PUBLISH: it stays in the
+    /// socket (TCP backpressure). Other packets still are: an MQTT 5 client
+    /// whose window is full keeps pinging and must get its PINGRESPs.
+    fn reading(&self, draining: bool, buf: &[u8]) -> bool {
+        let backpressure =
+            self.blocked.is_some() || self.acks.len() >= self.ctx.config.receive_maximum as usize;
+        let held = backpressure && starts_with_publish(buf);
+        !draining && !held
     }
 
     /// The session loop. Returns when the connection is closed; any
@@ -228,7 +232,7 @@ impl Session<'_> {
         let sink = self.acks.sink().clone();
         loop {
             // Decode what is buffered, as far as the window and queue allow.
-            while self.reading(draining) {
+            while self.reading(draining, buf) {
                 match self.codec.decode(buf) {
                     Ok(Some(pkt)) => {
                         if let Some(end) = self.handle(pkt) {
@@ -259,7 +263,7 @@ impl Session<'_> {
                 self.codec.disconnect(&mut self.out, Goodbye::ShuttingDown);
                 return self.finish(stream, End::Stopped, sig).await;
             }
-            let can_read = self.reading(draining);
+            let can_read = self.reading(draining, buf);
             keep_alive.reading(can_read);
             let deadline = keep_alive.deadline();
             let spare = buf.capacity() - buf.len();

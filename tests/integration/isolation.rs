@@ -149,11 +149,23 @@ fn one_application_cannot_observe_or_affect_another() {
         );
         for app in ["farm", "mine"] {
             let (st, _) = patch_token(&s, &mine, app, id, json!({"status": "inactive"}));
-            assert_eq!(st, if app == "farm" { 403 } else { 404 }, "PATCH {app} {id}");
+            assert_eq!(
+                st,
+                if app == "farm" { 403 } else { 404 },
+                "PATCH {app} {id}"
+            );
             let (st, _) = patch_token(&s, &mine, app, id, json!({"name": "owned"}));
-            assert_eq!(st, if app == "farm" { 403 } else { 404 }, "rename {app} {id}");
+            assert_eq!(
+                st,
+                if app == "farm" { 403 } else { 404 },
+                "rename {app} {id}"
+            );
             let (st, _) = delete(&s, &mine, app, id);
-            assert_eq!(st, if app == "farm" { 403 } else { 404 }, "DELETE {app} {id}");
+            assert_eq!(
+                st,
+                if app == "farm" { 403 } else { 404 },
+                "DELETE {app} {id}"
+            );
         }
     }
     let (_, mine_list) = http_get(&s, &mine, "/applications/mine/tokens");
