@@ -198,6 +198,32 @@ fn malformed_connects_close_without_connack() {
             }
             .bytes(),
         ),
+        // [MQTT-3.1.2-14]: Will QoS 3.
+        (
+            "will QoS 3, 3.1.1",
+            Connect {
+                will: Some((TOPIC, BODY, 3, false)),
+                ..Connect::v311("m", &t)
+            }
+            .bytes(),
+        ),
+        // [MQTT-3.1.2-21]: the Password flag set, no password present.
+        ("password flag without password, 3.1.1", {
+            let mut b = Connect::v311("m", &t).bytes();
+            let cut = b.len() - 2 - t.len();
+            b.truncate(cut);
+            b[1] = (b.len() - 2) as u8;
+            b
+        }),
+        // [MQTT-1.4.0-1] / [MQTT-1.5.4-1]: strings are well-formed UTF-8.
+        ("client id not UTF-8, 3.1.1", {
+            let mut b = Connect::v311("m", &t).bytes();
+            // The client id's one byte follows its two length bytes.
+            let at = 2 + 10 + 2;
+            assert_eq!(b[at], b'm');
+            b[at] = 0xff;
+            b
+        }),
         // 3.1.1 [MQTT-3.1.2-22]: a password needs a user name.
         (
             "password without user name, 3.1.1",
@@ -502,11 +528,37 @@ fn publish_protocol_errors_end_the_session() {
             "{what}"
         );
     }
-    // 3.1.1 [MQTT-3.1.0-2], [MQTT-3.3.1-4], [MQTT-4.7.3-1]: closed.
+    // MQTT 5 [MQTT-3.14.1-1]: DISCONNECT with reserved bits set: 0x81.
+    let (mut r, _) = Raw::connack_code(&s.mqtt, &Connect::v5("p", &t).bytes());
+    r.send(&packet(0xE1, &[0x00, 0x00]));
+    assert_eq!(r.until_closed(SEC)[0].disconnect(), Some(0x81));
+    // 3.1.1 [MQTT-3.1.0-2], [MQTT-3.3.1-4], [MQTT-4.7.3-1], [MQTT-4.7.3-2],
+    // [MQTT-2.2.2-2], [MQTT-2.3.1-1], [MQTT-3.14.1-1]: closed.
     for (what, bytes) in [
         ("second CONNECT", Connect::v311("p", &t).bytes()),
         ("QoS 3", packet(0x36, &[0, 1, b'a', 0, 1])),
         ("empty topic", publish(false, "", 0, 0, false, &[], BODY)),
+        (
+            "NUL in topic",
+            publish(
+                false,
+                "applications/app/devices/d\u{0}/state",
+                0,
+                0,
+                false,
+                &[],
+                BODY,
+            ),
+        ),
+        (
+            "SUBSCRIBE with reserved flags 0000",
+            packet(0x80, &[0, 1, 0, 1, b'a', 0]),
+        ),
+        (
+            "QoS 1 with packet id 0",
+            publish(false, TOPIC, 1, 0, false, &[], BODY),
+        ),
+        ("DISCONNECT with reserved bits", packet(0xE1, &[])),
     ] {
         let (mut r, _) = Raw::connack_code(&s.mqtt, &Connect::v311("p", &t).bytes());
         r.send(&bytes);
@@ -517,6 +569,51 @@ fn publish_protocol_errors_end_the_session() {
     r.send(&packet(0xE0, &[0x00, 0x00]));
     assert!(r.until_closed(SEC).is_empty());
     assert_eq!(stored(&s), 0);
+}
+
+#[test]
+fn a_topic_name_with_wildcards_names_no_device() {
+    let s = Server::start();
+    let t = token(&s);
+    // [MQTT-3.3.2-2] / [MQTT-4.7.1-1]: wildcards are not allowed in a
+    // topic name. Such a topic is not a state topic, so the publish is not
+    // authorized: MQTT 5 PUBACK 0x87 (the session goes on), 3.1.1 close.
+    for topic in ["applications/app/devices/+/state", "applications/app/#"] {
+        let (mut r, _) = Raw::connack_code(&s.mqtt, &Connect::v5("wc", &t).bytes());
+        r.send(&publish(true, topic, 1, 1, false, &[], BODY));
+        assert_eq!(r.expect(SEC).puback(), Some((1, 0x87)), "{topic}");
+        assert!(r.alive());
+        let (mut r, _) = Raw::connack_code(&s.mqtt, &Connect::v311("wc", &t).bytes());
+        r.send(&publish(false, topic, 1, 1, false, &[], BODY));
+        assert!(r.until_closed(SEC).is_empty(), "{topic}");
+    }
+    assert_eq!(stored(&s), 0);
+}
+
+#[test]
+fn keep_alive_timeout_is_disconnect_0x8d() {
+    let s = Server::start();
+    let t = token(&s);
+    // [MQTT-3.1.2-24]: nothing for 1.5 × Keep Alive: MQTT 5 DISCONNECT
+    // 0x8D, then the close (3.1.1: malformed_bytes_harm_nothing_else).
+    let c = Connect {
+        keep_alive: 1,
+        ..Connect::v5("sleepy", &t)
+    };
+    let (mut r, _) = Raw::connack_code(&s.mqtt, &c.bytes());
+    let started = std::time::Instant::now();
+    let got = r.until_closed(SEC);
+    assert_eq!(
+        got.iter().map(Packet::disconnect).collect::<Vec<_>>(),
+        vec![Some(0x8D)]
+    );
+    assert!(started.elapsed() >= Duration::from_millis(1400));
+    // A client that pings in time stays.
+    let (mut r, _) = Raw::connack_code(&s.mqtt, &c.bytes());
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(700));
+        assert!(r.alive());
+    }
 }
 
 #[test]
