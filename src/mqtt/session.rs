@@ -286,7 +286,7 @@ impl Session<'_> {
                 // Reading comes before the keep-alive check, so input that
                 // waited while the server was busy is always seen first.
                 r = stream.read_buf(buf), if can_read => match r {
-                    Ok(0) => return End::ClientClosed,
+                    Ok(0) => return self.finish(stream, End::ClientClosed, sig).await,
                     Ok(n) => {
                         keep_alive.heard();
                         // A read that filled the buffer means the client is
@@ -296,7 +296,7 @@ impl Session<'_> {
                             buf.reserve(buf.capacity());
                         }
                     }
-                    Err(e) => return End::Io(e),
+                    Err(e) => return self.finish(stream, End::Io(e), sig).await,
                 },
                 _ = sleep_until(deadline.unwrap_or_else(never)), if deadline.is_some() => {
                     self.codec.disconnect(&mut self.out, Goodbye::KeepAliveTimeout);

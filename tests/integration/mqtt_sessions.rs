@@ -304,6 +304,21 @@ fn a_publish_waiting_for_queue_space_is_stored_however_its_session_ends() {
     assert_eq!(wait_stored("kicked", 2), 2);
     assert!(new.alive());
 
+    // The client hangs up while its second publish waits: stored all the
+    // same (its first is in the queue).
+    let mut gone = connect(&s, false, "gone", &t, 30);
+    let stall = WriterStall::start(&s).unwrap();
+    let topic = "applications/app/devices/gone/state";
+    for i in 0..2 {
+        let body = format!(r#"{{"data":{{"i":{i}}}}}"#);
+        gone.send(&publish(false, topic, 0, 0, false, &[], body.as_bytes()));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    drop(gone);
+    std::thread::sleep(Duration::from_millis(300));
+    drop(stall);
+    assert_eq!(wait_stored("gone", 2), 2);
+
     // Revoked while its publish waits: nothing of it is stored.
     let mut r = connect(&s, true, "rev", &child, 30);
     let stall = WriterStall::start(&s).unwrap();
