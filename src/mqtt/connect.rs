@@ -175,9 +175,6 @@ pub(super) async fn handshake<'c, S: AsyncRead + AsyncWrite + Unpin>(
         },
     };
     let client_id = assigned.clone().unwrap_or_else(|| info.client_id.clone());
-    // Registered before the CONNACK goes out: a client that reconnects
-    // after reading it is always the newer session.
-    let registration = ctx.takeover.register(&grant.app, client_id);
     codec.connack_ok(
         &mut out,
         cfg.receive_maximum,
@@ -188,10 +185,13 @@ pub(super) async fn handshake<'c, S: AsyncRead + AsyncWrite + Unpin>(
     if out.is_empty() {
         // The client's Maximum Packet Size is too small for any CONNACK
         // (found by fuzzing): it can never be answered, so close instead of
-        // leaving it waiting.
+        // leaving it waiting (and take nothing over).
         return none(ctx, ConnectOutcome::Malformed);
     }
-    if stream.write_all(&out).await.is_err() {
+    // Registered before the CONNACK goes out: a client that reconnects
+    // after reading it is always the newer session.
+    let registration = ctx.takeover.register(&grant.app, client_id);
+    if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
         return None;
     }
     codec.set_max_packet(cfg.max_packet_bytes);

@@ -3,7 +3,8 @@
 //! publish, acknowledge only after commit, and cut revoked sessions.
 //!
 //! Sessions are ingest-only and never stored: CONNACK always says "no
-//! session present", Will messages are ignored, SUBSCRIBE is refused.
+//! session present", Will messages are never published, SUBSCRIBE is
+//! refused.
 //!
 //! A connection goes through `connect.rs` (CONNECT, token, CONNACK), then
 //! `session.rs` (the event loop), which hands each PUBLISH to
