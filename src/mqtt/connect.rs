@@ -102,7 +102,7 @@ pub(super) async fn handshake<'c, S: AsyncRead + AsyncWrite + Unpin>(
     let cfg = &ctx.config;
     let hello = tokio::time::timeout(
         cfg.connect_timeout,
-        read_connect(stream, buf, cfg.max_connect_bytes),
+        read_connect(stream, buf, ctx.connect_limit()),
     )
     .await;
     let mut out = BytesMut::with_capacity(64);
@@ -253,7 +253,7 @@ pub(super) async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     let mut buf = BytesMut::with_capacity(256);
     let read = tokio::time::timeout(
         Duration::from_secs(1),
-        read_connect(&mut stream, &mut buf, ctx.config.max_connect_bytes),
+        read_connect(&mut stream, &mut buf, ctx.connect_limit()),
     )
     .await;
     if let Ok(Hello::Connect(mut codec, _) | Hello::Refuse(mut codec, _, _)) = read {

@@ -101,6 +101,15 @@ impl MqttContext {
             rng: SystemRandom::new(),
         }
     }
+
+    /// The most of a CONNECT that is buffered before the client has
+    /// authenticated: `mqtt.max_connect_bytes`, and never more than any
+    /// packet may be.
+    fn connect_limit(&self) -> u32 {
+        self.config
+            .max_connect_bytes
+            .min(self.config.max_packet_bytes)
+    }
 }
 
 /// Accepts MQTT connections (over TLS when `tls` is given) until `stop`,
@@ -204,7 +213,7 @@ async fn serve_one<S: AsyncRead + AsyncWrite + Unpin>(
             // Before CONNECT succeeds, no more than the CONNECT limit is
             // buffered (see `connect::read_connect`).
             let cfg = &ctx.config;
-            let initial = cfg.read_buffer_bytes.min(cfg.max_connect_bytes as usize);
+            let initial = cfg.read_buffer_bytes.min(ctx.connect_limit() as usize);
             let mut buf = BytesMut::with_capacity(initial);
             if let Some(accepted) = connect::handshake(&mut stream, &mut buf, ip, &ctx).await {
                 session::run(stream, buf, accepted, &ctx, &stop, &hard_stop).await;

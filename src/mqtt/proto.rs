@@ -225,8 +225,9 @@ fn frame(buf: &[u8]) -> Result<Option<(usize, usize)>, ProtoError> {
 /// A connection's codec once the protocol version is known.
 pub struct Codec {
     kind: Kind,
-    /// Largest packet accepted, whole packet counted: `mqtt.max_connect_bytes`
-    /// until the CONNECT is decoded, then `mqtt.max_packet_bytes`.
+    /// Largest packet accepted, whole packet counted: the CONNECT limit
+    /// (`mqtt.max_connect_bytes`) until the CONNECT is decoded, then
+    /// `mqtt.max_packet_bytes`.
     max_packet: usize,
 }
 
