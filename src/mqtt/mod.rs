@@ -215,7 +215,14 @@ async fn serve_one<S: AsyncRead + AsyncWrite + Unpin>(
             let cfg = &ctx.config;
             let initial = cfg.read_buffer_bytes.min(ctx.connect_limit() as usize);
             let mut buf = BytesMut::with_capacity(initial);
-            if let Some(accepted) = connect::handshake(&mut stream, &mut buf, ip, &ctx).await {
+            // A handshake can take up to twice `mqtt.connect_timeout` (the
+            // CONNECT, then a failed-auth hold); past the shutdown grace
+            // period it is cut like a session.
+            let accepted = tokio::select! {
+                a = connect::handshake(&mut stream, &mut buf, ip, &ctx) => a,
+                _ = hard_stop.cancelled() => None,
+            };
+            if let Some(accepted) = accepted {
                 session::run(stream, buf, accepted, &ctx, &stop, &hard_stop).await;
             }
         }
