@@ -65,8 +65,8 @@ pub(super) struct Session<'c> {
     pub(super) codec: Codec,
     pub(super) grant: Arc<TokenEntry>,
     pub(super) acks: Pubacks,
-    /// An accepted publish the queue had no room for; while set, nothing is
-    /// read (TCP backpressure instead of dropping or erroring).
+    /// An accepted publish the queue had no room for; while set, no further
+    /// PUBLISH is taken (TCP backpressure instead of dropping or erroring).
     pub(super) blocked: Option<WriteRequest>,
     /// Replies not yet written.
     pub(super) out: BytesMut,
@@ -97,6 +97,7 @@ enum Signal {
 }
 
 impl Signals<'_> {
+    /// The next signal; `Stop` only once (not while already draining).
     async fn next(&mut self, draining: bool) -> Signal {
         tokio::select! {
             biased;
@@ -111,9 +112,10 @@ impl Signals<'_> {
 
 /// The keep-alive deadline: 1.5 × the client's Keep Alive after the last
 /// read ([MQTT-3.1.2-24]), suspended while the session itself does not
-/// read (its publishes wait for queue space or for PUBACKs, or it drains
-/// for shutdown). The client's packets are then waiting in the socket,
-/// unread: the server's own backpressure must not count against it.
+/// read (a PUBLISH waits for queue space or for the PUBACK window, or the
+/// session drains for shutdown). The client's packets are then waiting in
+/// the socket, unread: the server's own backpressure must not count
+/// against it.
 struct KeepAlive {
     period: Option<Duration>,
     deadline: Instant,
