@@ -167,18 +167,27 @@ pub async fn serve(
         sessions.spawn(async move {
             match tls {
                 None => serve_one(stream, ctx, stop, hard_stop, admit).await,
+                // On the heap: a TLS stream and its session are several
+                // times the size of a plain one, and every task is as large
+                // as its largest variant.
                 Some(acceptor) => {
-                    // The handshake counts against the CONNECT timeout.
-                    match tokio::time::timeout(ctx.config.connect_timeout, acceptor.accept(stream))
+                    Box::pin(async {
+                        // The handshake counts against the CONNECT timeout.
+                        match tokio::time::timeout(
+                            ctx.config.connect_timeout,
+                            acceptor.accept(stream),
+                        )
                         .await
-                    {
-                        Ok(Ok(s)) => serve_one(s, ctx, stop, hard_stop, admit).await,
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "MQTT TLS handshake failed");
-                            ctx.metrics.connect(ConnectOutcome::Malformed);
+                        {
+                            Ok(Ok(s)) => serve_one(s, ctx, stop, hard_stop, admit).await,
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "MQTT TLS handshake failed");
+                                ctx.metrics.connect(ConnectOutcome::Malformed);
+                            }
+                            Err(_) => ctx.metrics.connect(ConnectOutcome::Timeout),
                         }
-                        Err(_) => ctx.metrics.connect(ConnectOutcome::Timeout),
-                    }
+                    })
+                    .await
                 }
             }
             drop(permit);
