@@ -83,6 +83,7 @@ pub struct MqttConfig {
     pub auth_failure_rate_per_ip: u32,
     pub auth_failure_burst_per_ip: u32,
     pub ip_table_max: usize,
+    pub max_connect_bytes: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -316,6 +317,10 @@ impl Config {
         positive("mqtt.receive_maximum", self.mqtt.receive_maximum as usize);
         positive("mqtt.read_buffer_bytes", self.mqtt.read_buffer_bytes);
         positive("mqtt.ip_table_max", self.mqtt.ip_table_max);
+        positive(
+            "mqtt.max_connect_bytes",
+            self.mqtt.max_connect_bytes as usize,
+        );
         positive("admin.max_connections", self.admin.max_connections);
         positive("admin.max_body_bytes", self.admin.max_body_bytes);
         positive("batch.max_messages", self.batch.max_messages);

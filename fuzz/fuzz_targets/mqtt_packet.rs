@@ -16,12 +16,13 @@ use bytes::BytesMut;
 use bytestring::ByteString;
 use libfuzzer_sys::fuzz_target;
 use sluice::auth::{Devices, NewToken, Registry, Scope, Scopes, Status, TokenEntry};
-use sluice::mqtt::{check_publish, Codec, Incoming, PublishRefusal};
+use sluice::mqtt::{check_publish, Codec, Incoming, ProtoError, PublishRefusal, Refusal};
 use sluice::secret::TokenHash;
 use tokio_util::codec::Decoder;
 
 /// The shipped defaults (config/sluice.toml).
 const MAX_PACKET: u32 = 262_144;
+const MAX_CONNECT: u32 = 4096;
 const RECEIVE_MAX: u16 = 100;
 const NOW: i64 = 1_700_000_000_000;
 /// The one token's secret; the seeds use it as the CONNECT password.
@@ -103,11 +104,18 @@ impl Conn {
         loop {
             let codec = match &mut self.codec {
                 Some(c) => c,
-                None => match Codec::detect(&mut self.buf, MAX_PACKET) {
+                None => match Codec::detect(&mut self.buf, MAX_CONNECT) {
                     Ok(None) => return None,
                     Ok(Some(c)) => {
                         self.run.v5 = Some(c.is_v5());
                         self.codec.insert(c)
+                    }
+                    Err(ProtoError::UnsupportedVersion { level }) => {
+                        // The session answers in the format `answering` picks.
+                        let mut c = Codec::answering(level);
+                        self.run.v5 = Some(c.is_v5());
+                        c.connack_refuse(&mut self.out, Refusal::UnsupportedVersion);
+                        return Some(format!("unsupported level {level}"));
                     }
                     Err(e) => return Some(format!("detect: {e}")),
                 },
@@ -116,19 +124,20 @@ impl Conn {
                 let info = match codec.decode_connect(&mut self.buf) {
                     Ok(None) => return None,
                     Ok(Some(i)) => i,
-                    Err(e) => return Some(format!("connect: {e}")),
+                    Err(e) => {
+                        // The refusals the session answers with a CONNACK.
+                        let why = match e {
+                            ProtoError::TooLarge => Some(Refusal::PacketTooLarge),
+                            ProtoError::BadClientId => Some(Refusal::BadClientId),
+                            _ => None,
+                        };
+                        if let Some(why) = why {
+                            codec.connack_refuse(&mut self.out, why);
+                        }
+                        return Some(format!("connect: {e}"));
+                    }
                 };
-                self.run.events.push(format!(
-                    "CONNECT {:?} pw={:?} will={} expiry={} max={:?}",
-                    info,
-                    info.password,
-                    info.has_will,
-                    info.session_expiry,
-                    info.max_packet_size
-                ));
-                if info.client_id.is_empty() && !info.clean_start && !codec.is_v5() {
-                    return Some("bad client id".into());
-                }
+                self.run.events.push(format!("CONNECT {info:?} pw={:?}", info.password));
                 let auth = info
                     .password
                     .as_deref()
@@ -139,13 +148,19 @@ impl Conn {
                     .is_empty()
                     .then(|| ByteString::from_static("sluice-0"));
                 codec.connack_ok(&mut self.out, RECEIVE_MAX, MAX_PACKET, &info, assigned);
+                codec.set_max_packet(MAX_PACKET);
                 self.connected = true;
                 continue;
             }
             let pkt = match codec.decode(&mut self.buf) {
                 Ok(None) => return None,
                 Ok(Some(p)) => p,
-                Err(e) => return Some(format!("decode: {e}")),
+                Err(e) => {
+                    if self.run.v5 == Some(true) {
+                        codec.disconnect(&mut self.out, e.goodbye());
+                    }
+                    return Some(format!("decode: {e}"));
+                }
             };
             match pkt {
                 Incoming::Publish(p) => {
@@ -189,7 +204,9 @@ impl Conn {
                     assert!(filters as u64 <= u64::from(MAX_PACKET));
                     codec.unsuback(&mut self.out, packet_id, filters);
                 }
-                Incoming::Disconnect => return Some("DISCONNECT".into()),
+                Incoming::Disconnect { session_expiry } => {
+                    return Some(format!("DISCONNECT {session_expiry:?}"))
+                }
                 Incoming::Unexpected(what) => return Some(format!("unexpected {what}")),
             }
         }

@@ -160,6 +160,13 @@ def mqtt_seeds():
         "v5-bad-password": connect(5, "d", password=b"nope") + publish(5, T1, GOOD, qos=1),
         "v5-qos2": connect(5, "d") + publish(5, T1, GOOD, qos=2, pkid=3),
         "v5-oversize": connect(5, "d") + b"\x30\xff\xff\xff\x7f",
+        "v311-unsupported-level": connect(3, "old") + publish(4, T1, GOOD),
+        "v6-unsupported-level": connect(6, "new") + publish(5, T1, GOOD),
+        "v5-empty-id-persistent": connect(5, "", clean=False) + publish(5, T1, GOOD, qos=1) + PING,
+        "v5-retain": connect(5, "r") + publish(5, T1, GOOD, qos=1, retain=True),
+        "v5-subscription-id": connect(5, "r") + publish(5, T1, GOOD, pprops=b"\x0b\x01"),
+        "v5-connect-too-large": connect(5, "big", cprops=b"\x26" + s("k") + s("v" * 5000)),
+        "v5-disconnect-session-expiry": connect(5, "d") + b"\xe0\x07\x00\x05" + u32(0x11, 10),
         "garbage-http": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
         "publish-before-connect": publish(4, T1, GOOD),
     }

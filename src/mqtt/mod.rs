@@ -3,24 +3,31 @@
 //! publish, acknowledge only after commit, and cut revoked sessions.
 //!
 //! Sessions are ingest-only and never stored: CONNACK always says "no
-//! session present", Will messages are ignored, SUBSCRIBE is refused.
+//! session present", Will messages are never published, SUBSCRIBE is
+//! refused.
+//!
+//! A connection goes through `connect.rs` (CONNECT, token, CONNACK), then
+//! `session.rs` (the event loop), which hands each PUBLISH to
+//! `publish.rs` (the per-publish hot path) and owes PUBACKs in the order
+//! `acks.rs` keeps. `takeover.rs` maps live sessions by application and
+//! client id; `proto.rs` is the only file that knows the codec.
 
 mod acks;
+mod connect;
+mod metrics;
 mod proto;
+mod publish;
 mod session;
+mod takeover;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytestring::ByteString;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry as PromRegistry;
+use bytes::BytesMut;
+use ring::rand::SystemRandom;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -30,9 +37,10 @@ use crate::config::MqttConfig;
 use crate::metrics::Metrics;
 use crate::writer::IngestQueue;
 
-use proto::Refusal;
-pub use proto::{Codec, Incoming, ProtoError, Publish};
-pub use session::{check_publish, PublishRefusal};
+pub use metrics::{ConnectOutcome, MqttMetrics, PublishOutcome};
+pub use proto::{Codec, Goodbye, Incoming, ProtoError, Publish, Refusal};
+pub use publish::{check_publish, PublishRefusal};
+use takeover::Takeover;
 
 /// See `MqttContext::refusals`.
 const MAX_REFUSALS_IN_FLIGHT: usize = 64;
@@ -45,7 +53,10 @@ pub struct MqttContext {
     /// Broker-wide metrics (rate-limit refusals are counted per token there).
     pub shared_metrics: Arc<Metrics>,
     pub config: MqttConfig,
-    pub takeover: Takeover,
+    /// Live sessions by application and client id (session takeover).
+    takeover: Takeover,
+    /// For client ids assigned to clients that send none.
+    rng: SystemRandom,
     /// One permit per session, shared by the plain and TLS listeners: over
     /// `mqtt.max_connections` a connection is refused with CONNACK "server
     /// busy" and closed.
@@ -87,176 +98,17 @@ impl MqttContext {
             ),
             config,
             takeover: Takeover::default(),
+            rng: SystemRandom::new(),
         }
     }
 
-    fn rate_limited(&self, token_id: &str) {
-        self.shared_metrics.rate_limited(token_id);
-    }
-
-    fn next_serial(&self) -> u64 {
-        self.takeover.serial.fetch_add(1, Ordering::Relaxed)
-    }
-}
-
-/// Client ids of live sessions. MQTT requires that a new connection with
-/// the id of a live one disconnects the old one ("session taken over");
-/// that also frees half-open connections of devices that reconnected.
-#[derive(Default)]
-pub struct Takeover {
-    live: papaya::HashMap<ByteString, (u64, Arc<Notify>)>,
-    serial: AtomicU64,
-}
-
-impl Takeover {
-    fn register(&self, client_id: &ByteString) -> (u64, Arc<Notify>) {
-        let serial = self.serial.fetch_add(1, Ordering::Relaxed);
-        let kick = Arc::new(Notify::new());
-        let map = self.live.pin();
-        if let Some((_, old)) = map.insert(client_id.clone(), (serial, kick.clone())) {
-            // notify_one stores a permit, so the old session sees it even
-            // if it is busy right now.
-            old.notify_one();
-        }
-        (serial, kick)
-    }
-
-    fn unregister(&self, client_id: &ByteString, serial: u64) {
-        let _ = self
-            .live
-            .pin()
-            .remove_if(client_id, |_, (s, _)| *s == serial);
-    }
-}
-
-/// Outcome of a CONNECT, as counted in metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConnectOutcome {
-    Accepted,
-    NotAuthorized,
-    ServerBusy,
-    BadClientId,
-    Malformed,
-    Timeout,
-    RateLimited,
-}
-
-const CONNECT_OUTCOMES: [(ConnectOutcome, &str); 7] = [
-    (ConnectOutcome::Accepted, "accepted"),
-    (ConnectOutcome::NotAuthorized, "not_authorized"),
-    (ConnectOutcome::ServerBusy, "server_busy"),
-    (ConnectOutcome::BadClientId, "bad_client_id"),
-    (ConnectOutcome::Malformed, "malformed"),
-    (ConnectOutcome::Timeout, "timeout"),
-    (ConnectOutcome::RateLimited, "rate_limited"),
-];
-
-/// Outcome of a PUBLISH, as counted in metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PublishOutcome {
-    Accepted,
-    NotAuthorized,
-    BadPayload,
-    QuotaExceeded,
-    QosUnsupported,
-}
-
-const PUBLISH_OUTCOMES: [(PublishOutcome, &str); 5] = [
-    (PublishOutcome::Accepted, "accepted"),
-    (PublishOutcome::NotAuthorized, "not_authorized"),
-    (PublishOutcome::BadPayload, "bad_payload"),
-    (PublishOutcome::QuotaExceeded, "quota_exceeded"),
-    (PublishOutcome::QosUnsupported, "qos_unsupported"),
-];
-
-/// MQTT metrics; every counter is resolved at start-up.
-pub struct MqttMetrics {
-    open: Gauge,
-    connects: Vec<Counter>,
-    /// Indexed by QoS (0..=2), then outcome.
-    publishes: Vec<Vec<Counter>>,
-    pub revoked: Counter,
-}
-
-type Labels = Vec<(String, String)>;
-
-impl MqttMetrics {
-    pub fn register(r: &mut PromRegistry) -> MqttMetrics {
-        let open = Gauge::default();
-        r.register(
-            "sluice_mqtt_connections",
-            "Open MQTT sessions",
-            open.clone(),
-        );
-        let connects = Family::<Labels, Counter>::default();
-        r.register(
-            "sluice_mqtt_connects",
-            "MQTT CONNECT attempts by outcome",
-            connects.clone(),
-        );
-        let publishes = Family::<Labels, Counter>::default();
-        r.register(
-            "sluice_mqtt_publishes",
-            "MQTT PUBLISH packets by QoS and outcome",
-            publishes.clone(),
-        );
-        let revoked = Counter::default();
-        r.register(
-            "sluice_mqtt_sessions_revoked",
-            "MQTT sessions closed because their token was revoked or expired",
-            revoked.clone(),
-        );
-        let label = |k: &str, v: &str| (k.to_string(), v.to_string());
-        MqttMetrics {
-            open,
-            connects: CONNECT_OUTCOMES
-                .iter()
-                .map(|(_, n)| connects.get_or_create_owned(&vec![label("outcome", n)]))
-                .collect(),
-            publishes: (0..3)
-                .map(|q: u8| {
-                    PUBLISH_OUTCOMES
-                        .iter()
-                        .map(|(_, n)| {
-                            publishes.get_or_create_owned(&vec![
-                                label("qos", &q.to_string()),
-                                label("outcome", n),
-                            ])
-                        })
-                        .collect()
-                })
-                .collect(),
-            revoked,
-        }
-    }
-
-    pub fn connect(&self, o: ConnectOutcome) {
-        if let Some(i) = CONNECT_OUTCOMES.iter().position(|(x, _)| *x == o) {
-            self.connects[i].inc();
-        }
-    }
-
-    pub fn publish(&self, qos: u8, o: PublishOutcome) {
-        if let (Some(per_qos), Some(i)) = (
-            self.publishes.get(qos as usize),
-            PUBLISH_OUTCOMES.iter().position(|(x, _)| *x == o),
-        ) {
-            per_qos[i].inc();
-        }
-    }
-
-    fn open_connection(&self) -> OpenConnection<'_> {
-        self.open.inc();
-        OpenConnection(&self.open)
-    }
-}
-
-/// Decrements the open-connections gauge when a session ends, however.
-struct OpenConnection<'a>(&'a Gauge);
-
-impl Drop for OpenConnection<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
+    /// The most of a CONNECT that is buffered before the client has
+    /// authenticated: `mqtt.max_connect_bytes`, and never more than any
+    /// packet may be.
+    fn connect_limit(&self) -> u32 {
+        self.config
+            .max_connect_bytes
+            .min(self.config.max_packet_bytes)
     }
 }
 
@@ -315,18 +167,27 @@ pub async fn serve(
         sessions.spawn(async move {
             match tls {
                 None => serve_one(stream, ctx, stop, hard_stop, admit).await,
+                // On the heap: a TLS stream and its session are several
+                // times the size of a plain one, and every task is as large
+                // as its largest variant.
                 Some(acceptor) => {
-                    // The handshake counts against the CONNECT timeout.
-                    match tokio::time::timeout(ctx.config.connect_timeout, acceptor.accept(stream))
+                    Box::pin(async {
+                        // The handshake counts against the CONNECT timeout.
+                        match tokio::time::timeout(
+                            ctx.config.connect_timeout,
+                            acceptor.accept(stream),
+                        )
                         .await
-                    {
-                        Ok(Ok(s)) => serve_one(s, ctx, stop, hard_stop, admit).await,
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "MQTT TLS handshake failed");
-                            ctx.metrics.connect(ConnectOutcome::Malformed);
+                        {
+                            Ok(Ok(s)) => serve_one(s, ctx, stop, hard_stop, admit).await,
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "MQTT TLS handshake failed");
+                                ctx.metrics.connect(ConnectOutcome::Malformed);
+                            }
+                            Err(_) => ctx.metrics.connect(ConnectOutcome::Timeout),
                         }
-                        Err(_) => ctx.metrics.connect(ConnectOutcome::Timeout),
-                    }
+                    })
+                    .await
                 }
             }
             drop(permit);
@@ -350,17 +211,34 @@ enum Admit {
 }
 
 async fn serve_one<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: S,
+    mut stream: S,
     ctx: Arc<MqttContext>,
     stop: CancellationToken,
     hard_stop: CancellationToken,
     admit: Admit,
 ) {
     match admit {
-        Admit::Session(ip) => session::run(stream, ip, ctx, stop, hard_stop).await,
-        Admit::Refuse(why) => session::refuse(stream, ctx, why).await,
+        Admit::Session(ip) => {
+            // Before CONNECT succeeds, no more than the CONNECT limit is
+            // buffered (see `connect::read_connect`).
+            let cfg = &ctx.config;
+            let initial = cfg.read_buffer_bytes.min(ctx.connect_limit() as usize);
+            let mut buf = BytesMut::with_capacity(initial);
+            // A handshake can take up to twice `mqtt.connect_timeout` (the
+            // CONNECT, then a failed-auth hold); past the shutdown grace
+            // period it is cut like a session.
+            let accepted = tokio::select! {
+                a = connect::handshake(&mut stream, &mut buf, ip, &ctx) => a,
+                _ = hard_stop.cancelled() => None,
+            };
+            if let Some(accepted) = accepted {
+                session::run(stream, buf, accepted, &ctx, &stop, &hard_stop).await;
+            }
+        }
+        Admit::Refuse(why) => connect::refuse(stream, ctx, why).await,
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,13 @@
-//! The MQTT codec, wrapped: version detection, decoding into the few
-//! packets an ingest broker acts on, and encoding of its replies for 3.1.1
-//! and 5. This is the only file that knows `rmqtt-codec`.
+//! The MQTT codec, wrapped: framing and the packet size limit, version
+//! detection, decoding into the few packets an ingest broker acts on, the
+//! protocol rules the codec leaves to its user, and the encoding of the
+//! replies for 3.1.1 and 5. This is the only file that knows `rmqtt-codec`.
+//!
+//! Framing is done here rather than by the codec for two reasons: the
+//! MQTT 5 Maximum Packet Size counts the whole packet (fixed header
+//! included) while the codec compares only the remaining length, and a
+//! packet over the limit must be refused from its first bytes, before any
+//! of it is buffered.
 
 use std::num::{NonZeroU16, NonZeroU32};
 
@@ -8,7 +15,6 @@ use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use rmqtt_codec::error::DecodeError;
 use rmqtt_codec::types::QoS;
-use rmqtt_codec::version::{ProtocolVersion, VersionCodec};
 use rmqtt_codec::{v3, v5};
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -21,12 +27,38 @@ pub enum ProtoError {
     TooLarge,
     #[error("malformed packet: {0}")]
     Malformed(String),
+    /// A CONNECT of MQTT for a protocol level Sluice does not speak; it is
+    /// answered in the CONNACK format [`Codec::answering`] picks.
+    #[error("unsupported protocol level {level}")]
+    UnsupportedVersion { level: u8 },
+    /// 3.1.1: an empty client id without CleanSession.
+    #[error("empty client id without a clean session")]
+    BadClientId,
+    /// A well-formed packet that breaks a rule of the protocol; MQTT 5
+    /// names the reason in the DISCONNECT.
+    #[error("protocol violation ({0:?})")]
+    Violation(Goodbye),
+}
+
+impl ProtoError {
+    /// The DISCONNECT reason that reports this error to an MQTT 5 client.
+    pub fn goodbye(&self) -> Goodbye {
+        match self {
+            ProtoError::TooLarge => Goodbye::PacketTooLarge,
+            ProtoError::Malformed(_) => Goodbye::Malformed,
+            ProtoError::Violation(g) => *g,
+            ProtoError::UnsupportedVersion { .. } | ProtoError::BadClientId => {
+                Goodbye::ProtocolError
+            }
+        }
+    }
 }
 
 impl From<DecodeError> for ProtoError {
     fn from(e: DecodeError) -> Self {
         match e {
             DecodeError::MaxSizeExceeded { .. } => ProtoError::TooLarge,
+            DecodeError::InvalidClientId => ProtoError::BadClientId,
             other => ProtoError::Malformed(other.to_string()),
         }
     }
@@ -37,12 +69,22 @@ pub struct ConnectInfo {
     pub client_id: ByteString,
     pub password: Option<Bytes>,
     pub keep_alive: u16,
-    pub clean_start: bool,
     /// MQTT 5 session expiry the client asked for (0 for 3.1.1).
     pub session_expiry: u32,
-    pub has_will: bool,
+    pub will: Option<Will>,
+    /// MQTT 5: the client asked for enhanced authentication, which Sluice
+    /// does not offer.
+    pub auth_method: bool,
     /// MQTT 5: the largest packet the client accepts.
     pub max_packet_size: Option<NonZeroU32>,
+}
+
+/// What a CONNECT says about its Will message (which Sluice never
+/// publishes: nothing subscribes to an ingest broker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Will {
+    pub qos: u8,
+    pub retain: bool,
 }
 
 impl std::fmt::Debug for ConnectInfo {
@@ -51,7 +93,10 @@ impl std::fmt::Debug for ConnectInfo {
         f.debug_struct("ConnectInfo")
             .field("client_id", &self.client_id)
             .field("keep_alive", &self.keep_alive)
-            .field("clean_start", &self.clean_start)
+            .field("session_expiry", &self.session_expiry)
+            .field("will", &self.will)
+            .field("auth_method", &self.auth_method)
+            .field("max_packet_size", &self.max_packet_size)
             .finish_non_exhaustive()
     }
 }
@@ -69,7 +114,10 @@ pub enum Incoming {
         filters: usize,
     },
     PingRequest,
-    Disconnect,
+    /// MQTT 5 may carry a new session expiry (always `None` for 3.1.1).
+    Disconnect {
+        session_expiry: Option<u32>,
+    },
     /// A packet a client may not send to an ingest-only server (PUBACK,
     /// PUBREL, AUTH, a second CONNECT, …): a protocol error.
     Unexpected(&'static str),
@@ -86,6 +134,16 @@ pub enum Refusal {
     BadClientId,
     /// 3.1.1 code 3 / 5.0 reason 0x9F.
     RateLimited,
+    /// 3.1.1 code 1 / 5.0 reason 0x84.
+    UnsupportedVersion,
+    /// 5.0 reason 0x95; 3.1.1 has no code for it (no CONNACK, close).
+    PacketTooLarge,
+    /// 5.0 reason 0x9B: a Will QoS above the Maximum QoS.
+    QosNotSupported,
+    /// 5.0 reason 0x9A: a retained Will, and retain is not available.
+    RetainNotSupported,
+    /// 5.0 reason 0x8C: enhanced authentication is not offered.
+    BadAuthMethod,
 }
 
 /// PUBACK outcomes (only MQTT 5 can say anything but success).
@@ -96,7 +154,8 @@ pub enum AckReason {
     NotAuthorized,
     /// 0x99
     PayloadInvalid,
-    /// 0x96 (rate limits)
+    /// 0x97, the PUBACK code for a rate limit: "message rate too high"
+    /// (0x96) exists only for DISCONNECT ([MQTT-3.4.2-1]).
     QuotaExceeded,
     /// 0x80: accepted but not stored (storage failed or shutting down).
     Failed,
@@ -107,11 +166,14 @@ pub enum AckReason {
 pub enum Goodbye {
     NotAuthorized,
     PayloadInvalid,
-    QuotaExceeded,
+    /// 0x96, "message rate too high": over the token's rate limit.
+    RateTooHigh,
     QosNotSupported,
     ProtocolError,
     Malformed,
     PacketTooLarge,
+    TopicAliasInvalid,
+    RetainNotSupported,
     ShuttingDown,
     TakenOver,
     KeepAliveTimeout,
@@ -123,11 +185,13 @@ impl Goodbye {
         match self {
             Goodbye::NotAuthorized => C::NotAuthorized,
             Goodbye::PayloadInvalid => C::PayloadFormatInvalid,
-            Goodbye::QuotaExceeded => C::QuotaExceeded,
+            Goodbye::RateTooHigh => C::MessageRateTooHigh,
             Goodbye::QosNotSupported => C::QosNotSupported,
             Goodbye::ProtocolError => C::ProtocolError,
             Goodbye::Malformed => C::MalformedPacket,
             Goodbye::PacketTooLarge => C::PacketTooLarge,
+            Goodbye::TopicAliasInvalid => C::TopicAliasInvalid,
+            Goodbye::RetainNotSupported => C::RetainNotSupported,
             Goodbye::ShuttingDown => C::ServerShuttingDown,
             Goodbye::TakenOver => C::SessionTakenOver,
             Goodbye::KeepAliveTimeout => C::KeepAliveTimeout,
@@ -135,25 +199,123 @@ impl Goodbye {
     }
 }
 
+const CONNECT: u8 = 0x10;
+const PUBLISH_MIN: u8 = 0x30;
+const PUBLISH_MAX: u8 = 0x3F;
+
+/// The fixed header's length and the whole packet's length, once the
+/// fixed header at the start of `buf` is complete.
+fn frame(buf: &[u8]) -> Result<Option<(usize, usize)>, ProtoError> {
+    let mut remaining = 0usize;
+    for i in 0..4 {
+        let Some(&b) = buf.get(1 + i) else {
+            return Ok(None);
+        };
+        remaining |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            let header = 2 + i;
+            return Ok(Some((header, header + remaining)));
+        }
+    }
+    Err(ProtoError::Malformed(
+        "remaining length longer than 4 bytes".into(),
+    ))
+}
+
 /// A connection's codec once the protocol version is known.
-pub enum Codec {
+pub struct Codec {
+    kind: Kind,
+    /// Largest packet accepted, whole packet counted: the CONNECT limit
+    /// (`mqtt.max_connect_bytes`) until the CONNECT is decoded, then
+    /// `mqtt.max_packet_bytes`.
+    max_packet: usize,
+}
+
+enum Kind {
     V3(v3::Codec),
     V5(v5::Codec),
 }
 
 impl Codec {
     /// Detects the version from the first bytes of a CONNECT, without
-    /// consuming them. `Ok(None)`: need more bytes.
+    /// consuming them. `Ok(None)`: need more bytes. `max_packet` bounds the
+    /// CONNECT (see [`Codec::decode_connect`]).
     pub fn detect(buf: &mut BytesMut, max_packet: u32) -> Result<Option<Codec>, ProtoError> {
-        Ok(match VersionCodec.decode(buf)? {
-            None => None,
-            Some(ProtocolVersion::MQTT3) => Some(Codec::V3(v3::Codec::new(max_packet))),
-            Some(ProtocolVersion::MQTT5) => Some(Codec::V5(v5::Codec::new(max_packet, 0))),
-        })
+        let Some(&first) = buf.first() else {
+            return Ok(None);
+        };
+        if first != CONNECT {
+            return Err(ProtoError::Malformed("first packet is not CONNECT".into()));
+        }
+        let Some((header, _)) = frame(buf)? else {
+            return Ok(None);
+        };
+        let Some(len) = buf.get(header..header + 2) else {
+            return Ok(None);
+        };
+        let name_len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+        if name_len != 4 && name_len != 6 {
+            return Err(ProtoError::Malformed("protocol name is not MQTT".into()));
+        }
+        let name_at = header + 2;
+        let Some(&level) = buf.get(name_at + name_len) else {
+            return Ok(None);
+        };
+        let v5 = match (&buf[name_at..name_at + name_len], level) {
+            (b"MQTT", 4) | (b"MQIsdp", 3) => false,
+            (b"MQTT", 5) => true,
+            (b"MQTT", _) | (b"MQIsdp", _) => return Err(ProtoError::UnsupportedVersion { level }),
+            _ => return Err(ProtoError::Malformed("protocol name is not MQTT".into())),
+        };
+        let kind = match v5 {
+            // The codecs' own limits are off: `frame` enforces ours.
+            false => Kind::V3(v3::Codec::new(0)),
+            true => Kind::V5(v5::Codec::new(0, 0)),
+        };
+        Ok(Some(Codec {
+            kind,
+            max_packet: max_packet as usize,
+        }))
+    }
+
+    /// A codec that can only refuse a CONNECT of an unsupported protocol
+    /// `level`: a level above 5 is answered the MQTT 5 way (0x84), any
+    /// other the 3.1.1 way (code 1), as each of the two specs asks.
+    pub fn answering(level: u8) -> Codec {
+        let kind = match level > 5 {
+            true => Kind::V5(v5::Codec::new(0, 0)),
+            false => Kind::V3(v3::Codec::new(0)),
+        };
+        Codec {
+            kind,
+            max_packet: 0,
+        }
     }
 
     pub fn is_v5(&self) -> bool {
-        matches!(self, Codec::V5(_))
+        matches!(self.kind, Kind::V5(_))
+    }
+
+    /// Sets the largest packet accepted from now on.
+    pub fn set_max_packet(&mut self, max: u32) {
+        self.max_packet = max as usize;
+    }
+
+    /// Whether a whole packet is buffered. A packet over the limit is
+    /// refused as soon as its fixed header is in; otherwise the buffer is
+    /// grown to hold exactly the packet.
+    fn complete(&self, buf: &mut BytesMut) -> Result<Option<(usize, usize)>, ProtoError> {
+        let Some((header, total)) = frame(buf)? else {
+            return Ok(None);
+        };
+        if total > self.max_packet {
+            return Err(ProtoError::TooLarge);
+        }
+        if buf.len() < total {
+            buf.reserve(total - buf.len());
+            return Ok(None);
+        }
+        Ok(Some((header, total)))
     }
 
     /// Decodes the CONNECT packet. Anything else first is malformed.
@@ -161,79 +323,149 @@ impl Codec {
         &mut self,
         buf: &mut BytesMut,
     ) -> Result<Option<ConnectInfo>, ProtoError> {
-        match self {
-            Codec::V3(c) => match c.decode(buf)? {
-                None => Ok(None),
-                Some((v3::Packet::Connect(c), _)) => Ok(Some(ConnectInfo {
-                    has_will: c.last_will.is_some(),
+        let Some((header, total)) = self.complete(buf)? else {
+            return Ok(None);
+        };
+        if buf[0] != CONNECT {
+            return Err(ProtoError::Malformed("first packet is not CONNECT".into()));
+        }
+        // Protocol name length (checked by `detect`), name, level, flags.
+        let too_short = || ProtoError::Malformed("CONNECT too short".into());
+        let packet = &buf[..total];
+        let name_len = packet
+            .get(header..header + 2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+            .ok_or_else(too_short)?;
+        let flags_at = header + 2 + name_len + 1;
+        let flags = *packet.get(flags_at).ok_or_else(too_short)?;
+        // [MQTT-3.1.2-11/13/15]: no Will QoS or Will Retain without a Will.
+        if flags & 0x04 == 0 && flags & 0x38 != 0 {
+            return Err(ProtoError::Malformed(
+                "will QoS or retain without a will".into(),
+            ));
+        }
+        match &mut self.kind {
+            Kind::V3(c) => {
+                // [MQTT-3.1.2-22]: a password needs a user name in 3.1.1.
+                if flags & 0x40 != 0 && flags & 0x80 == 0 {
+                    return Err(ProtoError::Malformed("password without user name".into()));
+                }
+                let Some((v3::Packet::Connect(c), _)) = c.decode(buf)? else {
+                    return Err(ProtoError::Malformed("first packet is not CONNECT".into()));
+                };
+                no_nul(&c.client_id)?;
+                Ok(Some(ConnectInfo {
+                    will: c.last_will.as_ref().map(|w| Will {
+                        qos: w.qos.value(),
+                        retain: w.retain,
+                    }),
                     client_id: c.client_id,
                     password: c.password,
                     keep_alive: c.keep_alive,
-                    clean_start: c.clean_session,
                     session_expiry: 0,
+                    auth_method: false,
                     max_packet_size: None,
-                })),
-                Some(_) => Err(ProtoError::Malformed("first packet is not CONNECT".into())),
-            },
-            Codec::V5(c) => match c.decode(buf)? {
-                None => Ok(None),
-                Some((v5::Packet::Connect(c), _)) => {
-                    if let Some(max) = c.max_packet_size {
-                        c5_set_out(self, max);
-                    }
-                    Ok(Some(ConnectInfo {
-                        has_will: c.last_will.is_some(),
-                        client_id: c.client_id,
-                        password: c.password,
-                        keep_alive: c.keep_alive,
-                        clean_start: c.clean_start,
-                        session_expiry: c.session_expiry_interval_secs,
-                        max_packet_size: c.max_packet_size,
-                    }))
+                }))
+            }
+            Kind::V5(codec) => {
+                // Sluice keeps no sessions, so Clean Start 0 and 1 mean the
+                // same here (no session exists, a new one starts). The codec
+                // refuses an empty client id with Clean Start 0, which MQTT 5
+                // allows ([MQTT-3.1.3-6]), so the bit is set before decoding.
+                buf[flags_at] |= 0x02;
+                let Some((v5::Packet::Connect(c), _)) = codec.decode(buf)? else {
+                    return Err(ProtoError::Malformed("first packet is not CONNECT".into()));
+                };
+                no_nul(&c.client_id)?;
+                if let Some(max) = c.max_packet_size {
+                    codec.set_max_outbound_size(max.get());
                 }
-                Some(_) => Err(ProtoError::Malformed("first packet is not CONNECT".into())),
-            },
+                Ok(Some(ConnectInfo {
+                    will: c.last_will.as_ref().map(|w| Will {
+                        qos: w.qos.value(),
+                        retain: w.retain,
+                    }),
+                    auth_method: c.auth_method.is_some(),
+                    client_id: c.client_id,
+                    password: c.password,
+                    keep_alive: c.keep_alive,
+                    session_expiry: c.session_expiry_interval_secs,
+                    max_packet_size: c.max_packet_size,
+                }))
+            }
         }
     }
 
     /// Decodes the next packet after CONNECT. `Ok(None)`: need more bytes.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Incoming>, ProtoError> {
-        Ok(match self {
-            Codec::V3(c) => c.decode(buf)?.map(|(p, _)| match p {
-                v3::Packet::Publish(p) => Incoming::Publish(p),
-                v3::Packet::Subscribe {
-                    packet_id,
-                    topic_filters,
-                } => Incoming::Subscribe {
-                    packet_id,
-                    filters: topic_filters.len(),
-                },
-                v3::Packet::Unsubscribe {
-                    packet_id,
-                    topic_filters,
-                } => Incoming::Unsubscribe {
-                    packet_id,
-                    filters: topic_filters.len(),
-                },
-                v3::Packet::PingRequest => Incoming::PingRequest,
-                v3::Packet::Disconnect => Incoming::Disconnect,
-                other => Incoming::Unexpected(v3_name(&other)),
-            }),
-            Codec::V5(c) => c.decode(buf)?.map(|(p, _)| match p {
-                v5::Packet::Publish(p) => Incoming::Publish(p),
-                v5::Packet::Subscribe(s) => Incoming::Subscribe {
-                    packet_id: s.packet_id,
-                    filters: s.topic_filters.len(),
-                },
-                v5::Packet::Unsubscribe(u) => Incoming::Unsubscribe {
-                    packet_id: u.packet_id,
-                    filters: u.topic_filters.len(),
-                },
-                v5::Packet::PingRequest => Incoming::PingRequest,
-                v5::Packet::Disconnect(_) => Incoming::Disconnect,
-                other => Incoming::Unexpected(v5_name(&other)),
-            }),
-        })
+        let Some((header, total)) = self.complete(buf)? else {
+            return Ok(None);
+        };
+        let first = buf[0];
+        match &mut self.kind {
+            Kind::V3(c) => {
+                let Some((p, _)) = c.decode(buf)? else {
+                    return Err(ProtoError::Malformed("incomplete packet".into()));
+                };
+                Ok(Some(match p {
+                    v3::Packet::Publish(p) => {
+                        no_nul(&p.topic)?;
+                        Incoming::Publish(p)
+                    }
+                    v3::Packet::Subscribe {
+                        packet_id,
+                        topic_filters,
+                    } => Incoming::Subscribe {
+                        packet_id,
+                        filters: topic_filters.len(),
+                    },
+                    v3::Packet::Unsubscribe {
+                        packet_id,
+                        topic_filters,
+                    } => Incoming::Unsubscribe {
+                        packet_id,
+                        filters: topic_filters.len(),
+                    },
+                    v3::Packet::PingRequest => Incoming::PingRequest,
+                    v3::Packet::Disconnect => Incoming::Disconnect {
+                        session_expiry: None,
+                    },
+                    other => Incoming::Unexpected(v3_name(&other)),
+                }))
+            }
+            Kind::V5(c) => {
+                // Sluice's Topic Alias Maximum is 0, so any Topic Alias is
+                // invalid (0 included, which the codec would only call
+                // malformed): [MQTT-3.2.2-17/18], 0x94.
+                if (PUBLISH_MIN..=PUBLISH_MAX).contains(&first)
+                    && has_topic_alias(&buf[header..total], first)
+                {
+                    return Err(ProtoError::Violation(Goodbye::TopicAliasInvalid));
+                }
+                let Some((p, _)) = c.decode(buf)? else {
+                    return Err(ProtoError::Malformed("incomplete packet".into()));
+                };
+                Ok(Some(match p {
+                    v5::Packet::Publish(p) => {
+                        check_v5_publish(&p)?;
+                        Incoming::Publish(p)
+                    }
+                    v5::Packet::Subscribe(s) => Incoming::Subscribe {
+                        packet_id: s.packet_id,
+                        filters: s.topic_filters.len(),
+                    },
+                    v5::Packet::Unsubscribe(u) => Incoming::Unsubscribe {
+                        packet_id: u.packet_id,
+                        filters: u.topic_filters.len(),
+                    },
+                    v5::Packet::PingRequest => Incoming::PingRequest,
+                    v5::Packet::Disconnect(d) => Incoming::Disconnect {
+                        session_expiry: d.session_expiry_interval_secs,
+                    },
+                    other => Incoming::Unexpected(v5_name(&other)),
+                }))
+            }
+        }
     }
 
     /// CONNACK accepting the connection. No session is ever present: the
@@ -246,8 +478,8 @@ impl Codec {
         info: &ConnectInfo,
         assigned_id: Option<ByteString>,
     ) {
-        match self {
-            Codec::V3(c) => enc3(
+        match &mut self.kind {
+            Kind::V3(c) => enc3(
                 c,
                 out,
                 v3::Packet::ConnectAck(v3::ConnectAck {
@@ -255,7 +487,7 @@ impl Codec {
                     session_present: false,
                 }),
             ),
-            Codec::V5(c) => {
+            Kind::V5(c) => {
                 let ack = v5::ConnectAck {
                     session_expiry_interval_secs: (info.session_expiry > 0).then_some(0),
                     receive_max: NonZeroU16::new(receive_max).unwrap_or(NonZeroU16::MIN),
@@ -274,28 +506,42 @@ impl Codec {
         }
     }
 
+    /// CONNACK refusing the connection. A refusal 3.1.1 has no code for
+    /// writes nothing: the caller closes without a CONNACK
+    /// ([MQTT-3.2.2-6]).
     pub fn connack_refuse(&mut self, out: &mut BytesMut, why: Refusal) {
-        match self {
-            Codec::V3(c) => enc3(
-                c,
-                out,
-                v3::Packet::ConnectAck(v3::ConnectAck {
-                    return_code: match why {
-                        Refusal::NotAuthorized => v3::ConnectAckReason::NotAuthorized,
-                        Refusal::ServerBusy => v3::ConnectAckReason::ServiceUnavailable,
-                        Refusal::BadClientId => v3::ConnectAckReason::IdentifierRejected,
-                        Refusal::RateLimited => v3::ConnectAckReason::ServiceUnavailable,
-                    },
+        match &mut self.kind {
+            Kind::V3(c) => {
+                use v3::ConnectAckReason as R;
+                let code = match why {
+                    Refusal::NotAuthorized => R::NotAuthorized,
+                    Refusal::ServerBusy | Refusal::RateLimited => R::ServiceUnavailable,
+                    Refusal::BadClientId => R::IdentifierRejected,
+                    Refusal::UnsupportedVersion => R::UnacceptableProtocolVersion,
+                    Refusal::PacketTooLarge
+                    | Refusal::QosNotSupported
+                    | Refusal::RetainNotSupported
+                    | Refusal::BadAuthMethod => return,
+                };
+                let ack = v3::ConnectAck {
+                    return_code: code,
                     session_present: false,
-                }),
-            ),
-            Codec::V5(c) => {
+                };
+                enc3(c, out, v3::Packet::ConnectAck(ack))
+            }
+            Kind::V5(c) => {
+                use v5::ConnectAckReason as R;
                 let ack = v5::ConnectAck {
                     reason_code: match why {
-                        Refusal::NotAuthorized => v5::ConnectAckReason::NotAuthorized,
-                        Refusal::ServerBusy => v5::ConnectAckReason::ServerBusy,
-                        Refusal::BadClientId => v5::ConnectAckReason::ClientIdentifierNotValid,
-                        Refusal::RateLimited => v5::ConnectAckReason::ConnectionRateExceeded,
+                        Refusal::NotAuthorized => R::NotAuthorized,
+                        Refusal::ServerBusy => R::ServerBusy,
+                        Refusal::BadClientId => R::ClientIdentifierNotValid,
+                        Refusal::RateLimited => R::ConnectionRateExceeded,
+                        Refusal::UnsupportedVersion => R::UnsupportedProtocolVersion,
+                        Refusal::PacketTooLarge => R::PacketTooLarge,
+                        Refusal::QosNotSupported => R::QosNotSupported,
+                        Refusal::RetainNotSupported => R::RetainNotSupported,
+                        Refusal::BadAuthMethod => R::BadAuthenticationMethod,
                     },
                     ..v5::ConnectAck::default()
                 };
@@ -307,9 +553,9 @@ impl Codec {
     /// PUBACK. For 3.1.1 only success can be written; callers close the
     /// connection for anything else.
     pub fn puback(&mut self, out: &mut BytesMut, packet_id: NonZeroU16, why: AckReason) {
-        match self {
-            Codec::V3(c) => enc3(c, out, v3::Packet::PublishAck { packet_id }),
-            Codec::V5(c) => {
+        match &mut self.kind {
+            Kind::V3(c) => enc3(c, out, v3::Packet::PublishAck { packet_id }),
+            Kind::V5(c) => {
                 use v5::PublishAckReason as R;
                 let ack = v5::PublishAck {
                     packet_id,
@@ -330,7 +576,7 @@ impl Codec {
 
     /// Server DISCONNECT; 3.1.1 has none (the caller just closes).
     pub fn disconnect(&mut self, out: &mut BytesMut, why: Goodbye) {
-        if let Codec::V5(c) = self {
+        if let Kind::V5(c) = &mut self.kind {
             let d = v5::Disconnect {
                 reason_code: why.code(),
                 session_expiry_interval_secs: None,
@@ -344,8 +590,8 @@ impl Codec {
 
     /// SUBACK refusing every filter: 0x80 (3.1.1) / 0x87 (5).
     pub fn suback_refused(&mut self, out: &mut BytesMut, packet_id: NonZeroU16, filters: usize) {
-        match self {
-            Codec::V3(c) => enc3(
+        match &mut self.kind {
+            Kind::V3(c) => enc3(
                 c,
                 out,
                 v3::Packet::SubscribeAck {
@@ -353,7 +599,16 @@ impl Codec {
                     status: vec![v3::SubscribeReturnCode::Failure; filters],
                 },
             ),
-            Codec::V5(c) => enc5(
+            // The codec sizes a SUBACK with `limit - 2 - filters`, which
+            // underflows when the client's Maximum Packet Size cannot hold
+            // one reason code per filter; such a SUBACK is dropped here like
+            // any reply too large for the client (see `enc5`).
+            Kind::V5(c)
+                if c.max_outbound_size() != 0 && filters + 2 > c.max_outbound_size() as usize =>
+            {
+                tracing::debug!(filters, "MQTT 5 SUBACK larger than the client accepts");
+            }
+            Kind::V5(c) => enc5(
                 c,
                 out,
                 v5::Packet::SubscribeAck(v5::SubscribeAck {
@@ -368,9 +623,9 @@ impl Codec {
 
     /// UNSUBACK: there never was a subscription.
     pub fn unsuback(&mut self, out: &mut BytesMut, packet_id: NonZeroU16, filters: usize) {
-        match self {
-            Codec::V3(c) => enc3(c, out, v3::Packet::UnsubscribeAck { packet_id }),
-            Codec::V5(c) => enc5(
+        match &mut self.kind {
+            Kind::V3(c) => enc3(c, out, v3::Packet::UnsubscribeAck { packet_id }),
+            Kind::V5(c) => enc5(
                 c,
                 out,
                 v5::Packet::UnsubscribeAck(v5::UnsubscribeAck {
@@ -384,17 +639,93 @@ impl Codec {
     }
 
     pub fn pingresp(&mut self, out: &mut BytesMut) {
-        match self {
-            Codec::V3(c) => enc3(c, out, v3::Packet::PingResponse),
-            Codec::V5(c) => enc5(c, out, v5::Packet::PingResponse),
+        match &mut self.kind {
+            Kind::V3(c) => enc3(c, out, v3::Packet::PingResponse),
+            Kind::V5(c) => enc5(c, out, v5::Packet::PingResponse),
         }
     }
 }
 
-fn c5_set_out(codec: &mut Codec, max: NonZeroU32) {
-    if let Codec::V5(c) = codec {
-        c.set_max_outbound_size(max.get());
+/// [MQTT-1.5.4-2] (5) / [MQTT-1.4.0-2] (3.1.1): no U+0000 in a string.
+fn no_nul(s: &str) -> Result<(), ProtoError> {
+    match s.as_bytes().contains(&0) {
+        true => Err(ProtoError::Malformed("string contains U+0000".into())),
+        false => Ok(()),
     }
+}
+
+/// The rules for a client's MQTT 5 PUBLISH that the codec does not check.
+fn check_v5_publish(p: &Publish) -> Result<(), ProtoError> {
+    // CONNACK said Retain Available 0 ([MQTT-3.2.2-14]): 0x9A.
+    if p.retain {
+        return Err(ProtoError::Violation(Goodbye::RetainNotSupported));
+    }
+    // [MQTT-3.3.4-6]: no Subscription Identifier from a client.
+    if p.properties
+        .as_ref()
+        .is_some_and(|props| !props.subscription_ids.is_empty())
+    {
+        return Err(ProtoError::Violation(Goodbye::ProtocolError));
+    }
+    // An empty topic needs a Topic Alias, and none is allowed here.
+    if p.topic.is_empty() {
+        return Err(ProtoError::Violation(Goodbye::ProtocolError));
+    }
+    no_nul(&p.topic)
+}
+
+/// Whether the properties of an MQTT 5 PUBLISH (`body`: the packet after
+/// its fixed header) hold a Topic Alias, whatever its value. Anything
+/// malformed answers `false` and is left to the codec to report.
+fn has_topic_alias(body: &[u8], first: u8) -> bool {
+    const TOPIC_ALIAS: u8 = 0x23;
+    let u16_at = |i: usize| {
+        body.get(i..i + 2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+    };
+    let Some(topic_len) = u16_at(0) else {
+        return false;
+    };
+    let qos = (first >> 1) & 3;
+    let mut at = 2 + topic_len + if qos > 0 { 2 } else { 0 };
+    let Some((props_len, n)) = varint(body.get(at..).unwrap_or(&[])) else {
+        return false;
+    };
+    at += n;
+    let end = at + props_len;
+    if end > body.len() {
+        return false;
+    }
+    while at < end {
+        let id = body[at];
+        at += 1;
+        let size = match id {
+            TOPIC_ALIAS => return true,
+            0x01 => Some(1),
+            0x02 => Some(4),
+            0x03 | 0x08 | 0x09 => u16_at(at).map(|n| 2 + n),
+            0x0B => varint(&body[at..end]).map(|(_, n)| n),
+            0x26 => u16_at(at).and_then(|k| u16_at(at + 2 + k).map(|v| 4 + k + v)),
+            _ => None,
+        };
+        match size {
+            Some(s) => at += s,
+            None => return false,
+        }
+    }
+    false
+}
+
+/// An MQTT variable byte integer: its value and how many bytes it took.
+fn varint(b: &[u8]) -> Option<(usize, usize)> {
+    let mut v = 0usize;
+    for (i, &byte) in b.iter().take(4).enumerate() {
+        v |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
 }
 
 /// Encoding our own small, well-formed replies cannot fail except by
@@ -443,6 +774,13 @@ fn v5_name(p: &v5::Packet) -> &'static str {
     }
 }
 
+/// Whether the next packet in `buf` is a PUBLISH (known from its first
+/// byte, before the packet is complete).
+pub fn starts_with_publish(buf: &[u8]) -> bool {
+    buf.first()
+        .is_some_and(|b| (PUBLISH_MIN..=PUBLISH_MAX).contains(b))
+}
+
 /// QoS of a publish as a number (2 included, so it can be refused).
 pub fn qos_of(p: &Publish) -> u8 {
     p.qos.value()
@@ -465,6 +803,22 @@ mod tests {
         };
         codec
             .encode(v3::Packet::Connect(Box::new(c)), &mut out)
+            .unwrap();
+        out
+    }
+
+    fn connect_v5(client_id: &'static str, clean_start: bool) -> BytesMut {
+        let mut codec = v5::Codec::new(0, 0);
+        let mut out = BytesMut::new();
+        let c = v5::Connect {
+            clean_start,
+            keep_alive: 30,
+            client_id: ByteString::from_static(client_id),
+            password: Some(Bytes::from_static(b"pw")),
+            ..v5::Connect::default()
+        };
+        codec
+            .encode(v5::Packet::Connect(Box::new(c)), &mut out)
             .unwrap();
         out
     }
@@ -495,12 +849,81 @@ mod tests {
     }
 
     #[test]
-    fn oversized_packets_are_refused_before_buffering() {
+    fn unsupported_levels_are_named() {
+        for (bytes, level) in [
+            (&b"\x10\x0c\x00\x04MQTT\x03\x02\x00\x3c\x00\x00"[..], 3),
+            (&b"\x10\x0c\x00\x04MQTT\x06\x02\x00\x3c\x00\x00"[..], 6),
+            (&b"\x10\x0e\x00\x06MQIsdp\x04\x02\x00\x3c\x00\x00"[..], 4),
+        ] {
+            let mut buf = BytesMut::from(bytes);
+            assert_eq!(
+                Codec::detect(&mut buf, 1024).err(),
+                Some(ProtoError::UnsupportedVersion { level })
+            );
+        }
+        let mut out = BytesMut::new();
+        Codec::answering(6).connack_refuse(&mut out, Refusal::UnsupportedVersion);
+        assert_eq!(&out[..], b"\x20\x03\x00\x84\x00");
+        out.clear();
+        Codec::answering(3).connack_refuse(&mut out, Refusal::UnsupportedVersion);
+        assert_eq!(&out[..], b"\x20\x02\x00\x01");
+    }
+
+    #[test]
+    fn v5_empty_client_id_is_accepted_whatever_clean_start_says() {
+        for clean in [false, true] {
+            let mut buf = connect_v5("", clean);
+            let mut codec = Codec::detect(&mut buf, 1024).unwrap().unwrap();
+            let info = codec.decode_connect(&mut buf).unwrap().unwrap();
+            assert!(info.client_id.is_empty());
+        }
+    }
+
+    #[test]
+    fn v311_empty_client_id_needs_clean_session() {
+        let mut codec = v3::Codec::new(0);
+        let mut buf = BytesMut::new();
+        let c = v3::Connect {
+            clean_session: false,
+            client_id: ByteString::new(),
+            ..v3::Connect::default()
+        };
+        codec
+            .encode(v3::Packet::Connect(Box::new(c)), &mut buf)
+            .unwrap();
+        let mut codec = Codec::detect(&mut buf, 1024).unwrap().unwrap();
+        assert_eq!(
+            codec.decode_connect(&mut buf).err(),
+            Some(ProtoError::BadClientId)
+        );
+    }
+
+    #[test]
+    fn the_whole_packet_counts_against_the_limit() {
         let mut buf = connect_v311(b"pw");
         let mut codec = Codec::detect(&mut buf, 1024).unwrap().unwrap();
         codec.decode_connect(&mut buf).unwrap().unwrap();
-        // PUBLISH claiming 2 MB remaining length.
+        // PUBLISH of 100 bytes in all: 2 header + 98 remaining.
+        let mut publish = BytesMut::from(&b"\x30\x62"[..]);
+        publish.extend_from_slice(&[0u8; 98]);
+        codec.set_max_packet(99);
+        assert_eq!(
+            codec.decode(&mut publish.clone()).unwrap_err(),
+            ProtoError::TooLarge
+        );
+        // PUBLISH claiming 2 MB remaining length: refused from its header.
         let mut big = BytesMut::from(&b"\x30\x80\x80\x80\x01"[..]);
         assert_eq!(codec.decode(&mut big).unwrap_err(), ProtoError::TooLarge);
+        assert!(big.capacity() < 1024, "the refused packet was buffered");
+    }
+
+    #[test]
+    fn topic_alias_found_in_properties() {
+        // Topic "a", QoS 1, packet id 1, properties: user property then alias 0.
+        let body = b"\x00\x01a\x00\x01\x0a\x26\x00\x01k\x00\x01v\x23\x00\x00{}";
+        assert!(has_topic_alias(body, 0x32));
+        let no_alias = b"\x00\x01a\x00\x01\x02\x01\x01{}";
+        assert!(!has_topic_alias(no_alias, 0x32));
+        assert!(!has_topic_alias(b"\x00", 0x30));
     }
 }

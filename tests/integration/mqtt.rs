@@ -1,14 +1,13 @@
 //! MQTT 3.1.1 and 5 against the real binary, with rumqttc (v4 and v5
 //! clients), raw sockets, and Debian's mosquitto_pub.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::v5 as p5;
 use serde_json::{json, Value};
 
 use crate::common::*;
+use crate::mqtt_raw::{varint, Connect, Raw};
 
 const TOPIC: &str = "applications/app/devices/d1/state";
 
@@ -498,46 +497,6 @@ fn max_connections_refuses_cleanly() {
     });
 }
 
-/// A minimal MQTT 3.1.1 CONNECT with a password, built by hand.
-fn raw_connect(client_id: &str, password: &str, keep_alive: u16) -> Vec<u8> {
-    let mut var = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0b1100_0010];
-    var.extend_from_slice(&keep_alive.to_be_bytes());
-    for field in [client_id, "u", password] {
-        var.extend_from_slice(&(field.len() as u16).to_be_bytes());
-        var.extend_from_slice(field.as_bytes());
-    }
-    let mut pkt = vec![0x10];
-    let mut len = var.len();
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        pkt.push(b);
-        if len == 0 {
-            break;
-        }
-    }
-    pkt.extend(var);
-    pkt
-}
-
-/// Reads until EOF or timeout; returns (bytes, closed).
-fn read_until_close(sock: &mut TcpStream, within: Duration) -> (Vec<u8>, bool) {
-    sock.set_read_timeout(Some(within)).unwrap();
-    let mut got = vec![];
-    let mut buf = [0u8; 256];
-    loop {
-        match sock.read(&mut buf) {
-            Ok(0) => return (got, true),
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return (got, true),
-            Err(_) => return (got, false),
-        }
-    }
-}
-
 #[test]
 fn malformed_bytes_harm_nothing_else() {
     let s = Server::start_with(&[("SLUICE_MQTT__CONNECT_TIMEOUT", "500ms")]);
@@ -552,45 +511,39 @@ fn malformed_bytes_harm_nothing_else() {
         vec![0x30, 0x05, 0x00, 0x01, b'a', b'{', b'}'],
         {
             // Valid CONNECT, then a PUBLISH whose topic length overruns it.
-            let mut v = raw_connect("m1", &t, 30);
+            let mut v = Connect::v311("m1", &t).bytes();
             v.extend_from_slice(&[0x32, 0x04, 0x00, 0x50, b'a', b'b']);
             v
         },
         {
             // Valid CONNECT, then a packet type the client may not send.
-            let mut v = raw_connect("m2", &t, 30);
+            let mut v = Connect::v311("m2", &t).bytes();
             v.extend_from_slice(&[0x40, 0x02, 0x00, 0x01]);
             v
         },
         {
             // Remaining length far beyond the maximum packet size.
-            let mut v = raw_connect("m3", &t, 30);
+            let mut v = Connect::v311("m3", &t).bytes();
             v.extend_from_slice(&[0x30, 0xff, 0xff, 0xff, 0x7f]);
             v
         },
     ];
     for g in &garbage {
-        let mut sock = TcpStream::connect(&s.mqtt).unwrap();
-        sock.write_all(g).unwrap();
-        let (_, closed) = read_until_close(&mut sock, Duration::from_secs(3));
-        assert!(closed, "connection kept open after {g:?}");
+        // Panics unless the server closes.
+        Raw::connect(&s.mqtt, g).until_closed(Duration::from_secs(3));
     }
     // Silence after connecting: closed by the CONNECT timeout.
-    let mut idle = TcpStream::connect(&s.mqtt).unwrap();
-    let (_, closed) = read_until_close(&mut idle, Duration::from_secs(3));
-    assert!(closed, "CONNECT timeout not enforced");
+    Raw::open(&s.mqtt).until_closed(Duration::from_secs(3));
 
     // Keep-alive: 1 s promised, nothing sent: closed after 1.5 s.
-    let mut sleepy = TcpStream::connect(&s.mqtt).unwrap();
-    sleepy.write_all(&raw_connect("sleepy", &t, 1)).unwrap();
+    let sleepy = Connect {
+        keep_alive: 1,
+        ..Connect::v311("sleepy", &t)
+    };
     let started = Instant::now();
-    let (got, closed) = read_until_close(&mut sleepy, Duration::from_secs(4));
-    assert!(closed, "keep-alive not enforced");
-    assert_eq!(
-        &got[..4],
-        &[0x20, 0x02, 0x00, 0x00],
-        "CONNACK accepted first"
-    );
+    let got = Raw::connect(&s.mqtt, &sleepy.bytes()).until_closed(Duration::from_secs(4));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].connack(), Some((false, 0)), "CONNACK accepted first");
     assert!(
         started.elapsed() >= Duration::from_millis(1400),
         "{:?}",
@@ -884,28 +837,17 @@ fn per_ip_connect_rate_and_failed_auth_budget() {
 
 #[test]
 fn a_client_too_small_for_any_connack_is_closed_not_left_waiting() {
-    use rumqttc::v5::mqttbytes::v5 as p5;
     let s = Server::start();
     let (_, t) = device_token(&s, json!(["*"]));
     // MQTT 5 CONNECT declaring a Maximum Packet Size of 8 bytes.
-    let mut props = p5::ConnectProperties::new();
-    props.max_packet_size = Some(8);
-    let connect = p5::Connect {
-        keep_alive: 30,
-        client_id: "tiny".into(),
-        clean_start: true,
-        properties: Some(props),
+    let c = Connect {
+        props: vec![0x27, 0, 0, 0, 8],
+        ..Connect::v5("tiny", &t)
     };
-    let mut out = bytes::BytesMut::new();
-    p5::Packet::Connect(connect, None, Some(p5::Login::new("u", &t)))
-        .write(&mut out, None)
-        .unwrap();
-    let mut sock = TcpStream::connect(&s.mqtt).unwrap();
-    sock.write_all(&out).unwrap();
-    let (got, closed) = read_until_close(&mut sock, Duration::from_secs(3));
-    assert!(closed, "left waiting");
-    assert!(
-        got.len() <= 8,
-        "a packet larger than the client allows: {got:?}"
-    );
+    let got = Raw::connect(&s.mqtt, &c.bytes()).until_closed(Duration::from_secs(3));
+    let sent: usize = got
+        .iter()
+        .map(|p| 1 + varint(p.body.len()).len() + p.body.len())
+        .sum();
+    assert!(sent <= 8, "a packet larger than the client allows: {got:?}");
 }

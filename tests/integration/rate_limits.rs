@@ -130,7 +130,7 @@ fn mqtt_rate_limit_per_version() {
                 Err(_) => break None,
             }
         };
-        assert_eq!(reason, Some(p5::DisconnectReasonCode::QuotaExceeded));
+        assert_eq!(reason, Some(p5::DisconnectReasonCode::MessageRateTooHigh));
 
         // MQTT 3.1.1: closed.
         let mut o = rumqttc::MqttOptions::new("rl4", "127.0.0.1", port);
