@@ -4,6 +4,7 @@
 
 pub mod admin_token;
 pub mod auth;
+pub mod cluster;
 pub mod client;
 pub mod composite;
 pub mod config;
