@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream::StorageType;
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, StorageType};
 use bytes::Bytes;
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::time::Instant;
@@ -269,23 +269,33 @@ impl Kv {
         })
     }
 
-    /// The current entry of `key`, if it exists.
+    /// The current entry of `key`, if it exists. Read from the bucket's
+    /// leader, so it reflects every write acknowledged before the call
+    /// (the direct-get API may answer from a lagging replica).
     pub async fn get(&self, key: &str) -> Result<Option<Entry>, KvError> {
-        let store = self
+        if !valid_key(key) {
+            return Err(KvError::InvalidKey(key.to_string()));
+        }
+        let unavailable = |e: String| KvError::Unavailable(e);
+        let stream = self
             .nats
             .js
-            .get_key_value(&self.bucket)
+            .get_stream_no_info(&self.stream)
             .await
-            .map_err(|e| KvError::Unavailable(e.to_string()))?;
-        match store.entry(key).await {
-            Ok(Some(e)) if e.operation == kv::Operation::Put => Ok(Some(Entry {
-                key: e.key,
-                value: e.value,
-                revision: e.revision,
-                stored_ms: (e.created.unix_timestamp_nanos() / 1_000_000) as i64,
+            .map_err(|e| unavailable(e.to_string()))?;
+        match stream
+            .get_last_raw_message_by_subject(&format!("{}{key}", self.key_prefix))
+            .await
+        {
+            Ok(m) if is_delete(Some(&m.headers)) => Ok(None),
+            Ok(m) => Ok(Some(Entry {
+                key: key.to_string(),
+                value: m.payload,
+                revision: m.sequence,
+                stored_ms: (m.time.unix_timestamp_nanos() / 1_000_000) as i64,
             })),
-            Ok(_) => Ok(None),
-            Err(e) => Err(KvError::Unavailable(e.to_string())),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(unavailable(e.to_string())),
         }
     }
 

@@ -157,9 +157,11 @@ impl Publisher {
     }
 
     /// Publishes `messages` as one atomic batch. `batch` numbers the
-    /// publisher's batches: a caller that retries a failed call must pass
-    /// the same number (the same batch is then never stored twice) and
-    /// must never reuse a number for different messages.
+    /// publisher's batches and must never be reused for other messages. A
+    /// caller retrying after [`PublishError::Unknown`] passes the same
+    /// number (the batch is then stored at most once); after any other
+    /// error nothing is stored and the number is spent: a retry takes a
+    /// new one.
     pub async fn publish_batch(
         &self,
         messages: &[StateMessage],
@@ -179,7 +181,7 @@ impl Publisher {
             .await
             .map_err(|_| PublishError::Busy(self.spec.max_in_flight))?
             .map_err(|_| PublishError::Busy(self.spec.max_in_flight))?;
-        let msg_id = format!("{}.{}.{batch}", self.spec.node_id, self.incarnation);
+        let msg_id = self.dedupe_id(batch);
         let n = messages.len() as u64;
         let mut last_problem = String::new();
         for attempt in 0u32.. {
@@ -276,15 +278,15 @@ impl Publisher {
                     .and_then(|r| r.map_err(|e| e.to_string())),
                 Err(e) => Err(e.to_string()),
             };
-            match ack {
-                // The fence's id belongs to the batch's first message.
-                Ok(ack) if ack.duplicate => {
-                    return Ok(Stored {
-                        first: ack.sequence,
-                        last: ack.sequence + n - 1,
-                    })
-                }
-                Ok(_) => return Err(PublishError::NotStored(self.spec.publish_timeout)),
+            let settled = match ack {
+                // The id is taken: by this batch's first message, or by a
+                // fence an earlier call with this batch number stored.
+                Ok(ack) if ack.duplicate => self.holder_of(ack.sequence, n).await,
+                Ok(_) => Ok(Err(PublishError::NotStored(self.spec.publish_timeout))),
+                Err(e) => Err(e),
+            };
+            match settled {
+                Ok(outcome) => return outcome,
                 Err(e) => {
                     problem = e;
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -292,6 +294,32 @@ impl Publisher {
             }
         }
         Err(PublishError::Unknown(problem))
+    }
+
+    /// What holds the deduplication id at stream sequence `seq`: the
+    /// batch's first message (stored) or a fence (never stored).
+    async fn holder_of(&self, seq: u64, n: u64) -> Result<Result<Stored, PublishError>, String> {
+        let stream = self
+            .nats
+            .js
+            .get_stream_no_info(self.spec.names.state_stream())
+            .await
+            .map_err(|e| e.to_string())?;
+        let message = stream.get_raw_message(seq).await.map_err(|e| e.to_string())?;
+        Ok(if message.subject == self.fence_subject {
+            Err(PublishError::NotStored(self.spec.publish_timeout))
+        } else {
+            Ok(Stored {
+                first: seq,
+                last: seq + n - 1,
+            })
+        })
+    }
+
+    /// The `Nats-Msg-Id` that batch number `batch` carries on its first
+    /// message (and its fence).
+    pub fn dedupe_id(&self, batch: u64) -> String {
+        format!("{}.{}.{batch}", self.spec.node_id, self.incarnation)
     }
 }
 

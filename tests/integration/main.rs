@@ -11,6 +11,8 @@ mod hostile;
 mod http_ingest;
 mod lifecycle;
 mod mqtt;
+mod nats;
+mod nats_kv;
 mod rate_limits;
 mod secrets;
 mod tls;
