@@ -13,6 +13,7 @@ mod lifecycle;
 mod mqtt;
 mod nats;
 mod nats_kv;
+mod nats_registry;
 mod rate_limits;
 mod secrets;
 mod tls;
