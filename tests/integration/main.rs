@@ -14,6 +14,7 @@ mod mqtt;
 mod nats;
 mod nats_kv;
 mod nats_registry;
+mod nats_stream;
 mod rate_limits;
 mod secrets;
 mod tls;
