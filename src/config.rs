@@ -210,7 +210,9 @@ impl ClusterConfig {
             p.push("`cluster.stale_after` must be at least 2 x `cluster.heartbeat`".into());
         }
         if self.publish_retry_after > self.publish_timeout {
-            p.push("`cluster.publish_retry_after` must not exceed `cluster.publish_timeout`".into());
+            p.push(
+                "`cluster.publish_retry_after` must not exceed `cluster.publish_timeout`".into(),
+            );
         }
         if self.duplicate_window <= 2 * self.publish_timeout {
             p.push(
@@ -626,7 +628,10 @@ mod tests {
         assert!(!c.cluster.enabled());
         assert_eq!(c.cluster.replicas, 3);
         assert_eq!(c.cluster.prefix, "sluice");
-        assert_eq!(c.cluster.node_ttl(), c.cluster.stale_after + c.cluster.heartbeat);
+        assert_eq!(
+            c.cluster.node_ttl(),
+            c.cluster.stale_after + c.cluster.heartbeat
+        );
         let ok = Config::load(
             None,
             &env(&[("SLUICE_CLUSTER__NATS_URLS", "[\"nats://127.0.0.1:4222\"]")]),

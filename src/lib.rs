@@ -4,8 +4,8 @@
 
 pub mod admin_token;
 pub mod auth;
-pub mod cluster;
 pub mod client;
+pub mod cluster;
 pub mod composite;
 pub mod config;
 pub mod http;

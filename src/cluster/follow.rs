@@ -94,7 +94,8 @@ impl Follower {
             Ok(_) => self.backoff = Duration::ZERO,
             Err(_) => {
                 self.messages = None;
-                self.backoff = (self.backoff * 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
+                self.backoff =
+                    (self.backoff * 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
             }
         }
         r

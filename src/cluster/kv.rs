@@ -76,7 +76,10 @@ pub struct Snapshot {
 pub enum Change {
     Put(Entry),
     /// A delete (or purge) of `key` at `revision`.
-    Delete { key: String, revision: u64 },
+    Delete {
+        key: String,
+        revision: u64,
+    },
 }
 
 impl Change {
@@ -345,7 +348,9 @@ impl Kv {
         let deadline = Instant::now() + WRITE_BOUND;
         let mut last_error = String::new();
         while Instant::now() < deadline {
-            let mut message = PublishMessage::build().payload(value.clone()).message_id(&id);
+            let mut message = PublishMessage::build()
+                .payload(value.clone())
+                .message_id(&id);
             if let Some(rev) = expected {
                 message = message.expected_last_subject_sequence(rev);
             }

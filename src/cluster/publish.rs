@@ -32,8 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::header::{
-    NATS_BATCH_COMMIT, NATS_BATCH_COMMIT_FINAL, NATS_BATCH_ID, NATS_BATCH_SEQUENCE,
-    NATS_MESSAGE_ID,
+    NATS_BATCH_COMMIT, NATS_BATCH_COMMIT_FINAL, NATS_BATCH_ID, NATS_BATCH_SEQUENCE, NATS_MESSAGE_ID,
 };
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::ErrorCode;
@@ -191,9 +190,10 @@ impl Publisher {
             }
             let until = (now + self.spec.retry_after).min(deadline);
             let batch_id = format!("{}-{batch}-{attempt}", self.incarnation);
-            let outcome = tokio::time::timeout_at(until, self.attempt(messages, &msg_id, &batch_id))
-                .await
-                .unwrap_or_else(|_| Attempt::Transient("no acknowledgement in time".into()));
+            let outcome =
+                tokio::time::timeout_at(until, self.attempt(messages, &msg_id, &batch_id))
+                    .await
+                    .unwrap_or_else(|_| Attempt::Transient("no acknowledgement in time".into()));
             match outcome {
                 Attempt::Stored(last) => {
                     return Ok(Stored {
@@ -205,8 +205,10 @@ impl Publisher {
                 Attempt::Permanent(p) if attempt == 0 => return Err(PublishError::Refused(p)),
                 Attempt::Permanent(p) | Attempt::Transient(p) => {
                     last_problem = p;
-                    tokio::time::sleep_until((Instant::now() + Duration::from_millis(20)).min(deadline))
-                        .await;
+                    tokio::time::sleep_until(
+                        (Instant::now() + Duration::from_millis(20)).min(deadline),
+                    )
+                    .await;
                 }
             }
         }
@@ -235,7 +237,12 @@ impl Publisher {
                     .headers(headers)
                     .payload(m.payload.clone())
                     .timeout(Some(self.spec.publish_timeout));
-                let reply = match self.nats.client.send_request(m.subject.clone(), request).await {
+                let reply = match self
+                    .nats
+                    .client
+                    .send_request(m.subject.clone(), request)
+                    .await
+                {
                     Ok(r) => r,
                     Err(e) => return Attempt::Transient(e.to_string()),
                 };
@@ -305,7 +312,10 @@ impl Publisher {
             .get_stream_no_info(self.spec.names.state_stream())
             .await
             .map_err(|e| e.to_string())?;
-        let message = stream.get_raw_message(seq).await.map_err(|e| e.to_string())?;
+        let message = stream
+            .get_raw_message(seq)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(if message.subject == self.fence_subject {
             Err(PublishError::NotStored(self.spec.publish_timeout))
         } else {
@@ -383,12 +393,18 @@ mod tests {
         ));
         let dup = br#"{"error":{"code":400,"err_code":10201,"description":"atomic publish batch contains duplicate message id"}}"#;
         match classify(dup) {
-            Reply::Error(code, _) => assert!(matches!(error_attempt(code, String::new()), Attempt::Duplicate)),
+            Reply::Error(code, _) => assert!(matches!(
+                error_attempt(code, String::new()),
+                Attempt::Duplicate
+            )),
             _ => panic!("not an error"),
         }
         let busy = br#"{"error":{"code":429,"err_code":10210,"description":"too many inflight"}}"#;
         match classify(busy) {
-            Reply::Error(code, _) => assert!(matches!(error_attempt(code, String::new()), Attempt::Transient(_))),
+            Reply::Error(code, _) => assert!(matches!(
+                error_attempt(code, String::new()),
+                Attempt::Transient(_)
+            )),
             _ => panic!("not an error"),
         }
         assert!(matches!(classify(b"garbage"), Reply::Error(..)));

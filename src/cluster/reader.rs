@@ -188,7 +188,8 @@ impl Reader {
                     )))
                 }
                 None => {
-                    let meta = Meta::parse(message.reply.as_deref()).ok_or(ReaderError::Metadata)?;
+                    let meta =
+                        Meta::parse(message.reply.as_deref()).ok_or(ReaderError::Metadata)?;
                     if meta.consumer_seq != self.consumer_seq + 1 {
                         return Err(ReaderError::Gap {
                             expected: self.consumer_seq + 1,

@@ -106,7 +106,9 @@ impl Shared {
     fn record(&self, node: &str, applied: u64, at: Instant) {
         {
             let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-            let seen = nodes.entry(node.to_string()).or_insert(Seen { applied, at });
+            let seen = nodes
+                .entry(node.to_string())
+                .or_insert(Seen { applied, at });
             seen.applied = seen.applied.max(applied);
             seen.at = seen.at.max(at);
         }
@@ -215,11 +217,7 @@ impl Registry {
     pub fn nodes(&self) -> Vec<NodeInfo> {
         let now = Instant::now();
         let wall = unix_ms();
-        let nodes = self
-            .shared
-            .nodes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let nodes = self.shared.nodes.lock().unwrap_or_else(|p| p.into_inner());
         let mut out: Vec<NodeInfo> = nodes
             .iter()
             .map(|(id, seen)| {
@@ -265,11 +263,7 @@ impl Registry {
     /// Live brokers below `revision`, and when the first of them expires.
     fn laggards(&self, revision: u64, now: Instant) -> (Vec<String>, Option<Instant>) {
         let ttl = self.shared.spec.node_ttl;
-        let nodes = self
-            .shared
-            .nodes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let nodes = self.shared.nodes.lock().unwrap_or_else(|p| p.into_inner());
         let mut names = Vec::new();
         let mut expiry: Option<Instant> = None;
         for (id, seen) in nodes.iter() {

@@ -67,14 +67,8 @@ impl Replay {
             From::Start | From::Now => Start::First,
             From::Seq(n) => Start::At(n),
         };
-        let reader = Reader::open(
-            nats,
-            &stream,
-            vec![names.app_filter(app)],
-            start,
-            heartbeat,
-        )
-        .await?;
+        let reader =
+            Reader::open(nats, &stream, vec![names.app_filter(app)], start, heartbeat).await?;
         Ok(Replay {
             reader,
             next_seq: None,

@@ -55,7 +55,11 @@ impl StreamSpec {
 /// Creates the stream or checks the existing one; the settings in force.
 /// Transient failures (leader elections after a NATS restart) are retried
 /// until `deadline`.
-pub async fn ensure(nats: &Nats, spec: &StreamSpec, deadline: Instant) -> Result<Config, StreamError> {
+pub async fn ensure(
+    nats: &Nats,
+    spec: &StreamSpec,
+    deadline: Instant,
+) -> Result<Config, StreamError> {
     let name = spec.names.state_stream();
     let unavailable = |detail: String| StreamError::Unavailable {
         stream: name.clone(),
@@ -163,13 +167,26 @@ mod tests {
     #[test]
     fn each_unsafe_setting_is_named() {
         let s = spec();
-        let cases: Vec<(&str, Box<dyn Fn(&mut Config)>)> = vec![
+        type Breaks = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(&str, Breaks)> = vec![
             ("replicas", Box::new(|c| c.num_replicas = 1)),
-            ("file storage", Box::new(|c| c.storage = StorageType::Memory)),
+            (
+                "file storage",
+                Box::new(|c| c.storage = StorageType::Memory),
+            ),
             ("atomic", Box::new(|c| c.allow_atomic_publish = false)),
-            ("retention", Box::new(|c| c.retention = RetentionPolicy::WorkQueue)),
-            ("duplicate window", Box::new(|c| c.duplicate_window = Duration::from_secs(10))),
-            ("keeps states", Box::new(|c| c.max_age = Duration::from_secs(3600))),
+            (
+                "retention",
+                Box::new(|c| c.retention = RetentionPolicy::WorkQueue),
+            ),
+            (
+                "duplicate window",
+                Box::new(|c| c.duplicate_window = Duration::from_secs(10)),
+            ),
+            (
+                "keeps states",
+                Box::new(|c| c.max_age = Duration::from_secs(3600)),
+            ),
             ("subjects", Box::new(|c| c.subjects.truncate(1))),
             ("size", Box::new(|c| c.max_bytes = 1 << 30)),
         ];

@@ -208,9 +208,12 @@ pub fn cluster_config(urls: Vec<String>, prefix: &str) -> sluice::config::Cluste
     c.stale_after = Duration::from_secs(1);
     c.publish_timeout = Duration::from_secs(5);
     c.publish_retry_after = Duration::from_secs(1);
-    assert!(sluice::Config { cluster: c.clone(), ..Default::default() }
-        .validate()
-        .is_empty());
+    assert!(sluice::Config {
+        cluster: c.clone(),
+        ..Default::default()
+    }
+    .validate()
+    .is_empty());
     c
 }
 

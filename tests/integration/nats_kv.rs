@@ -19,9 +19,13 @@ fn spec(prefix: &str) -> BucketSpec {
 }
 
 async fn open(nats: &sluice::cluster::Nats, prefix: &str) -> Kv {
-    Kv::open(nats, &spec(prefix), Instant::now() + Duration::from_secs(30))
-        .await
-        .expect("open bucket")
+    Kv::open(
+        nats,
+        &spec(prefix),
+        Instant::now() + Duration::from_secs(30),
+    )
+    .await
+    .expect("open bucket")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,7 +67,10 @@ async fn kv_compare_and_set_races_leave_one_winner() {
 
     // A delete against a stale revision fails; against the current one it
     // succeeds, and the key reads as absent.
-    assert!(matches!(a.delete("tok1", rev - 1).await, Err(KvError::RevisionChanged)));
+    assert!(matches!(
+        a.delete("tok1", rev - 1).await,
+        Err(KvError::RevisionChanged)
+    ));
     let deleted = b.delete("tok1", rev).await.unwrap();
     assert!(deleted > rev);
     assert_eq!(a.get("tok1").await.unwrap(), None);

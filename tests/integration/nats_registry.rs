@@ -75,7 +75,10 @@ async fn barrier_waits_for_live_brokers_and_drops_silent_ones() {
     assert_eq!(r, Ok(()));
     let nodes = a.nodes();
     assert_eq!(nodes.len(), 3);
-    assert!(nodes.iter().all(|n| n.applied == 5 && !n.stale), "{nodes:?}");
+    assert!(
+        nodes.iter().all(|n| n.applied == 5 && !n.stale),
+        "{nodes:?}"
+    );
 
     // c goes silent (its process dies: no heartbeat, no goodbye).
     drop(c);
@@ -178,7 +181,10 @@ async fn barrier_latency_over_200_revocations() {
     for i in 0..200 {
         let t0 = Instant::now();
         let rev = kv
-            .put(&format!("tok{}", i % 10), Bytes::from(format!("inactive {i}")))
+            .put(
+                &format!("tok{}", i % 10),
+                Bytes::from(format!("inactive {i}")),
+            )
             .await
             .unwrap();
         reg.wait_applied(rev, Duration::from_secs(5))

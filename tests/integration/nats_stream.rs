@@ -31,9 +31,13 @@ fn stream_spec(prefix: &str) -> StreamSpec {
 }
 
 async fn setup(nats: &Nats, prefix: &str) {
-    ensure(nats, &stream_spec(prefix), Instant::now() + Duration::from_secs(30))
-        .await
-        .expect("stream created");
+    ensure(
+        nats,
+        &stream_spec(prefix),
+        Instant::now() + Duration::from_secs(30),
+    )
+    .await
+    .expect("stream created");
 }
 
 fn publisher(nats: &Nats, prefix: &str, node: &str) -> Publisher {
@@ -80,10 +84,14 @@ async fn read_all(f: &mut Follower, want: usize) -> Vec<Record> {
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while out.len() < want {
-        assert!(Instant::now() < deadline, "follower stalled at {}", out.len());
-        match tokio::time::timeout(Duration::from_secs(5), f.next_batch()).await {
-            Ok(Ok(batch)) => out.extend(batch),
-            Ok(Err(_)) | Err(_) => {}
+        assert!(
+            Instant::now() < deadline,
+            "follower stalled at {}",
+            out.len()
+        );
+        // A lost consumer is recreated by the next call.
+        if let Ok(Ok(batch)) = tokio::time::timeout(Duration::from_secs(5), f.next_batch()).await {
+            out.extend(batch);
         }
     }
     out
@@ -93,17 +101,25 @@ async fn read_all(f: &mut Follower, want: usize) -> Vec<Record> {
 async fn stream_settings_are_created_then_checked() {
     let cluster = NatsCluster::start(3);
     let nats = connect(cluster.urls(), "set", "a").await;
-    let created = ensure(&nats, &stream_spec("set"), Instant::now() + Duration::from_secs(30))
-        .await
-        .unwrap();
+    let created = ensure(
+        &nats,
+        &stream_spec("set"),
+        Instant::now() + Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
     assert_eq!(created.name, "SET_STATE");
     assert_eq!(created.num_replicas, 3);
     assert!(created.allow_atomic_publish);
     assert_eq!(created.storage, StorageType::File);
     // A second broker finds it and accepts it.
-    ensure(&nats, &stream_spec("set"), Instant::now() + Duration::from_secs(30))
-        .await
-        .unwrap();
+    ensure(
+        &nats,
+        &stream_spec("set"),
+        Instant::now() + Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
 
     // Streams that break a guarantee are refused, not used.
     let names = Names::new("weak");
@@ -118,8 +134,16 @@ async fn stream_settings_are_created_then_checked() {
         })
         .await
         .unwrap();
-    match ensure(&nats, &stream_spec("weak"), Instant::now() + Duration::from_secs(30)).await {
-        Err(StreamError::Unsafe { problem, .. }) => assert!(problem.contains("replicas"), "{problem}"),
+    match ensure(
+        &nats,
+        &stream_spec("weak"),
+        Instant::now() + Duration::from_secs(30),
+    )
+    .await
+    {
+        Err(StreamError::Unsafe { problem, .. }) => {
+            assert!(problem.contains("replicas"), "{problem}")
+        }
         other => panic!("R1 accepted: {other:?}"),
     }
     let names = Names::new("noatomic");
@@ -133,8 +157,16 @@ async fn stream_settings_are_created_then_checked() {
         })
         .await
         .unwrap();
-    match ensure(&nats, &stream_spec("noatomic"), Instant::now() + Duration::from_secs(30)).await {
-        Err(StreamError::Unsafe { problem, .. }) => assert!(problem.contains("atomic"), "{problem}"),
+    match ensure(
+        &nats,
+        &stream_spec("noatomic"),
+        Instant::now() + Duration::from_secs(30),
+    )
+    .await
+    {
+        Err(StreamError::Unsafe { problem, .. }) => {
+            assert!(problem.contains("atomic"), "{problem}")
+        }
         other => panic!("non-atomic stream accepted: {other:?}"),
     }
 }
@@ -169,13 +201,19 @@ async fn atomic_batch_resent_is_stored_once() {
             names.parse_state_subject(&r.subject),
             Some(("farm.eu".into(), "pump-1".into()))
         );
-        let expected = if i < 500 { &batch[i] } else { &states(&names, "farm.eu", "pump-1", "two", 3)[i - 500] };
+        let expected = if i < 500 {
+            &batch[i]
+        } else {
+            &states(&names, "farm.eu", "pump-1", "two", 3)[i - 500]
+        };
         assert_eq!(r.payload, expected.payload, "payload unchanged");
         assert_eq!(received_ms(r.headers.as_ref()), Some(expected.received_ms));
         assert_eq!(token_id(r.headers.as_ref()), Some("0123abcd"));
     }
     // Nothing more arrives.
-    assert!(tokio::time::timeout(Duration::from_secs(1), f.next_batch()).await.is_err());
+    assert!(tokio::time::timeout(Duration::from_secs(1), f.next_batch())
+        .await
+        .is_err());
 
     // A batch whose id a fence already took (an earlier call reported it
     // not stored) is never stored later.
@@ -203,9 +241,15 @@ async fn atomic_batch_resent_is_stored_once() {
     assert!(String::from_utf8_lossy(&records[0].payload).contains("after"));
 
     // Refusals that send nothing.
-    assert!(matches!(p.publish_batch(&[], 5).await, Err(PublishError::Empty)));
+    assert!(matches!(
+        p.publish_batch(&[], 5).await,
+        Err(PublishError::Empty)
+    ));
     let big = states(&names, "a", "d", "big", 1001);
-    assert!(matches!(p.publish_batch(&big, 6).await, Err(PublishError::TooLarge(1001))));
+    assert!(matches!(
+        p.publish_batch(&big, 6).await,
+        Err(PublishError::TooLarge(1001))
+    ));
 }
 
 /// Publishes batches `from..to` (each `size` states), resending a batch
@@ -221,7 +265,13 @@ async fn publish_through(
 ) -> Vec<Bytes> {
     let mut acked = Vec::new();
     for b in batches {
-        let batch = states(names, "app", &format!("dev{}", b % 7), &format!("{tag}{b}"), size);
+        let batch = states(
+            names,
+            "app",
+            &format!("dev{}", b % 7),
+            &format!("{tag}{b}"),
+            size,
+        );
         let deadline = Instant::now() + Duration::from_secs(90);
         let mut number = *next_number;
         *next_number += 1;
@@ -253,10 +303,17 @@ fn assert_exactly_once(records: &[Record], acked: &[Bytes]) {
     for r in records {
         assert!(r.seq > last, "out of order at {}", r.seq);
         last = r.seq;
-        assert!(seen.insert(r.payload.clone()), "stored twice: {:?}", r.payload);
+        assert!(
+            seen.insert(r.payload.clone()),
+            "stored twice: {:?}",
+            r.payload
+        );
     }
     let acked: HashSet<Bytes> = acked.iter().cloned().collect();
-    assert_eq!(seen, acked, "the stream holds exactly what was acknowledged");
+    assert_eq!(
+        seen, acked,
+        "the stream holds exactly what was acknowledged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,7 +348,9 @@ async fn follower_sees_everything_in_order_across_a_leader_kill() {
     acked.extend(publish_through(&p, &names, "post", 60..70, 100, &mut number).await);
 
     records.extend(read_all(&mut f, acked.len() - records.len()).await);
-    assert!(tokio::time::timeout(Duration::from_secs(1), f.next_batch()).await.is_err());
+    assert!(tokio::time::timeout(Duration::from_secs(1), f.next_batch())
+        .await
+        .is_err());
     assert_exactly_once(&records, &acked);
 
     // A follower restarted from a position resumes exactly there.
@@ -359,7 +418,9 @@ async fn replay_reads_one_application_in_order() {
     let first = p.publish_batch(&mixed, 1).await.unwrap();
     let hb = Duration::from_millis(250);
 
-    let mut all = Replay::open(&nats, &names, "farm", From::Start, hb).await.unwrap();
+    let mut all = Replay::open(&nats, &names, "farm", From::Start, hb)
+        .await
+        .unwrap();
     let mut seqs = Vec::new();
     for _ in 0..5 {
         let r = all.next().await.unwrap();
@@ -370,7 +431,9 @@ async fn replay_reads_one_application_in_order() {
 
     // From "now": only what is stored after opening; reopening at the
     // position continues without a gap or a repeat.
-    let mut live = Replay::open(&nats, &names, "farm", From::Now, hb).await.unwrap();
+    let mut live = Replay::open(&nats, &names, "farm", From::Now, hb)
+        .await
+        .unwrap();
     let resume_at = live.position();
     let later = p
         .publish_batch(&states(&names, "farm", "d2", "later", 3), 2)
@@ -378,8 +441,12 @@ async fn replay_reads_one_application_in_order() {
         .unwrap();
     let r = live.next().await.unwrap();
     assert_eq!(r.seq, later.first);
-    let mut reopened = Replay::open(&nats, &names, "farm", resume_at, hb).await.unwrap();
+    let mut reopened = Replay::open(&nats, &names, "farm", resume_at, hb)
+        .await
+        .unwrap();
     assert_eq!(reopened.next().await.unwrap().seq, later.first);
-    let mut tail = Replay::open(&nats, &names, "farm", live.position(), hb).await.unwrap();
+    let mut tail = Replay::open(&nats, &names, "farm", live.position(), hb)
+        .await
+        .unwrap();
     assert_eq!(tail.next().await.unwrap().seq, later.first + 1);
 }
