@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use async_nats::header::{
-    NATS_BATCH_COMMIT, NATS_BATCH_COMMIT_FINAL, NATS_BATCH_ID, NATS_BATCH_SEQUENCE,
-    NATS_MESSAGE_ID,
+    NATS_BATCH_COMMIT, NATS_BATCH_COMMIT_FINAL, NATS_BATCH_ID, NATS_BATCH_SEQUENCE, NATS_MESSAGE_ID,
 };
 use async_nats::jetstream::{self, stream};
 use async_nats::{HeaderMap, Request};
@@ -101,13 +100,16 @@ async fn probe(args: StreamProbeArgs) -> Result<()> {
     for round in 0..args.rounds {
         // Modes alternate within a round, so drift on a shared machine
         // affects all of them alike.
-        for (label, mode) in &modes {
+        for (m, (label, mode)) in modes.iter().enumerate() {
             js.get_stream(&stream_name)
                 .await?
                 .purge()
                 .await
                 .context("purging the probe stream")?;
-            let run = measure(&client, &js, mode, &payload, args.duration, round).await?;
+            // Ids unique per round and mode: the deduplication window
+            // outlives a purge.
+            let tag = format!("r{round}m{m}");
+            let run = measure(&client, &js, mode, &payload, args.duration, &tag).await?;
             println!(
                 "  round {}  {label}: {:.0} msg/s ({} messages in {:.2} s)",
                 round + 1,
@@ -200,7 +202,7 @@ async fn measure(
     mode: &Mode,
     payload: &Bytes,
     duration: Duration,
-    round: u32,
+    tag: &str,
 ) -> Result<Run> {
     let start = Instant::now();
     let end = start + duration;
@@ -212,12 +214,14 @@ async fn measure(
         } => {
             let mut tasks = Vec::new();
             for worker in 0..*inflight {
-                let (client, payload, batch, dedupe) = (client.clone(), payload.clone(), *batch, *dedupe);
+                let (client, payload, batch, dedupe) =
+                    (client.clone(), payload.clone(), *batch, *dedupe);
+                let tag = tag.to_string();
                 tasks.push(tokio::spawn(async move {
                     let mut sent = 0u64;
                     let mut n = 0u64;
                     while Instant::now() < end {
-                        let id = format!("r{round}w{worker}b{n}");
+                        let id = format!("{tag}w{worker}b{n}");
                         n += 1;
                         sent += atomic_batch(&client, &id, batch, dedupe, &payload).await? as u64;
                     }
