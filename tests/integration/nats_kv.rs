@@ -185,3 +185,18 @@ async fn kv_watch_resumes_after_leader_kill_with_no_gap() {
     assert!(killed);
     eprintln!("watch survived the leader kill with {rewatches} re-watch(es)");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_url_is_enough_and_survives_that_node_dying() {
+    let mut cluster = NatsCluster::start(3);
+    // Only node 0 is named; the client learns the others from it.
+    let nats = connect(vec![cluster.url(0)], "one", "a").await;
+    let kv = open(&nats, "one").await;
+    kv.create("before", Bytes::from_static(b"1")).await.unwrap();
+    cluster.kill(0);
+    // The next write goes through another node (the write itself resends
+    // until the client has reconnected).
+    let rev = kv.create("after", Bytes::from_static(b"2")).await.unwrap();
+    assert_eq!(kv.get("after").await.unwrap().unwrap().revision, rev);
+    assert_eq!(kv.get("before").await.unwrap().unwrap().value, "1");
+}
