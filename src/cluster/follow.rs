@@ -149,7 +149,7 @@ impl Follower {
             }
             self.consumer_seq = consumer_seq;
             if let Some(last) = out.last() {
-                self.next_seq = last.seq + 1;
+                self.next_seq = last.seq.saturating_add(1);
                 return Ok(out);
             }
         }

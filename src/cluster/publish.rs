@@ -196,10 +196,12 @@ impl Publisher {
                     .unwrap_or_else(|_| Attempt::Transient("no acknowledgement in time".into()));
             match outcome {
                 Attempt::Stored(last) => {
-                    return Ok(Stored {
-                        first: last + 1 - n,
-                        last,
-                    })
+                    // The ack names the batch's last sequence; the batch is
+                    // contiguous, so it cannot be below n - 1.
+                    if let Some(first) = last.checked_sub(n - 1) {
+                        return Ok(Stored { first, last });
+                    }
+                    last_problem = format!("implausible acknowledgement (sequence {last})");
                 }
                 Attempt::Duplicate => break,
                 Attempt::Permanent(p) if attempt == 0 => return Err(PublishError::Refused(p)),
@@ -321,7 +323,7 @@ impl Publisher {
         } else {
             Ok(Stored {
                 first: seq,
-                last: seq + n - 1,
+                last: seq.saturating_add(n - 1),
             })
         })
     }

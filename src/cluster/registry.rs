@@ -324,7 +324,7 @@ async fn follow_bucket(kv: Kv, shared: Arc<Shared>) {
 
 async fn follow_once(kv: &Kv, shared: &Shared) -> Result<(), KvError> {
     let snapshot = kv.snapshot().await?;
-    let mut watch = kv.watch_from(snapshot.revision + 1).await?;
+    let mut watch = kv.watch_from(snapshot.revision.saturating_add(1)).await?;
     {
         let mut nodes = shared.nodes.lock().unwrap_or_else(|p| p.into_inner());
         let own = shared.spec.node_id.as_str();

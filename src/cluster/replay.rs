@@ -59,7 +59,7 @@ impl Replay {
                     .cached_info()
                     .state
                     .last_sequence;
-                From::Seq(last + 1)
+                From::Seq(last.saturating_add(1))
             }
             other => other,
         };
@@ -79,7 +79,7 @@ impl Replay {
     /// The next state, in stream order.
     pub async fn next(&mut self) -> Result<Record, ReplayError> {
         let r = self.reader.next().await?;
-        self.next_seq = Some(r.seq + 1);
+        self.next_seq = Some(r.seq.saturating_add(1));
         Ok(r)
     }
 

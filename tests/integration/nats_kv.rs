@@ -137,10 +137,22 @@ async fn kv_watch_resumes_after_leader_kill_with_no_gap() {
     let writing = tokio::spawn(async move {
         let mut revisions = Vec::new();
         for i in 20..20 + total {
-            let r = writer
-                .create(&format!("k{i}"), Bytes::from(format!("v{i}")))
-                .await
-                .expect("write through the leader change");
+            let key = format!("k{i}");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            // A write that outlasts its own resend bound (a slow election
+            // on a loaded machine) has an unknown outcome: read to learn it.
+            let r = loop {
+                assert!(Instant::now() < deadline, "{key} never written");
+                match writer.create(&key, Bytes::from(format!("v{i}"))).await {
+                    Ok(r) => break r,
+                    Err(KvError::Unavailable(_)) => {
+                        if let Ok(Some(e)) = writer.get(&key).await {
+                            break e.revision;
+                        }
+                    }
+                    Err(e) => panic!("{key}: {e}"),
+                }
+            };
             revisions.push(r);
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
