@@ -105,7 +105,6 @@ pub struct BucketSpec {
 #[derive(Clone)]
 pub struct Kv {
     nats: Nats,
-    bucket: String,
     stream: String,
     /// `$KV.<bucket>.`: subject of a key without the key.
     key_prefix: String,
@@ -185,15 +184,10 @@ impl Kv {
         Ok(Kv {
             nats: nats.clone(),
             key_prefix: format!("$KV.{}.", spec.name),
-            bucket: spec.name.clone(),
             stream,
             heartbeat: spec.heartbeat,
             rng: SystemRandom::new(),
         })
-    }
-
-    pub fn bucket(&self) -> &str {
-        &self.bucket
     }
 
     /// Every live key and the revision they are consistent at.

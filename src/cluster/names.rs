@@ -37,10 +37,6 @@ impl Names {
         }
     }
 
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
     /// KV bucket of token records, keyed by token id.
     pub fn tokens_bucket(&self) -> String {
         format!("{}_tokens", self.prefix)
