@@ -29,6 +29,7 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
     pub tls: TlsConfig,
+    pub cluster: ClusterConfig,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -172,6 +173,107 @@ impl Config {
         match self.http.enabled {
             false => Open::No("http.enabled = false"),
             true => Open::Yes,
+        }
+    }
+}
+
+/// Cluster mode on NATS JetStream; every key is documented in
+/// `config/sluice.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub nats_urls: Vec<String>,
+    pub node_id: String,
+    pub credentials: PathBuf,
+    pub tls_ca: PathBuf,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub replicas: usize,
+    pub prefix: String,
+    #[serde(with = "human_duration")]
+    pub connect_timeout: Duration,
+    #[serde(with = "human_duration")]
+    pub stale_after: Duration,
+    #[serde(with = "human_duration")]
+    pub heartbeat: Duration,
+    #[serde(with = "human_duration")]
+    pub barrier_timeout: Duration,
+    pub materialize: bool,
+    #[serde(with = "human_duration")]
+    pub duplicate_window: Duration,
+    #[serde(with = "human_duration")]
+    pub max_age: Duration,
+    #[serde(with = "human_duration")]
+    pub publish_timeout: Duration,
+    #[serde(with = "human_duration")]
+    pub publish_retry_after: Duration,
+    pub max_batches_in_flight: usize,
+    pub follow_batch: usize,
+}
+
+impl ClusterConfig {
+    /// Cluster mode is on when at least one NATS URL is given.
+    pub fn enabled(&self) -> bool {
+        !self.nats_urls.is_empty()
+    }
+
+    /// How long a broker may be silent before the revocation barrier stops
+    /// waiting for it: one heartbeat longer than it takes that broker to
+    /// fail closed on its own, so it is never dropped while still serving.
+    pub fn node_ttl(&self) -> Duration {
+        self.stale_after + self.heartbeat
+    }
+
+    fn problems(&self, p: &mut Vec<String>) {
+        for url in &self.nats_urls {
+            if url.parse::<async_nats::ServerAddr>().is_err() {
+                p.push(format!(
+                    "`cluster.nats_urls` entry {url:?} is not a NATS URL like \"nats://host:4222\""
+                ));
+            }
+        }
+        if !self.node_id.is_empty() && !crate::cluster::node_id::valid(&self.node_id) {
+            p.push("`cluster.node_id` must be 1-64 of A-Z a-z 0-9 _ - (or empty)".into());
+        }
+        if !crate::cluster::names::valid_prefix(&self.prefix) {
+            p.push("`cluster.prefix` must be 1-32 of a-z 0-9 _ -".into());
+        }
+        if !(1..=5).contains(&self.replicas) {
+            p.push("`cluster.replicas` must be between 1 and 5".into());
+        }
+        if self.tls_cert.as_os_str().is_empty() != self.tls_key.as_os_str().is_empty() {
+            p.push("`cluster.tls_cert` and `cluster.tls_key` must be set together".into());
+        }
+        for (name, d) in [
+            ("cluster.connect_timeout", self.connect_timeout),
+            ("cluster.heartbeat", self.heartbeat),
+            ("cluster.barrier_timeout", self.barrier_timeout),
+            ("cluster.publish_timeout", self.publish_timeout),
+            ("cluster.publish_retry_after", self.publish_retry_after),
+        ] {
+            if d.is_zero() {
+                p.push(format!("`{name}` must be greater than 0"));
+            }
+        }
+        if self.stale_after < 2 * self.heartbeat {
+            p.push("`cluster.stale_after` must be at least 2 x `cluster.heartbeat`".into());
+        }
+        if self.publish_retry_after > self.publish_timeout {
+            p.push(
+                "`cluster.publish_retry_after` must not exceed `cluster.publish_timeout`".into(),
+            );
+        }
+        if self.duplicate_window <= 2 * self.publish_timeout {
+            p.push(
+                "`cluster.duplicate_window` must exceed 2 x `cluster.publish_timeout`, or a resent batch could be stored twice"
+                    .into(),
+            );
+        }
+        if !(1..=50).contains(&self.max_batches_in_flight) {
+            p.push("`cluster.max_batches_in_flight` must be between 1 and 50".into());
+        }
+        if !(1..=10_000).contains(&self.follow_batch) {
+            p.push("`cluster.follow_batch` must be between 1 and 10000".into());
         }
     }
 }
@@ -361,6 +463,7 @@ impl Config {
         if self.storage.data_dir.as_os_str().is_empty() {
             p.push("`storage.data_dir` must not be empty".into());
         }
+        self.cluster.problems(&mut p);
         p
     }
 }
@@ -581,6 +684,53 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::load(None, &[], &o).is_ok());
+    }
+
+    #[test]
+    fn cluster_is_off_by_default_and_checked_when_set() {
+        let c = Config::default();
+        assert!(!c.cluster.enabled());
+        assert_eq!(c.cluster.replicas, 3);
+        assert_eq!(c.cluster.prefix, "sluice");
+        assert_eq!(
+            c.cluster.node_ttl(),
+            c.cluster.stale_after + c.cluster.heartbeat
+        );
+        let ok = Config::load(
+            None,
+            &env(&[("SLUICE_CLUSTER__NATS_URLS", "[\"nats://127.0.0.1:4222\"]")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert!(ok.cluster.enabled());
+        let err = Config::load(
+            None,
+            &env(&[
+                ("SLUICE_CLUSTER__NATS_URLS", "[\"nats://[bad\"]"),
+                ("SLUICE_CLUSTER__NODE_ID", "has space"),
+                ("SLUICE_CLUSTER__PREFIX", "Upper"),
+                ("SLUICE_CLUSTER__REPLICAS", "7"),
+                ("SLUICE_CLUSTER__TLS_CERT", "/c.pem"),
+                ("SLUICE_CLUSTER__STALE_AFTER", "1s"),
+                ("SLUICE_CLUSTER__DUPLICATE_WINDOW", "10s"),
+                ("SLUICE_CLUSTER__MAX_BATCHES_IN_FLIGHT", "51"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        let all = err.0.join("\n");
+        for key in [
+            "nats_urls",
+            "node_id",
+            "prefix",
+            "replicas",
+            "tls_cert",
+            "stale_after",
+            "duplicate_window",
+            "max_batches_in_flight",
+        ] {
+            assert!(all.contains(&format!("cluster.{key}")), "{key}: {all}");
+        }
     }
 
     #[test]

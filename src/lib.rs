@@ -6,6 +6,7 @@ pub mod admin_token;
 pub mod auth;
 pub mod backup;
 pub mod client;
+pub mod cluster;
 pub mod composite;
 pub mod config;
 pub mod http;

@@ -35,6 +35,53 @@ pub enum Command {
     Mqtt(MqttArgs),
     /// POST state over HTTP/1.1 keep-alive connections (one request in flight per connection).
     Http(HttpArgs),
+    /// Measure the JetStream engine's ceiling for cluster mode: publish
+    /// straight to a replicated stream (atomic batches, pipelined
+    /// publishes) and print acknowledged msg/s. No Sluice involved.
+    StreamProbe(StreamProbeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StreamProbeArgs {
+    /// A NATS server of the cluster (the client learns the others).
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    pub nats: String,
+
+    /// Stream to create (if missing) and purge before every run.
+    #[arg(long, default_value = "PROBE")]
+    pub stream: String,
+
+    /// Replicas of the stream when it is created.
+    #[arg(long, default_value_t = 3)]
+    pub replicas: usize,
+
+    /// Modes to run, in this order within each round (repeat the flag):
+    /// `atomic:N` (atomic batches of N messages, at most 1000),
+    /// `atomic:N:first` (a Nats-Msg-Id on each batch's first message, as
+    /// Sluice's publisher does), `atomic:N:every` (on every message),
+    /// `pipelined` (plain publishes).
+    #[arg(long = "mode", default_values_t = ["atomic:1000".to_string(), "atomic:500".to_string(), "pipelined".to_string()])]
+    pub modes: Vec<String>,
+
+    /// Atomic batches open at once (NATS allows 50 per stream).
+    #[arg(long, default_value_t = 4)]
+    pub inflight: usize,
+
+    /// Acknowledgements outstanding in pipelined mode.
+    #[arg(long, default_value_t = 256)]
+    pub pipeline: usize,
+
+    /// Size of every message's payload.
+    #[arg(long, default_value_t = 150)]
+    pub message_bytes: usize,
+
+    /// Length of one run.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+
+    /// Rounds; each runs every mode once, alternating.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

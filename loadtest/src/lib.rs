@@ -9,6 +9,7 @@
 //! summary (`report`). `verify` reads the data back through the admin API
 //! and checks every acknowledged message is stored exactly once, byte for
 //! byte; `ramp` raises the rate step by step and `plot` draws the result.
+//! `stream_probe` measures the JetStream engine behind cluster mode alone.
 
 pub mod cli;
 pub mod fleet;
@@ -22,4 +23,5 @@ pub mod report;
 pub mod run;
 pub mod schedule;
 pub mod stats;
+pub mod stream_probe;
 pub mod verify;

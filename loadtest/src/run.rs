@@ -66,9 +66,10 @@ struct Plan {
 }
 
 pub fn main(cli: Cli) -> Result<ExitCode> {
-    let threads = match &cli.command {
-        Command::Mqtt(m) => m.common.threads,
-        Command::Http(h) => h.common.threads,
+    let threads = match cli.command {
+        Command::Mqtt(ref m) => m.common.threads,
+        Command::Http(ref h) => h.common.threads,
+        Command::StreamProbe(args) => return crate::stream_probe::main(args),
     };
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = threads {
@@ -147,6 +148,7 @@ fn plan(cli: Cli, run: &str) -> Result<Plan> {
                 common: h.common,
             }
         }
+        Command::StreamProbe(_) => bail!("stream-probe does not run a load plan"),
     })
 }
 
