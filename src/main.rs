@@ -19,7 +19,7 @@ use sluice::config::{Config, Overrides};
 #[command(
     name = "sluice",
     version,
-    about = "Durable IoT state broker with attenuable tokens"
+    about = "IoT state broker: attenuable tokens, acknowledgements after the write-ahead log"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -163,11 +163,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let listeners = sluice::Listeners::bind(&config).await?;
         sluice::run(config, listeners, admin_token, shutdown_signal()).await?;
         Ok::<_, anyhow::Error>(())
-    })?;
+    });
+    // After a failure (the writer thread died, say) connections may still
+    // wait on requests nobody will answer: do not wait for them.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 

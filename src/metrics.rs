@@ -19,6 +19,7 @@ pub struct Metrics {
     pub messages_stored: Counter,
     pub batches: Counter,
     pub commit_errors: Counter,
+    pub attribute_limit_refusals: Counter,
     pub batch_messages: Histogram,
     pub commit_seconds: Histogram,
     pub queue_depth: Gauge,
@@ -75,6 +76,12 @@ impl Metrics {
             "Group commits that failed (their requests got an error)",
             commit_errors.clone(),
         );
+        let attribute_limit_refusals = Counter::default();
+        registry.register(
+            "sluice_attribute_limit_refusals",
+            "Requests refused (nothing stored) because their device would exceed storage.max_attributes_per_device",
+            attribute_limit_refusals.clone(),
+        );
         let batch_messages = Histogram::new(exponential_buckets(1.0, 2.0, 15));
         registry.register(
             "sluice_batch_messages",
@@ -119,6 +126,7 @@ impl Metrics {
             messages_stored,
             batches,
             commit_errors,
+            attribute_limit_refusals,
             batch_messages,
             commit_seconds,
             queue_depth,
