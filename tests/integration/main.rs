@@ -9,6 +9,7 @@ mod cli;
 mod crash;
 mod hostile;
 mod http_ingest;
+mod ingest_limits;
 mod lifecycle;
 mod mqtt;
 mod rate_limits;
