@@ -7,6 +7,7 @@ mod common;
 mod bad_input;
 mod cli;
 mod crash;
+mod full_disk;
 mod hostile;
 mod http_ingest;
 mod ingest_limits;
