@@ -1,7 +1,9 @@
 //! Composite state: the last value and time of every attribute a device has
 //! sent. It is kept as one RocksDB merge value per device, so ingest adds
-//! one merge operand per request and never reads before writing; RocksDB
-//! folds operands with [`merge`] on reads and compactions.
+//! one merge operand per device per batch and does not read the value
+//! before writing it (the writer reads it only to learn the attribute
+//! names of a device it has not seen recently, for the attribute limit);
+//! RocksDB folds operands with [`merge`] on reads and compactions.
 //!
 //! Encoding (both operands and folded values): a sequence of entries
 //! `name_len: u16 BE | name | time: u64 BE | value_len: u32 BE | value`,

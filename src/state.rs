@@ -4,7 +4,8 @@
 //! from the request body: the stored history value is the exact bytes of
 //! `data` as sent (so read-back is byte-equal), found as a span of the body,
 //! and the composite-state operand for the whole request is built here, on
-//! the connection's task, so the single writer thread only copies bytes.
+//! the connection's task, so the single writer thread only copies bytes
+//! (and looks up the operand's attribute names for the attribute limit).
 
 use std::borrow::Cow;
 use std::fmt;

@@ -3,10 +3,11 @@
 //!
 //! A device's composite state is one RocksDB merge value that grows by one
 //! entry per new attribute name, so a device that keeps inventing names
-//! would grow it forever. Ingest never reads before writing, so the writer
-//! thread, which alone writes composite state, remembers the names of
-//! recently active devices in a bounded cache and reads a device's stored
-//! value only when the device is not in it. Names are kept as 64-bit hashes
+//! would grow it forever. Reading that value before every write would cost
+//! a RocksDB read (and a fold of its pending operands) per request, so the
+//! writer thread, which alone writes composite state, remembers the names
+//! of recently active devices in a bounded cache and reads a device's
+//! stored value only when the device is not in it. Names are kept as 64-bit hashes
 //! under a per-process random key, so a client cannot craft names that
 //! collide with ones a device already has.
 

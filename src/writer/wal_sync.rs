@@ -1,7 +1,8 @@
 //! `storage.sync = "interval"`: a thread that fsyncs the WAL every
-//! `storage.sync_interval_ms`, beside the writer rather than in it, so a
-//! batch is never held up by a sync and a machine crash loses at most the
-//! acknowledgements of one interval (plus one fsync).
+//! `storage.sync_interval_ms`, beside the writer rather than in it, so the
+//! writer does not wait for the sync before acknowledging, and a machine
+//! crash loses at most the acknowledgements of one interval (plus one
+//! fsync).
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
