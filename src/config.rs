@@ -554,6 +554,33 @@ mod tests {
     }
 
     #[test]
+    fn interval_sync_needs_an_interval() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("SLUICE_STORAGE__SYNC", "interval"),
+                ("SLUICE_STORAGE__SYNC_INTERVAL_MS", "250"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.storage.sync, c.storage.sync_interval_ms),
+            (SyncMode::Interval, 250)
+        );
+        let err = Config::load(
+            None,
+            &env(&[
+                ("SLUICE_STORAGE__SYNC", "interval"),
+                ("SLUICE_STORAGE__SYNC_INTERVAL_MS", "0"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.0[0].contains("sync_interval_ms"), "{:?}", err.0);
+    }
+
+    #[test]
     fn public_admin_needs_the_flag() {
         let o = Overrides {
             admin_listen: Some("0.0.0.0:0".into()),

@@ -80,12 +80,14 @@ impl AttributeLimit {
         if operand.is_empty() {
             return Ok(Verdict::Fits);
         }
-        if !self.cache.contains_key(device) {
-            let names = stored_names(&self.names, store, device)?;
-            self.cache.insert(device.to_vec(), names);
-        }
         let mut uncached;
         let mut cached = self.cache.get_mut(device);
+        if cached.is_none() {
+            drop(cached);
+            let names = stored_names(&self.names, store, device)?;
+            self.cache.insert(device.to_vec(), names);
+            cached = self.cache.get_mut(device);
+        }
         let names: &mut Names = match cached.as_deref_mut() {
             Some(names) => names,
             // Not admitted by the cache (its bound is below one device's
