@@ -31,6 +31,10 @@
 //! machine this is the ratio to read: criterion's functions run tens of
 //! seconds apart and on stores of different sizes.
 //!
+//! Group `attribute_limit`: `AttributeLimit::admit` per request, with the
+//! devices' names in memory and with every request reading its device's
+//! stored value (a cache too small for any device).
+//!
 //! Group `parse`: `state::parse(body, Shape::One, now)` alone.
 
 use std::collections::VecDeque;
@@ -45,6 +49,7 @@ use sluice::config::SyncMode;
 use sluice::metrics::Metrics;
 use sluice::state::{self, ParsedStates, Shape};
 use sluice::store::{device_key, DeviceKey, Position, Store};
+use sluice::writer::attributes::AttributeLimit;
 use sluice::writer::{
     BatchPolicy, CommitError, Completion, EnqueueError, Health, IngestQueue, Records, Size,
     WriteRequest, Writer, WriterConfig,
@@ -305,6 +310,37 @@ fn bench_ingest(c: &mut Criterion) {
     g.finish();
 
     paired_rounds(&pool);
+
+    // The attribute limit's share of the writer's per-request work: one
+    // `admit` per request, with every device's names in memory (the
+    // steady state of a fleet that fits the cache) and with a cache too
+    // small for any device, so every request reads the device's stored
+    // composite value (the worst case).
+    let mut g = c.benchmark_group("attribute_limit");
+    g.throughput(Throughput::Elements(1));
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), SyncMode::None).unwrap();
+    let mut seq = 0;
+    run_raw(&store, &pool, POOL as u64, &mut seq, true);
+    // Each message has 7 attributes; a limit of 7 with no cache to speak of
+    // leaves room for one device, and requests cycle through 100.
+    for (name, max, cache_names) in [
+        ("admit_cached", 1000, 1_000_000),
+        ("admit_read_on_miss", 7, 0),
+    ] {
+        let mut limit = AttributeLimit::new(max, cache_names);
+        g.bench_function(name, |b| {
+            let mut j = 0;
+            b.iter(|| {
+                j = (j + 1) % pool.len();
+                let m = &pool[j];
+                limit
+                    .admit(&store, &m.device, black_box(&m.parsed.composite))
+                    .unwrap()
+            })
+        });
+    }
+    g.finish();
 
     let mut g = c.benchmark_group("parse");
     g.throughput(Throughput::Elements(1));

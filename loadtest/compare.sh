@@ -46,7 +46,7 @@ cleanup() {
 trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-ADMIN_TOKEN=compare-admin-token
+ADMIN_TOKEN=compare-admin-token-0123456789abcdefgh
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 
 # Starts a fresh Sluice (default config, fresh data dir; arguments are

@@ -8,7 +8,7 @@
 //! → completions (oneshot per HTTP request, a [`CommitSink`] per MQTT
 //! session).
 
-mod attributes;
+pub mod attributes;
 pub mod health;
 pub mod policy;
 mod wal_sync;
