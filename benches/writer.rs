@@ -116,6 +116,7 @@ fn copy_parsed(p: &ParsedStates) -> ParsedStates {
     ParsedStates {
         states: p.states.clone(),
         composite: p.composite.clone(),
+        names: p.names.clone(),
     }
 }
 
@@ -335,7 +336,7 @@ fn bench_ingest(c: &mut Criterion) {
                 j = (j + 1) % pool.len();
                 let m = &pool[j];
                 limit
-                    .admit(&store, &m.device, black_box(&m.parsed.composite))
+                    .admit(&store, &m.device, black_box(&m.parsed.names))
                     .unwrap()
             })
         });

@@ -11,6 +11,18 @@
 //! stops at the first malformed entry.
 
 use std::collections::BTreeMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::LazyLock;
+
+/// The key of [`name_hash`]: random per process, so a client cannot craft
+/// attribute names whose hashes collide.
+static NAME_KEY: LazyLock<RandomState> = LazyLock::new(RandomState::new);
+
+/// A keyed 64-bit hash (SipHash-1-3) of an attribute name: how the
+/// attribute limit tells names apart without keeping them.
+pub fn name_hash(name: &[u8]) -> u64 {
+    NAME_KEY.hash_one(name)
+}
 
 /// Appends one entry.
 pub fn encode_entry(out: &mut Vec<u8>, name: &[u8], time_ms: u64, value: &[u8]) {

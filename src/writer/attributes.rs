@@ -7,12 +7,12 @@
 //! a RocksDB read (and a fold of its pending operands) per request, so the
 //! writer thread, which alone writes composite state, remembers the names
 //! of recently active devices in a bounded cache and reads a device's
-//! stored value only when the device is not in it. Names are kept as 64-bit hashes
-//! under a per-process random key, so a client cannot craft names that
-//! collide with ones a device already has.
+//! stored value only when the device is not in it. Names are kept as their
+//! `composite::name_hash` (keyed per process, so a client cannot craft
+//! names that collide with ones a device already has), computed when the
+//! request is parsed, off the writer thread.
 
 use std::collections::HashSet;
-use std::hash::{BuildHasher, RandomState};
 
 use quick_cache::unsync::Cache;
 use quick_cache::Weighter;
@@ -50,7 +50,6 @@ pub struct AttributeLimit {
     /// in total names; when full, the least recently useful device is
     /// dropped and read again from storage when it next sends.
     cache: Cache<Vec<u8>, Names, ByNames>,
-    names: RandomState,
     /// Hashes of the names of the request being checked that its device
     /// does not have yet (reused between requests).
     fresh: Vec<u64>,
@@ -62,52 +61,48 @@ impl AttributeLimit {
         AttributeLimit {
             max,
             cache: Cache::with_weighter((weight / 8).max(16) as usize, weight, ByNames),
-            names: RandomState::new(),
             fresh: Vec::new(),
         }
     }
 
-    /// Checks the composite operand of one request for `device` and, if it
-    /// fits, records its names as the device's (the request is about to be
-    /// written). Names the device already has always fit, so a device over
-    /// the limit (say, after the limit was lowered) can still update them.
+    /// Checks the attribute names of one request for `device` (their
+    /// `composite::name_hash`es) and, if they fit, records them as the
+    /// device's (the request is about to be written). Names the device
+    /// already has always fit, so a device over the limit (say, after the
+    /// limit was lowered) can still update them.
     pub fn admit(
         &mut self,
         store: &Store,
         device: &[u8],
-        operand: &[u8],
+        names: &[u64],
     ) -> Result<Verdict, StoreError> {
-        if operand.is_empty() {
+        if names.is_empty() {
             return Ok(Verdict::Fits);
         }
         let mut uncached;
         let mut cached = self.cache.get_mut(device);
         if cached.is_none() {
             drop(cached);
-            let names = stored_names(&self.names, store, device)?;
-            self.cache.insert(device.to_vec(), names);
+            let known = stored_names(store, device)?;
+            self.cache.insert(device.to_vec(), known);
             cached = self.cache.get_mut(device);
         }
-        let names: &mut Names = match cached.as_deref_mut() {
-            Some(names) => names,
+        let known: &mut Names = match cached.as_deref_mut() {
+            Some(known) => known,
             // Not admitted by the cache (its bound is below one device's
             // names): check against storage, remembering nothing.
             None => {
-                uncached = stored_names(&self.names, store, device)?;
+                uncached = stored_names(store, device)?;
                 &mut uncached
             }
         };
         self.fresh.clear();
-        for entry in composite::entries(operand) {
-            let h = self.names.hash_one(entry.name);
-            if !names.contains(&h) {
-                self.fresh.push(h);
-            }
-        }
-        if !self.fresh.is_empty() && names.len() + self.fresh.len() > self.max {
+        self.fresh
+            .extend(names.iter().copied().filter(|h| !known.contains(h)));
+        if !self.fresh.is_empty() && known.len() + self.fresh.len() > self.max {
             return Ok(Verdict::TooMany { limit: self.max });
         }
-        names.extend(self.fresh.iter().copied());
+        known.extend(self.fresh.iter().copied());
         Ok(Verdict::Fits)
     }
 
@@ -118,10 +113,10 @@ impl AttributeLimit {
     }
 }
 
-fn stored_names(key: &RandomState, store: &Store, device: &[u8]) -> Result<Names, StoreError> {
+fn stored_names(store: &Store, device: &[u8]) -> Result<Names, StoreError> {
     let value = store.composite(device)?.unwrap_or_default();
     Ok(composite::entries(&value)
-        .map(|e| key.hash_one(e.name))
+        .map(|e| composite::name_hash(e.name))
         .collect())
 }
 
@@ -141,6 +136,13 @@ mod tests {
         v
     }
 
+    fn hashes(names: &[&str]) -> Vec<u64> {
+        names
+            .iter()
+            .map(|n| composite::name_hash(n.as_bytes()))
+            .collect()
+    }
+
     #[test]
     fn counts_new_names_only_and_reads_storage_on_a_miss() {
         let dir = tempfile::tempdir().unwrap();
@@ -155,7 +157,7 @@ mod tests {
 
         let mut limit = AttributeLimit::new(3, 100);
         let fits = |l: &mut AttributeLimit, names: &[&str]| {
-            l.admit(&store, &d, &operand(names)).unwrap() == Verdict::Fits
+            l.admit(&store, &d, &hashes(names)).unwrap() == Verdict::Fits
         };
         assert!(fits(&mut limit, &["x", "y"]));
         assert!(!fits(&mut limit, &["z", "w"]), "two new names: 4 > 3");
@@ -166,7 +168,7 @@ mod tests {
         // Another device has its own count.
         let other = device_key("a", "e");
         assert!(limit
-            .admit(&store, &other, &operand(&["p", "q", "r"]))
+            .admit(&store, &other, &hashes(&["p", "q", "r"]))
             .is_ok_and(|v| v == Verdict::Fits));
 
         // After `forget`, names are read from storage again: z was never
@@ -186,7 +188,7 @@ mod tests {
                 let d = device_key("a", &format!("d{dev}"));
                 let names = [format!("n{round}")];
                 let names: Vec<&str> = names.iter().map(String::as_str).collect();
-                let verdict = limit.admit(&store, &d, &operand(&names)).unwrap();
+                let verdict = limit.admit(&store, &d, &hashes(&names)).unwrap();
                 let fits = verdict == Verdict::Fits;
                 if fits {
                     let mut b = store.batch(64);

@@ -492,22 +492,19 @@ impl Worker {
     fn check_and_write(&mut self, batch: &[WriteRequest], size: Size) -> Result<usize, StoreError> {
         self.refused.clear();
         for req in batch {
-            let refused =
-                match self
-                    .attributes
-                    .admit(&self.store, &req.device, &req.parsed.composite)
-                {
-                    Ok(Verdict::Fits) => None,
-                    Ok(Verdict::TooMany { limit }) => {
-                        Some(CommitError::TooManyAttributes { limit })
-                    }
-                    Err(e) => {
-                        // The batch fails as a whole; `commit` answers every
-                        // request, so `refused` must cover them all.
-                        self.refused.resize(batch.len(), None);
-                        return Err(e);
-                    }
-                };
+            let refused = match self
+                .attributes
+                .admit(&self.store, &req.device, &req.parsed.names)
+            {
+                Ok(Verdict::Fits) => None,
+                Ok(Verdict::TooMany { limit }) => Some(CommitError::TooManyAttributes { limit }),
+                Err(e) => {
+                    // The batch fails as a whole; `commit` answers every
+                    // request, so `refused` must cover them all.
+                    self.refused.resize(batch.len(), None);
+                    return Err(e);
+                }
+            };
             self.refused.push(refused);
         }
         let admitted = batch

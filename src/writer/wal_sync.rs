@@ -25,25 +25,33 @@ impl WalSyncer {
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let thread = std::thread::Builder::new()
             .name("sluice-wal-sync".into())
-            .spawn(move || loop {
-                let last = matches!(
-                    stopped.recv_timeout(every),
-                    Err(crossbeam_channel::RecvTimeoutError::Disconnected)
-                );
-                match store.sync_wal() {
-                    Ok(()) => {
-                        if health.recover(Failure::WalSync) {
-                            tracing::warn!("WAL sync works again");
+            .spawn(move || {
+                let syncing = std::panic::AssertUnwindSafe(|| loop {
+                    let last = matches!(
+                        stopped.recv_timeout(every),
+                        Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+                    );
+                    match store.sync_wal() {
+                        Ok(()) => {
+                            if health.recover(Failure::WalSync) {
+                                tracing::warn!("WAL sync works again");
+                            }
+                        }
+                        Err(e) => {
+                            if health.fail(Failure::WalSync, &e) {
+                                tracing::error!(error = %e, "WAL sync failed; acknowledged messages may not survive a machine crash");
+                            }
                         }
                     }
-                    Err(e) => {
-                        if health.fail(Failure::WalSync, &e) {
-                            tracing::error!(error = %e, "WAL sync failed; acknowledged messages may not survive a machine crash");
-                        }
+                    if last {
+                        break;
                     }
-                }
-                if last {
-                    break;
+                });
+                // Without this thread nothing syncs the WAL any more: that
+                // must show, not pass silently.
+                if std::panic::catch_unwind(syncing).is_err() {
+                    health.fail(Failure::WalSync, &"the WAL sync thread panicked");
+                    tracing::error!("the WAL sync thread panicked; the WAL is no longer synced");
                 }
             })?;
         Ok(WalSyncer {
