@@ -118,8 +118,8 @@ fn unavailable() -> Response<Full<Bytes>> {
 }
 
 /// `/healthz`: 200 while storage works, 503 with the reason while it does
-/// not. Shared with the admin listener.
-pub fn health_response(health: &Health) -> Response<Full<Bytes>> {
+/// not (the admin listener adds the error behind it; this one is public).
+fn health_response(health: &Health) -> Response<Full<Bytes>> {
     match health.failure() {
         None => json(200, Bytes::from_static(b"{\"status\":\"ok\"}")),
         Some(f) => json(

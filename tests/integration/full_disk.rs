@@ -126,7 +126,7 @@ fn a_full_disk_is_answered_with_errors_and_ingest_recovers_by_itself() {
     .1;
     let mut acked = BTreeSet::new();
     let mut sent = BTreeSet::new();
-    let mut post = |id: String, acked: &mut BTreeSet<String>, sent: &mut BTreeSet<String>| {
+    let post = |id: String, acked: &mut BTreeSet<String>, sent: &mut BTreeSet<String>| {
         let body = format!(
             r#"{{"data":{{"id":"{id}","pad":"{}"}}}}"#,
             "p".repeat(16 * 1024)
