@@ -73,6 +73,7 @@ pub struct HttpConfig {
     pub header_read_timeout: Duration,
     #[serde(with = "human_duration")]
     pub body_read_timeout: Duration,
+    pub max_buffered_body_bytes: usize,
     pub max_connections_per_ip: usize,
     pub auth_failure_rate_per_ip: u32,
     pub auth_failure_burst_per_ip: u32,
@@ -306,6 +307,15 @@ impl Config {
         }
         if self.mqtt.max_packet_bytes > 268_435_455 {
             p.push("`mqtt.max_packet_bytes` must be at most 268435455 (the MQTT limit)".into());
+        }
+        if self.http.max_body_bytes > u32::MAX as usize {
+            p.push("`http.max_body_bytes` must be at most 4294967295".into());
+        }
+        if self.http.max_buffered_body_bytes < self.http.max_body_bytes {
+            p.push(
+                "`http.max_buffered_body_bytes` must be at least `http.max_body_bytes`, or a maximal request could never be read"
+                    .into(),
+            );
         }
         if self.batch.queue_max_bytes < self.http.max_body_bytes {
             p.push(

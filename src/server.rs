@@ -193,6 +193,7 @@ pub async fn run(
         max_hold: config.http.header_read_timeout,
         max_body_bytes: config.http.max_body_bytes,
         body_read_timeout: config.http.body_read_timeout,
+        body_budget: tokio::sync::Semaphore::new(config.http.max_buffered_body_bytes),
     });
     tasks.spawn(serve(
         listeners.http,

@@ -3,8 +3,8 @@
 //!
 //! Order of checks (each stops at the first failure): route → hold-back
 //! of an address with too many failed authentications → token (401) → ids
-//! (400) → permission (403) → body size (413) → content type (415) → body
-//! (400) → rate limit (429) → token still usable (401) → queue (503) →
+//! (400) → permission (403) → body size (413) → content type (415) → room
+//! in the body buffer budget (503) → body (400) → rate limit (429) → token still usable (401) → queue (503) →
 //! commit: 200 once the batch is in the WAL, 400 if the device would
 //! exceed its attribute limit, 503 if storage failed.
 
@@ -20,7 +20,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 
 use super::serve::{error_with_detail, json};
 use crate::auth::{monotonic_ns, Denied, Registry, Scope};
@@ -46,6 +46,14 @@ pub struct DeviceApi {
     pub max_hold: Duration,
     pub max_body_bytes: usize,
     pub body_read_timeout: Duration,
+    /// Bytes of request bodies being read at once, over all connections
+    /// (`http.max_buffered_body_bytes`): each request reserves its declared
+    /// length (or `max_body_bytes` without one) before its body is read and
+    /// releases it once the body is queued (the queue's own byte bound
+    /// takes over) or refused. With no room left the request is answered
+    /// 503 overloaded at once, so memory stays bounded however many
+    /// connections upload at the same time.
+    pub body_budget: Semaphore,
 }
 
 /// A cheap, cloneable hyper service over a shared [`DeviceApi`], one per
@@ -215,6 +223,16 @@ impl DeviceApi {
             }
         }
         tracing::trace!(app, device, "state request authorized");
+        // At most `max_body_bytes`, which `Config::validate` keeps within u32.
+        let reserve = declared.map_or(self.max_body_bytes, |n| n as usize).max(1) as u32;
+        let Ok(reserved) = self.body_budget.try_acquire_many(reserve) else {
+            tracing::debug!(
+                app,
+                device,
+                "state request refused: body buffer budget spent"
+            );
+            return overloaded();
+        };
         let device_key = device_key(app, device);
         let limited = Limited::new(req.into_body(), self.max_body_bytes);
         let body = match tokio::time::timeout(self.body_read_timeout, limited.collect()).await {
@@ -244,7 +262,9 @@ impl DeviceApi {
             parsed,
             done: Completion::Request(tx),
         };
-        match self.queue.try_enqueue(req) {
+        let queued = self.queue.try_enqueue(req);
+        drop(reserved);
+        match queued {
             Ok(()) => {}
             Err(EnqueueError::Full(_)) | Err(EnqueueError::Closed) => return overloaded(),
             Err(EnqueueError::Revoked) => {

@@ -404,6 +404,44 @@ fn connections_per_address_are_bounded_on_http_and_mqtt() {
 }
 
 #[test]
+fn bodies_being_read_at_once_are_bounded_in_bytes() {
+    let s = Server::start_with(&[
+        ("SLUICE_HTTP__MAX_BODY_BYTES", "1000"),
+        ("SLUICE_HTTP__MAX_BUFFERED_BODY_BYTES", "2000"),
+        ("SLUICE_BATCH__QUEUE_MAX_BYTES", "4096"),
+    ]);
+    let (_, t) = sender(&s, "app");
+    let body = format!(r#"{{"data":{{"x":"{}"}}}}"#, "y".repeat(900));
+    let (first, rest) = body.split_at(100);
+    // Two uploads that declared 922 bytes each and are still sending hold
+    // 1844 of the 2000 bytes...
+    let mut slow: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut c = TcpStream::connect(&s.http).unwrap();
+            let head = format!(
+                "POST /applications/app/devices/d/state HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nContent-Length: {}\r\n\r\n{first}",
+                body.len()
+            );
+            c.write_all(head.as_bytes()).unwrap();
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // ...so a third is refused at once (and a small one still fits).
+    let (st, v) = post_state(&s, &t, "app", "d", &body);
+    assert_eq!((st, v), (503, json!({"error": "overloaded"})));
+    assert_eq!(
+        post_state(&s, &t, "app", "d", r#"{"data":{"small":1}}"#).0,
+        200
+    );
+    // Finishing an upload gives its bytes back.
+    slow[0].write_all(rest.as_bytes()).unwrap();
+    assert_eq!(read_response(&mut slow[0]).0, 200);
+    assert_eq!(post_state(&s, &t, "app", "d", &body).0, 200);
+    assert_eq!(history_all(&s, ADMIN, "app", "d").len(), 3);
+}
+
+#[test]
 fn failed_authentications_are_throttled_per_address_on_http() {
     let s = Server::start_with(&[
         ("SLUICE_HTTP__AUTH_FAILURE_RATE_PER_IP", "1"),
