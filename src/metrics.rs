@@ -20,6 +20,7 @@ pub struct Metrics {
     pub batches: Counter,
     pub commit_errors: Counter,
     pub attribute_limit_refusals: Counter,
+    pub http_connections_refused: Counter,
     pub batch_messages: Histogram,
     pub commit_seconds: Histogram,
     pub queue_depth: Gauge,
@@ -82,6 +83,12 @@ impl Metrics {
             "Requests refused (nothing stored) because their device would exceed storage.max_attributes_per_device",
             attribute_limit_refusals.clone(),
         );
+        let http_connections_refused = Counter::default();
+        registry.register(
+            "sluice_http_connections_refused",
+            "Device-listener connections refused because their address already held http.max_connections_per_ip",
+            http_connections_refused.clone(),
+        );
         let batch_messages = Histogram::new(exponential_buckets(1.0, 2.0, 15));
         registry.register(
             "sluice_batch_messages",
@@ -127,6 +134,7 @@ impl Metrics {
             batches,
             commit_errors,
             attribute_limit_refusals,
+            http_connections_refused,
             batch_messages,
             commit_seconds,
             queue_depth,

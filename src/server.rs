@@ -206,6 +206,7 @@ pub async fn run(
             max_connections: config.http.max_connections,
             header_read_timeout: config.http.header_read_timeout,
             per_ip: IpConnections::new(config.http.max_connections_per_ip),
+            refused: metrics.http_connections_refused.clone(),
         },
         stop.clone(),
         grace,
@@ -233,6 +234,7 @@ pub async fn run(
             // The admin listener is the operator's (loopback by default):
             // no per-address limit.
             per_ip: IpConnections::new(0),
+            refused: Default::default(),
         },
         stop.clone(),
         grace,

@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -29,6 +30,8 @@ pub struct HttpLimits {
     pub header_read_timeout: Duration,
     /// Open connections per address (`http.max_connections_per_ip`).
     pub per_ip: Arc<IpConnections>,
+    /// Counts connections refused by `per_ip`.
+    pub refused: Counter,
 }
 
 /// Connections over their address's limit that may be waiting to be told
@@ -97,6 +100,7 @@ pub async fn serve<F, S, B>(
         let ip_permit = match limits.per_ip.try_open(peer.ip()) {
             Ok(p) => p,
             Err(_) => {
+                limits.refused.inc();
                 tracing::debug!(listener = name, %peer, "connection refused: too many from its address");
                 // A refusal holds a small task for at most LINGER; beyond
                 // the bound, or over TLS (answering would need a handshake),

@@ -358,6 +358,11 @@ fn connections_per_address_are_bounded_on_http_and_mqtt() {
         (st, body.as_str()),
         (429, r#"{"error":"too_many_connections"}"#)
     );
+    let metrics = metrics_text(&s);
+    assert!(
+        metrics.contains("sluice_http_connections_refused_total 1"),
+        "{metrics}"
+    );
     // ...another address is not affected...
     let mut other = connect_from("127.0.0.2", &s.http);
     assert_eq!(post_on(&mut other, &t, ok).0, 200);
