@@ -3,15 +3,20 @@
 //!
 //! Group `ingest` (every function on a fresh RocksDB in a tempdir,
 //! `SyncMode::None`, WAL on):
-//! - `raw_batch1000_state_composite`: one thread, `Store::batch` +
-//!   `put_state` + `merge_composite` per message, `commit` every 1,000
-//!   messages: exactly the records the writer writes.
-//! - `raw_batch1000_state_only`: the same without the composite operands.
+//! - `raw_batch1000_state_composite`: one thread, batches of 1,000
+//!   messages built by `writer::Records::add` (the writer's own code: one
+//!   `put_state` per message, one `merge_composite` per device per batch
+//!   with its operands concatenated, the sequence number) and `commit`:
+//!   exactly the records the writer writes for a batch of that size, with
+//!   no queue, thread hand-off, attribute limit or completion. The writer's
+//!   own batch sizes are printed after each writer function.
+//! - `raw_batch1000_state_only`: the same without the composite merges.
 //! - `writer_4prod_preparsed`: 4 producer threads, 256 requests in flight
-//!   each, through `IngestQueue::try_enqueue` → writer thread → oneshot
-//!   completion. Bodies are parsed before timing; the timed loop builds each
-//!   `WriteRequest` (clones the parse result, makes a oneshot), enqueues it
-//!   and waits for its completion.
+//!   each, through `IngestQueue::try_enqueue` → writer thread (attribute
+//!   limit check, records, commit) → oneshot completion. Bodies are parsed
+//!   before timing; the timed loop builds each `WriteRequest` (clones the
+//!   parse result, makes a oneshot), enqueues it and waits for its
+//!   completion.
 //! - `writer_4prod_preparsed_wait_half`: as above, but a producer with a
 //!   full window waits for its oldest 128 requests at once (blocking on the
 //!   128th), so it is woken about once per half window instead of once per
@@ -25,6 +30,10 @@
 //! ratios are printed with process CPU per message. On a shared 2-core
 //! machine this is the ratio to read: criterion's functions run tens of
 //! seconds apart and on stores of different sizes.
+//!
+//! Group `attribute_limit`: `AttributeLimit::admit` per request, with the
+//! devices' names in memory and with every request reading its device's
+//! stored value (a cache too small for any device).
 //!
 //! Group `parse`: `state::parse(body, Shape::One, now)` alone.
 
@@ -40,8 +49,10 @@ use sluice::config::SyncMode;
 use sluice::metrics::Metrics;
 use sluice::state::{self, ParsedStates, Shape};
 use sluice::store::{device_key, DeviceKey, Position, Store};
+use sluice::writer::attributes::AttributeLimit;
 use sluice::writer::{
-    BatchPolicy, CommitError, Completion, EnqueueError, IngestQueue, WriteRequest, Writer,
+    BatchPolicy, CommitError, Completion, EnqueueError, Health, IngestQueue, Records, Size,
+    WriteRequest, Writer, WriterConfig,
 };
 use tokio::sync::oneshot;
 
@@ -105,6 +116,7 @@ fn copy_parsed(p: &ParsedStates) -> ParsedStates {
     ParsedStates {
         states: p.states.clone(),
         composite: p.composite.clone(),
+        names: p.names.clone(),
     }
 }
 
@@ -190,34 +202,52 @@ fn run_writer(queue: &IngestQueue, pool: &[Msg], iters: u64, mode: Mode) -> Dura
 
 /// `iters` messages as raw write batches of `RAW_BATCH`, one thread.
 fn run_raw(store: &Store, pool: &[Msg], iters: u64, seq: &mut u64, composite: bool) -> Duration {
+    let mut scratch = Vec::new();
     let t0 = Instant::now();
     let mut left = iters;
     let mut j = 0;
     while left > 0 {
-        let n = left.min(RAW_BATCH);
-        left -= n;
-        let mut b = store.batch(n as usize * (BODY_LEN + 100 + 80) + 64);
-        for _ in 0..n {
-            j = (j + 1) % pool.len();
-            let m = &pool[j];
-            for s in &m.parsed.states {
-                let data = &m.body[s.data.start as usize..s.data.end as usize];
-                let at = Position {
-                    time_ms: s.time_ms,
-                    seq: *seq,
-                };
-                store.put_state(&mut b, &m.device, at, data).unwrap();
-                *seq += 1;
-            }
-            if composite {
-                store
-                    .merge_composite(&mut b, &m.device, &m.parsed.composite)
-                    .unwrap();
+        let n = left.min(RAW_BATCH) as usize;
+        left -= n as u64;
+        let size = Size {
+            messages: n,
+            bytes: n * (BODY_LEN + 100),
+        };
+        let mut b = store.batch(Records::capacity(size));
+        let first = j;
+        let batch = (0..n).map(move |k| &pool[(first + k + 1) % pool.len()]);
+        j = (j + n) % pool.len();
+        if composite {
+            let requests = batch.map(|m| (&m.device[..], &m.body[..], &m.parsed));
+            *seq = Records::add(store, &mut b, *seq, requests, &mut scratch).unwrap();
+        } else {
+            for m in batch {
+                for s in &m.parsed.states {
+                    let data = &m.body[s.data.start as usize..s.data.end as usize];
+                    let at = Position {
+                        time_ms: s.time_ms,
+                        seq: *seq,
+                    };
+                    store.put_state(&mut b, &m.device, at, data).unwrap();
+                    *seq += 1;
+                }
             }
         }
         store.commit(b, *seq).unwrap();
     }
     t0.elapsed()
+}
+
+/// The writer as the server starts it, with the bench's queue bounds.
+fn start_writer(store: Store, metrics: Arc<Metrics>) -> Writer {
+    let mut config = WriterConfig::new(&sluice::Config::default());
+    config.policy = BatchPolicy {
+        max_messages: 8192,
+        max_bytes: 8 << 20,
+    };
+    config.queue_capacity = 16_384;
+    config.queue_max_bytes = 64 << 20;
+    Writer::start(store, config, metrics, Arc::new(Health::default())).unwrap()
 }
 
 fn bench_ingest(c: &mut Criterion) {
@@ -265,11 +295,7 @@ fn bench_ingest(c: &mut Criterion) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), SyncMode::None).unwrap();
         let metrics = Arc::new(Metrics::new());
-        let policy = BatchPolicy {
-            max_messages: 8192,
-            max_bytes: 8 << 20,
-        };
-        let w = Writer::start(store, policy, 16_384, 64 << 20, metrics.clone()).unwrap();
+        let w = start_writer(store, metrics.clone());
         let queue = w.queue();
         g.bench_function(name, |b| {
             b.iter_custom(|iters| run_writer(&queue, &pool, iters, mode))
@@ -285,6 +311,37 @@ fn bench_ingest(c: &mut Criterion) {
     g.finish();
 
     paired_rounds(&pool);
+
+    // The attribute limit's share of the writer's per-request work: one
+    // `admit` per request, with every device's names in memory (the
+    // steady state of a fleet that fits the cache) and with a cache too
+    // small for any device, so every request reads the device's stored
+    // composite value (the worst case).
+    let mut g = c.benchmark_group("attribute_limit");
+    g.throughput(Throughput::Elements(1));
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), SyncMode::None).unwrap();
+    let mut seq = 0;
+    run_raw(&store, &pool, POOL as u64, &mut seq, true);
+    // Each message has 7 attributes; a limit of 7 with no cache to speak of
+    // leaves room for one device, and requests cycle through 100.
+    for (name, max, cache_names) in [
+        ("admit_cached", 1000, 1_000_000),
+        ("admit_read_on_miss", 7, 0),
+    ] {
+        let mut limit = AttributeLimit::new(max, cache_names);
+        g.bench_function(name, |b| {
+            let mut j = 0;
+            b.iter(|| {
+                j = (j + 1) % pool.len();
+                let m = &pool[j];
+                limit
+                    .admit(&store, &m.device, black_box(&m.parsed.names))
+                    .unwrap()
+            })
+        });
+    }
+    g.finish();
 
     let mut g = c.benchmark_group("parse");
     g.throughput(Throughput::Elements(1));
@@ -339,10 +396,6 @@ fn paired_rounds(pool: &[Msg]) {
             wait_half: false,
         },
     ];
-    let policy = BatchPolicy {
-        max_messages: 8192,
-        max_bytes: 8 << 20,
-    };
     let dirs: Vec<_> = (0..NAMES.len())
         .map(|_| tempfile::tempdir().unwrap())
         .collect();
@@ -351,7 +404,7 @@ fn paired_rounds(pool: &[Msg]) {
         .iter()
         .map(|d| {
             let store = Store::open(d.path(), SyncMode::None).unwrap();
-            Writer::start(store, policy, 16_384, 64 << 20, Arc::new(Metrics::new())).unwrap()
+            start_writer(store, Arc::new(Metrics::new()))
         })
         .collect();
     let queues: Vec<_> = writers.iter().map(Writer::queue).collect();

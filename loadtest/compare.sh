@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sluice measured against its peers on loopback, in the same run:
 #  - MQTT: the same `loadtest mqtt` workload against Mosquitto (persistence
-#    off, TCP_NODELAY) and Sluice with default config (durable: WAL on):
+#    off, TCP_NODELAY) and Sluice with default config (WAL on, not fsynced):
 #    100 connections QoS 0, 100 connections QoS 1 (window 100), and 1,000
 #    connections QoS 1; 150-byte messages, as fast as possible.
 #  - HTTP: wrk with 64 keep-alive connections POSTing a 150-byte state with
@@ -46,7 +46,7 @@ cleanup() {
 trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-ADMIN_TOKEN=compare-admin-token
+ADMIN_TOKEN=compare-admin-token-0123456789abcdefgh
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 
 # Starts a fresh Sluice (default config, fresh data dir; arguments are
@@ -156,8 +156,8 @@ grep -E '^  verify' "$out.txt" || true
 stop_sluice
 
 # RSS per idle MQTT connection (all from one address: lift the per-address
-# connect rate limit for this measurement).
-start_sluice SLUICE_MQTT__CONNECT_RATE_PER_IP=0
+# connect rate and connection limits for this measurement).
+start_sluice SLUICE_MQTT__CONNECT_RATE_PER_IP=0 SLUICE_MQTT__MAX_CONNECTIONS_PER_IP=0
 TOKEN=$(curl -s -X POST "http://$SL_ADMIN/applications/app/tokens" -H "Authorization: Bearer $ADMIN_TOKEN" \
   -H 'Content-Type: application/json' -d '{"name":"idle","scope":["device.sendState"]}' |
   python3 -c 'import json,sys;print(json.load(sys.stdin)["token"])')

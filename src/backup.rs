@@ -349,7 +349,7 @@ mod tests {
             cursor: None,
         };
         assert_eq!(
-            restored.history(&d, &q).unwrap().items[0].data,
+            restored.history(&d, &q, usize::MAX).unwrap().items[0].data,
             b"{\"x\":1}"
         );
 

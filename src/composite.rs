@@ -1,7 +1,9 @@
 //! Composite state: the last value and time of every attribute a device has
 //! sent. It is kept as one RocksDB merge value per device, so ingest adds
-//! one merge operand per request and never reads before writing; RocksDB
-//! folds operands with [`merge`] on reads and compactions.
+//! one merge operand per device per batch and does not read the value
+//! before writing it (the writer reads it only to learn the attribute
+//! names of a device it has not seen recently, for the attribute limit);
+//! RocksDB folds operands with [`merge`] on reads and compactions.
 //!
 //! Encoding (both operands and folded values): a sequence of entries
 //! `name_len: u16 BE | name | time: u64 BE | value_len: u32 BE | value`,
@@ -9,6 +11,18 @@
 //! stops at the first malformed entry.
 
 use std::collections::BTreeMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::LazyLock;
+
+/// The key of [`name_hash`]: random per process, so a client cannot craft
+/// attribute names whose hashes collide.
+static NAME_KEY: LazyLock<RandomState> = LazyLock::new(RandomState::new);
+
+/// A keyed 64-bit hash (SipHash-1-3) of an attribute name: how the
+/// attribute limit tells names apart without keeping them.
+pub fn name_hash(name: &[u8]) -> u64 {
+    NAME_KEY.hash_one(name)
+}
 
 /// Appends one entry.
 pub fn encode_entry(out: &mut Vec<u8>, name: &[u8], time_ms: u64, value: &[u8]) {

@@ -35,9 +35,16 @@ pub struct Config {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum SyncMode {
-    /// WAL written but not fsynced per batch: survives a process crash.
+    /// Each batch is written to the WAL (the OS page cache) before it is
+    /// acknowledged, never fsynced by the writer: survives a process crash;
+    /// a machine crash loses what the OS had not yet written back.
     None,
-    /// WAL fsynced per batch: survives a machine crash.
+    /// As `None`, and a separate thread fsyncs the WAL every
+    /// `storage.sync_interval_ms`: a machine crash loses at most the
+    /// acknowledgements of the last interval (plus one fsync's duration).
+    Interval,
+    /// Each batch is fsynced before it is acknowledged: survives a machine
+    /// crash.
     Always,
 }
 
@@ -46,6 +53,14 @@ pub enum SyncMode {
 pub struct StorageConfig {
     pub data_dir: PathBuf,
     pub sync: SyncMode,
+    /// With `sync = "interval"`: milliseconds between WAL fsyncs.
+    pub sync_interval_ms: u64,
+    /// Distinct attribute names one device's composite state may hold.
+    pub max_attributes_per_device: usize,
+    /// Attribute names the writer keeps in memory (per device, most
+    /// recently used devices first) to enforce the limit above without
+    /// reading storage on every request.
+    pub attribute_cache_names: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -61,6 +76,11 @@ pub struct HttpConfig {
     pub header_read_timeout: Duration,
     #[serde(with = "human_duration")]
     pub body_read_timeout: Duration,
+    pub max_buffered_body_bytes: usize,
+    pub max_connections_per_ip: usize,
+    pub auth_failure_rate_per_ip: u32,
+    pub auth_failure_burst_per_ip: u32,
+    pub ip_table_max: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -85,6 +105,7 @@ pub struct MqttConfig {
     pub auth_failure_burst_per_ip: u32,
     pub ip_table_max: usize,
     pub max_connect_bytes: u32,
+    pub max_connections_per_ip: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -94,6 +115,7 @@ pub struct AdminConfig {
     pub allow_public: bool,
     pub max_connections: usize,
     pub max_body_bytes: usize,
+    pub max_response_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -366,7 +388,9 @@ impl Config {
         let given = flatten(&user_data);
 
         // Check each given key on its own against the defaults, so that one
-        // bad value does not hide the next.
+        // bad value does not hide the next. The keys that pass are kept, so
+        // the semantic checks below run in the same pass.
+        let mut valid = Figment::from(Serialized::defaults(Config::default()));
         for (path, value) in &given {
             let source = user
                 .find_metadata(path)
@@ -381,25 +405,27 @@ impl Config {
             }
             let one = Figment::from(Serialized::defaults(Config::default()))
                 .merge(Serialized::default(path, value.clone()));
-            if let Err(e) = one.extract::<Config>() {
-                for e in e {
-                    problems.push(format!("key `{path}` (from {source}): {}", e.kind));
+            match one.extract::<Config>() {
+                Ok(_) => valid = valid.merge(Serialized::default(path, value.clone())),
+                Err(e) => {
+                    for e in e {
+                        problems.push(format!("key `{path}` (from {source}): {}", e.kind));
+                    }
                 }
             }
         }
-        if !problems.is_empty() {
-            return Err(ConfigErrors(problems));
+        // Every key in `valid` extracts on its own, so together they do too;
+        // should that ever fail, it is reported like any other problem.
+        match valid.extract::<Config>() {
+            Ok(config) => {
+                problems.extend(config.validate());
+                if problems.is_empty() {
+                    return Ok(config);
+                }
+            }
+            Err(e) => problems.extend(e.into_iter().map(|e| e.to_string())),
         }
-        let config: Config = Figment::from(Serialized::defaults(Config::default()))
-            .merge(user)
-            .extract()
-            .map_err(|e| ConfigErrors(e.into_iter().map(|e| e.to_string()).collect()))?;
-        let problems = config.validate();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigErrors(problems))
-        }
+        Err(ConfigErrors(problems))
     }
 
     /// Semantic checks that types alone cannot express.
@@ -425,6 +451,12 @@ impl Config {
         );
         positive("admin.max_connections", self.admin.max_connections);
         positive("admin.max_body_bytes", self.admin.max_body_bytes);
+        positive("admin.max_response_bytes", self.admin.max_response_bytes);
+        positive(
+            "storage.max_attributes_per_device",
+            self.storage.max_attributes_per_device,
+        );
+        positive("http.ip_table_max", self.http.ip_table_max);
         positive("batch.max_messages", self.batch.max_messages);
         positive("batch.max_bytes", self.batch.max_bytes);
         positive("batch.queue_capacity", self.batch.queue_capacity);
@@ -433,8 +465,23 @@ impl Config {
             "tokens.max_devices_per_token",
             self.tokens.max_devices_per_token,
         );
+        if self.storage.sync == SyncMode::Interval && self.storage.sync_interval_ms == 0 {
+            p.push(
+                "`storage.sync_interval_ms` must be greater than 0 with `storage.sync = \"interval\"`"
+                    .into(),
+            );
+        }
         if self.mqtt.max_packet_bytes > 268_435_455 {
             p.push("`mqtt.max_packet_bytes` must be at most 268435455 (the MQTT limit)".into());
+        }
+        if self.http.max_body_bytes > u32::MAX as usize {
+            p.push("`http.max_body_bytes` must be at most 4294967295".into());
+        }
+        if self.http.max_buffered_body_bytes < self.http.max_body_bytes {
+            p.push(
+                "`http.max_buffered_body_bytes` must be at least `http.max_body_bytes`, or a maximal request could never be read"
+                    .into(),
+            );
         }
         if self.batch.queue_max_bytes < self.http.max_body_bytes {
             p.push(
@@ -611,6 +658,7 @@ mod tests {
         assert_eq!(c.storage.data_dir, PathBuf::from("./data"));
         assert_eq!(c.storage.sync, SyncMode::None);
         assert_eq!(c.http.max_body_bytes, 256 * 1024);
+        assert_eq!(c.storage.sync_interval_ms, 100);
         assert!(c.validate().is_empty());
         let loaded = Config::load(None, &[], &Overrides::default()).unwrap();
         assert_eq!(loaded, c);
@@ -661,9 +709,15 @@ mod tests {
         assert!(all.contains("http.max_body_bytes"), "{all}");
         assert!(all.contains("bogus.x"), "{all}");
         assert!(all.contains("storage.sync"), "{all}");
-        assert_eq!(err.0.len(), 4, "{all}");
+        // The semantic problem is reported in the same pass as the type
+        // problems, not after they are fixed.
+        assert!(
+            all.contains("`batch.max_messages` must be greater than 0"),
+            "{all}"
+        );
+        assert_eq!(err.0.len(), 5, "{all}");
 
-        // Semantic problems are all listed too once the types are right.
+        // Only semantic problems: all of them are listed.
         let err = Config::load(
             None,
             &env(&[
@@ -674,6 +728,33 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.0.len(), 2, "{:?}", err.0);
+    }
+
+    #[test]
+    fn interval_sync_needs_an_interval() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("SLUICE_STORAGE__SYNC", "interval"),
+                ("SLUICE_STORAGE__SYNC_INTERVAL_MS", "250"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.storage.sync, c.storage.sync_interval_ms),
+            (SyncMode::Interval, 250)
+        );
+        let err = Config::load(
+            None,
+            &env(&[
+                ("SLUICE_STORAGE__SYNC", "interval"),
+                ("SLUICE_STORAGE__SYNC_INTERVAL_MS", "0"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.0[0].contains("sync_interval_ms"), "{:?}", err.0);
     }
 
     #[test]

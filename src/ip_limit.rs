@@ -1,10 +1,12 @@
-//! Per-address limits shared by the device listeners: how fast one address
-//! may open connections, and how many failed authentications it may make
-//! before its next attempts are held back. IPv6 addresses are grouped by
-//! /64, the unit a single host or site usually gets, so an attacker cannot
-//! escape by rotating addresses.
+//! Per-address limits shared by the device listeners: how many connections
+//! one address may hold open, how fast it may open them, and how many
+//! failed authentications it may make before its next attempts are held
+//! back. IPv6 addresses are grouped by /64, the unit a single host or site
+//! usually gets, so an attacker cannot escape by rotating addresses.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::auth::{monotonic_ns, Limiter, RateLimit};
@@ -81,9 +83,102 @@ impl IpLimiter {
     }
 }
 
+/// Open connections per address. Only addresses with an open connection
+/// have an entry, so the table is bounded by the listener's connection
+/// limit. It is touched once when a connection opens and once when it
+/// closes, never per message, so a plain mutex serves.
+pub struct IpConnections {
+    max_per_ip: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One open connection of an address; closing it (dropping this) frees
+/// its place.
+pub struct IpPermit {
+    /// `None` while the limit is disabled: nothing to free.
+    table: Option<Arc<IpConnections>>,
+    key: IpAddr,
+}
+
+/// The address already holds as many connections as it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("too many connections from one address")]
+pub struct TooManyConnections;
+
+impl IpConnections {
+    /// `max_per_ip == 0` disables the limit.
+    pub fn new(max_per_ip: usize) -> Arc<IpConnections> {
+        Arc::new(IpConnections {
+            max_per_ip,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A place for one more connection from `ip`, unless the address
+    /// already holds `max_per_ip`.
+    pub fn try_open(self: &Arc<Self>, ip: IpAddr) -> Result<IpPermit, TooManyConnections> {
+        let key = key(ip);
+        if self.max_per_ip == 0 {
+            return Ok(IpPermit { table: None, key });
+        }
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(key).or_insert(0);
+        if *n >= self.max_per_ip {
+            return Err(TooManyConnections);
+        }
+        *n += 1;
+        Ok(IpPermit {
+            table: Some(self.clone()),
+            key,
+        })
+    }
+}
+
+impl Drop for IpPermit {
+    fn drop(&mut self) {
+        let Some(table) = &self.table else {
+            return;
+        };
+        let mut open = table.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn open_connections_are_counted_per_address_and_freed() {
+        let t = IpConnections::new(2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let a1 = t.try_open(a).unwrap();
+        let a2 = t.try_open(a).unwrap();
+        assert_eq!(t.try_open(a).err(), Some(TooManyConnections));
+        assert!(t.try_open("10.0.0.2".parse().unwrap()).is_ok());
+        // Same /64: one budget.
+        let v6: Vec<_> = ["2001:db8::1", "2001:db8::2"]
+            .iter()
+            .map(|s| t.try_open(s.parse().unwrap()).unwrap())
+            .collect();
+        assert!(t.try_open("2001:db8::3".parse().unwrap()).is_err());
+        drop(a1);
+        let a3 = t.try_open(a).unwrap();
+        drop((a2, a3, v6));
+        assert!(
+            t.open.lock().unwrap().is_empty(),
+            "closed addresses leave no entry"
+        );
+        let unlimited = IpConnections::new(0);
+        let held: Vec<_> = (0..10).map(|_| unlimited.try_open(a).unwrap()).collect();
+        assert_eq!(held.len(), 10);
+        assert!(unlimited.open.lock().unwrap().is_empty());
+    }
 
     #[test]
     fn limits_per_address_and_groups_ipv6_by_64() {

@@ -1,4 +1,4 @@
-//! Sluice: a durable IoT state broker. Devices post state over MQTT and
+//! Sluice: an IoT state broker. Devices post state over MQTT and
 //! HTTP with scoped, attenuable tokens; accepted state is group-committed
 //! into RocksDB before it is acknowledged. See ARCHITECTURE.md.
 

@@ -19,7 +19,7 @@ use sluice::config::{Config, Overrides};
 #[command(
     name = "sluice",
     version,
-    about = "Durable IoT state broker with attenuable tokens"
+    about = "IoT state broker: attenuable tokens, acknowledgements after the write-ahead log"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -205,6 +205,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let listeners = sluice::Listeners::bind(&config).await?;
         sluice::run(config, listeners, admin_token, shutdown_signal(), reloaded).await
     });
+    // After a failure (the writer thread died, say) connections may still
+    // wait on requests nobody will answer: do not wait for them.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     if let Err(e) = result {
         // Through the log, so a JSON log stays one object per line.
         tracing::error!(error = %e, "the broker stopped on an error");

@@ -11,7 +11,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 /// Statuses the device listener can answer; each has a pre-made counter.
-pub const HTTP_STATUSES: [u16; 12] = [200, 400, 401, 403, 404, 405, 408, 413, 415, 429, 500, 503];
+pub const HTTP_STATUSES: [u16; 11] = [200, 400, 401, 403, 404, 405, 408, 413, 415, 429, 503];
 
 pub struct Metrics {
     registry: Registry,
@@ -19,6 +19,8 @@ pub struct Metrics {
     pub messages_stored: Counter,
     pub batches: Counter,
     pub commit_errors: Counter,
+    pub attribute_limit_refusals: Counter,
+    pub http_connections_refused: Counter,
     pub batch_messages: Histogram,
     pub commit_seconds: Histogram,
     pub queue_depth: Gauge,
@@ -75,6 +77,18 @@ impl Metrics {
             "Group commits that failed (their requests got an error)",
             commit_errors.clone(),
         );
+        let attribute_limit_refusals = Counter::default();
+        registry.register(
+            "sluice_attribute_limit_refusals",
+            "Requests refused (nothing stored) because their device would exceed storage.max_attributes_per_device",
+            attribute_limit_refusals.clone(),
+        );
+        let http_connections_refused = Counter::default();
+        registry.register(
+            "sluice_http_connections_refused",
+            "Device-listener connections refused because their address already held http.max_connections_per_ip",
+            http_connections_refused.clone(),
+        );
         let batch_messages = Histogram::new(exponential_buckets(1.0, 2.0, 15));
         registry.register(
             "sluice_batch_messages",
@@ -119,6 +133,8 @@ impl Metrics {
             messages_stored,
             batches,
             commit_errors,
+            attribute_limit_refusals,
+            http_connections_refused,
             batch_messages,
             commit_seconds,
             queue_depth,

@@ -17,11 +17,12 @@ use crate::config::{Config, Open};
 use crate::http::admin::{router, AdminApi};
 use crate::http::device::{DeviceApi, DeviceService};
 use crate::http::serve::{serve, HttpLimits};
+use crate::ip_limit::{IpConnections, IpLimiter};
 use crate::metrics::Metrics;
 use crate::mqtt;
 use crate::store::{Store, StoreError};
 use crate::tokens::{TokenError, TokenService};
-use crate::writer::{BatchPolicy, Writer};
+use crate::writer::{Health, Writer, WriterConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -46,6 +47,11 @@ pub enum ServeError {
     Tls(#[from] crate::tls::TlsError),
     #[error("internal: {0}")]
     Internal(String),
+    /// The writer thread ended while serving: nothing would drain the
+    /// queue, so the process exits (non-zero) rather than accept requests
+    /// it can never answer.
+    #[error("the writer thread stopped unexpectedly ({0}); exiting")]
+    WriterDied(String),
 }
 
 /// The bound sockets. Binding is separate from running so a caller (a test)
@@ -195,38 +201,49 @@ pub async fn run(
     let mut metrics = Metrics::new();
     let mqtt_metrics = mqtt::MqttMetrics::register(metrics.registry_mut());
     let metrics = Arc::new(metrics);
+    let health = Arc::new(Health::default());
     let writer = Writer::start(
         store.clone(),
-        BatchPolicy {
-            max_messages: config.batch.max_messages,
-            max_bytes: config.batch.max_bytes,
-        },
-        config.batch.queue_capacity,
-        config.batch.queue_max_bytes,
+        WriterConfig::new(&config),
         metrics.clone(),
+        health.clone(),
     )?;
     let queue = writer.queue();
+    let writer_exited = writer.exited();
 
     let addrs = listeners.addrs();
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     let grace = config.shutdown.grace;
 
-    let device = DeviceService(Arc::new(DeviceApi {
+    let device = Arc::new(DeviceApi {
         registry: registry.clone(),
         queue: queue.clone(),
         metrics: metrics.clone(),
+        health: health.clone(),
+        auth_failures: IpLimiter::new(
+            config.http.auth_failure_rate_per_ip,
+            config.http.auth_failure_burst_per_ip,
+            config.http.ip_table_max,
+        ),
+        max_hold: config.http.header_read_timeout,
         max_body_bytes: config.http.max_body_bytes,
         body_read_timeout: config.http.body_read_timeout,
-    }));
+        body_budget: tokio::sync::Semaphore::new(config.http.max_buffered_body_bytes),
+    });
     if let Some(l) = listeners.http {
         tasks.spawn(serve(
             l,
             tls.as_ref().map(|t| t.http.clone()),
-            device,
+            move |peer| DeviceService {
+                api: device.clone(),
+                peer,
+            },
             HttpLimits {
                 max_connections: config.http.max_connections,
                 header_read_timeout: config.http.header_read_timeout,
+                per_ip: IpConnections::new(config.http.max_connections_per_ip),
+                refused: metrics.http_connections_refused.clone(),
             },
             stop.clone(),
             grace,
@@ -234,23 +251,29 @@ pub async fn run(
         ));
     }
 
-    let admin = router(
+    let admin = hyper_util::service::TowerToHyperService::new(router(
         Arc::new(AdminApi {
             tokens: tokens.clone(),
             store: store.clone(),
             metrics: metrics.clone(),
             queue: queue.clone(),
             backups: crate::backup::Backups::new(store.clone(), &data_dir.join("db")),
+            health: health.clone(),
+            max_response_bytes: config.admin.max_response_bytes,
         }),
         config.admin.max_body_bytes,
-    );
+    ));
     tasks.spawn(serve(
         listeners.admin,
         None,
-        hyper_util::service::TowerToHyperService::new(admin),
+        move |_| admin.clone(),
         HttpLimits {
             max_connections: config.admin.max_connections,
             header_read_timeout: config.http.header_read_timeout,
+            // The admin listener is the operator's (loopback by default):
+            // no per-address limit.
+            per_ip: IpConnections::new(0),
+            refused: Default::default(),
         },
         stop.clone(),
         grace,
@@ -305,7 +328,19 @@ pub async fn run(
     announce(&data_dir, &addrs)?;
     tracing::info!("serving");
 
-    shutdown.await;
+    tokio::select! {
+        _ = shutdown => {}
+        _ = writer_exited => {
+            stop.cancel();
+            let why = match tokio::task::spawn_blocking(move || writer.stop()).await {
+                Ok(Err(e)) => e.to_string(),
+                Ok(Ok(())) => "it returned".to_string(),
+                Err(e) => e.to_string(),
+            };
+            tracing::error!(error = %why, "the writer thread died; exiting");
+            return Err(ServeError::WriterDied(why));
+        }
+    }
     tracing::info!("shutting down: draining connections");
     stop.cancel();
     tasks.close();

@@ -3,8 +3,10 @@
 //! A message is `{"data": {ATTR: VALUE, ...}, "time": T}`. Parsing borrows
 //! from the request body: the stored history value is the exact bytes of
 //! `data` as sent (so read-back is byte-equal), found as a span of the body,
-//! and the composite-state operand for the whole request is built here, on
-//! the connection's task, so the single writer thread only copies bytes.
+//! and the composite-state operand for the whole request (with a keyed hash
+//! of each attribute name, for the attribute limit) is built here, on the
+//! connection's task, so the single writer thread only copies bytes and
+//! looks hashes up.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -40,6 +42,10 @@ pub struct ParsedStates {
     /// Encoded per `composite`: the newest value of each attribute in the
     /// request.
     pub composite: Vec<u8>,
+    /// `composite::name_hash` of each attribute name in `composite`,
+    /// computed here on the connection's task so the single writer thread
+    /// only looks them up for the attribute limit. Inline up to 8 names.
+    pub names: SmallVec<[u64; 8]>,
 }
 
 /// The first problem found, worded for the `detail` of a 400 response.
@@ -128,6 +134,7 @@ impl<'a> Acc<'a> {
             }
             let a = &self.attrs[best];
             composite::encode_entry(&mut out, a.name.as_bytes(), a.time_ms, a.value.as_bytes());
+            self.out.names.push(composite::name_hash(a.name.as_bytes()));
             i = j;
         }
         self.out.composite = out;
@@ -438,6 +445,22 @@ mod tests {
 
     fn data_of<'a>(body: &'a str, s: &StateSpan) -> &'a str {
         &body[s.data.start as usize..s.data.end as usize]
+    }
+
+    #[test]
+    fn names_are_hashed_once_each_in_composite_order() {
+        let p = parse(
+            br#"[{"data":{"b":1,"a":2},"time":1},{"data":{"a":3,"c":4},"time":2}]"#,
+            Shape::OneOrArray,
+            0,
+        )
+        .unwrap();
+        let want: Vec<u64> = composite::entries(&p.composite)
+            .map(|e| composite::name_hash(e.name))
+            .collect();
+        assert_eq!(p.names.as_slice(), want.as_slice());
+        assert_eq!(want.len(), 3);
+        assert_eq!(want[0], composite::name_hash(b"a"));
     }
 
     fn comp(p: &ParsedStates) -> Vec<(String, u64, String)> {

@@ -19,7 +19,7 @@ use crate::secret::parse_bearer;
 use crate::store::{device_key, HistoryQuery, Order, Position, Store};
 use crate::timefmt::{self, now_ms};
 use crate::tokens::{parse_create, parse_update, TokenError, TokenJson, TokenService};
-use crate::writer::IngestQueue;
+use crate::writer::{Health, IngestQueue};
 
 /// Default and largest page of history.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -32,6 +32,9 @@ pub struct AdminApi {
     pub queue: Arc<IngestQueue>,
     /// `POST /backup` (see `http::backup`).
     pub backups: Arc<crate::backup::Backups>,
+    pub health: Arc<Health>,
+    /// Bound on one history page's data (`admin.max_response_bytes`).
+    pub max_response_bytes: usize,
 }
 
 /// An error as the API shows it: a status and a stable code.
@@ -127,10 +130,7 @@ fn body(b: BodyOf) -> Result<Bytes, ApiError> {
 
 pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
     Router::new()
-        .route(
-            "/healthz",
-            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
-        )
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/whoami", get(whoami))
         .route("/backup", axum::routing::post(super::backup::backup))
@@ -191,6 +191,23 @@ impl AdminApi {
             return Err(ApiError::Forbidden);
         }
         Ok(caller)
+    }
+}
+
+/// As the device listener's `/healthz`, plus the error behind a failure
+/// (this listener is the operator's, so the detail may name paths).
+async fn healthz(State(api): Api) -> Response {
+    match api.health.failure() {
+        None => axum::Json(serde_json::json!({"status": "ok"})).into_response(),
+        Some(f) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({
+                "status": "unavailable",
+                "reason": f.reason(),
+                "detail": api.health.detail(f),
+            })),
+        )
+            .into_response(),
     }
 }
 
@@ -348,7 +365,8 @@ async fn history(
     let q = history_query(&params).map_err(ApiError::BadRequest)?;
     let store = api.store.clone();
     let key = device_key(&app, &device);
-    let page = tokio::task::spawn_blocking(move || store.history(&key, &q))
+    let max_bytes = api.max_response_bytes;
+    let page = tokio::task::spawn_blocking(move || store.history(&key, &q, max_bytes))
         .await
         .map_err(|_| ApiError::Internal)?
         .map_err(|e| {

@@ -1,12 +1,16 @@
 //! The device-facing HTTP listener:
 //! `POST /applications/{app}/devices/{device}/state`.
 //!
-//! Order of checks (each stops at the first failure): route → token (401)
-//! → ids (400) → permission (403) → body size (413) → content type (415)
-//! → body (400) → queue (503) → commit (200 after it is durable).
+//! Order of checks (each stops at the first failure): route → hold-back
+//! of an address with too many failed authentications → token (401) → ids
+//! (400) → permission (403) → body size (413) → content type (415) → room
+//! in the body buffer budget (503) → body (400) → rate limit (429) → token still usable (401) → queue (503) →
+//! commit: 200 once the batch is in the WAL, 400 if the device would
+//! exceed its attribute limit, 503 if storage failed.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,30 +20,49 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 
 use super::serve::{error_with_detail, json};
 use crate::auth::{monotonic_ns, Denied, Registry, Scope};
 use crate::ids::{is_valid_id, state_path};
+use crate::ip_limit::IpLimiter;
 use crate::metrics::Metrics;
 use crate::secret::parse_bearer;
 use crate::state::{self, Shape};
 use crate::store::device_key;
 use crate::timefmt::now_ms;
-use crate::writer::{Completion, EnqueueError, IngestQueue, WriteRequest};
+use crate::writer::{CommitError, Completion, EnqueueError, Health, IngestQueue, WriteRequest};
 
 /// Everything the device listener needs, shared by all its connections.
 pub struct DeviceApi {
     pub registry: Arc<Registry>,
     pub queue: Arc<IngestQueue>,
     pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    /// Failed authentications per address (`http.auth_failure_rate_per_ip`).
+    pub auth_failures: IpLimiter,
+    /// The longest an address over its failed-authentication budget is
+    /// held back before its token is checked (`http.header_read_timeout`).
+    pub max_hold: Duration,
     pub max_body_bytes: usize,
     pub body_read_timeout: Duration,
+    /// Bytes of request bodies being read at once, over all connections
+    /// (`http.max_buffered_body_bytes`): each request reserves its declared
+    /// length (or `max_body_bytes` without one) before its body is read and
+    /// releases it once the body is queued (the queue's own byte bound
+    /// takes over) or refused. With no room left the request is answered
+    /// 503 overloaded at once, so memory stays bounded however many
+    /// connections upload at the same time.
+    pub body_budget: Semaphore,
 }
 
-/// A cheap, cloneable hyper service over a shared [`DeviceApi`].
+/// A cheap, cloneable hyper service over a shared [`DeviceApi`], one per
+/// connection: it knows the peer's address for the per-address limits.
 #[derive(Clone)]
-pub struct DeviceService(pub Arc<DeviceApi>);
+pub struct DeviceService {
+    pub api: Arc<DeviceApi>,
+    pub peer: IpAddr,
+}
 
 impl hyper::service::Service<Request<Incoming>> for DeviceService {
     type Response = Response<Full<Bytes>>;
@@ -47,9 +70,10 @@ impl hyper::service::Service<Request<Incoming>> for DeviceService {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let api = self.0.clone();
+        let api = self.api.clone();
+        let peer = self.peer;
         Box::pin(async move {
-            let resp = api.handle(req).await;
+            let resp = api.handle(req, peer).await;
             api.metrics.http_response(resp.status().as_u16());
             Ok(resp)
         })
@@ -62,7 +86,6 @@ const NOT_FOUND: &str = r#"{"error":"not_found"}"#;
 const TOO_LARGE: &str = r#"{"error":"payload_too_large"}"#;
 const OVERLOADED: &str = r#"{"error":"overloaded"}"#;
 const RATE_LIMITED: &str = r#"{"error":"rate_limited"}"#;
-const INTERNAL: &str = r#"{"error":"internal"}"#;
 const TIMEOUT: &str = r#"{"error":"request_timeout"}"#;
 const UNSUPPORTED: &str = r#"{"error":"unsupported_media_type"}"#;
 const METHOD: &str = r#"{"error":"method_not_allowed"}"#;
@@ -89,11 +112,36 @@ fn overloaded() -> Response<Full<Bytes>> {
     r
 }
 
+/// 503 when storage failed: nothing of the request was stored. The retry
+/// hint matches how often RocksDB checks whether it can resume (5 s).
+fn unavailable() -> Response<Full<Bytes>> {
+    let mut r = error_with_detail(
+        503,
+        "unavailable",
+        "storage could not write this request; nothing of it was stored",
+    );
+    r.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("5"));
+    r
+}
+
+/// `/healthz`: 200 while storage works, 503 with the reason while it does
+/// not (the admin listener adds the error behind it; this one is public).
+fn health_response(health: &Health) -> Response<Full<Bytes>> {
+    match health.failure() {
+        None => json(200, Bytes::from_static(b"{\"status\":\"ok\"}")),
+        Some(f) => json(
+            503,
+            serde_json::json!({"status": "unavailable", "reason": f.reason()}).to_string(),
+        ),
+    }
+}
+
 impl DeviceApi {
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    pub async fn handle(&self, req: Request<Incoming>, peer: IpAddr) -> Response<Full<Bytes>> {
         let path = req.uri().path();
         if path == "/healthz" {
-            return json(200, Bytes::from_static(b"{\"status\":\"ok\"}"));
+            return health_response(&self.health);
         }
         let Some((app, device)) = path.strip_prefix('/').and_then(state_path) else {
             return fixed(404, NOT_FOUND);
@@ -104,12 +152,20 @@ impl DeviceApi {
                 .insert(ALLOW, HeaderValue::from_static("POST"));
             return r;
         }
+        // An address that spent its failed-authentication budget waits for
+        // it to refill before its token is even looked at: guessing slows
+        // to `http.auth_failure_rate_per_ip`, a valid token is only delayed.
+        let hold = self.auth_failures.wait(peer).min(self.max_hold);
+        if !hold.is_zero() {
+            tokio::time::sleep(hold).await;
+        }
         let now = now_ms();
         let credential = req
             .headers()
             .get(AUTHORIZATION)
             .and_then(|h| parse_bearer(h.as_bytes()));
         let Some(credential) = credential else {
+            let _ = self.auth_failures.take(peer);
             return fixed(401, UNAUTHORIZED);
         };
         // The grant is kept (one Arc clone): the rate limit can only be
@@ -135,8 +191,10 @@ impl DeviceApi {
                 tracing::debug!(
                     app,
                     device,
+                    %peer,
                     "state request with an unknown or unusable token"
                 );
+                let _ = self.auth_failures.take(peer);
                 return fixed(401, UNAUTHORIZED);
             }
             Err(Denied::Forbidden) | Ok(Err(Some(Denied::Forbidden))) => {
@@ -165,6 +223,16 @@ impl DeviceApi {
             }
         }
         tracing::trace!(app, device, "state request authorized");
+        // At most `max_body_bytes`, which `Config::validate` keeps within u32.
+        let reserve = declared.map_or(self.max_body_bytes, |n| n as usize).max(1) as u32;
+        let Ok(reserved) = self.body_budget.try_acquire_many(reserve) else {
+            tracing::debug!(
+                app,
+                device,
+                "state request refused: body buffer budget spent"
+            );
+            return overloaded();
+        };
         let device_key = device_key(app, device);
         let limited = Limited::new(req.into_body(), self.max_body_bytes);
         let body = match tokio::time::timeout(self.body_read_timeout, limited.collect()).await {
@@ -194,7 +262,9 @@ impl DeviceApi {
             parsed,
             done: Completion::Request(tx),
         };
-        match self.queue.try_enqueue(req) {
+        let queued = self.queue.try_enqueue(req);
+        drop(reserved);
+        match queued {
             Ok(()) => {}
             Err(EnqueueError::Full(_)) | Err(EnqueueError::Closed) => return overloaded(),
             Err(EnqueueError::Revoked) => {
@@ -213,9 +283,15 @@ impl DeviceApi {
                 body.push(b'}');
                 json(200, body)
             }
-            Ok(Err(crate::writer::CommitError::Storage)) => fixed(500, INTERNAL),
-            // The writer stopped before committing: not stored, say so.
-            Ok(Err(crate::writer::CommitError::ShuttingDown)) | Err(_) => overloaded(),
+            Ok(Err(CommitError::TooManyAttributes { limit })) => error_with_detail(
+                400,
+                "bad_request",
+                &format!(
+                    "the device would have more than {limit} distinct attributes (storage.max_attributes_per_device); nothing was stored"
+                ),
+            ),
+            // The commit failed, or the writer died before it: not stored.
+            Ok(Err(CommitError::Storage)) | Err(_) => unavailable(),
         }
     }
 }

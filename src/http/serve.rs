@@ -1,8 +1,10 @@
 //! The accept loop shared by the device and admin listeners: a semaphore
-//! bounds concurrent connections, hyper serves each one, and shutdown lets
-//! in-flight requests finish.
+//! bounds concurrent connections, a per-address table bounds what one
+//! address holds, hyper serves each connection, and shutdown lets in-flight
+//! requests finish.
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,33 +14,54 @@ use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use crate::ip_limit::IpConnections;
+
 /// Limits of one HTTP listener.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 pub struct HttpLimits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
+    /// Open connections per address (`http.max_connections_per_ip`).
+    pub per_ip: Arc<IpConnections>,
+    /// Counts connections refused by `per_ip`.
+    pub refused: Counter,
 }
 
+/// Connections over their address's limit that may be waiting to be told
+/// so; beyond this many they are closed at once, so a flood cannot grow
+/// memory.
+const MAX_REFUSALS_IN_FLIGHT: usize = 64;
+
+/// After the refusal, how long and how much of the client's request is
+/// read and dropped so the close does not turn into a reset that destroys
+/// the response.
+const LINGER: Duration = Duration::from_millis(500);
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// The answer to a connection over its address's limit.
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 32\r\n\r\n{\"error\":\"too_many_connections\"}";
+
 /// Serves `listener` until `stop` is cancelled, then waits up to `grace`
-/// for open connections to finish their in-flight requests.
-pub async fn serve<S, B>(
+/// for open connections to finish their in-flight requests. `service`
+/// makes the service of one connection from its peer's address.
+pub async fn serve<F, S, B>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    service: S,
+    service: F,
     limits: HttpLimits,
     stop: CancellationToken,
     grace: Duration,
     name: &'static str,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
+    F: Fn(IpAddr) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -46,6 +69,7 @@ pub async fn serve<S, B>(
     // Bounds concurrent connections: at the limit we stop accepting and new
     // clients wait in the kernel's listen backlog instead of using memory.
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -73,15 +97,32 @@ pub async fn serve<S, B>(
             },
         };
         let _ = stream.set_nodelay(true);
+        let ip_permit = match limits.per_ip.try_open(peer.ip()) {
+            Ok(p) => p,
+            Err(_) => {
+                limits.refused.inc();
+                tracing::debug!(listener = name, %peer, "connection refused: too many from its address");
+                // A refusal holds a small task for at most LINGER; beyond
+                // the bound, or over TLS (answering would need a handshake),
+                // the connection is just closed.
+                if let (None, Ok(r)) = (&tls, refusals.clone().try_acquire_owned()) {
+                    tokio::spawn(async move {
+                        refuse(stream).await;
+                        drop(r);
+                    });
+                }
+                continue;
+            }
+        };
+        let service = service(peer.ip());
         match &tls {
             None => {
-                let conn =
-                    graceful.watch(builder.serve_connection(TokioIo::new(stream), service.clone()));
+                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(listener = name, %peer, error = %e, "connection ended with error");
                     }
-                    drop(permit);
+                    drop((permit, ip_permit));
                 });
             }
             Some(acceptor) => {
@@ -90,7 +131,6 @@ pub async fn serve<S, B>(
                 let handshake =
                     tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
                 let builder = builder.clone();
-                let service = service.clone();
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     let stream = match handshake.await {
@@ -109,7 +149,7 @@ pub async fn serve<S, B>(
                     if let Err(e) = conn.await {
                         tracing::debug!(listener = name, %peer, error = %e, "connection ended with error");
                     }
-                    drop(permit);
+                    drop((permit, ip_permit));
                 });
             }
         }
@@ -124,6 +164,24 @@ pub async fn serve<S, B>(
             "connections still open after the shutdown grace period"
         );
     }
+}
+
+/// Answers a connection over its address's limit with 429 and closes it.
+async fn refuse(mut stream: TcpStream) {
+    let _ = tokio::time::timeout(LINGER, async {
+        stream.write_all(TOO_MANY_CONNECTIONS).await?;
+        stream.shutdown().await?;
+        let mut sink = vec![0u8; 4096];
+        let mut budget = LINGER_BYTES;
+        while budget > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => budget = budget.saturating_sub(n),
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }
 
 /// A JSON response.

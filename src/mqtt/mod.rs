@@ -69,6 +69,8 @@ pub struct MqttContext {
     connects: crate::ip_limit::IpLimiter,
     /// Failed authentications per address (`mqtt.auth_failure_rate_per_ip`).
     auth_failures: crate::ip_limit::IpLimiter,
+    /// Open connections per address (`mqtt.max_connections_per_ip`).
+    per_ip: Arc<crate::ip_limit::IpConnections>,
 }
 
 impl MqttContext {
@@ -96,6 +98,7 @@ impl MqttContext {
                 config.auth_failure_burst_per_ip,
                 config.ip_table_max,
             ),
+            per_ip: crate::ip_limit::IpConnections::new(config.max_connections_per_ip),
             config,
             takeover: Takeover::default(),
             rng: SystemRandom::new(),
@@ -138,9 +141,15 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let over_rate = ctx.connects.take(peer.ip()).is_err();
-        let permit = match over_rate {
+        // Over its address's share (`mqtt.max_connections_per_ip`) a
+        // connection is refused as "server busy", like one over the limit.
+        let ip_permit = match over_rate {
             true => None,
-            false => ctx.permits.clone().try_acquire_owned().ok(),
+            false => ctx.per_ip.try_open(peer.ip()).ok(),
+        };
+        let permit = match ip_permit {
+            None => None,
+            Some(_) => ctx.permits.clone().try_acquire_owned().ok(),
         };
         let refusal = match permit {
             Some(_) => None,
@@ -191,6 +200,7 @@ pub async fn serve(
                 }
             }
             drop(permit);
+            drop(ip_permit);
             drop(refusal);
         });
     }
@@ -254,11 +264,13 @@ mod tests {
         let mut m = Metrics::new();
         let mm = MqttMetrics::register(m.registry_mut());
         let m = Arc::new(m);
-        let policy = crate::writer::BatchPolicy {
-            max_messages: 1,
-            max_bytes: 1,
-        };
-        let w = crate::writer::Writer::start(store, policy, 1, 1, m.clone()).unwrap();
+        let w = crate::writer::Writer::start(
+            store,
+            crate::writer::WriterConfig::new(&crate::Config::default()),
+            m.clone(),
+            Arc::default(),
+        )
+        .unwrap();
         let size = rt.block_on(async {
             let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let s = tokio::net::TcpStream::connect(l.local_addr().unwrap())

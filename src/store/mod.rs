@@ -37,6 +37,8 @@ pub enum StoreError {
     MissingColumnFamily(&'static str),
     #[error("storage: corrupt value under {0}")]
     Corrupt(String),
+    #[error("storage: {0}")]
+    Thread(String),
 }
 
 /// Shared handle to the database.
@@ -54,9 +56,12 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// The key prefix of one device: `{app}/{device}/`. Ids are at most 64
-/// bytes each, so this always fits inline.
-pub type DeviceKey = smallvec::SmallVec<[u8; 64]>;
+/// The longest device key: two ids of `MAX_ID_LEN` bytes and two `/`.
+const MAX_DEVICE_KEY: usize = 2 * crate::ids::MAX_ID_LEN + 2;
+
+/// The key prefix of one device: `{app}/{device}/`. Its inline capacity
+/// holds the longest valid ids, so building one never allocates.
+pub type DeviceKey = smallvec::SmallVec<[u8; MAX_DEVICE_KEY]>;
 
 pub fn device_key(app: &str, device: &str) -> DeviceKey {
     let mut k = DeviceKey::new();
@@ -120,6 +125,10 @@ impl Position {
     }
 }
 
+/// What one history item adds to a response besides its data
+/// (`{"time":<20 digits>,"data":},`), counted against a page's byte bound.
+pub const ITEM_OVERHEAD: usize = 40;
+
 /// A history read: inclusive time bounds, a page size and where to resume.
 #[derive(Clone, Copy, Debug)]
 pub struct HistoryQuery {
@@ -147,14 +156,8 @@ pub struct HistoryPage {
 /// The writes of one group commit, built by the writer thread.
 pub struct CommitBatch {
     wb: WriteBatch,
+    /// Reused to build each history key.
     key: Vec<u8>,
-    messages: usize,
-}
-
-impl CommitBatch {
-    pub fn messages(&self) -> usize {
-        self.messages
-    }
 }
 
 fn merge_composite(_key: &[u8], existing: Option<&[u8]>, ops: &MergeOperands) -> Option<Vec<u8>> {
@@ -191,8 +194,13 @@ impl Store {
 
     fn write_opts(&self) -> WriteOptions {
         let mut wo = WriteOptions::default();
+        // "interval" syncs from its own thread (`sync_wal`), never here.
         wo.set_sync(self.sync == SyncMode::Always);
         wo
+    }
+
+    pub fn sync_mode(&self) -> SyncMode {
+        self.sync
     }
 
     /// The next unused state sequence number.
@@ -212,8 +220,7 @@ impl Store {
     pub fn batch(&self, capacity_bytes: usize) -> CommitBatch {
         CommitBatch {
             wb: WriteBatch::with_capacity_bytes(capacity_bytes),
-            key: Vec::with_capacity(160),
-            messages: 0,
+            key: Vec::with_capacity(MAX_DEVICE_KEY + 16),
         }
     }
 
@@ -229,7 +236,6 @@ impl Store {
         b.key.extend_from_slice(device);
         b.key.extend_from_slice(&at.bytes());
         b.wb.put_cf(self.cf(CF_STATE)?, &b.key, data);
-        b.messages += 1;
         Ok(())
     }
 
@@ -244,15 +250,17 @@ impl Store {
         Ok(())
     }
 
-    /// Writes the batch atomically with its WAL record (fsynced when
-    /// `storage.sync = "always"`), recording `next_seq`.
+    /// Writes the batch atomically with its WAL record (fsynced before it
+    /// returns only with `storage.sync = "always"`), recording `next_seq`.
     pub fn commit(&self, mut b: CommitBatch, next_seq: u64) -> Result<(), StoreError> {
         b.wb.put_cf(self.cf(CF_META)?, SEQ_KEY, next_seq.to_be_bytes());
         self.db.write_opt(b.wb, &self.write_opts())?;
         Ok(())
     }
 
-    /// Syncs the WAL; used at shutdown so the last batch is on disk.
+    /// Syncs the WAL: at shutdown so the last batch is on disk, and every
+    /// `storage.sync_interval_ms` with `storage.sync = "interval"`. Safe to
+    /// call while the writer writes.
     pub fn sync_wal(&self) -> Result<(), StoreError> {
         self.db.flush_wal(true)?;
         Ok(())
@@ -269,8 +277,16 @@ impl Store {
         Ok(())
     }
 
-    /// Reads one page of a device's history.
-    pub fn history(&self, device: &[u8], q: &HistoryQuery) -> Result<HistoryPage, StoreError> {
+    /// Reads one page of a device's history: at most `q.limit` items, and
+    /// fewer if their data would exceed `max_bytes` (a page always holds at
+    /// least one item, so every item can be read). `next` is set whenever
+    /// items are left.
+    pub fn history(
+        &self,
+        device: &[u8],
+        q: &HistoryQuery,
+        max_bytes: usize,
+    ) -> Result<HistoryPage, StoreError> {
         let cf = self.cf(CF_STATE)?;
         let key_at = |p: Position| {
             let mut k = device.to_vec();
@@ -301,6 +317,7 @@ impl Store {
             (Order::Desc, None) => it.seek_to_last(),
         }
         let mut page = HistoryPage::default();
+        let mut bytes = 0usize;
         while it.valid() {
             let (Some(k), Some(v)) = (it.key(), it.value()) else {
                 break;
@@ -309,7 +326,8 @@ impl Store {
                 .strip_prefix(device)
                 .and_then(Position::from_suffix)
                 .ok_or_else(|| StoreError::Corrupt("state key".into()))?;
-            if page.items.len() == q.limit {
+            bytes = bytes.saturating_add(v.len() + ITEM_OVERHEAD);
+            if page.items.len() == q.limit || (!page.items.is_empty() && bytes > max_bytes) {
                 page.next = Some(at);
                 break;
             }
@@ -454,26 +472,28 @@ mod tests {
             cursor,
         };
         let all = store
-            .history(&d, &q(0, u64::MAX, 100, Order::Desc, None))
+            .history(&d, &q(0, u64::MAX, 100, Order::Desc, None), usize::MAX)
             .unwrap();
         let seqs: Vec<u64> = all.items.iter().map(|i| i.at.seq).collect();
         assert_eq!(seqs, vec![4, 3, 2, 1, 0]);
         assert_eq!(all.next, None);
 
         let mid = store
-            .history(&d, &q(20, 30, 100, Order::Asc, None))
+            .history(&d, &q(20, 30, 100, Order::Asc, None), usize::MAX)
             .unwrap();
         let seqs: Vec<u64> = mid.items.iter().map(|i| i.at.seq).collect();
         assert_eq!(seqs, vec![1, 2, 3]);
 
         // Paging through ties at the same millisecond loses nothing.
-        let p1 = store.history(&d, &q(0, 100, 2, Order::Desc, None)).unwrap();
+        let p1 = store
+            .history(&d, &q(0, 100, 2, Order::Desc, None), usize::MAX)
+            .unwrap();
         assert_eq!(p1.items.len(), 2);
         let p2 = store
-            .history(&d, &q(0, 100, 2, Order::Desc, p1.next))
+            .history(&d, &q(0, 100, 2, Order::Desc, p1.next), usize::MAX)
             .unwrap();
         let p3 = store
-            .history(&d, &q(0, 100, 2, Order::Desc, p2.next))
+            .history(&d, &q(0, 100, 2, Order::Desc, p2.next), usize::MAX)
             .unwrap();
         let seqs: Vec<u64> = p1
             .items
@@ -485,6 +505,27 @@ mod tests {
         assert_eq!(seqs, vec![4, 3, 2, 1, 0]);
         assert_eq!(p3.next, None);
         assert_eq!(p1.items[0].data, b"{\"i\":4}");
+
+        // A byte bound ends pages early; following `next` still visits
+        // every item once, and a bound below one item still yields one.
+        for max_bytes in [0, 60, 100] {
+            let mut seen = vec![];
+            let mut cursor = None;
+            loop {
+                let p = store
+                    .history(&d, &q(0, 100, 100, Order::Asc, cursor), max_bytes)
+                    .unwrap();
+                assert!(!p.items.is_empty());
+                let bytes: usize = p.items.iter().map(|i| i.data.len() + ITEM_OVERHEAD).sum();
+                assert!(p.items.len() == 1 || bytes <= max_bytes, "{max_bytes}");
+                seen.extend(p.items.iter().map(|i| i.at.seq));
+                match p.next {
+                    Some(n) => cursor = Some(n),
+                    None => break,
+                }
+            }
+            assert_eq!(seen, vec![0, 1, 2, 3, 4], "{max_bytes}");
+        }
     }
 
     #[test]

@@ -1,36 +1,49 @@
 //! The group-commit writer: a bounded queue in front of one thread that
 //! commits whatever queued as one RocksDB write batch and then completes
 //! every request of that batch. Nothing is acknowledged before its batch is
-//! in the WAL.
+//! in the WAL, and a batch that could not be written is answered with an
+//! error, request by request.
 //!
 //! source (HTTP, MQTT) → [`IngestQueue`] → writer thread → `Store::commit`
 //! → completions (oneshot per HTTP request, a [`CommitSink`] per MQTT
 //! session).
 
+pub mod attributes;
+pub mod health;
 pub mod policy;
+mod wal_sync;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 
 use crate::auth::TokenEntry;
+use crate::config::{Config, SyncMode};
 use crate::metrics::Metrics;
 use crate::state::ParsedStates;
-use crate::store::{DeviceKey, Position, Store, StoreError};
+use crate::store::{CommitBatch, DeviceKey, Position, Store, StoreError};
+use attributes::{AttributeLimit, Verdict};
+pub use health::{Failure, Health};
 pub use policy::{BatchPolicy, Size};
+
+/// While commits fail and nothing is queued, how often the writer tries an
+/// empty commit, so health turns good again without waiting for traffic.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// Why an accepted request was not stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum CommitError {
     #[error("the storage write failed")]
     Storage,
-    #[error("the server is shutting down")]
-    ShuttingDown,
+    /// The request would give its device more distinct attribute names
+    /// than `storage.max_attributes_per_device`.
+    #[error("the device would have more than {limit} attributes")]
+    TooManyAttributes { limit: usize },
 }
 
 /// Why a request was not queued.
@@ -107,6 +120,10 @@ impl WriteRequest {
     }
 }
 
+// Boxing the request would cost an allocation per request; the queue's
+// slots are allocated once, so their size costs only memory
+// (`batch.queue_capacity` × ~270 bytes).
+#[allow(clippy::large_enum_variant)]
 enum Item {
     Write(WriteRequest),
     /// Sent once at shutdown, after the listeners have drained: commit
@@ -178,47 +195,107 @@ impl IngestQueue {
     }
 }
 
-/// The running writer thread.
+/// The writer's settings, from `[batch]` and `[storage]`.
+#[derive(Clone, Copy, Debug)]
+pub struct WriterConfig {
+    pub policy: BatchPolicy,
+    pub queue_capacity: usize,
+    pub queue_max_bytes: usize,
+    pub max_attributes_per_device: usize,
+    pub attribute_cache_names: usize,
+    /// With `storage.sync = "interval"`, how often the WAL is fsynced.
+    pub sync_interval: Duration,
+}
+
+impl WriterConfig {
+    pub fn new(c: &Config) -> WriterConfig {
+        WriterConfig {
+            policy: BatchPolicy {
+                max_messages: c.batch.max_messages,
+                max_bytes: c.batch.max_bytes,
+            },
+            queue_capacity: c.batch.queue_capacity,
+            queue_max_bytes: c.batch.queue_max_bytes,
+            max_attributes_per_device: c.storage.max_attributes_per_device,
+            attribute_cache_names: c.storage.attribute_cache_names,
+            sync_interval: Duration::from_millis(c.storage.sync_interval_ms),
+        }
+    }
+}
+
+/// The running writer thread (and, with `storage.sync = "interval"`, the
+/// WAL sync thread beside it).
 pub struct Writer {
     queue: Arc<IngestQueue>,
     thread: Option<JoinHandle<Result<(), StoreError>>>,
+    wal_sync: Option<wal_sync::WalSyncer>,
+    /// Becomes true when the writer thread ends, however it ends (return or
+    /// panic); see [`Writer::exited`].
+    exited: watch::Receiver<bool>,
+}
+
+/// Sets the writer's exit flag when dropped: on return and on unwinding.
+struct ExitFlag(watch::Sender<bool>);
+
+impl Drop for ExitFlag {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
 }
 
 impl Writer {
     pub fn start(
         store: Store,
-        policy: BatchPolicy,
-        capacity: usize,
-        max_bytes: usize,
+        config: WriterConfig,
         metrics: Arc<Metrics>,
+        health: Arc<Health>,
     ) -> Result<Writer, StoreError> {
-        let (tx, rx) = crossbeam_channel::bounded(capacity);
+        let (tx, rx) = crossbeam_channel::bounded(config.queue_capacity);
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let space = Arc::new(Notify::new());
         let next_seq = store.load_seq()?;
+        let wal_sync = match store.sync_mode() {
+            SyncMode::Interval => Some(
+                wal_sync::WalSyncer::start(store.clone(), config.sync_interval, health.clone())
+                    .map_err(|e| StoreError::Thread(e.to_string()))?,
+            ),
+            SyncMode::None | SyncMode::Always => None,
+        };
         let worker = Worker {
             rx,
             store,
-            policy,
+            policy: config.policy,
             metrics,
+            health,
+            attributes: AttributeLimit::new(
+                config.max_attributes_per_device,
+                config.attribute_cache_names,
+            ),
             queued_bytes: queued_bytes.clone(),
             space: space.clone(),
             next_seq,
             scratch: Vec::new(),
+            refused: Vec::new(),
         };
+        let (exit_tx, exited) = watch::channel(false);
         let thread = std::thread::Builder::new()
             .name("sluice-writer".into())
-            .spawn(move || worker.run())
-            .map_err(|e| StoreError::Corrupt(format!("cannot start writer thread: {e}")))?;
+            .spawn(move || {
+                let _flag = ExitFlag(exit_tx);
+                worker.run()
+            })
+            .map_err(|e| StoreError::Thread(e.to_string()))?;
         Ok(Writer {
             queue: Arc::new(IngestQueue {
                 tx,
                 queued_bytes,
-                max_bytes,
+                max_bytes: config.queue_max_bytes,
                 closed: AtomicBool::new(false),
                 space,
             }),
             thread: Some(thread),
+            wal_sync,
+            exited,
         })
     }
 
@@ -226,18 +303,43 @@ impl Writer {
         self.queue.clone()
     }
 
+    /// Resolves when the writer thread has ended. Before [`Writer::stop`]
+    /// that means it died: nothing will drain the queue again.
+    pub fn exited(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.exited.clone();
+        async move {
+            let _ = rx.wait_for(|ended| *ended).await;
+        }
+    }
+
     /// Stops accepting, commits everything queued, syncs the WAL and joins
     /// the thread. Blocking: call from `spawn_blocking` or outside tokio.
     pub fn stop(mut self) -> Result<(), StoreError> {
         self.queue.closed.store(true, Ordering::Release);
         // A blocking send: the queue may be full, and Stop must not be lost.
+        // It fails only if the writer is gone, which the join reports.
         let _ = self.queue.tx.send(Item::Stop);
-        match self.thread.take().map(JoinHandle::join) {
+        let result = match self.thread.take().map(JoinHandle::join) {
             Some(Ok(r)) => r,
-            Some(Err(_)) => Err(StoreError::Corrupt("writer thread panicked".into())),
+            Some(Err(panic)) => Err(StoreError::Thread(format!(
+                "the writer thread panicked: {}",
+                panic_message(&panic)
+            ))),
             None => Ok(()),
+        };
+        if let Some(s) = self.wal_sync.take() {
+            s.stop();
         }
+        result
     }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 struct Worker {
@@ -245,11 +347,16 @@ struct Worker {
     store: Store,
     policy: BatchPolicy,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    attributes: AttributeLimit,
     queued_bytes: Arc<AtomicUsize>,
     space: Arc<Notify>,
     next_seq: u64,
     /// Reused buffer for concatenating a device's composite operands.
     scratch: Vec<u8>,
+    /// Per request of the current batch, why it is refused regardless of
+    /// the commit (reused between batches).
+    refused: Vec<Option<CommitError>>,
 }
 
 impl Worker {
@@ -265,6 +372,20 @@ impl Worker {
                     Ok(Item::Write(r)) => r,
                     _ => break,
                 },
+                None if self.health.is_failing(Failure::Commit) => {
+                    match self.rx.recv_timeout(PROBE_EVERY) {
+                        Ok(Item::Write(r)) => r,
+                        Ok(Item::Stop) => {
+                            stopping = true;
+                            continue;
+                        }
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                            self.probe();
+                            continue;
+                        }
+                        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
                 None => match self.rx.recv() {
                     Ok(Item::Write(r)) => r,
                     Ok(Item::Stop) => {
@@ -306,71 +427,163 @@ impl Worker {
         wake: &mut Vec<Arc<dyn CommitSink>>,
     ) {
         let started = Instant::now();
-        let result = self.build_and_write(batch, size);
+        let result = self.check_and_write(batch, size);
         let elapsed = started.elapsed();
-        let outcome = match &result {
-            Ok(()) => {
+        let refused = self.refused.iter().filter(|r| r.is_some()).count();
+        if refused > 0 {
+            self.metrics.attribute_limit_refusals.inc_by(refused as u64);
+        }
+        let outcome = match result {
+            Ok(stored) => {
                 self.metrics.batches.inc();
-                self.metrics.messages_stored.inc_by(size.messages as u64);
-                self.metrics.batch_messages.observe(size.messages as f64);
+                self.metrics.messages_stored.inc_by(stored as u64);
+                self.metrics.batch_messages.observe(stored as f64);
                 self.metrics.commit_seconds.observe(elapsed.as_secs_f64());
+                self.recovered();
                 Ok(())
             }
             Err(e) => {
-                self.metrics.commit_errors.inc();
-                tracing::error!(error = %e, requests = batch.len(), "group commit failed");
+                self.failed(&e, batch.len());
                 Err(CommitError::Storage)
             }
         };
-        for req in batch.drain(..) {
-            req.complete(outcome, wake);
+        for (req, refused) in batch.drain(..).zip(self.refused.drain(..)) {
+            req.complete(refused.map_or(outcome, Err), wake);
         }
         for sink in wake.drain(..) {
             sink.wake();
         }
     }
 
-    fn build_and_write(&mut self, batch: &[WriteRequest], size: Size) -> Result<(), StoreError> {
-        // Keys add ~80 bytes per message on top of the payloads.
-        let mut cb = self.store.batch(size.bytes + size.messages * 80 + 64);
-        let mut seq = self.next_seq;
-        // Composite operands per device, in request order. Concatenated
-        // operands fold exactly like separate ones (entries are applied in
-        // order, later wins on equal times), so each device gets one merge
-        // per batch instead of one per request: far fewer memtable inserts
-        // when devices stream.
-        let mut composites: HashMap<&[u8], Vec<&[u8]>> = HashMap::new();
+    /// A commit failed: every request of the batch is answered with an
+    /// error, the attribute names recorded for them are forgotten (they
+    /// were not stored), and health says so until a commit succeeds.
+    fn failed(&mut self, e: &StoreError, requests: usize) {
+        self.metrics.commit_errors.inc();
+        self.attributes.forget();
+        if self.health.fail(Failure::Commit, e) {
+            tracing::error!(error = %e, requests, "group commit failed; answering its requests with errors until storage works again");
+        } else {
+            tracing::debug!(error = %e, requests, "group commit failed again");
+        }
+    }
+
+    fn recovered(&self) {
+        if self.health.recover(Failure::Commit) {
+            tracing::warn!("group commits succeed again");
+        }
+    }
+
+    /// While commits fail and no request comes, an empty commit (only the
+    /// sequence number) tells when storage works again.
+    fn probe(&mut self) {
+        let cb = self.store.batch(64);
+        match self.store.commit(cb, self.next_seq) {
+            Ok(()) => self.recovered(),
+            Err(e) => {
+                let _ = self.health.fail(Failure::Commit, &e);
+            }
+        }
+    }
+
+    /// Applies the attribute limit to each request, writes the others as
+    /// one batch, and returns how many states were stored. Fills
+    /// `self.refused` with one entry per request.
+    fn check_and_write(&mut self, batch: &[WriteRequest], size: Size) -> Result<usize, StoreError> {
+        self.refused.clear();
         for req in batch {
-            for s in &req.parsed.states {
-                let data = &req.body[s.data.start as usize..s.data.end as usize];
+            let refused = match self
+                .attributes
+                .admit(&self.store, &req.device, &req.parsed.names)
+            {
+                Ok(Verdict::Fits) => None,
+                Ok(Verdict::TooMany { limit }) => Some(CommitError::TooManyAttributes { limit }),
+                Err(e) => {
+                    // The batch fails as a whole; `commit` answers every
+                    // request, so `refused` must cover them all.
+                    self.refused.resize(batch.len(), None);
+                    return Err(e);
+                }
+            };
+            self.refused.push(refused);
+        }
+        let admitted = batch
+            .iter()
+            .zip(&self.refused)
+            .filter(|(_, r)| r.is_none())
+            .map(|(req, _)| (&req.device[..], &req.body[..], &req.parsed));
+        let mut cb = self.store.batch(Records::capacity(size));
+        let seq = Records::add(
+            &self.store,
+            &mut cb,
+            self.next_seq,
+            admitted,
+            &mut self.scratch,
+        )?;
+        let stored = (seq - self.next_seq) as usize;
+        self.store.commit(cb, seq)?;
+        self.next_seq = seq;
+        Ok(stored)
+    }
+}
+
+/// The records one batch writes, shared with the writer bench's raw
+/// baseline so both write exactly the same.
+pub struct Records;
+
+impl Records {
+    /// A write-batch size hint for `size`: keys add ~80 bytes per message.
+    pub fn capacity(size: Size) -> usize {
+        size.bytes + size.messages * 80 + 64
+    }
+
+    /// Adds every state of `requests` (each a device key, a body and the
+    /// body's parse; sequence numbers from `seq` on) and one composite
+    /// merge per device to `cb`; returns the next unused sequence number.
+    /// `scratch` is a reusable buffer.
+    ///
+    /// Composite operands are concatenated per device, in request order.
+    /// Concatenated operands fold exactly like separate ones (entries are
+    /// applied in order, later wins on equal times), so each device gets
+    /// one merge per batch instead of one per request: far fewer memtable
+    /// inserts when devices stream.
+    pub fn add<'a>(
+        store: &Store,
+        cb: &mut CommitBatch,
+        mut seq: u64,
+        requests: impl Iterator<Item = (&'a [u8], &'a [u8], &'a ParsedStates)>,
+        scratch: &mut Vec<u8>,
+    ) -> Result<u64, StoreError> {
+        let mut composites: HashMap<&[u8], Vec<&[u8]>> = HashMap::new();
+        for (device, body, parsed) in requests {
+            for s in &parsed.states {
+                let data = &body[s.data.start as usize..s.data.end as usize];
                 let at = Position {
                     time_ms: s.time_ms,
                     seq,
                 };
-                self.store.put_state(&mut cb, &req.device, at, data)?;
+                store.put_state(cb, device, at, data)?;
                 seq += 1;
             }
-            if !req.parsed.composite.is_empty() {
+            if !parsed.composite.is_empty() {
                 composites
-                    .entry(&req.device)
+                    .entry(device)
                     .or_default()
-                    .push(&req.parsed.composite);
+                    .push(&parsed.composite);
             }
         }
         for (device, operands) in composites {
             if let [one] = operands.as_slice() {
-                self.store.merge_composite(&mut cb, device, one)?;
+                store.merge_composite(cb, device, one)?;
             } else {
-                self.scratch.clear();
+                scratch.clear();
                 for op in operands {
-                    self.scratch.extend_from_slice(op);
+                    scratch.extend_from_slice(op);
                 }
-                self.store.merge_composite(&mut cb, device, &self.scratch)?;
+                store.merge_composite(cb, device, scratch)?;
             }
         }
-        self.store.commit(cb, seq)?;
-        self.next_seq = seq;
-        Ok(())
+        Ok(seq)
     }
 }
 
@@ -383,6 +596,24 @@ mod tests {
 
     fn grant() -> Arc<TokenEntry> {
         Arc::new(TokenEntry::new_root())
+    }
+
+    fn start(
+        store: Store,
+        policy: BatchPolicy,
+        queue_capacity: usize,
+        queue_max_bytes: usize,
+        metrics: Arc<Metrics>,
+    ) -> Writer {
+        let config = WriterConfig {
+            policy,
+            queue_capacity,
+            queue_max_bytes,
+            max_attributes_per_device: 3,
+            attribute_cache_names: 100,
+            sync_interval: Duration::from_millis(10),
+        };
+        Writer::start(store, config, metrics, Arc::new(Health::default())).unwrap()
     }
 
     fn request(body: &'static str, done: Completion) -> WriteRequest {
@@ -417,7 +648,7 @@ mod tests {
             max_messages: 10,
             max_bytes: 1 << 20,
         };
-        let w = Writer::start(store, policy, 16, 1 << 20, Arc::new(Metrics::new())).unwrap();
+        let w = start(store, policy, 16, 1 << 20, Arc::new(Metrics::new()));
         let q = w.queue();
         let token = Arc::new(TokenEntry::new(
             "t".into(),
@@ -449,7 +680,7 @@ mod tests {
             max_messages: 2,
             max_bytes: 1 << 20,
         };
-        let w = Writer::start(store.clone(), policy, 16, 1 << 20, metrics.clone()).unwrap();
+        let w = start(store.clone(), policy, 16, 1 << 20, metrics.clone());
         let q = w.queue();
         let mut rxs = vec![];
         for body in [
@@ -492,6 +723,7 @@ mod tests {
                     order: Order::Asc,
                     cursor: None,
                 },
+                usize::MAX,
             )
             .unwrap();
         let data: Vec<_> = page
@@ -521,8 +753,7 @@ mod tests {
             max_messages: 1000,
             max_bytes: 1 << 20,
         };
-        let w =
-            Writer::start(store.clone(), policy, 64, 1 << 20, Arc::new(Metrics::new())).unwrap();
+        let w = start(store.clone(), policy, 64, 1 << 20, Arc::new(Metrics::new()));
         let q = w.queue();
         // Out-of-order times and a tie: the newest time wins, the later
         // write wins a tie, whatever batches the writer happens to form.
@@ -546,6 +777,129 @@ mod tests {
         );
     }
 
+    /// A sink whose `record` panics: a bug that kills the writer thread.
+    struct Panics;
+
+    impl CommitSink for Panics {
+        fn record(&self, _: u16, _: Result<(), CommitError>) -> bool {
+            panic!("a bug in a sink")
+        }
+        fn wake(&self) {}
+    }
+
+    #[test]
+    fn a_dead_writer_is_noticed_and_its_queue_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::None).unwrap();
+        let policy = BatchPolicy {
+            max_messages: 1,
+            max_bytes: 1 << 20,
+        };
+        let w = start(store, policy, 16, 1 << 20, Arc::new(Metrics::new()));
+        let q = w.queue();
+        let exited = w.exited();
+        q.try_enqueue(request(
+            r#"{"data":{"x":1}}"#,
+            Completion::Sink {
+                sink: Arc::new(Panics),
+                tag: 1,
+            },
+        ))
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), exited).await })
+            .expect("the writer's death is signalled");
+        // Nobody drains the queue any more: requests are refused, not held.
+        assert!(matches!(
+            q.try_enqueue(request(r#"{"data":{"x":2}}"#, Completion::None)),
+            Err(EnqueueError::Closed)
+        ));
+        let err = w.stop().unwrap_err().to_string();
+        assert!(err.contains("a bug in a sink"), "{err}");
+    }
+
+    #[test]
+    fn attribute_limit_refuses_whole_requests_and_stores_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::None).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let policy = BatchPolicy {
+            max_messages: 1000,
+            max_bytes: 1 << 20,
+        };
+        // At most 3 attribute names per device (see `start`).
+        let w = start(store.clone(), policy, 64, 1 << 20, metrics.clone());
+        let q = w.queue();
+        let mut rxs = vec![];
+        for body in [
+            r#"{"data":{"a":1,"b":1},"time":1}"#,
+            r#"[{"data":{"c":1},"time":2},{"data":{"d":1},"time":3}]"#,
+            r#"{"data":{"c":2},"time":4}"#,
+            r#"{"data":{"a":3,"b":3,"c":3},"time":5}"#,
+            r#"{"data":{"e":1},"time":6}"#,
+        ] {
+            let (tx, rx) = oneshot::channel();
+            q.try_enqueue(request(body, Completion::Request(tx)))
+                .unwrap();
+            rxs.push(rx);
+        }
+        let outcomes: Vec<_> = rxs
+            .into_iter()
+            .map(|rx| rx.blocking_recv().unwrap())
+            .collect();
+        let too_many = Err(CommitError::TooManyAttributes { limit: 3 });
+        assert_eq!(outcomes, vec![Ok(()), too_many, Ok(()), Ok(()), too_many]);
+        w.stop().unwrap();
+        let v = store.composite(&device_key("a", "d")).unwrap().unwrap();
+        assert_eq!(
+            crate::composite::decoded(&v),
+            vec![
+                ("a".into(), 5, "3".into()),
+                ("b".into(), 5, "3".into()),
+                ("c".into(), 5, "3".into())
+            ]
+        );
+        let page = store
+            .history(
+                &device_key("a", "d"),
+                &HistoryQuery {
+                    start_ms: 0,
+                    end_ms: 100,
+                    limit: 10,
+                    order: Order::Asc,
+                    cursor: None,
+                },
+                usize::MAX,
+            )
+            .unwrap();
+        let times: Vec<u64> = page.items.iter().map(|i| i.at.time_ms).collect();
+        assert_eq!(times, vec![1, 4, 5], "nothing of a refused request stored");
+        assert_eq!(metrics.messages_stored.get(), 3);
+        assert_eq!(metrics.attribute_limit_refusals.get(), 2);
+    }
+
+    #[test]
+    fn interval_sync_runs_beside_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::Interval).unwrap();
+        let policy = BatchPolicy {
+            max_messages: 10,
+            max_bytes: 1 << 20,
+        };
+        let w = start(store.clone(), policy, 16, 1 << 20, Arc::new(Metrics::new()));
+        let (tx, rx) = oneshot::channel();
+        w.queue()
+            .try_enqueue(request(r#"{"data":{"x":1}}"#, Completion::Request(tx)))
+            .unwrap();
+        assert_eq!(rx.blocking_recv().unwrap(), Ok(()));
+        std::thread::sleep(Duration::from_millis(50));
+        w.stop().unwrap();
+        assert_eq!(store.load_seq().unwrap(), 1);
+    }
+
     #[test]
     fn byte_bound_rejects_but_never_starves_one_request() {
         let dir = tempfile::tempdir().unwrap();
@@ -557,7 +911,7 @@ mod tests {
         };
         // A tiny byte bound: the first request always fits, the second
         // only once the writer has taken the first.
-        let w = Writer::start(store, policy, 16, 10, metrics).unwrap();
+        let w = start(store, policy, 16, 10, metrics);
         let q = w.queue();
         let big = r#"{"data":{"x":"0123456789"}}"#;
         q.try_enqueue(request(big, Completion::None)).unwrap();
