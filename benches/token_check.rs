@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ring::rand::SystemRandom;
-use sluice::auth::{Devices, NewToken, Registry, Scope, Scopes, Status};
+use sluice::auth::{Devices, Registry, Scope, Scopes, Status, TokenRecord};
 use sluice::secret::{TokenHash, TokenSecret};
 
 const APPS: usize = 10;
@@ -59,8 +59,8 @@ fn new_token(
     devices: Devices,
     parent: Option<String>,
     hash: TokenHash,
-) -> NewToken {
-    NewToken {
+) -> TokenRecord {
+    TokenRecord {
         id,
         app: app.to_string(),
         name: "bench".to_string(),
@@ -68,9 +68,10 @@ fn new_token(
         devices,
         expires_at: Some(NOW_MS + 86_400_000),
         status: Status::Active,
+        deactivated_by: None,
         parent_id: parent,
         created_at: NOW_MS - 1000,
-        last_used: 0,
+        last_used: None,
         rate_limit: None,
         hash,
     }
@@ -295,7 +296,7 @@ fn admin_loop(f: &Fixture, stop: &AtomicBool, next_id: &AtomicU64, pace: Admin, 
         let spare = &f.spare_ids[k % f.spare_ids.len()];
         if k.is_multiple_of(2) {
             let id = format!("new-{:010}", next_id.fetch_add(1, Ordering::Relaxed));
-            let app = f.registry.view(spare).map(|v| v.app).unwrap_or_default();
+            let app = f.registry.record(spare).map(|v| v.app).unwrap_or_default();
             let s = secret(&rng);
             f.registry
                 .insert(new_token(
@@ -319,7 +320,7 @@ fn admin_loop(f: &Fixture, stop: &AtomicBool, next_id: &AtomicU64, pace: Admin, 
             } else {
                 Status::Active
             };
-            f.registry.set_status(spare, status);
+            f.registry.set_status(spare, status, None);
         }
         k += 1;
         done += 1;
@@ -331,7 +332,7 @@ fn admin_loop(f: &Fixture, stop: &AtomicBool, next_id: &AtomicU64, pace: Admin, 
         f.registry.remove_subtree(&id);
     }
     for id in &f.spare_ids {
-        f.registry.set_status(id, Status::Active);
+        f.registry.set_status(id, Status::Active, None);
     }
     ops.fetch_add(done, Ordering::Relaxed);
 }

@@ -102,6 +102,7 @@ pub struct TokensConfig {
     #[serde(with = "human_duration")]
     pub last_used_flush: Duration,
     pub max_devices_per_token: usize,
+    pub max_per_application: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -266,6 +267,10 @@ impl Config {
         positive(
             "tokens.max_devices_per_token",
             self.tokens.max_devices_per_token,
+        );
+        positive(
+            "tokens.max_per_application",
+            self.tokens.max_per_application,
         );
         if self.mqtt.max_packet_bytes > 268_435_455 {
             p.push("`mqtt.max_packet_bytes` must be at most 268435455 (the MQTT limit)".into());

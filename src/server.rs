@@ -20,7 +20,7 @@ use crate::http::serve::{serve, HttpLimits};
 use crate::metrics::Metrics;
 use crate::mqtt;
 use crate::store::{Store, StoreError};
-use crate::tokens::{TokenError, TokenService};
+use crate::tokens::{TokenError, TokenLimits, TokenService};
 use crate::writer::{BatchPolicy, Writer};
 
 #[derive(Debug, thiserror::Error)]
@@ -152,7 +152,7 @@ pub async fn run(
     let tokens = Arc::new(TokenService::load(
         store.clone(),
         registry.clone(),
-        config.tokens.max_devices_per_token,
+        TokenLimits::from(&config.tokens),
     )?);
     tracing::info!(tokens = registry.len(), "token cache loaded");
 

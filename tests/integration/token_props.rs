@@ -15,8 +15,8 @@ use proptest::sample::Index;
 use proptest::test_runner::TestCaseError;
 
 use sluice::auth::{
-    attenuate, Denied, Devices, Exceeds, Granted, NewToken, RateLimit, Registry, RegistryError,
-    Requested, Scope, Scopes, Status, TokenEntry,
+    attenuate, Denied, Devices, Exceeds, Granted, RateLimit, Registry, RegistryError, Requested,
+    Scope, Scopes, Status, TokenEntry, TokenRecord,
 };
 use sluice::secret::TokenHash;
 
@@ -540,7 +540,9 @@ impl World {
                 } else {
                     (Status::Inactive, MStatus::Inactive)
                 };
-                let view = self.registry.set_status(&self.model.tokens[i].id, status);
+                let view = self
+                    .registry
+                    .set_status(&self.model.tokens[i].id, status, None);
                 if self.model.tokens[i].deleted {
                     prop_assert!(view.is_none(), "set_status revived deleted token {}", i);
                 } else {
@@ -790,7 +792,7 @@ impl World {
         } else {
             Status::Inactive
         };
-        let inserted = self.registry.insert(NewToken {
+        let inserted = self.registry.insert(TokenRecord {
             id: id.clone(),
             app: app.to_string(),
             name: id.clone(),
@@ -798,9 +800,10 @@ impl World {
             devices: granted.devices.clone(),
             expires_at: granted.expires_at,
             status,
+            deactivated_by: None,
             parent_id: minter.map(|m| self.model.tokens[m].id.clone()),
             created_at: self.clock,
-            last_used: 0,
+            last_used: None,
             rate_limit: granted.rate_limit,
             hash: TokenHash::of(secret.as_bytes()),
         });
@@ -852,7 +855,7 @@ impl World {
             }
             if t.deleted {
                 prop_assert!(self.registry.entry(&t.id).is_none(), "{} resident", i);
-                prop_assert!(self.registry.view(&t.id).is_none());
+                prop_assert!(self.registry.record(&t.id).is_none());
                 prop_assert_eq!(self.entries[i].status(), Status::Deleted);
                 prop_assert!(!self.entries[i].usable(now));
                 continue;
