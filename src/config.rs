@@ -103,6 +103,7 @@ pub struct TokensConfig {
     pub last_used_flush: Duration,
     pub max_devices_per_token: usize,
     pub max_per_application: usize,
+    pub max_chain_depth: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -272,6 +273,7 @@ impl Config {
             "tokens.max_per_application",
             self.tokens.max_per_application,
         );
+        positive("tokens.max_chain_depth", self.tokens.max_chain_depth);
         if self.mqtt.max_packet_bytes > 268_435_455 {
             p.push("`mqtt.max_packet_bytes` must be at most 268435455 (the MQTT limit)".into());
         }

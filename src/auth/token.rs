@@ -78,20 +78,19 @@ impl TokenEntry {
     }
 
     pub fn new_root() -> TokenEntry {
-        TokenEntry {
-            root: true,
-            ..TokenEntry::new(
-                "root".into(),
-                "".into(),
-                Scopes::of(&[Scope::AllApplication]),
-                Devices::All,
-                None,
-                None,
-                None,
-                Status::Active,
-                0,
-            )
-        }
+        let mut root = TokenEntry::new(
+            "root".into(),
+            "".into(),
+            Scopes::of(&[Scope::AllApplication]),
+            Devices::All,
+            None,
+            None,
+            None,
+            Status::Active,
+            0,
+        );
+        root.root = true;
+        root
     }
 
     pub fn status(&self) -> Status {
@@ -199,6 +198,21 @@ impl TokenEntry {
         }
     }
 
+    /// Tokens in the chain from the root admin token down to this one: 1
+    /// for a token the root minted, 0 for the root itself.
+    pub fn depth(&self) -> usize {
+        if self.root {
+            return 0;
+        }
+        let mut n = 1;
+        let mut t = self.parent.as_deref();
+        while let Some(p) = t {
+            n += 1;
+            t = p.parent.as_deref();
+        }
+        n
+    }
+
     /// Whether `self` is a strict descendant of `ancestor`.
     pub fn descends_from(&self, ancestor: &TokenEntry) -> bool {
         let mut t = self.parent.as_deref();
@@ -234,6 +248,23 @@ impl TokenEntry {
     /// Called by the flusher before it reads `last_used`.
     pub(crate) fn clear_dirty(&self) {
         self.dirty.store(false, Ordering::Release);
+    }
+}
+
+/// Unlinks the chain above iteratively: dropping the last holder of a deep
+/// chain would otherwise recurse once per level and could overflow the
+/// stack of whichever thread dropped it (a chain stored by a version that
+/// did not bound `tokens.max_chain_depth`).
+impl Drop for TokenEntry {
+    fn drop(&mut self) {
+        let mut next = self.parent.take();
+        while let Some(p) = next {
+            next = match Arc::try_unwrap(p) {
+                Ok(mut parent) => parent.parent.take(),
+                // Still held elsewhere: nothing more is freed here.
+                Err(_) => None,
+            };
+        }
     }
 }
 
@@ -332,5 +363,26 @@ mod tests {
         assert_eq!(kids[0].admit(1, t0 + 100 * MS), Ok(()));
         // An unlimited chain admits anything.
         assert_eq!(tok(None, None).admit(u32::MAX, 0), Ok(()));
+    }
+
+    #[test]
+    fn a_deep_chain_drops_without_recursion() {
+        let mut t: Option<Arc<TokenEntry>> = None;
+        for _ in 0..200_000 {
+            t = Some(tok(t.take(), None));
+        }
+        let t = t.unwrap();
+        assert_eq!(t.depth(), 200_000);
+        assert!(t.usable(0));
+        drop(t);
+        let a = tok(None, None);
+        let b = tok(Some(a.clone()), None);
+        assert_eq!(
+            (TokenEntry::new_root().depth(), a.depth(), b.depth()),
+            (0, 1, 2)
+        );
+        drop(b);
+        // The parent survives its child while held elsewhere.
+        assert!(a.usable(0));
     }
 }

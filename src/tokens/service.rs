@@ -31,6 +31,8 @@ pub struct TokenLimits {
     pub max_devices: usize,
     /// Most tokens one application may hold.
     pub max_per_application: usize,
+    /// Longest chain from the root admin token down to a token.
+    pub max_chain_depth: usize,
 }
 
 impl From<&TokensConfig> for TokenLimits {
@@ -38,6 +40,7 @@ impl From<&TokensConfig> for TokenLimits {
         TokenLimits {
             max_devices: c.max_devices_per_token,
             max_per_application: c.max_per_application,
+            max_chain_depth: c.max_chain_depth,
         }
     }
 }
@@ -139,6 +142,13 @@ impl TokenService {
                 rate_limit: req.rate_limit,
             },
         )?;
+        let deepest = self.limits.max_chain_depth;
+        if caller.depth() >= deepest {
+            return Err(TokenError::BadRequest(format!(
+                "the new token would be {} tokens below the root, more than `tokens.max_chain_depth` ({deepest}) allows",
+                caller.depth() + 1
+            )));
+        }
         let max = self.limits.max_per_application;
         if self.registry.count(&app) >= max {
             return Err(TokenError::BadRequest(format!(

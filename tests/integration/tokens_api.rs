@@ -571,3 +571,32 @@ fn tokens_per_application_are_bounded() {
         400
     );
 }
+
+#[test]
+fn chains_of_minted_tokens_are_bounded() {
+    let s = Server::start_with(&[("SLUICE_TOKENS__MAX_CHAIN_DEPTH", "3")]);
+    let scope = json!(["device.sendState", "token.create"]);
+    let (_, d1) = mint(&s, ADMIN, "app", json!({"name": "d1", "scope": scope}));
+    let (_, d2) = mint(&s, &d1, "app", json!({"name": "d2", "scope": scope}));
+    let (_, d3) = mint(&s, &d2, "app", json!({"name": "d3", "scope": scope}));
+    let (st, v) = create_token(&s, &d3, "app", json!({"name": "d4", "scope": scope}));
+    assert_eq!((st, error_of(&v)), (400, "bad_request"), "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("tokens.max_chain_depth"),
+        "{v}"
+    );
+    assert_eq!(
+        get_admin(&s, ADMIN, "/applications/app/tokens")
+            .1
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    // Siblings higher up are still fine.
+    mint(&s, &d2, "app", json!({"name": "d3b", "scope": scope}));
+    assert_eq!(post_state(&s, &d3, "app", "dev", OK).0, 200);
+}
