@@ -9,7 +9,8 @@
 //!   (`with_grant`: hash, probe, chain walk, grant test; then
 //!   `TokenEntry::admit`) for a depth-4 token of which 0 to 4 levels carry
 //!   a rate limit, so the cost added per limited level (one atomic
-//!   compare-and-swap each) can be read off in one run.
+//!   compare-and-swap each) can be read off in one run; and `admit` alone
+//!   on the same tokens, where the hash no longer hides it.
 //! - `authorize_concurrent`: reader threads doing hits through one shared
 //!   harness: one reader alone, two readers alone, two readers while a third
 //!   thread keeps minting, revoking/reactivating and removing tokens (paced
@@ -336,6 +337,21 @@ fn bench_rate(c: &mut Criterion, f: &Fixture) {
         assert_eq!(
             refused, 0,
             "a check with {limited} limited levels was refused"
+        );
+    }
+    for (limited, secret) in chains.iter().enumerate() {
+        let entry = f.registry.authenticate(secret, NOW_MS).unwrap();
+        let mut now_ns = 1u64 << 40;
+        let mut refused = 0u64;
+        g.bench_function(format!("admit_only_limited_levels_{limited}"), |b| {
+            b.iter(|| {
+                now_ns += 1;
+                refused += u64::from(black_box(&entry).admit(1, now_ns).is_err());
+            })
+        });
+        assert_eq!(
+            refused, 0,
+            "admit with {limited} limited levels was refused"
         );
     }
     g.finish();
