@@ -303,7 +303,11 @@ fn client(args: &AdminArgs) -> anyhow::Result<AdminClient> {
         .context(
         "no admin token: set SLUICE_ADMIN_TOKEN or point --data-dir at the broker's data directory",
     )?;
-    Ok(AdminClient::new(&admin_url(args), &token))
+    Ok(AdminClient::new(
+        &admin_url(args),
+        &token,
+        std::time::Duration::from_secs(30),
+    )?)
 }
 
 fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {

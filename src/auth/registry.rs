@@ -9,43 +9,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
-use super::scope::{Scope, Scopes};
-use super::token::{Denied, Devices, RateLimit, Status, TokenEntry};
+use super::record::TokenRecord;
+use super::scope::Scope;
+use super::status::{Revoker, Status};
+use super::token::{Denied, TokenEntry};
 use crate::secret::{PrehashedState, TokenHash};
-
-/// Everything known about a token, as a consistent copy.
-#[derive(Clone, Debug)]
-pub struct TokenView {
-    pub id: String,
-    pub app: String,
-    pub name: String,
-    pub scopes: Scopes,
-    pub devices: Devices,
-    pub expires_at: Option<i64>,
-    pub status: Status,
-    pub parent_id: Option<String>,
-    pub created_at: i64,
-    pub last_used: Option<i64>,
-    pub rate_limit: Option<RateLimit>,
-    pub hash: TokenHash,
-}
-
-/// A token about to be added (after it has been persisted).
-#[derive(Debug)]
-pub struct NewToken {
-    pub id: String,
-    pub app: String,
-    pub name: String,
-    pub scopes: Scopes,
-    pub devices: Devices,
-    pub expires_at: Option<i64>,
-    pub status: Status,
-    pub parent_id: Option<String>,
-    pub created_at: i64,
-    pub last_used: i64,
-    pub rate_limit: Option<RateLimit>,
-    pub hash: TokenHash,
-}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegistryError {
@@ -55,17 +23,22 @@ pub enum RegistryError {
     MissingParent(String),
 }
 
+/// What the admin side keeps beside the grant (the grant itself lives in
+/// the entry, once).
 struct Node {
     entry: Arc<TokenEntry>,
     name: String,
     created_at: i64,
     hash: TokenHash,
+    deactivated_by: Option<Revoker>,
     children: Vec<Box<str>>,
 }
 
 #[derive(Default)]
 struct Tree {
     nodes: HashMap<Box<str>, Node>,
+    /// Tokens per application, for `tokens.max_per_application`.
+    per_app: HashMap<Box<str>, usize>,
 }
 
 pub struct Registry {
@@ -184,6 +157,17 @@ impl Registry {
         used
     }
 
+    /// Puts back tokens taken by [`Registry::take_used`] whose lastUsedAt
+    /// could not be persisted, so the next flush writes them (unless a use
+    /// in between queued them already).
+    pub fn requeue_used(&self, used: Vec<Arc<TokenEntry>>) {
+        for e in used {
+            if e.mark_dirty() {
+                let _ = self.used_tx.send(e);
+            }
+        }
+    }
+
     pub fn subscribe_revocations(&self) -> watch::Receiver<u64> {
         self.revocations.subscribe()
     }
@@ -197,7 +181,14 @@ impl Registry {
         self.len() == 0
     }
 
-    pub fn insert(&self, t: NewToken) -> Result<Arc<TokenEntry>, RegistryError> {
+    /// Number of tokens resident in `app`.
+    pub fn count(&self, app: &str) -> usize {
+        self.tree().per_app.get(app).copied().unwrap_or(0)
+    }
+
+    /// Adds a token (after it has been persisted). Its parent must be
+    /// resident: the registry never holds an orphan.
+    pub fn insert(&self, t: TokenRecord) -> Result<Arc<TokenEntry>, RegistryError> {
         let mut tree = self.tree();
         if tree.nodes.contains_key(t.id.as_str()) {
             return Err(RegistryError::Duplicate(t.id));
@@ -222,13 +213,14 @@ impl Registry {
             t.rate_limit,
             parent,
             t.status,
-            t.last_used,
+            t.last_used.unwrap_or(0),
         ));
         if let Some(pid) = &t.parent_id {
             if let Some(p) = tree.nodes.get_mut(pid.as_str()) {
                 p.children.push(id.clone());
             }
         }
+        *tree.per_app.entry(entry.app.clone()).or_insert(0) += 1;
         tree.nodes.insert(
             id,
             Node {
@@ -236,6 +228,7 @@ impl Registry {
                 name: t.name,
                 created_at: t.created_at,
                 hash: t.hash,
+                deactivated_by: t.deactivated_by,
                 children: Vec::new(),
             },
         );
@@ -247,20 +240,20 @@ impl Registry {
         self.tree().nodes.get(id).map(|n| n.entry.clone())
     }
 
-    pub fn view(&self, id: &str) -> Option<TokenView> {
+    pub fn record(&self, id: &str) -> Option<TokenRecord> {
         let tree = self.tree();
-        tree.nodes.get(id).map(view_of)
+        tree.nodes.get(id).map(record_of)
     }
 
     /// Tokens of `app`, oldest first; for a non-root caller only its
     /// descendants.
-    pub fn list(&self, app: &str, caller: &TokenEntry) -> Vec<TokenView> {
+    pub fn list(&self, app: &str, caller: &TokenEntry) -> Vec<TokenRecord> {
         let tree = self.tree();
-        let mut out: Vec<TokenView> = tree
+        let mut out: Vec<TokenRecord> = tree
             .nodes
             .values()
             .filter(|n| *n.entry.app == *app && (caller.root || n.entry.descends_from(caller)))
-            .map(view_of)
+            .map(record_of)
             .collect();
         out.sort_by(|a, b| {
             a.created_at
@@ -270,17 +263,25 @@ impl Registry {
         out
     }
 
-    /// Changes a token's own status. Deactivation takes effect for the
-    /// whole subtree at once because usability is derived along the chain.
-    /// Deletion is not a status change: use [`Registry::remove_subtree`].
-    pub fn set_status(&self, id: &str, status: Status) -> Option<TokenView> {
+    /// Changes a token's own status and records who deactivated it (see
+    /// `auth::status_change` for who may). Deactivation takes effect for
+    /// the whole subtree at once because usability is derived along the
+    /// chain. Deletion is not a status change: use
+    /// [`Registry::remove_subtree`].
+    pub fn set_status(
+        &self,
+        id: &str,
+        status: Status,
+        deactivated_by: Option<Revoker>,
+    ) -> Option<TokenRecord> {
         if status == Status::Deleted {
             return None;
         }
-        let tree = self.tree();
-        let node = tree.nodes.get(id)?;
+        let mut tree = self.tree();
+        let node = tree.nodes.get_mut(id)?;
         node.entry.set_status(status);
-        let view = view_of(node);
+        node.deactivated_by = deactivated_by;
+        let view = record_of(node);
         drop(tree);
         if status != Status::Active {
             self.revocations.send_modify(|v| *v += 1);
@@ -288,11 +289,11 @@ impl Registry {
         Some(view)
     }
 
-    pub fn set_name(&self, id: &str, name: String) -> Option<TokenView> {
+    pub fn set_name(&self, id: &str, name: String) -> Option<TokenRecord> {
         let mut tree = self.tree();
         let node = tree.nodes.get_mut(id)?;
         node.name = name;
-        Some(view_of(node))
+        Some(record_of(node))
     }
 
     /// Ids of `id` and all its descendants, parents before children.
@@ -311,6 +312,12 @@ impl Registry {
             if let Some(node) = tree.nodes.remove(tid.as_str()) {
                 node.entry.set_status(Status::Deleted);
                 map.remove(&node.hash);
+                if let Some(n) = tree.per_app.get_mut(&node.entry.app) {
+                    *n -= 1;
+                    if *n == 0 {
+                        tree.per_app.remove(&node.entry.app);
+                    }
+                }
                 if let Some(p) = &node.entry.parent {
                     if let Some(pn) = tree.nodes.get_mut(&*p.id) {
                         pn.children.retain(|c| **c != **tid);
@@ -341,10 +348,10 @@ fn subtree_ids(tree: &Tree, id: &str) -> Vec<String> {
     out
 }
 
-fn view_of(n: &Node) -> TokenView {
+fn record_of(n: &Node) -> TokenRecord {
     let e = &n.entry;
     let last = e.last_used();
-    TokenView {
+    TokenRecord {
         id: e.id.to_string(),
         app: e.app.to_string(),
         name: n.name.clone(),
@@ -352,10 +359,11 @@ fn view_of(n: &Node) -> TokenView {
         devices: e.devices.clone(),
         expires_at: e.expires_at,
         status: e.status(),
+        deactivated_by: n.deactivated_by.clone(),
         parent_id: e.parent.as_ref().map(|p| p.id.to_string()),
         created_at: n.created_at,
-        last_used: (last > 0).then_some(last),
         rate_limit: e.rate_limit,
         hash: n.hash,
+        last_used: (last > 0).then_some(last),
     }
 }
