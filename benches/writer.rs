@@ -219,7 +219,8 @@ fn run_raw(store: &Store, pool: &[Msg], iters: u64, seq: &mut u64, composite: bo
         j = (j + n) % pool.len();
         if composite {
             let requests = batch.map(|m| (&m.device[..], &m.body[..], &m.parsed));
-            *seq = Records::add(store, &mut b, *seq, requests, &mut scratch).unwrap();
+            *seq =
+                Records::add(store, &mut b, *seq, NOW_MS as u64, requests, &mut scratch).unwrap();
         } else {
             for m in batch {
                 for s in &m.parsed.states {

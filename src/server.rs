@@ -20,7 +20,7 @@ use crate::http::serve::{serve, HttpLimits};
 use crate::ip_limit::{IpConnections, IpLimiter};
 use crate::metrics::Metrics;
 use crate::mqtt;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoreOptions};
 use crate::tokens::{TokenError, TokenService};
 use crate::writer::{Health, Writer, WriterConfig};
 
@@ -184,8 +184,8 @@ pub async fn run(
 
     let store = {
         let dir = data_dir.join("db");
-        let sync = config.storage.sync;
-        tokio::task::spawn_blocking(move || Store::open(&dir, sync))
+        let options = StoreOptions::new(&config.storage);
+        tokio::task::spawn_blocking(move || Store::open_with(&dir, &options))
             .await
             .map_err(|e| ServeError::Internal(e.to_string()))??
     };
