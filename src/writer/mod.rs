@@ -220,10 +220,12 @@ impl IngestQueue {
         }
         let (done, outcome) = oneshot::channel();
         let tx = self.tx.clone();
-        tokio::task::spawn_blocking(move || tx.send(Item::Remove(r, done)))
+        let sent = tokio::task::spawn_blocking(move || tx.send(Item::Remove(r, done)).is_ok())
             .await
-            .map_err(|_| RemoveError::Closed)?
             .map_err(|_| RemoveError::Closed)?;
+        if !sent {
+            return Err(RemoveError::Closed);
+        }
         outcome
             .await
             .map_err(|_| RemoveError::Closed)?
