@@ -15,6 +15,7 @@ pub mod ip_limit;
 pub mod logging;
 pub mod metrics;
 pub mod mqtt;
+pub mod readiness;
 pub mod reload;
 pub mod secret;
 pub mod server;

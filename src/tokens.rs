@@ -499,6 +499,32 @@ impl TokenService {
         Ok(())
     }
 
+    /// The first half of removing an application (`DELETE
+    /// /applications/{app}`): under the change lock, records the removal
+    /// with the ids of every token of `app` in the store (fsynced), then
+    /// removes those tokens from memory, so they stop working at once and
+    /// live sessions holding them end at their next check. Returns the ids;
+    /// the writer's removal batch deletes their records with the
+    /// application's data, and a stop in between is finished when the
+    /// store next opens (`Store::open_with`).
+    pub async fn begin_application_removal(
+        &self,
+        caller: &TokenEntry,
+        app: &str,
+    ) -> Result<Vec<String>, TokenError> {
+        let _guard = self.changes.lock().await;
+        self.still_usable(caller)?;
+        let views = self.registry.list(app, &TokenEntry::new_root());
+        let ids: Vec<String> = views.iter().map(|v| v.id.clone()).collect();
+        let store = self.store.clone();
+        let (app2, ids2) = (app.to_string(), ids.clone());
+        blocking(move || store.begin_application_removal(&app2, &ids2)).await?;
+        for top in views.iter().filter(|v| v.parent_id.is_none()) {
+            self.registry.remove_subtree(&top.id);
+        }
+        Ok(ids)
+    }
+
     /// Persists lastUsedAt of tokens used since the last flush. Holding the
     /// change lock means a token deleted meanwhile is not written back.
     pub async fn flush_last_used(&self) -> Result<usize, TokenError> {

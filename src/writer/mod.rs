@@ -349,6 +349,11 @@ impl Writer {
         self.queue.clone()
     }
 
+    /// True once the writer thread has ended, for readiness.
+    pub fn exit_flag(&self) -> watch::Receiver<bool> {
+        self.exited.clone()
+    }
+
     /// Resolves when the writer thread has ended. Before [`Writer::stop`]
     /// that means it died: nothing will drain the queue again.
     pub fn exited(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
