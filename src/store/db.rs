@@ -102,6 +102,11 @@ pub(super) fn open(dir: &Path, o: &StoreOptions, expiry: Arc<Expiry>) -> Result<
     opts.create_missing_column_families(true);
     opts.set_max_background_jobs(2);
     opts.set_keep_log_file_num(4);
+    // Every batch also writes `meta`, whose memtable never fills, so
+    // without a bound RocksDB would keep write-ahead log files until they
+    // reach 4 x all write buffers (gigabytes); beyond this it flushes the
+    // families that hold the oldest log instead.
+    opts.set_max_total_wal_size(4 * o.write_buffer_bytes as u64);
     let cache = Cache::new_lru_cache(o.block_cache_bytes);
     let family = |ingest: bool| {
         let mut f = Options::default();

@@ -101,7 +101,7 @@ pub struct DevicePage {
 
 /// The key just past every key starting with `prefix` (which ends in `/`):
 /// the same bytes with the final `/` raised to `0`.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+pub(super) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     if let Some(last) = end.last_mut() {
         *last = b'/' + 1;
@@ -214,7 +214,7 @@ impl Store {
     /// Removes everything of `app` (history, composite state, device
     /// statistics, its retention override, the given tokens) and its
     /// removal intent, in one fsynced batch, then forgets its retention
-    /// override in memory.
+    /// override in memory and has its space reclaimed in the background.
     pub fn remove_application(&self, app: &str, tokens: &[String]) -> Result<(), StoreError> {
         let cfs = self.cfs();
         let prefix = app_prefix(app);
@@ -231,6 +231,7 @@ impl Store {
         wb.delete_cf(cfs.meta, remove_key(app));
         self.write_sync(wb)?;
         self.expiry.set(app, None);
+        self.reclaim(app);
         Ok(())
     }
 
@@ -258,7 +259,7 @@ impl Store {
 }
 
 /// Every column family whose keys start with `{app}/`.
-fn app_keyed<'a>(cfs: &Families<'a>) -> [&'a rocksdb::ColumnFamily; 3] {
+pub(super) fn app_keyed<'a>(cfs: &Families<'a>) -> [&'a rocksdb::ColumnFamily; 3] {
     [cfs.state, cfs.composite, cfs.devices]
 }
 
@@ -411,6 +412,7 @@ mod tests {
             store
                 .set_retention("app", Some(super::super::Retention::Ms(5000)))
                 .unwrap();
+            store.wait_reclaimed();
             store
                 .begin_application_removal("app", &["t1".into(), "t2".into()])
                 .unwrap();

@@ -23,6 +23,7 @@
 
 mod db;
 pub mod devices;
+mod reclaim;
 pub mod retention;
 
 use std::path::Path;
@@ -64,6 +65,8 @@ pub struct Store {
     expiry: Arc<Expiry>,
     /// `storage.retention_reclaim_interval`.
     reclaim_interval: std::time::Duration,
+    /// Applications whose space is being reclaimed now (see `reclaim`).
+    reclaimer: Arc<reclaim::Reclaimer>,
 }
 
 impl std::fmt::Debug for Store {
@@ -209,6 +212,7 @@ impl Store {
             sync: o.sync,
             expiry,
             reclaim_interval: o.reclaim_interval,
+            reclaimer: Arc::default(),
         };
         for (app, r) in store.load_retention()? {
             store.expiry.set(&app, Some(r));
@@ -490,7 +494,10 @@ impl Store {
 
     /// Sets (`Some`) or clears (`None`: the default applies) the retention
     /// override of `app`: fsynced first, then in force for reads at once
-    /// and for compactions starting from now on.
+    /// and for compactions starting from now on. With a finite retention
+    /// the application's range is compacted in the background, so what
+    /// just expired leaves the disk now rather than within
+    /// `storage.retention_reclaim_interval`.
     pub fn set_retention(&self, app: &str, own: Option<Retention>) -> Result<(), StoreError> {
         let mut wb = WriteBatch::default();
         match own {
@@ -499,7 +506,11 @@ impl Store {
         }
         self.write_sync(wb)?;
         self.expiry.set(app, own);
-        self.update_reclaim()
+        self.update_reclaim()?;
+        if self.expiry.of(app).effective != Retention::Unlimited {
+            self.reclaim(app);
+        }
+        Ok(())
     }
 
     fn load_retention(&self) -> Result<Vec<(String, Retention)>, StoreError> {
