@@ -4,7 +4,7 @@
 //! 0x80), `/readyz` says so on both listeners (while `/healthz`, liveness,
 //! stays 200: restarting would not free the disk), and nothing unstored is
 //! acknowledged. Once space is freed, ingest recovers by itself (RocksDB
-//! resumes once it has a write buffer's worth of space, 64 MiB, and the
+//! resumes once it has a write buffer's worth of space, `storage.write_buffer_bytes`, and the
 //! writer's probe notices), and everything acknowledged survives a restart.
 //!
 //! Needs root (to mount a tmpfs); elsewhere it is skipped with the reason.
