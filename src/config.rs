@@ -61,6 +61,15 @@ pub struct StorageConfig {
     /// recently used devices first) to enforce the limit above without
     /// reading storage on every request.
     pub attribute_cache_names: usize,
+    /// How long history is kept unless an application overrides it.
+    pub retention: crate::store::Retention,
+    /// With any finite retention, the longest before expired history's
+    /// space is reclaimed.
+    #[serde(with = "human_duration")]
+    pub retention_reclaim_interval: Duration,
+    pub compression: crate::store::Compression,
+    pub block_cache_bytes: usize,
+    pub write_buffer_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -459,6 +468,10 @@ impl Config {
             self.storage.max_attributes_per_device,
         );
         positive("http.ip_table_max", self.http.ip_table_max);
+        positive(
+            "storage.write_buffer_bytes",
+            self.storage.write_buffer_bytes,
+        );
         positive("batch.max_messages", self.batch.max_messages);
         positive("batch.max_bytes", self.batch.max_bytes);
         positive("batch.queue_capacity", self.batch.queue_capacity);
@@ -513,6 +526,9 @@ impl Config {
         }
         if self.tls.cert.as_os_str().is_empty() != self.tls.key.as_os_str().is_empty() {
             p.push("`tls.cert` and `tls.key` must be set together (or both left empty)".into());
+        }
+        if self.storage.retention_reclaim_interval < Duration::from_secs(60) {
+            p.push("`storage.retention_reclaim_interval` must be at least 1m".into());
         }
         if self.storage.data_dir.as_os_str().is_empty() {
             p.push("`storage.data_dir` must not be empty".into());

@@ -20,7 +20,8 @@ use crate::http::serve::{serve, HttpLimits};
 use crate::ip_limit::{IpConnections, IpLimiter};
 use crate::metrics::Metrics;
 use crate::mqtt;
-use crate::store::{Store, StoreError};
+use crate::readiness::Readiness;
+use crate::store::{Store, StoreError, StoreOptions};
 use crate::tokens::{TokenError, TokenLimits, TokenService};
 use crate::writer::{Health, Writer, WriterConfig};
 
@@ -184,8 +185,8 @@ pub async fn run(
 
     let store = {
         let dir = data_dir.join("db");
-        let sync = config.storage.sync;
-        tokio::task::spawn_blocking(move || Store::open(&dir, sync))
+        let options = StoreOptions::new(&config.storage);
+        tokio::task::spawn_blocking(move || Store::open_with(&dir, &options))
             .await
             .map_err(|e| ServeError::Internal(e.to_string()))??
     };
@@ -216,11 +217,18 @@ pub async fn run(
     let tasks = TaskTracker::new();
     let grace = config.shutdown.grace;
 
+    let readiness = Arc::new(Readiness::standalone(
+        store.clone(),
+        health.clone(),
+        writer.exit_flag(),
+        stop.clone(),
+    ));
+
     let device = Arc::new(DeviceApi {
         registry: registry.clone(),
         queue: queue.clone(),
         metrics: metrics.clone(),
-        health: health.clone(),
+        readiness: readiness.clone(),
         auth_failures: IpLimiter::new(
             config.http.auth_failure_rate_per_ip,
             config.http.auth_failure_burst_per_ip,
@@ -258,7 +266,7 @@ pub async fn run(
             metrics: metrics.clone(),
             queue: queue.clone(),
             backups: crate::backup::Backups::new(store.clone(), &data_dir.join("db")),
-            health: health.clone(),
+            readiness,
             max_response_bytes: config.admin.max_response_bytes,
         }),
         config.admin.max_body_bytes,

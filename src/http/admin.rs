@@ -1,4 +1,5 @@
-//! The admin HTTP API: token management, state read-back, metrics, health.
+//! The admin HTTP API: token management, state read-back, devices,
+//! retention, metrics, liveness and readiness.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get};
 use axum::Router;
 
 use crate::auth::{Denied, Scope, TokenEntry};
@@ -19,7 +20,7 @@ use crate::secret::parse_bearer;
 use crate::store::{device_key, HistoryQuery, Order, Position, Store};
 use crate::timefmt::{self, now_ms};
 use crate::tokens::{parse_create, parse_update, TokenError, TokenJson, TokenService};
-use crate::writer::{Health, IngestQueue};
+use crate::writer::IngestQueue;
 
 /// Default and largest page of history.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -32,7 +33,8 @@ pub struct AdminApi {
     pub queue: Arc<IngestQueue>,
     /// `POST /backup` (see `http::backup`).
     pub backups: Arc<crate::backup::Backups>,
-    pub health: Arc<Health>,
+    /// `/readyz`, with the detail behind each failure.
+    pub readiness: Arc<crate::readiness::Readiness>,
     /// Bound on one history page's data (`admin.max_response_bytes`).
     pub max_response_bytes: usize,
 }
@@ -49,6 +51,8 @@ pub enum ApiError {
     BadRequest(String),
     PayloadTooLarge,
     MethodNotAllowed,
+    /// The broker is shutting down (or its writer stopped).
+    Unavailable,
     Internal,
 }
 
@@ -87,6 +91,10 @@ impl IntoResponse for ApiError {
                 StatusCode::METHOD_NOT_ALLOWED,
                 serde_json::json!({"error": "method_not_allowed"}),
             ),
+            ApiError::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"error": "unavailable"}),
+            ),
             ApiError::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 serde_json::json!({"error": "internal"}),
@@ -116,19 +124,19 @@ impl From<TokenError> for ApiError {
     }
 }
 
-type Api = State<Arc<AdminApi>>;
+pub(super) type Api = State<Arc<AdminApi>>;
 
 /// Path parameters, with a malformed path answered as a JSON 400.
-type PathOf<T> = Result<Path<T>, PathRejection>;
+pub(super) type PathOf<T> = Result<Path<T>, PathRejection>;
 /// A request body, with an oversized one answered as a JSON 413.
-type BodyOf = Result<Bytes, BytesRejection>;
+pub(super) type BodyOf = Result<Bytes, BytesRejection>;
 
-fn path<T>(p: PathOf<T>) -> Result<T, ApiError> {
+pub(super) fn path<T>(p: PathOf<T>) -> Result<T, ApiError> {
     p.map(|Path(t)| t)
         .map_err(|e| ApiError::BadRequest(e.body_text()))
 }
 
-fn body(b: BodyOf) -> Result<Bytes, ApiError> {
+pub(super) fn body(b: BodyOf) -> Result<Bytes, ApiError> {
     b.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
         _ => ApiError::BadRequest(e.body_text()),
@@ -138,6 +146,7 @@ fn body(b: BodyOf) -> Result<Bytes, ApiError> {
 pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/whoami", get(whoami))
         .route("/backup", axum::routing::post(super::backup::backup))
@@ -148,6 +157,22 @@ pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
         .route(
             "/applications/{app}/tokens/{id}",
             get(get_token).patch(update_token).delete(delete_token),
+        )
+        .route(
+            "/applications/{app}",
+            delete(super::devices::delete_application),
+        )
+        .route(
+            "/applications/{app}/devices",
+            get(super::devices::list_devices),
+        )
+        .route(
+            "/applications/{app}/devices/{device}",
+            delete(super::devices::delete_device),
+        )
+        .route(
+            "/applications/{app}/retention",
+            get(super::retention::get_retention).put(super::retention::put_retention),
         )
         .route("/applications/{app}/devices/{device}/state", get(history))
         .route(
@@ -175,7 +200,7 @@ impl AdminApi {
     }
 
     /// Authenticates the caller and checks `scope` in `app` (and `device`).
-    fn authorize(
+    pub(crate) fn authorize(
         &self,
         headers: &HeaderMap,
         app: &str,
@@ -201,21 +226,21 @@ impl AdminApi {
     }
 }
 
-/// As the device listener's `/healthz`, plus the error behind a failure
+/// Liveness: 200 while the process answers (see `/readyz`).
+async fn healthz() -> Response {
+    axum::Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+/// As the device listener's `/readyz`, plus the error behind each failure
 /// (this listener is the operator's, so the detail may name paths).
-async fn healthz(State(api): Api) -> Response {
-    match api.health.failure() {
-        None => axum::Json(serde_json::json!({"status": "ok"})).into_response(),
-        Some(f) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({
-                "status": "unavailable",
-                "reason": f.reason(),
-                "detail": api.health.detail(f),
-            })),
-        )
-            .into_response(),
-    }
+async fn readyz(State(api): Api) -> Response {
+    let (status, body) = api.readiness.respond(true).await;
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }
 
 async fn metrics(State(api): Api) -> impl IntoResponse {

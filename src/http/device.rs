@@ -27,18 +27,20 @@ use crate::auth::{monotonic_ns, Denied, Registry, Scope};
 use crate::ids::{is_valid_id, state_path};
 use crate::ip_limit::IpLimiter;
 use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 use crate::secret::parse_bearer;
 use crate::state::{self, Shape};
 use crate::store::device_key;
 use crate::timefmt::now_ms;
-use crate::writer::{CommitError, Completion, EnqueueError, Health, IngestQueue, WriteRequest};
+use crate::writer::{CommitError, Completion, EnqueueError, IngestQueue, WriteRequest};
 
 /// Everything the device listener needs, shared by all its connections.
 pub struct DeviceApi {
     pub registry: Arc<Registry>,
     pub queue: Arc<IngestQueue>,
     pub metrics: Arc<Metrics>,
-    pub health: Arc<Health>,
+    /// `/readyz` (reasons only: this listener is public).
+    pub readiness: Arc<Readiness>,
     /// Failed authentications per address (`http.auth_failure_rate_per_ip`).
     pub auth_failures: IpLimiter,
     /// The longest an address over its failed-authentication budget is
@@ -125,23 +127,21 @@ fn unavailable() -> Response<Full<Bytes>> {
     r
 }
 
-/// `/healthz`: 200 while storage works, 503 with the reason while it does
-/// not (the admin listener adds the error behind it; this one is public).
-fn health_response(health: &Health) -> Response<Full<Bytes>> {
-    match health.failure() {
-        None => json(200, Bytes::from_static(b"{\"status\":\"ok\"}")),
-        Some(f) => json(
-            503,
-            serde_json::json!({"status": "unavailable", "reason": f.reason()}).to_string(),
-        ),
-    }
+/// `/healthz`: liveness only, 200 while the process answers; whether it
+/// should get traffic is `/readyz`.
+fn alive() -> Response<Full<Bytes>> {
+    json(200, Bytes::from_static(b"{\"status\":\"ok\"}"))
 }
 
 impl DeviceApi {
     pub async fn handle(&self, req: Request<Incoming>, peer: IpAddr) -> Response<Full<Bytes>> {
         let path = req.uri().path();
         if path == "/healthz" {
-            return health_response(&self.health);
+            return alive();
+        }
+        if path == "/readyz" {
+            let (status, body) = self.readiness.respond(false).await;
+            return json(status, body);
         }
         let Some((app, device)) = path.strip_prefix('/').and_then(state_path) else {
             return fixed(404, NOT_FOUND);

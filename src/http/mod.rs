@@ -4,4 +4,6 @@ pub mod admin;
 pub mod backup;
 pub mod console;
 pub mod device;
+pub mod devices;
+pub mod retention;
 pub mod serve;

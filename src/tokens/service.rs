@@ -293,6 +293,34 @@ impl TokenService {
         Ok(())
     }
 
+    /// The first half of removing an application (`DELETE
+    /// /applications/{app}`): records the removal with the ids of every
+    /// token of `app` in the store (fsynced), then removes those tokens
+    /// from memory, so they stop working at once and live sessions holding
+    /// them end at their next check. Returns the ids; the writer's removal
+    /// batch deletes their records with the application's data, and a stop
+    /// in between is finished when the store next opens
+    /// (`Store::open_with`). Runs to completion like every change.
+    pub async fn begin_application_removal(
+        self: &Arc<Self>,
+        caller: Arc<TokenEntry>,
+        app: String,
+    ) -> Result<Vec<String>, TokenError> {
+        self.change(move |svc| async move {
+            svc.still_usable(&caller)?;
+            let records = svc.registry.list(&app, &TokenEntry::new_root());
+            let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+            let store = svc.store.clone();
+            let ids2 = ids.clone();
+            blocking(move || store.begin_application_removal(&app, &ids2)).await?;
+            for top in records.iter().filter(|r| r.parent_id.is_none()) {
+                svc.registry.remove_subtree(&top.id);
+            }
+            Ok(ids)
+        })
+        .await
+    }
+
     /// Persists lastUsedAt of tokens used since the last flush. Holding the
     /// change lock means a token deleted meanwhile is not written back; a
     /// failed write puts the tokens back for the next flush.
