@@ -5,6 +5,7 @@
 //! cost one hash and one map probe, never a storage read.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
@@ -55,6 +56,16 @@ pub struct Registry {
     /// bounded by the number of tokens.
     used_tx: crossbeam_channel::Sender<Arc<TokenEntry>>,
     used_rx: crossbeam_channel::Receiver<Arc<TokenEntry>>,
+    /// Until when (in [`monotonic_ns`](super::monotonic_ns)) this set of
+    /// tokens may be trusted. Standalone, forever. In cluster mode the
+    /// token plane's follower keeps pushing it forward while it follows
+    /// the token bucket (`tokens::follow`); once it has passed, the
+    /// listeners refuse every new connection and request instead of
+    /// trusting a cache that may have missed a revocation. A deadline
+    /// rather than a flag, so a broker that stops running for a while (a
+    /// paused VM) is stale the moment it runs again, before any of its
+    /// timers fire. Not read by the token check itself.
+    trusted_until: AtomicU64,
 }
 
 impl Default for Registry {
@@ -74,7 +85,25 @@ impl Registry {
             revocations: watch::Sender::new(0),
             used_tx,
             used_rx,
+            trusted_until: AtomicU64::new(u64::MAX),
         }
+    }
+
+    /// Whether the resident tokens may be trusted at `now_ns` (on
+    /// [`monotonic_ns`](super::monotonic_ns)); see `trusted_until`.
+    pub fn trusted(&self, now_ns: u64) -> bool {
+        now_ns < self.trusted_until.load(Ordering::Acquire)
+    }
+
+    /// Trusts the resident tokens until `until_ns`; 0 distrusts them at
+    /// once.
+    pub fn trust_until(&self, until_ns: u64) {
+        self.trusted_until.store(until_ns, Ordering::Release);
+    }
+
+    /// Until when the resident tokens are trusted.
+    pub fn trusted_until(&self) -> u64 {
+        self.trusted_until.load(Ordering::Acquire)
     }
 
     fn tree(&self) -> MutexGuard<'_, Tree> {

@@ -128,12 +128,19 @@ pub struct Registry {
     shared: Arc<Shared>,
     kv: Kv,
     nats: Nats,
-    tasks: Vec<JoinHandle<()>>,
+    /// Heartbeat and followers; aborted when the registry is dropped or
+    /// leaves.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             t.abort();
         }
     }
@@ -186,7 +193,7 @@ impl Registry {
             shared,
             kv,
             nats: nats.clone(),
-            tasks,
+            tasks: Mutex::new(tasks),
         })
     }
 
@@ -280,8 +287,9 @@ impl Registry {
 
     /// Leaves the cluster on a clean shutdown: stops heartbeating and
     /// removes this broker's entry, so barriers stop waiting for it at once.
-    pub async fn leave(mut self) -> Result<(), RegistryError> {
-        for t in self.tasks.drain(..) {
+    pub async fn leave(&self) -> Result<(), RegistryError> {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
             t.abort();
         }
         self.kv.remove(&self.shared.spec.node_id).await?;

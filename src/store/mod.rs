@@ -409,6 +409,28 @@ impl Store {
             .collect())
     }
 
+    /// Every stored lastUsedAt by token id, whether or not the token's
+    /// record is here too (in cluster mode the records live in the
+    /// cluster's bucket and only lastUsedAt, this broker's own, is local).
+    pub fn load_last_used(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let cf = self.cf(CF_TOKENS)?;
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator_cf(cf, b"u/") {
+            let (k, v) = item?;
+            let Some(id) = k.strip_prefix(b"u/") else {
+                break;
+            };
+            let b: [u8; 8] = v
+                .as_ref()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("token lastUsedAt".into()))?;
+            let id = String::from_utf8(id.to_vec())
+                .map_err(|_| StoreError::Corrupt("token id".into()))?;
+            out.push((id, i64::from_be_bytes(b)));
+        }
+        Ok(out)
+    }
+
     /// Token changes are rare and must survive a machine crash as soon as
     /// the admin call returns: always fsynced.
     fn write_sync(&self, wb: WriteBatch) -> Result<(), StoreError> {
