@@ -418,6 +418,12 @@ impl Watch {
         self.reader.initial_pending()
     }
 
+    /// When the bucket's server was last heard from (see
+    /// [`Reader::last_heard`]).
+    pub fn last_heard(&self) -> Instant {
+        self.reader.last_heard()
+    }
+
     /// Changes still to come after the last one [`next`](Watch::next)
     /// returned (0 when it was the newest).
     pub fn pending(&self) -> u64 {

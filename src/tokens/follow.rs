@@ -39,7 +39,8 @@ pub(super) async fn follow(plane: Arc<Plane>, mut watch: Watch) {
         let mut caught_up = watch.initial_pending() == 0;
         let mut since_report = 0u64;
         // Follow until the view is lost. The watch is polled first, so a
-        // tick never renews trust for a watch whose silence has run out.
+        // watch whose silence has run out ends before a tick could renew
+        // trust on its last sign of life.
         let lost = loop {
             tokio::select! {
                 biased;
@@ -54,14 +55,14 @@ pub(super) async fn follow(plane: Arc<Plane>, mut watch: Watch) {
                             plane.report_applied(revision).await;
                         }
                         if caught_up {
-                            plane.renew();
+                            plane.renew(watch.last_heard());
                         }
                     }
                     Err(e) => break e,
                 },
                 _ = tick.tick() => {
                     if caught_up {
-                        plane.renew();
+                        plane.renew(watch.last_heard());
                     }
                     observe(&plane, &mut stale);
                 }

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use super::load::{insert_in_order, parse_record};
 use super::metrics::PlaneMetrics;
 use super::TokenError;
-use crate::auth::{monotonic_ns, Registry, TokenRecord};
+use crate::auth::{monotonic_ns, monotonic_ns_of, Registry, TokenRecord};
 use crate::cluster::kv::{BucketSpec, Change, Entry, Kv, KvError};
 use crate::cluster::registry::{
     BarrierError, NodeInfo, Registry as Nodes, RegistryError, RegistrySpec,
@@ -72,12 +72,6 @@ impl PlaneConfig {
             max_age: Duration::ZERO,
             heartbeat: self.heartbeat,
         }
-    }
-
-    /// Longest silence of the bucket's watch before the follower learns of
-    /// it (the reader gives up after two missed idle heartbeats).
-    pub(super) fn silence(&self) -> Duration {
-        self.heartbeat * 2
     }
 }
 
@@ -251,7 +245,7 @@ impl Plane {
             follower: Mutex::new(None),
         });
         plane.delete_quietly(orphans).await;
-        plane.renew();
+        plane.renew(watch.last_heard());
         let follower = tokio::spawn(super::follow::follow(plane.clone(), watch));
         *plane.follower.lock().unwrap_or_else(|p| p.into_inner()) = Some(follower);
         Ok(plane)
@@ -270,17 +264,16 @@ impl Plane {
         *self.applied.borrow()
     }
 
-    /// Trusts the registry for `stale_after` from the last moment the
-    /// view of the bucket is known to have been live. Called while the
-    /// watch is live and caught up: it has heard from the bucket within
-    /// one silence (two heartbeats), or it would have failed. So a broker
-    /// whose view is lost refuses requests at most `stale_after` after it
-    /// last heard from the bucket, never later; by then the node registry
-    /// still counts it (see `ClusterConfig::node_ttl`), so no revocation
-    /// barrier completes without it while it serves.
-    pub(super) fn renew(&self) {
-        let live_at = monotonic_ns().saturating_sub(self.config.silence().as_nanos() as u64);
-        let until = live_at.saturating_add(self.config.stale_after.as_nanos() as u64);
+    /// Trusts the registry until `stale_after` after `heard`, the last
+    /// time the bucket's watch heard from its server (called only while
+    /// the watch is live and caught up). So a broker whose view is lost
+    /// refuses requests `stale_after` after it last heard from the bucket,
+    /// never later; the node registry still counts it until then (see
+    /// `ClusterConfig::node_ttl`), so no revocation barrier completes
+    /// without it while it serves.
+    pub(super) fn renew(&self, heard: Instant) {
+        let until = monotonic_ns_of(heard.into_std())
+            .saturating_add(self.config.stale_after.as_nanos() as u64);
         if until > self.registry.trusted_until() {
             self.registry.trust_until(until);
         }
@@ -501,6 +494,7 @@ impl Plane {
                 self.registry.set_name(&id, record.name);
                 self.registry
                     .set_status(&id, record.status, record.deactivated_by);
+                book.revisions.insert(id.into_boxed_str(), e.revision);
             }
             Some(_) => {
                 // No API call changes a grant; a record replaced by other

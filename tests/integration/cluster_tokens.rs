@@ -124,21 +124,28 @@ fn cluster_view(s: &Server) -> Value {
 /// every other, none stale; returns that revision.
 fn settled(b: &Brokers) -> u64 {
     let mut revision = 0;
-    eventually("brokers settle on one revision", Duration::from_secs(20), || {
-        let views: Vec<Value> = b.brokers.iter().map(cluster_view).collect();
-        let revs: BTreeSet<u64> = views.iter().map(|v| v["applied"].as_u64().unwrap()).collect();
-        revision = *revs.iter().next().unwrap();
-        revs.len() == 1
-            && views.iter().all(|v| {
-                v["stale"] == false
-                    && v["nodes"].as_array().unwrap().len() == b.brokers.len()
-                    && v["nodes"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .all(|n| n["applied"].as_u64() == Some(revision) && n["stale"] == false)
-            })
-    });
+    eventually(
+        "brokers settle on one revision",
+        Duration::from_secs(20),
+        || {
+            let views: Vec<Value> = b.brokers.iter().map(cluster_view).collect();
+            let revs: BTreeSet<u64> = views
+                .iter()
+                .map(|v| v["applied"].as_u64().unwrap())
+                .collect();
+            revision = *revs.iter().next().unwrap();
+            revs.len() == 1
+                && views.iter().all(|v| {
+                    v["stale"] == false
+                        && v["nodes"].as_array().unwrap().len() == b.brokers.len()
+                        && v["nodes"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .all(|n| n["applied"].as_u64() == Some(revision) && n["stale"] == false)
+                })
+        },
+    );
     revision
 }
 
@@ -204,18 +211,27 @@ fn a_token_works_on_every_broker_and_its_revocation_is_immediate_everywhere() {
     let (t_id, t) = mint(a, ADMIN, "farm", json!({"name": "t", "scope": MINTER}));
     assert_eq!(send(a, &t, "d1"), 200);
     for s in [bb, c] {
-        eventually("T works on the other brokers", Duration::from_secs(5), || {
-            send(s, &t, "d1") == 200
-        });
+        eventually(
+            "T works on the other brokers",
+            Duration::from_secs(5),
+            || send(s, &t, "d1") == 200,
+        );
     }
     // Its child, minted on C with T itself, works on C when the call
     // returns, and on A and B once applied there.
-    let (k_id, k) = mint(c, &t, "farm", json!({"name": "k", "scope": ["device.sendState"]}));
+    let (k_id, k) = mint(
+        c,
+        &t,
+        "farm",
+        json!({"name": "k", "scope": ["device.sendState"]}),
+    );
     assert_eq!(send(c, &k, "d2"), 200);
     for s in [a, bb] {
-        eventually("K works on the other brokers", Duration::from_secs(5), || {
-            send(s, &k, "d2") == 200
-        });
+        eventually(
+            "K works on the other brokers",
+            Duration::from_secs(5),
+            || send(s, &k, "d2") == 200,
+        );
     }
     let (st, got) = get_admin(a, &t, &format!("/applications/farm/tokens/{k_id}"));
     assert_eq!((st, got["parentId"].as_str()), (200, Some(t_id.as_str())));
@@ -257,10 +273,19 @@ fn a_token_works_on_every_broker_and_its_revocation_is_immediate_everywhere() {
     // DELETE on one broker, a grandchild minted on another, checked on the
     // third.
     let (t2_id, t2) = mint(a, ADMIN, "farm", json!({"name": "t2", "scope": MINTER}));
-    eventually("T2 on C", Duration::from_secs(5), || send(c, &t2, "d1") == 200);
+    eventually("T2 on C", Duration::from_secs(5), || {
+        send(c, &t2, "d1") == 200
+    });
     let (_, k2) = mint(c, &t2, "farm", json!({"name": "k2", "scope": MINTER}));
-    let (k3_id, k3) = mint(c, &k2, "farm", json!({"name": "k3", "scope": ["device.sendState"]}));
-    eventually("K3 on A", Duration::from_secs(5), || send(a, &k3, "d3") == 200);
+    let (k3_id, k3) = mint(
+        c,
+        &k2,
+        "farm",
+        json!({"name": "k3", "scope": ["device.sendState"]}),
+    );
+    eventually("K3 on A", Duration::from_secs(5), || {
+        send(a, &k3, "d3") == 200
+    });
     let mut k3_session = session(a, true, "k3", &k3);
     assert_eq!(delete_token(bb, ADMIN, "farm", &t2_id), 204);
     assert_eq!(send(a, &k3, "d3"), 401);
@@ -269,10 +294,14 @@ fn a_token_works_on_every_broker_and_its_revocation_is_immediate_everywhere() {
     let (st, _) = get_admin(a, ADMIN, &format!("/applications/farm/tokens/{k3_id}"));
     assert_eq!(st, 404);
     // The descendants' records leave the bucket too.
-    eventually("the deleted subtree leaves the bucket", Duration::from_secs(10), || {
-        let keys = bucket_keys(&b);
-        keys.contains(&t_id) && !keys.contains(&t2_id) && !keys.contains(&k3_id)
-    });
+    eventually(
+        "the deleted subtree leaves the bucket",
+        Duration::from_secs(10),
+        || {
+            let keys = bucket_keys(&b);
+            keys.contains(&t_id) && !keys.contains(&t2_id) && !keys.contains(&k3_id)
+        },
+    );
 
     // Every broker sees the same tree, and the operator view agrees.
     let revision = settled(&b);
@@ -289,7 +318,11 @@ fn a_token_works_on_every_broker_and_its_revocation_is_immediate_everywhere() {
         .env("SLUICE_ADMIN_TOKEN", ADMIN)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(printed["nodes"].as_array().unwrap().len(), 3, "{printed}");
     // Only the root token may look.
@@ -307,4 +340,262 @@ fn a_token_works_on_every_broker_and_its_revocation_is_immediate_everywhere() {
         assert!(text.contains(name), "{name} missing:\n{text}");
     }
     let _ = &b.bucket();
+}
+
+/// Mints children under `parent` (with its own secret) on `s` until one is
+/// refused; signals `started` after the first success. Returns every
+/// status in order and the ids of the children created.
+fn mint_until_refused(
+    s: &Server,
+    parent: &str,
+    tag: &str,
+    started: &std::sync::mpsc::Sender<()>,
+) -> (Vec<u16>, BTreeSet<String>) {
+    let mut statuses = Vec::new();
+    let mut created = BTreeSet::new();
+    for i in 0..2000 {
+        let (st, v) = create_token(
+            s,
+            parent,
+            "farm",
+            json!({"name": format!("{tag}{i}"), "scope": ["device.sendState"]}),
+        );
+        statuses.push(st);
+        match st {
+            201 => {
+                created.insert(v["id"].as_str().unwrap().to_string());
+                if created.len() == 1 {
+                    let _ = started.send(());
+                }
+            }
+            _ => break,
+        }
+    }
+    (statuses, created)
+}
+
+#[test]
+fn conflicting_admin_writes_on_two_brokers_leave_one_tree() {
+    let b = Brokers::start(3, "race");
+    let [a, bb, c] = [&b.brokers[0], &b.brokers[1], &b.brokers[2]];
+    let (p_id, p) = mint(a, ADMIN, "farm", json!({"name": "p", "scope": MINTER}));
+    let (q_id, q) = mint(a, ADMIN, "farm", json!({"name": "q", "scope": MINTER}));
+    let (x_id, _) = mint(
+        a,
+        ADMIN,
+        "farm",
+        json!({"name": "x", "scope": ["device.sendState"]}),
+    );
+    settled(&b);
+
+    let (p_tx, p_rx) = std::sync::mpsc::channel();
+    let (q_tx, q_rx) = std::sync::mpsc::channel();
+    let (p_kids, q_kids, flips, removals) = std::thread::scope(|scope| {
+        // A keeps minting under P and under Q...
+        let p_kids = scope.spawn(|| mint_until_refused(a, &p, "p", &p_tx));
+        let q_kids = scope.spawn(|| mint_until_refused(a, &q, "q", &q_tx));
+        // ...while A and B both keep flipping X...
+        let x_id = x_id.as_str();
+        let flip = move |s: &'static str, broker: &Server| {
+            (0..30)
+                .map(|i| {
+                    let want = if (i % 2 == 0) == (s == "a") {
+                        "inactive"
+                    } else {
+                        "active"
+                    };
+                    patch_token(
+                        broker,
+                        ADMIN,
+                        "farm",
+                        x_id,
+                        json!({"status": want, "name": format!("{s}{i}")}),
+                    )
+                    .0
+                })
+                .collect::<Vec<u16>>()
+        };
+        let flips_a = scope.spawn(move || flip("a", a));
+        let flips_b = scope.spawn(move || flip("b", bb));
+        // ...and B deletes P and deactivates Q while A is minting under
+        // them.
+        p_rx.recv().unwrap();
+        q_rx.recv().unwrap();
+        let removals = (
+            delete_token(bb, ADMIN, "farm", &p_id),
+            patch_token(bb, ADMIN, "farm", &q_id, json!({"status": "inactive"})).0,
+        );
+        let mut flips = flips_a.join().unwrap();
+        flips.extend(flips_b.join().unwrap());
+        (
+            p_kids.join().unwrap(),
+            q_kids.join().unwrap(),
+            flips,
+            removals,
+        )
+    });
+    assert_eq!(removals, (204, 200));
+    assert!(flips.iter().all(|s| *s == 200), "{flips:?}");
+    // Every create answered 201 until the change reached it, then 401.
+    for (statuses, _) in [&p_kids, &q_kids] {
+        let (last, rest) = statuses.split_last().unwrap();
+        assert_eq!(*last, 401, "{statuses:?}");
+        assert!(rest.iter().all(|s| *s == 201), "{statuses:?}");
+    }
+
+    settled(&b);
+    let first = tree(a, "farm");
+    for s in [bb, c] {
+        assert_eq!(tree(s, "farm"), first, "brokers disagree");
+    }
+    // P and every child minted under it are gone; Q is inactive, and under
+    // it are exactly the children whose creation answered 201: none that
+    // was refused exists anywhere.
+    assert!(!first.contains_key(&p_id));
+    assert!(first
+        .values()
+        .all(|(_, parent)| parent.as_deref() != Some(p_id.as_str())));
+    assert_eq!(first[&q_id].0, "inactive");
+    let under_q: BTreeSet<String> = first
+        .iter()
+        .filter(|(_, (_, parent))| parent.as_deref() == Some(q_id.as_str()))
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(under_q, q_kids.1);
+    // X ended in one state, the same everywhere (checked above), which is
+    // the state of the last write the bucket took.
+    let (_, x) = get_admin(c, ADMIN, &format!("/applications/farm/tokens/{x_id}"));
+    assert_eq!(x["status"], first[&x_id].0);
+    // The bucket holds exactly the tree (deleted subtrees cleaned up,
+    // refused creations discarded).
+    let listed: BTreeSet<String> = first.keys().cloned().collect();
+    eventually(
+        "the bucket holds exactly the tree",
+        Duration::from_secs(10),
+        || bucket_keys(&b) == listed,
+    );
+    // Q re-activated on C: its children (created while it was active, in
+    // bucket order) work again, on every broker once applied.
+    let (st, _) = patch_token(c, ADMIN, "farm", &q_id, json!({"status": "active"}));
+    assert_eq!(st, 200);
+    let kid = q_kids.1.iter().next().unwrap();
+    let (st, _) = get_admin(c, &q, &format!("/applications/farm/tokens/{kid}"));
+    assert_eq!(st, 200);
+}
+
+/// Sends with `token` (usable all along) to every broker every 50 ms for
+/// `during`; for each broker, the longest stretch it did not answer 200.
+/// A broker that has lost its view may refuse (503), never say the token
+/// is bad.
+fn longest_refusal(b: &Brokers, token: &str, during: Duration) -> Vec<Duration> {
+    let mut worst = vec![Duration::ZERO; b.brokers.len()];
+    let mut since: Vec<Option<Instant>> = vec![None; b.brokers.len()];
+    let end = Instant::now() + during;
+    while Instant::now() < end {
+        for (i, s) in b.brokers.iter().enumerate() {
+            let status = send(s, token, "d1");
+            assert!(
+                status == 200 || status == 503,
+                "broker {i} answered {status}"
+            );
+            let ok = status == 200;
+            match (ok, since[i]) {
+                (false, None) => since[i] = Some(Instant::now()),
+                (true, Some(t)) => {
+                    worst[i] = worst[i].max(t.elapsed());
+                    since[i] = None;
+                }
+                _ => {}
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (i, t) in since.iter().enumerate() {
+        if let Some(t) = t {
+            worst[i] = worst[i].max(t.elapsed());
+        }
+    }
+    worst
+}
+
+/// Mint on `minter`, revoke on `revoker`: the token works everywhere, and
+/// is refused on every broker when the revoke returns.
+fn plane_works(b: &Brokers, minter: usize, revoker: usize) {
+    let (id, t) = mint(
+        &b.brokers[minter],
+        ADMIN,
+        "farm",
+        json!({"name": "w", "scope": ["device.sendState"]}),
+    );
+    for s in &b.brokers {
+        eventually(
+            "the new token works everywhere",
+            Duration::from_secs(10),
+            || send(s, &t, "d1") == 200,
+        );
+    }
+    let (st, body) = patch_token(
+        &b.brokers[revoker],
+        ADMIN,
+        "farm",
+        &id,
+        json!({"status": "inactive"}),
+    );
+    assert_eq!(st, 200, "{body}");
+    for s in &b.brokers {
+        assert_eq!(send(s, &t, "d1"), 401);
+    }
+}
+
+/// With the default timings (a broker trusts its view for 5 s after it last
+/// heard from the bucket), a leader election does not make any broker
+/// refuse; the longest refusal is printed, and a refusal is only ever 503.
+#[test]
+fn a_nats_node_killed_with_sigkill_leaves_the_token_plane_working() {
+    let mut b = Brokers::start_with(
+        3,
+        "kill",
+        &[
+            ("SLUICE_CLUSTER__HEARTBEAT", "1s"),
+            ("SLUICE_CLUSTER__STALE_AFTER", "5s"),
+        ],
+    );
+    let (_, t) = mint(
+        &b.brokers[0],
+        ADMIN,
+        "farm",
+        json!({"name": "t", "scope": ["device.sendState"]}),
+    );
+    settled(&b);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let nats = rt.block_on(connect(b.nats.urls(), "kill", "test-observer"));
+    // Kill the bucket's leader, then (once a new one is elected) the new
+    // leader too, after bringing the first back.
+    for round in 0..2 {
+        let leader = rt.block_on(leader_of(&nats, &b.bucket()));
+        let node = b.nats.index_of(&leader);
+        b.nats.kill(node);
+        // The old token keeps working on every broker (brokers connected to
+        // the dead node move to another), and the plane takes changes.
+        let refused = longest_refusal(&b, &t, Duration::from_secs(4));
+        eprintln!("round {round}: killed {leader}; longest refusal per broker {refused:?}");
+        eventually("every broker serves T", Duration::from_secs(30), || {
+            b.brokers.iter().all(|s| send(s, &t, "d1") == 200)
+        });
+        eventually("a create after the kill", Duration::from_secs(30), || {
+            let (st, v) = create_token(
+                &b.brokers[node],
+                ADMIN,
+                "farm",
+                json!({"name": "probe", "scope": ["device.sendState"]}),
+            );
+            // While the bucket elects a leader: unavailable, nothing else.
+            assert!(st == 201 || st == 503, "{st} {v}");
+            st == 201
+        });
+        plane_works(&b, node, (node + 1) % 3);
+        plane_works(&b, (node + 2) % 3, node);
+        b.nats.restart(node);
+    }
+    settled(&b);
 }
