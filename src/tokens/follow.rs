@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::MissedTickBehavior;
+use tokio::time::{Instant, MissedTickBehavior};
 
 use super::plane::Plane;
 use crate::cluster::kv::{Change, Watch};
@@ -38,29 +38,40 @@ pub(super) async fn follow(plane: Arc<Plane>, mut watch: Watch) {
     loop {
         let mut caught_up = watch.initial_pending() == 0;
         let mut since_report = 0u64;
-        // Follow until the view is lost. The watch is polled first, so a
-        // watch whose silence has run out ends before a tick could renew
-        // trust on its last sign of life.
+        let mut last_turn = Instant::now();
+        // Follow until the view is lost.
         let lost = loop {
-            tokio::select! {
+            let event = tokio::select! {
                 biased;
-                r = watch.next() => match r {
-                    Ok(change) => {
-                        let revision = change.revision();
-                        apply(&plane, &change, watch.pending());
-                        caught_up |= watch.pending() == 0;
-                        since_report += 1;
-                        if caught_up || since_report >= REPORT_EVERY {
-                            since_report = 0;
-                            plane.report_applied(revision).await;
-                        }
-                        if caught_up {
-                            plane.renew(watch.last_heard());
-                        }
+                r = watch.next() => Some(r),
+                _ = tick.tick() => None,
+            };
+            // A follower that did not run for a while (a paused process, a
+            // starved runtime) cannot tell when what its connection
+            // buffered meanwhile was sent: a heartbeat read now may be
+            // older than a revocation still unread. It reads everything
+            // again from a new watch instead of trusting it.
+            let gap = last_turn.elapsed();
+            last_turn = Instant::now();
+            if gap > plane.config.heartbeat * 2 {
+                break format!("the follower did not run for {gap:?}");
+            }
+            match event {
+                Some(Ok(change)) => {
+                    let revision = change.revision();
+                    apply(&plane, &change, watch.pending());
+                    caught_up |= watch.pending() == 0;
+                    since_report += 1;
+                    if caught_up || since_report >= REPORT_EVERY {
+                        since_report = 0;
+                        plane.report_applied(revision).await;
                     }
-                    Err(e) => break e,
-                },
-                _ = tick.tick() => {
+                    if caught_up {
+                        plane.renew(watch.last_heard());
+                    }
+                }
+                Some(Err(e)) => break e.to_string(),
+                None => {
                     if caught_up {
                         plane.renew(watch.last_heard());
                     }
@@ -70,7 +81,7 @@ pub(super) async fn follow(plane: Arc<Plane>, mut watch: Watch) {
         };
         plane.metrics.view_losses.inc();
         tracing::warn!(
-            error = %lost,
+            reason = %lost,
             applied = plane.applied(),
             "token bucket view lost; following it again from the next revision"
         );

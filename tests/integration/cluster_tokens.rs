@@ -599,3 +599,132 @@ fn a_nats_node_killed_with_sigkill_leaves_the_token_plane_working() {
     }
     settled(&b);
 }
+
+const TOPIC: &str = "applications/farm/devices/d1/state";
+const STATE: &[u8] = br#"{"data":{"t":1}}"#;
+
+fn device_health(s: &Server) -> u16 {
+    client()
+        .get(s.http_url("/healthz"))
+        .send()
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[test]
+fn without_nats_brokers_fail_closed_and_come_back_by_themselves() {
+    let mut b = Brokers::start(2, "down");
+    let (_, t) = mint(
+        &b.brokers[0],
+        ADMIN,
+        "farm",
+        json!({"name": "t", "scope": ["device.sendState"]}),
+    );
+    settled(&b);
+    let s = &b.brokers[1];
+    let mut live5 = session(s, true, "live5", &t);
+    let mut live4 = session(s, false, "live4", &t);
+    live5.send(&publish(true, TOPIC, 1, 1, false, &[], STATE));
+    assert_eq!(live5.expect(Duration::from_secs(5)).puback(), Some((1, 0)));
+
+    b.nats.stop_all();
+    // Within stale_after (1 s here) of its last word from the bucket, each
+    // broker refuses everything that needs a token.
+    for s in &b.brokers {
+        eventually("the broker fails closed", Duration::from_secs(10), || {
+            send(s, &t, "d1") == 503
+        });
+    }
+    let s = &b.brokers[1];
+    let (st, body) = post_state(s, &t, "farm", "d9", r#"{"data":{"t":1}}"#);
+    assert_eq!((st, body["error"].as_str()), (503, Some("unavailable")));
+    // An unknown token is not told it is unknown either: nothing is
+    // decided on a stale view.
+    assert_eq!(send(s, "sl_unknown", "d9"), 503);
+    assert_eq!(device_health(s), 503);
+    let (st, h) = get_admin(s, ADMIN, "/healthz");
+    assert_eq!(st, 503, "{h}");
+    let (st, body) = get_admin(s, ADMIN, "/applications/farm/tokens");
+    assert_eq!((st, body["error"].as_str()), (503, Some("unavailable")));
+    let (st, _) = create_token(
+        s,
+        ADMIN,
+        "farm",
+        json!({"name": "n", "scope": ["device.sendState"]}),
+    );
+    assert_eq!(st, 503);
+    // The operator view still answers, and says why.
+    assert_eq!(cluster_view(s)["stale"], true);
+    assert!(metrics_text(s).contains("sluice_cluster_token_view_stale 1"));
+    // MQTT: new connections are refused as "server unavailable"...
+    let (_, code) = Raw::connack_code(&s.mqtt, &Connect::v5("new5", &t).bytes());
+    assert_eq!(code, 0x88);
+    let (_, code) = Raw::connack_code(&s.mqtt, &Connect::v311("new4", &t).bytes());
+    assert_eq!(code, 3);
+    // ...and live sessions' publishes too: MQTT 5 QoS 1 gets PUBACK 0x80,
+    // QoS 0 a DISCONNECT 0x89 (server busy); 3.1.1 is closed.
+    live5.send(&publish(true, TOPIC, 1, 2, false, &[], STATE));
+    assert_eq!(
+        live5.expect(Duration::from_secs(5)).puback(),
+        Some((2, 0x80))
+    );
+    live5.send(&publish(true, TOPIC, 0, 0, false, &[], STATE));
+    assert_eq!(cut(&mut live5, Duration::from_secs(5)), Some(0x89));
+    live4.send(&publish(false, TOPIC, 1, 1, false, &[], STATE));
+    assert_eq!(cut(&mut live4, Duration::from_secs(5)), None);
+
+    b.nats.start_all();
+    // Back by themselves, from the revision each had applied.
+    for s in &b.brokers {
+        eventually("the broker serves again", Duration::from_secs(60), || {
+            send(s, &t, "d1") == 200
+        });
+    }
+    assert_eq!(device_health(&b.brokers[1]), 200);
+    assert_eq!(cluster_view(&b.brokers[1])["stale"], false);
+    plane_works(&b, 0, 1);
+    plane_works(&b, 1, 0);
+    // Nothing refused was stored: d1 holds the one publish acknowledged
+    // before the outage and the sends after it, d9 nothing.
+    assert!(history_all(&b.brokers[1], ADMIN, "farm", "d9").is_empty());
+}
+
+/// A broker that stops running (SIGSTOP: a paused VM) is dropped by the
+/// others' barrier after its TTL; when it runs again it serves nothing
+/// from its old view and catches up from the revision it had applied.
+#[test]
+fn a_paused_broker_never_serves_a_stale_view_and_catches_up() {
+    let b = Brokers::start(3, "pause");
+    let [a, bb, c] = [&b.brokers[0], &b.brokers[1], &b.brokers[2]];
+    let (t_id, t) = mint(
+        a,
+        ADMIN,
+        "farm",
+        json!({"name": "t", "scope": ["device.sendState"]}),
+    );
+    settled(&b);
+    assert_eq!(send(c, &t, "d1"), 200);
+    let pid = c.child.as_ref().unwrap().id();
+    unsafe_kill(pid, "STOP");
+    // The revocation completes without C once C's TTL (stale_after +
+    // heartbeat) has run out: C cannot have served since.
+    let (st, body) = patch_token(a, ADMIN, "farm", &t_id, json!({"status": "inactive"}));
+    assert_eq!(st, 200, "{body}");
+    let (_, n) = mint(
+        bb,
+        ADMIN,
+        "farm",
+        json!({"name": "n", "scope": ["device.sendState"]}),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    unsafe_kill(pid, "CONT");
+    // The first answer after it runs again is not the stale one.
+    let first = send(c, &t, "d1");
+    assert!(first == 503 || first == 401, "{first}");
+    eventually("C catches up", Duration::from_secs(20), || {
+        send(c, &n, "d1") == 200
+    });
+    assert_eq!(send(c, &t, "d1"), 401);
+    settled(&b);
+}
