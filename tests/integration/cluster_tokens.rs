@@ -728,3 +728,57 @@ fn a_paused_broker_never_serves_a_stale_view_and_catches_up() {
     assert_eq!(send(c, &t, "d1"), 401);
     settled(&b);
 }
+
+fn import(from: &Path, url: &str, prefix: &str) -> std::process::Output {
+    std::process::Command::new(bin())
+        .args(["cluster", "import", "--from-data-dir"])
+        .arg(from)
+        .args(["--cluster", url])
+        .env("SLUICE_CLUSTER__PREFIX", prefix)
+        .env_remove("SLUICE_ADMIN_TOKEN")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn import_moves_a_standalone_brokers_tokens_into_the_cluster() {
+    // A standalone broker with a small tree: root → p → k, and q inactive.
+    let standalone = tempfile::tempdir().unwrap();
+    let mut s = Server::start_in(standalone.path(), &[]);
+    let (p_id, p) = mint(&s, ADMIN, "farm", json!({"name": "p", "scope": MINTER}));
+    let (k_id, k) = mint(&s, &p, "farm", json!({"name": "k", "scope": ["device.sendState"], "devices": ["d1"]}));
+    let (q_id, q) = mint(&s, ADMIN, "farm", json!({"name": "q", "scope": ["device.sendState"]}));
+    assert_eq!(patch_token(&s, ADMIN, "farm", &q_id, json!({"status": "inactive"})).0, 200);
+    let before = tree(&s, "farm");
+    // Refused while the broker holds its store.
+    let nats = NatsCluster::start(3);
+    let out = import(standalone.path(), &nats.url(0), "imp");
+    assert!(!out.status.success());
+    assert_eq!(s.stop(), Some(0));
+
+    let out = import(standalone.path(), &nats.url(0), "imp");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report, json!({"imported": 3, "skippedOrphans": []}));
+
+    // A cluster broker serves them: same ids, tree, statuses and secrets.
+    let dir = tempfile::tempdir().unwrap();
+    let c = broker(dir.path(), &nats.url(1), "imp", &[]);
+    assert_eq!(tree(&c, "farm"), before);
+    assert_eq!(send(&c, &k, "d1"), 200);
+    assert_eq!(send(&c, &k, "d2"), 403);
+    assert_eq!(send(&c, &q, "d1"), 401);
+    let (st, got) = get_admin(&c, &p, &format!("/applications/farm/tokens/{k_id}"));
+    assert_eq!((st, got["parentId"].as_str()), (200, Some(p_id.as_str())));
+    let (_, q_rec) = get_admin(&c, ADMIN, &format!("/applications/farm/tokens/{q_id}"));
+    assert_eq!(q_rec["deactivatedBy"], "root");
+    // Importing again overwrites nothing, and says why.
+    let out = import(standalone.path(), &nats.url(2), "imp");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already holds 3"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tree(&c, "farm"), before);
+}
