@@ -782,3 +782,110 @@ fn import_moves_a_standalone_brokers_tokens_into_the_cluster() {
     );
     assert_eq!(tree(&c, "farm"), before);
 }
+
+/// Quantile `q` of sorted durations, in ms.
+fn ms_at(sorted: &[Duration], q: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+fn summary(what: &str, mut d: Vec<Duration>) {
+    d.sort();
+    eprintln!(
+        "{what}: n={} p50={:.2} ms p90={:.2} ms p99={:.2} ms max={:.2} ms",
+        d.len(),
+        ms_at(&d, 0.5),
+        ms_at(&d, 0.9),
+        ms_at(&d, 0.99),
+        ms_at(&d, 1.0)
+    );
+}
+
+/// Times `n` PATCHes (one connection per broker, reused), each on broker
+/// `i % brokers`, checking every revocation on another broker right after.
+fn timed_patches(servers: &[&Server], ids: &[String], body: Value, check: Option<&[String]>) -> Vec<Duration> {
+    let http = client();
+    ids.iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let s = servers[i % servers.len()];
+            let started = Instant::now();
+            let r = http
+                .patch(s.admin_url(&format!("/applications/farm/tokens/{id}")))
+                .bearer_auth(ADMIN)
+                .json(&body)
+                .send()
+                .unwrap();
+            let took = started.elapsed();
+            assert_eq!(r.status().as_u16(), 200);
+            if let Some(secrets) = check {
+                let other = servers[(i + 1) % servers.len()];
+                assert_eq!(send(other, &secrets[i], "d1"), 401);
+            }
+            took
+        })
+        .collect()
+}
+
+/// Figures for the issue (opt-in, prints them): the latency of revoking
+/// PATCHes through the admin API with the barrier (3 brokers, default
+/// timings), next to renames on the same brokers (the broker's own apply,
+/// no barrier) and to revocations on a standalone broker; and the watch
+/// lag every broker measured (stored in the bucket → applied).
+/// `cargo test --test integration barrier_figures -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn barrier_figures() {
+    const N: usize = 300;
+    let b = Brokers::start_with(
+        3,
+        "fig",
+        &[("SLUICE_CLUSTER__HEARTBEAT", "1s"), ("SLUICE_CLUSTER__STALE_AFTER", "5s")],
+    );
+    let servers: Vec<&Server> = b.brokers.iter().collect();
+    let minted: Vec<(String, String)> = (0..N)
+        .map(|i| mint(servers[i % 3], ADMIN, "farm", json!({"name": "f", "scope": ["device.sendState"]})))
+        .collect();
+    settled(&b);
+    let ids: Vec<String> = minted.iter().map(|(id, _)| id.clone()).collect();
+    let secrets: Vec<String> = minted.iter().map(|(_, s)| s.clone()).collect();
+    let renames = timed_patches(&servers, &ids, json!({"name": "renamed"}), None);
+    let revokes = timed_patches(&servers, &ids, json!({"status": "inactive"}), Some(&secrets));
+    summary("cluster rename (own apply)", renames);
+    summary("cluster revoke (barrier, 3 brokers)", revokes);
+    for (i, s) in servers.iter().enumerate() {
+        let text = metrics_text(s);
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+                .unwrap_or(0.0)
+        };
+        let (sum, count) = (
+            value("sluice_cluster_token_apply_delay_seconds_sum "),
+            value("sluice_cluster_token_apply_delay_seconds_count "),
+        );
+        let buckets: Vec<(f64, f64)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("sluice_cluster_token_apply_delay_seconds_bucket{le=\""))
+            .filter_map(|l| {
+                let (le, v) = l.split_once("\"} ")?;
+                Some((le.parse().ok()?, v.trim().parse().ok()?))
+            })
+            .collect();
+        let p99 = buckets
+            .iter()
+            .find(|(_, c)| *c >= 0.99 * count)
+            .map_or(f64::INFINITY, |(le, _)| *le);
+        eprintln!(
+            "broker {i} watch lag: {count} changes, mean {:.2} ms, p99 <= {:.2} ms (bucket bound)",
+            1000.0 * sum / count,
+            1000.0 * p99
+        );
+    }
+    let standalone = Server::start();
+    let minted: Vec<String> = (0..N)
+        .map(|_| mint(&standalone, ADMIN, "farm", json!({"name": "f", "scope": ["device.sendState"]})).0)
+        .collect();
+    let alone = timed_patches(&[&standalone], &minted, json!({"status": "inactive"}), None);
+    summary("standalone revoke", alone);
+}
