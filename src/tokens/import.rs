@@ -13,7 +13,7 @@ use std::collections::HashSet;
 
 use serde::Serialize;
 
-use super::load::{insert_in_order, parse_record};
+use super::load::{insert_in_order, parse_record, Ordered};
 use super::plane::bucket_error;
 use super::TokenError;
 use crate::auth::Registry;
@@ -40,7 +40,10 @@ pub async fn import(store: &Store, bucket: &Kv) -> Result<Imported, TokenError> 
     }
     // Putting them into a scratch registry finds the order (parents first)
     // and the orphans, exactly as loading does.
-    let (ordered, orphans) = insert_in_order(records, &Registry::new())?;
+    let Ordered {
+        inserted: ordered,
+        orphans,
+    } = insert_in_order(records, &Registry::new())?;
     let existing: HashSet<String> = bucket
         .snapshot()
         .await

@@ -28,10 +28,10 @@ pub fn load(store: &Store, registry: &Registry) -> Result<Loaded, TokenError> {
         r.last_used = (last_used > 0).then_some(last_used);
         pending.push((r, ()));
     }
-    let (inserted, orphans) = insert_in_order(pending, registry)?;
+    let ordered = insert_in_order(pending, registry)?;
     let loaded = Loaded {
-        tokens: inserted.len(),
-        orphans: orphans.into_iter().map(|(id, ())| id).collect(),
+        tokens: ordered.inserted.len(),
+        orphans: ordered.orphans.into_iter().map(|(id, ())| id).collect(),
     };
     if !loaded.orphans.is_empty() {
         store.delete_tokens(&loaded.orphans)?;
@@ -54,14 +54,20 @@ pub(super) fn parse_record(bytes: &[u8], index: usize) -> Result<TokenRecord, To
     Ok(r)
 }
 
+/// What [`insert_in_order`] did: ids with the caller's tags.
+pub(super) struct Ordered<T> {
+    /// Inserted, in insertion order (parents first).
+    pub inserted: Vec<(String, T)>,
+    /// Left out: their parent is neither resident nor among the records.
+    pub orphans: Vec<(String, T)>,
+}
+
 /// Inserts `pending` (each record with a tag of the caller's, e.g. its
-/// revision) into `registry`, each after its parent. Returns the ids and
-/// tags of those inserted, in insertion order, and of the orphans: records
-/// whose parent is neither resident nor among them, which are left out.
+/// revision) into `registry`, each after its parent.
 pub(super) fn insert_in_order<T>(
     mut pending: Vec<(TokenRecord, T)>,
     registry: &Registry,
-) -> Result<(Vec<(String, T)>, Vec<(String, T)>), TokenError> {
+) -> Result<Ordered<T>, TokenError> {
     // Insert in rounds: a token goes in once its parent is in. Parents are
     // always created first, but do not rely on clocks for it. What is left
     // when a round makes no progress has no parent to hang from (or hangs
@@ -95,11 +101,14 @@ pub(super) fn insert_in_order<T>(
                 );
             }
             let orphans = rest.into_iter().map(|(r, tag)| (r.id, tag)).collect();
-            return Ok((inserted, orphans));
+            return Ok(Ordered { inserted, orphans });
         }
         pending = rest;
     }
-    Ok((inserted, Vec::new()))
+    Ok(Ordered {
+        inserted,
+        orphans: Vec::new(),
+    })
 }
 
 #[cfg(test)]

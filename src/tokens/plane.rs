@@ -24,7 +24,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::load::{insert_in_order, parse_record};
+use super::load::{insert_in_order, parse_record, Ordered};
 use super::metrics::PlaneMetrics;
 use super::TokenError;
 use crate::auth::{monotonic_ns, monotonic_ns_of, Registry, TokenRecord};
@@ -197,7 +197,7 @@ impl Plane {
             r.last_used = last_used.get(&r.id).copied().filter(|ms| *ms > 0);
             records.push((r, e.revision));
         }
-        let (inserted, orphans) = insert_in_order(records, &registry)?;
+        let Ordered { inserted, orphans } = insert_in_order(records, &registry)?;
         tracing::info!(
             tokens = inserted.len(),
             revision = snapshot.revision,

@@ -746,9 +746,22 @@ fn import_moves_a_standalone_brokers_tokens_into_the_cluster() {
     let standalone = tempfile::tempdir().unwrap();
     let mut s = Server::start_in(standalone.path(), &[]);
     let (p_id, p) = mint(&s, ADMIN, "farm", json!({"name": "p", "scope": MINTER}));
-    let (k_id, k) = mint(&s, &p, "farm", json!({"name": "k", "scope": ["device.sendState"], "devices": ["d1"]}));
-    let (q_id, q) = mint(&s, ADMIN, "farm", json!({"name": "q", "scope": ["device.sendState"]}));
-    assert_eq!(patch_token(&s, ADMIN, "farm", &q_id, json!({"status": "inactive"})).0, 200);
+    let (k_id, k) = mint(
+        &s,
+        &p,
+        "farm",
+        json!({"name": "k", "scope": ["device.sendState"], "devices": ["d1"]}),
+    );
+    let (q_id, q) = mint(
+        &s,
+        ADMIN,
+        "farm",
+        json!({"name": "q", "scope": ["device.sendState"]}),
+    );
+    assert_eq!(
+        patch_token(&s, ADMIN, "farm", &q_id, json!({"status": "inactive"})).0,
+        200
+    );
     let before = tree(&s, "farm");
     // Refused while the broker holds its store.
     let nats = NatsCluster::start(3);
@@ -757,7 +770,11 @@ fn import_moves_a_standalone_brokers_tokens_into_the_cluster() {
     assert_eq!(s.stop(), Some(0));
 
     let out = import(standalone.path(), &nats.url(0), "imp");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report, json!({"imported": 3, "skippedOrphans": []}));
 
@@ -803,7 +820,12 @@ fn summary(what: &str, mut d: Vec<Duration>) {
 
 /// Times `n` PATCHes (one connection per broker, reused), each on broker
 /// `i % brokers`, checking every revocation on another broker right after.
-fn timed_patches(servers: &[&Server], ids: &[String], body: Value, check: Option<&[String]>) -> Vec<Duration> {
+fn timed_patches(
+    servers: &[&Server],
+    ids: &[String],
+    body: Value,
+    check: Option<&[String]>,
+) -> Vec<Duration> {
     let http = client();
     ids.iter()
         .enumerate()
@@ -840,17 +862,32 @@ fn barrier_figures() {
     let b = Brokers::start_with(
         3,
         "fig",
-        &[("SLUICE_CLUSTER__HEARTBEAT", "1s"), ("SLUICE_CLUSTER__STALE_AFTER", "5s")],
+        &[
+            ("SLUICE_CLUSTER__HEARTBEAT", "1s"),
+            ("SLUICE_CLUSTER__STALE_AFTER", "5s"),
+        ],
     );
     let servers: Vec<&Server> = b.brokers.iter().collect();
     let minted: Vec<(String, String)> = (0..N)
-        .map(|i| mint(servers[i % 3], ADMIN, "farm", json!({"name": "f", "scope": ["device.sendState"]})))
+        .map(|i| {
+            mint(
+                servers[i % 3],
+                ADMIN,
+                "farm",
+                json!({"name": "f", "scope": ["device.sendState"]}),
+            )
+        })
         .collect();
     settled(&b);
     let ids: Vec<String> = minted.iter().map(|(id, _)| id.clone()).collect();
     let secrets: Vec<String> = minted.iter().map(|(_, s)| s.clone()).collect();
     let renames = timed_patches(&servers, &ids, json!({"name": "renamed"}), None);
-    let revokes = timed_patches(&servers, &ids, json!({"status": "inactive"}), Some(&secrets));
+    let revokes = timed_patches(
+        &servers,
+        &ids,
+        json!({"status": "inactive"}),
+        Some(&secrets),
+    );
     summary("cluster rename (own apply)", renames);
     summary("cluster revoke (barrier, 3 brokers)", revokes);
     for (i, s) in servers.iter().enumerate() {
@@ -884,7 +921,15 @@ fn barrier_figures() {
     }
     let standalone = Server::start();
     let minted: Vec<String> = (0..N)
-        .map(|_| mint(&standalone, ADMIN, "farm", json!({"name": "f", "scope": ["device.sendState"]})).0)
+        .map(|_| {
+            mint(
+                &standalone,
+                ADMIN,
+                "farm",
+                json!({"name": "f", "scope": ["device.sendState"]}),
+            )
+            .0
+        })
         .collect();
     let alone = timed_patches(&[&standalone], &minted, json!({"status": "inactive"}), None);
     summary("standalone revoke", alone);
