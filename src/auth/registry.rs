@@ -396,3 +396,34 @@ fn record_of(n: &Node) -> TokenRecord {
         last_used: (last > 0).then_some(last),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::monotonic_ns_of;
+
+    #[test]
+    fn trust_is_a_deadline() {
+        let r = Registry::new();
+        // Standalone: trusted for ever.
+        assert!(r.trusted(u64::MAX - 1));
+        r.trust_until(0);
+        assert!(!r.trusted(0));
+        r.trust_until(1_000);
+        assert!(r.trusted(999));
+        assert!(!r.trusted(1_000));
+        assert_eq!(r.trusted_until(), 1_000);
+    }
+
+    #[test]
+    fn monotonic_instants_map_onto_the_clock() {
+        // The clock starts at its first reading.
+        crate::auth::monotonic_ns();
+        let before = std::time::Instant::now();
+        let now = crate::auth::monotonic_ns();
+        let later = before + std::time::Duration::from_millis(5);
+        assert!(monotonic_ns_of(before) <= now);
+        assert!(monotonic_ns_of(later) > monotonic_ns_of(before));
+        assert_eq!(monotonic_ns_of(later) - monotonic_ns_of(before), 5_000_000);
+    }
+}

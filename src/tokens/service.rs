@@ -276,7 +276,16 @@ impl TokenService {
         caller: &TokenEntry,
         record: &TokenRecord,
     ) -> Result<(), TokenError> {
-        let revision = plane.create(record).await?;
+        let revision = match plane.create(record).await {
+            Ok(r) => r,
+            // The bucket did not answer: the record may be stored all the
+            // same, with a secret nobody will ever see.
+            Err(e @ TokenError::Unavailable(_)) => {
+                plane.discard(&record.id).await;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         let verdict = match plane.wait_applied(revision).await {
             Err(e) => Err(e),
             Ok(()) if self.registry.entry(&record.id).is_none() => Err(TokenError::Unauthorized),
