@@ -934,3 +934,193 @@ fn barrier_figures() {
     let alone = timed_patches(&[&standalone], &minted, json!({"status": "inactive"}), None);
     summary("standalone revoke", alone);
 }
+
+/// A broker that is still live (within its TTL) but does not confirm in
+/// `cluster.barrier_timeout` makes a revocation answer 202, naming it.
+#[test]
+fn an_unconfirmed_revocation_answers_202_naming_the_broker() {
+    let b = Brokers::start_with(
+        3,
+        "late",
+        &[
+            ("SLUICE_CLUSTER__BARRIER_TIMEOUT", "300ms"),
+            ("SLUICE_CLUSTER__STALE_AFTER", "4s"),
+        ],
+    );
+    let [a, bb, c] = [&b.brokers[0], &b.brokers[1], &b.brokers[2]];
+    let (t_id, t) = mint(
+        a,
+        ADMIN,
+        "farm",
+        json!({"name": "t", "scope": ["device.sendState"]}),
+    );
+    let (u_id, u) = mint(
+        a,
+        ADMIN,
+        "farm",
+        json!({"name": "u", "scope": ["device.sendState"]}),
+    );
+    settled(&b);
+    let c_node = cluster_view(c)["nodeId"].as_str().unwrap().to_string();
+    let pid = c.child.as_ref().unwrap().id();
+    unsafe_kill(pid, "STOP");
+    let (st, body) = patch_token(a, ADMIN, "farm", &t_id, json!({"status": "inactive"}));
+    assert_eq!(st, 202, "{body}");
+    assert_eq!(body["unconfirmed"], json!([c_node]));
+    assert_eq!(
+        (body["id"].as_str(), body["status"].as_str()),
+        (Some(t_id.as_str()), Some("inactive"))
+    );
+    let r = client()
+        .delete(bb.admin_url(&format!("/applications/farm/tokens/{u_id}")))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap();
+    assert_eq!(json_of(r), (202, json!({"unconfirmed": [c_node]})));
+    // Made all the same, and in force on the brokers that confirmed.
+    for s in [a, bb] {
+        assert_eq!(send(s, &t, "d1"), 401);
+        assert_eq!(send(s, &u, "d1"), 401);
+    }
+    assert!(metrics_text(a).contains("sluice_cluster_barrier_timeouts_total 1"));
+    // C, named, may serve them until it has caught up: at most until its
+    // view is stale_after old (here it was paused for less than that).
+    unsafe_kill(pid, "CONT");
+    eventually("C applies both", Duration::from_secs(20), || {
+        send(c, &t, "d1") == 401 && send(c, &u, "d1") == 401
+    });
+}
+
+/// Attenuation, the revocation authority, hierarchical rate limits, the
+/// per-application bound and all-or-nothing changes, with the changes
+/// spread over two brokers.
+#[test]
+fn the_token_rules_hold_across_brokers() {
+    let b = Brokers::start_with(2, "rules", &[("SLUICE_TOKENS__MAX_PER_APPLICATION", "8")]);
+    let [a, bb] = [&b.brokers[0], &b.brokers[1]];
+    let (p_id, p) = mint(
+        a,
+        ADMIN,
+        "farm",
+        json!({"name": "p", "scope": MINTER, "devices": ["d1", "d2"], "rateLimit": {"perSecond": 1, "burst": 4}}),
+    );
+    // Another broker validates against the newest tokens: P is found at
+    // once, and its children may not exceed it.
+    for wider in [
+        json!({"name": "w", "scope": ["device.getState"]}),
+        json!({"name": "w", "scope": ["device.sendState"], "devices": ["d3"]}),
+        json!({"name": "w", "scope": ["device.sendState"], "rateLimit": {"perSecond": 2, "burst": 4}}),
+    ] {
+        let (st, v) = create_token(bb, &p, "farm", wider);
+        assert_eq!(
+            (st, v["error"].as_str()),
+            (403, Some("exceeds_parent")),
+            "{v}"
+        );
+    }
+    let (k_id, k) = mint(
+        bb,
+        &p,
+        "farm",
+        json!({"name": "k", "scope": ["device.sendState"], "devices": ["d1"]}),
+    );
+    let (_, k2) = mint(
+        bb,
+        &p,
+        "farm",
+        json!({"name": "k2", "scope": ["device.sendState"]}),
+    );
+    let (_, rec) = get_admin(a, ADMIN, &format!("/applications/farm/tokens/{k_id}"));
+    assert_eq!(rec["rateLimit"], json!({"perSecond": 1, "burst": 4}));
+    // Hierarchical limits (each broker keeps its own buckets): K and K2
+    // together get P's burst of 4 on one broker.
+    eventually("K2 on A", Duration::from_secs(5), || {
+        send(a, &k2, "d2") == 200
+    });
+    assert_eq!(send(a, &k, "d1"), 200);
+    assert_eq!(send(a, &k2, "d2"), 200);
+    assert_eq!(send(a, &k, "d1"), 200);
+    assert_eq!(send(a, &k2, "d2"), 429);
+    // The authority rule: the root deactivates K on A; P, above K but
+    // below the root, may not re-activate it on B.
+    assert_eq!(
+        patch_token(a, ADMIN, "farm", &k_id, json!({"status": "inactive"})).0,
+        200
+    );
+    let (st, v) = patch_token(bb, &p, "farm", &k_id, json!({"status": "active"}));
+    assert_eq!((st, v["error"].as_str()), (403, Some("forbidden")), "{v}");
+    assert_eq!(
+        patch_token(bb, ADMIN, "farm", &k_id, json!({"status": "active"})).0,
+        200
+    );
+
+    // The per-application bound (8) holds however the brokers race: every
+    // 201 is kept, every other answer is 400, and the application never
+    // holds more than 8.
+    let created: Vec<u16> = std::thread::scope(|scope| {
+        let racers: Vec<_> = [a, bb]
+            .into_iter()
+            .map(|s| {
+                scope.spawn(move || {
+                    (0..8)
+                        .map(|i| {
+                            create_token(
+                                s,
+                                ADMIN,
+                                "farm",
+                                json!({"name": format!("n{i}"), "scope": ["device.sendState"]}),
+                            )
+                            .0
+                        })
+                        .collect::<Vec<u16>>()
+                })
+            })
+            .collect();
+        racers.into_iter().flat_map(|r| r.join().unwrap()).collect()
+    });
+    assert!(
+        created.iter().all(|s| *s == 201 || *s == 400),
+        "{created:?}"
+    );
+    settled(&b);
+    let held = tree(a, "farm");
+    assert!(held.len() <= 8, "{held:?}");
+    assert_eq!(
+        held.len(),
+        3 + created.iter().filter(|s| **s == 201).count()
+    );
+    assert_eq!(tree(bb, "farm"), held);
+
+    // All or nothing: creations whose clients hang up at once are either
+    // whole on both brokers and in the bucket, or nowhere.
+    assert_eq!(delete_token(a, ADMIN, "farm", &p_id), 204);
+    for i in 0..20 {
+        hang_up_create(&b.brokers[i % 2], i);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    settled(&b);
+    let held = tree(a, "farm");
+    assert_eq!(tree(bb, "farm"), held);
+    let listed: BTreeSet<String> = held.keys().cloned().collect();
+    eventually(
+        "the bucket holds exactly the tree",
+        Duration::from_secs(10),
+        || bucket_keys(&b) == listed,
+    );
+}
+
+/// Sends a whole create and closes the connection without reading.
+fn hang_up_create(s: &Server, i: usize) {
+    use std::io::Write;
+    let body = json!({"name": format!("h{i}"), "scope": ["device.sendState"]}).to_string();
+    let req = format!(
+        "POST /applications/farm/tokens HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {ADMIN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        s.admin,
+        body.len()
+    );
+    let mut sock = std::net::TcpStream::connect(&s.admin).unwrap();
+    sock.write_all(req.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis((i % 4) as u64));
+    let _ = sock.shutdown(std::net::Shutdown::Both);
+}
