@@ -47,10 +47,14 @@ pub struct Registry {
     by_hash: papaya::HashMap<TokenHash, Arc<TokenEntry>, PrehashedState>,
     /// Admin side: ids, names, children. Only admin operations lock it.
     tree: Mutex<Tree>,
-    /// Bumped whenever a token stops being usable by an admin action, so
-    /// long-lived sessions re-check their grant at once. A watch keeps only
-    /// the latest value, so it can never fill up.
-    revocations: watch::Sender<u64>,
+    /// Per application, bumped whenever one of its tokens stops being
+    /// usable by an admin action, so that application's long-lived sessions
+    /// re-check their grants at once, and no other application's sessions
+    /// are woken by it. A watch keeps only the latest value, so it can never
+    /// fill up; entries without subscribers are swept (see
+    /// `subscribe_revocations`), so the map is bounded by the applications
+    /// with live sessions. Locked only on connect and on revocation.
+    revocations: Mutex<HashMap<Box<str>, watch::Sender<u64>>>,
     /// Tokens whose lastUsedAt changed since the last flush. Each token is
     /// queued at most once per flush (see `TokenEntry::touch`), so this is
     /// bounded by the number of tokens.
@@ -82,7 +86,7 @@ impl Registry {
                 .hasher(PrehashedState::default())
                 .build(),
             tree: Mutex::new(Tree::default()),
-            revocations: watch::Sender::new(0),
+            revocations: Mutex::new(HashMap::new()),
             used_tx,
             used_rx,
             trusted_until: AtomicU64::new(u64::MAX),
@@ -197,8 +201,31 @@ impl Registry {
         }
     }
 
-    pub fn subscribe_revocations(&self) -> watch::Receiver<u64> {
-        self.revocations.subscribe()
+    /// Changes whenever a token of `app` stops being usable.
+    pub fn subscribe_revocations(&self, app: &str) -> watch::Receiver<u64> {
+        let mut map = self.revocations.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = map.get(app) {
+            return tx.subscribe();
+        }
+        // Amortised sweep: each time the map reaches a power of two, drop
+        // the applications nobody listens to any more.
+        if map.len() >= 64 && map.len().is_power_of_two() {
+            map.retain(|_, tx| tx.receiver_count() > 0);
+        }
+        let (tx, rx) = watch::channel(0);
+        map.insert(app.into(), tx);
+        rx
+    }
+
+    fn revoked_in(&self, app: &str) {
+        let mut map = self.revocations.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = map.get(app) {
+            if tx.receiver_count() == 0 {
+                map.remove(app);
+            } else {
+                tx.send_modify(|v| *v += 1);
+            }
+        }
     }
 
     /// Number of application tokens resident (the root is not counted).
@@ -313,7 +340,7 @@ impl Registry {
         let view = record_of(node);
         drop(tree);
         if status != Status::Active {
-            self.revocations.send_modify(|v| *v += 1);
+            self.revoked_in(&view.app);
         }
         Some(view)
     }
@@ -336,6 +363,7 @@ impl Registry {
     pub fn remove_subtree(&self, id: &str) -> Vec<String> {
         let mut tree = self.tree();
         let ids = subtree_ids(&tree, id);
+        let app = tree.nodes.get(id).map(|n| n.entry.app.clone());
         let map = self.by_hash.pin();
         for tid in &ids {
             if let Some(node) = tree.nodes.remove(tid.as_str()) {
@@ -355,8 +383,8 @@ impl Registry {
             }
         }
         drop(tree);
-        if !ids.is_empty() {
-            self.revocations.send_modify(|v| *v += 1);
+        if let Some(app) = app {
+            self.revoked_in(&app);
         }
         ids
     }
@@ -399,8 +427,57 @@ fn record_of(n: &Node) -> TokenRecord {
 
 #[cfg(test)]
 mod tests {
+    use super::super::grant::Devices;
+    use super::super::scope::Scopes;
     use super::*;
     use crate::auth::monotonic_ns_of;
+
+    fn record(id: &str, app: &str) -> TokenRecord {
+        TokenRecord {
+            id: id.into(),
+            app: app.into(),
+            name: "n".into(),
+            scopes: Scopes::of(&[Scope::SendState]),
+            devices: Devices::All,
+            expires_at: None,
+            status: Status::Active,
+            deactivated_by: None,
+            parent_id: None,
+            created_at: 0,
+            rate_limit: None,
+            hash: TokenHash::of(id.as_bytes()),
+            last_used: None,
+        }
+    }
+
+    #[test]
+    fn a_revocation_wakes_only_its_own_application() {
+        let r = Registry::new();
+        r.insert(record("a1", "a")).unwrap();
+        r.insert(record("a2", "a")).unwrap();
+        r.insert(record("b1", "b")).unwrap();
+        r.insert(record("b2", "b")).unwrap();
+        let mut in_a = r.subscribe_revocations("a");
+        let mut in_b = r.subscribe_revocations("b");
+        r.set_status("a1", Status::Inactive, Some(Revoker::Root));
+        assert!(in_a.has_changed().unwrap());
+        assert!(!in_b.has_changed().unwrap());
+        in_a.mark_unchanged();
+        r.remove_subtree("b1");
+        assert!(!in_a.has_changed().unwrap());
+        assert!(in_b.has_changed().unwrap());
+        // Re-activation is not a revocation.
+        in_b.mark_unchanged();
+        r.set_status("a1", Status::Active, None);
+        assert!(!in_a.has_changed().unwrap());
+        // An application nobody listens to any more is forgotten at its
+        // next revocation.
+        drop(in_b);
+        r.set_status("b2", Status::Inactive, Some(Revoker::Root));
+        let apps = r.revocations.lock().unwrap().len();
+        assert_eq!(apps, 1);
+        assert!(!in_a.has_changed().unwrap());
+    }
 
     #[test]
     fn trust_is_a_deadline() {

@@ -185,6 +185,19 @@ impl TokenEntry {
 
     /// Gives `n` messages back to every limited level from `self` up to,
     /// not including, `stop` (an ancestor, or `self` for none).
+    /// Gives back `n` messages admitted by [`TokenEntry::admit`] to every
+    /// limited level, for messages that were then not stored (the queue
+    /// was full, the commit failed): a refusal must not spend the budget.
+    pub fn refund(&self, n: u32) {
+        let mut level = Some(self);
+        while let Some(t) = level {
+            if let Some(l) = &t.limiter {
+                l.refund(n);
+            }
+            level = t.parent.as_deref();
+        }
+    }
+
     fn refund_below(&self, stop: &TokenEntry, n: u32) {
         let mut t = self;
         while !std::ptr::eq(t, stop) {
@@ -363,6 +376,22 @@ mod tests {
         assert_eq!(kids[0].admit(1, t0 + 100 * MS), Ok(()));
         // An unlimited chain admits anything.
         assert_eq!(tok(None, None).admit(u32::MAX, 0), Ok(()));
+    }
+
+    #[test]
+    fn a_refund_gives_back_every_level() {
+        const MS: u64 = 1_000_000;
+        let t0 = 10_000 * MS;
+        let root = limited(None, 10, 3);
+        let kid = limited(Some(root.clone()), 10, 3);
+        assert_eq!(kid.admit(3, t0), Ok(()));
+        assert!(kid.admit(1, t0).is_err());
+        assert!(root.admit(1, t0).is_err());
+        // The three were not stored after all: both buckets get them back.
+        kid.refund(3);
+        assert_eq!(root.admit(1, t0), Ok(()));
+        assert_eq!(kid.admit(2, t0), Ok(()));
+        assert!(kid.admit(1, t0).is_err());
     }
 
     #[test]

@@ -390,13 +390,17 @@ impl Store {
             let (k, v) = item?;
             match k.split_first() {
                 Some((b't', rest)) => records.push((rest.to_vec(), v.to_vec())),
-                Some((b'u', rest)) => {
-                    let b: [u8; 8] = v
-                        .as_ref()
-                        .try_into()
-                        .map_err(|_| StoreError::Corrupt("token lastUsedAt".into()))?;
-                    last_used.insert(rest.to_vec(), i64::from_be_bytes(b));
-                }
+                Some((b'u', rest)) => match <[u8; 8]>::try_from(v.as_ref()) {
+                    Ok(b) => {
+                        last_used.insert(rest.to_vec(), i64::from_be_bytes(b));
+                    }
+                    // lastUsedAt is advisory: a damaged one reads as
+                    // "never used" rather than stopping the broker.
+                    Err(_) => tracing::warn!(
+                        token = %String::from_utf8_lossy(rest),
+                        "damaged lastUsedAt ignored"
+                    ),
+                },
                 _ => {}
             }
         }
@@ -420,13 +424,15 @@ impl Store {
             let Some(id) = k.strip_prefix(b"u/") else {
                 break;
             };
-            let b: [u8; 8] = v
-                .as_ref()
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("token lastUsedAt".into()))?;
-            let id = String::from_utf8(id.to_vec())
-                .map_err(|_| StoreError::Corrupt("token id".into()))?;
-            out.push((id, i64::from_be_bytes(b)));
+            // lastUsedAt is advisory: a damaged one reads as "never used"
+            // rather than stopping the broker (as in `load_tokens`).
+            match (<[u8; 8]>::try_from(v.as_ref()), std::str::from_utf8(id)) {
+                (Ok(b), Ok(id)) => out.push((id.to_string(), i64::from_be_bytes(b))),
+                _ => tracing::warn!(
+                    token = %String::from_utf8_lossy(id),
+                    "damaged lastUsedAt ignored"
+                ),
+            }
         }
         Ok(out)
     }
@@ -586,6 +592,30 @@ mod tests {
         assert_eq!(
             store.load_tokens().unwrap(),
             vec![(b"{\"id\":\"a\"}".to_vec(), 77)]
+        );
+        // A damaged lastUsedAt reads as never used instead of failing.
+        let cf = store.cf(CF_TOKENS).unwrap();
+        store.db.put_cf(cf, token_key(b'u', "a"), b"bad").unwrap();
+        assert_eq!(
+            store.load_tokens().unwrap(),
+            vec![(b"{\"id\":\"a\"}".to_vec(), 0)]
+        );
+    }
+
+    #[test]
+    fn last_used_alone_loads_without_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::None).unwrap();
+        // Cluster mode: lastUsedAt here, records elsewhere.
+        store
+            .put_last_used(&[("b".into(), 9), ("a".into(), 7)])
+            .unwrap();
+        store.put_token("z", b"{}").unwrap();
+        let cf = store.cf(CF_TOKENS).unwrap();
+        store.db.put_cf(cf, token_key(b'u', "c"), b"bad").unwrap();
+        assert_eq!(
+            store.load_last_used().unwrap(),
+            vec![("a".to_string(), 7), ("b".to_string(), 9)]
         );
     }
 }
