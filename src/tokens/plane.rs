@@ -244,15 +244,14 @@ impl Plane {
             metrics,
             follower: Mutex::new(None),
         });
-        plane.delete_quietly(orphans).await;
+        if !orphans.is_empty() {
+            let plane = plane.clone();
+            tokio::spawn(async move { plane.delete_quietly(orphans).await });
+        }
         plane.renew(watch.last_heard());
         let follower = tokio::spawn(super::follow::follow(plane.clone(), watch));
         *plane.follower.lock().unwrap_or_else(|p| p.into_inner()) = Some(follower);
         Ok(plane)
-    }
-
-    pub fn node_id(&self) -> &str {
-        &self.config.node_id
     }
 
     pub(super) fn book(&self) -> MutexGuard<'_, Book> {
