@@ -248,7 +248,11 @@ impl Plane {
             let plane = plane.clone();
             tokio::spawn(async move { plane.delete_quietly(orphans).await });
         }
-        plane.renew(watch.last_heard());
+        // Trusted at once unless changes came in since the snapshot: then
+        // the follower trusts the registry when it has applied them.
+        if watch.initial_pending() == 0 {
+            plane.renew(watch.last_heard());
+        }
         let follower = tokio::spawn(super::follow::follow(plane.clone(), watch));
         *plane.follower.lock().unwrap_or_else(|p| p.into_inner()) = Some(follower);
         Ok(plane)
