@@ -351,6 +351,8 @@ pub struct Overrides {
     pub mqtts_listen: Option<String>,
     pub data_dir: Option<String>,
     pub admin_allow_public: bool,
+    /// `--cluster URL[,URL…]`: `cluster.nats_urls`.
+    pub cluster: Option<Vec<String>>,
 }
 
 /// Every problem found while loading, one line each.
@@ -597,6 +599,9 @@ fn overrides_provider(o: &Overrides) -> Named {
     if o.admin_allow_public {
         insert_path(&mut dict, "admin.allow_public", Value::from(true));
     }
+    if let Some(urls) = &o.cluster {
+        insert_path(&mut dict, "cluster.nats_urls", Value::from(urls.clone()));
+    }
     Named {
         name: "command-line flag",
         dict,
@@ -807,6 +812,17 @@ mod tests {
         )
         .unwrap();
         assert!(ok.cluster.enabled());
+        // --cluster wins over the environment.
+        let flagged = Config::load(
+            None,
+            &env(&[("SLUICE_CLUSTER__NATS_URLS", "[\"nats://127.0.0.1:4222\"]")]),
+            &Overrides {
+                cluster: Some(vec!["nats://a:1".into(), "nats://b:2".into()]),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(flagged.cluster.nats_urls, ["nats://a:1", "nats://b:2"]);
         let err = Config::load(
             None,
             &env(&[

@@ -12,14 +12,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::Router;
 
-use crate::auth::{Denied, Scope, TokenEntry};
+use crate::auth::{monotonic_ns, Denied, Scope, TokenEntry};
 use crate::composite;
 use crate::ids::is_valid_id;
 use crate::metrics::Metrics;
 use crate::secret::parse_bearer;
 use crate::store::{device_key, HistoryQuery, Order, Position, Store};
 use crate::timefmt::{self, now_ms};
-use crate::tokens::{parse_create, parse_update, TokenError, TokenJson, TokenService};
+use crate::tokens::{parse_create, parse_update, TokenError, TokenJson, TokenService, STALE};
 use crate::writer::IngestQueue;
 
 /// Default and largest page of history.
@@ -51,9 +51,13 @@ pub enum ApiError {
     BadRequest(String),
     PayloadTooLarge,
     MethodNotAllowed,
-    /// The broker is shutting down (or its writer stopped).
-    Unavailable,
     Internal,
+    /// 503 with `Retry-After` and the reason: the broker is shutting down
+    /// (or its writer stopped), or in cluster mode the token bucket did
+    /// not answer or this broker's view of it is stale.
+    Unavailable(String),
+    /// 409: cluster mode, and other brokers kept changing the token.
+    Conflict,
 }
 
 impl IntoResponse for ApiError {
@@ -91,14 +95,22 @@ impl IntoResponse for ApiError {
                 StatusCode::METHOD_NOT_ALLOWED,
                 serde_json::json!({"error": "method_not_allowed"}),
             ),
-            ApiError::Unavailable => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                serde_json::json!({"error": "unavailable"}),
-            ),
             ApiError::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 serde_json::json!({"error": "internal"}),
             ),
+            ApiError::Conflict => (
+                StatusCode::CONFLICT,
+                serde_json::json!({"error": "conflict", "detail": "the token was changed on other brokers at the same time, repeatedly; try again"}),
+            ),
+            ApiError::Unavailable(d) => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(axum::http::header::RETRY_AFTER, "1")],
+                    axum::Json(serde_json::json!({"error": "unavailable", "detail": d})),
+                )
+                    .into_response()
+            }
         };
         (status, axum::Json(body)).into_response()
     }
@@ -116,7 +128,14 @@ impl From<TokenError> for ApiError {
                 tracing::error!(error = %e, "token store failed");
                 ApiError::Internal
             }
-            e @ (TokenError::Internal(_) | TokenError::Unreadable { .. }) => {
+            TokenError::Unavailable(d) => {
+                tracing::warn!(detail = %d, "token change refused: the cluster's token bucket is unavailable");
+                ApiError::Unavailable(format!("the cluster's token bucket is unavailable: {d}"))
+            }
+            TokenError::Conflict => ApiError::Conflict,
+            e @ (TokenError::Internal(_)
+            | TokenError::Unreadable { .. }
+            | TokenError::Cluster(_)) => {
                 tracing::error!(error = %e, "token operation failed");
                 ApiError::Internal
             }
@@ -150,6 +169,7 @@ pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
         .route("/metrics", get(metrics))
         .route("/whoami", get(whoami))
         .route("/backup", axum::routing::post(super::backup::backup))
+        .route("/cluster", get(super::cluster::status))
         .route(
             "/applications/{app}/tokens",
             get(list_tokens).post(create_token),
@@ -187,8 +207,20 @@ pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
 }
 
 impl AdminApi {
-    /// The usable token the request is made with.
+    /// The usable token the request is made with. In cluster mode, while
+    /// this broker's view of the token bucket is stale, nobody: the admin
+    /// API fails closed like the device listeners.
     pub(crate) fn caller(&self, headers: &HeaderMap) -> Result<Arc<TokenEntry>, ApiError> {
+        if !self.tokens.registry().trusted(monotonic_ns()) {
+            return Err(ApiError::Unavailable(STALE.into()));
+        }
+        self.authenticated(headers)
+    }
+
+    /// The usable token the request is made with, stale view or not; for
+    /// what only the root token (which is this broker's own, never from
+    /// the bucket) may do.
+    pub(crate) fn authenticated(&self, headers: &HeaderMap) -> Result<Arc<TokenEntry>, ApiError> {
         let cred = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|h| parse_bearer(h.as_bytes()))
@@ -329,8 +361,14 @@ async fn update_token(
     let body = body(raw)?;
     let caller = api.authorize(&headers, &app, None, Scope::TokenRevoke)?;
     let upd = parse_update(&body).map_err(ApiError::BadRequest)?;
-    let record = api.tokens.update(caller, app, id, upd).await?;
-    Ok(axum::Json(TokenJson::of(&record)).into_response())
+    let done = api.tokens.update(caller, app, id, upd).await?;
+    if done.unconfirmed.is_empty() {
+        return Ok(axum::Json(TokenJson::of(&done.value)).into_response());
+    }
+    let mut body =
+        serde_json::to_value(TokenJson::of(&done.value)).map_err(|_| ApiError::Internal)?;
+    body["unconfirmed"] = serde_json::json!(done.unconfirmed);
+    Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
 }
 
 async fn delete_token(
@@ -340,8 +378,15 @@ async fn delete_token(
 ) -> Result<Response, ApiError> {
     let (app, id) = path(ids)?;
     let caller = api.authorize(&headers, &app, None, Scope::TokenRevoke)?;
-    api.tokens.delete(caller, app, id).await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    let done = api.tokens.delete(caller, app, id).await?;
+    if done.unconfirmed.is_empty() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({"unconfirmed": done.unconfirmed})),
+    )
+        .into_response())
 }
 
 /// Parses the history query string into a store query.

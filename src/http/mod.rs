@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod backup;
+pub mod cluster;
 pub mod console;
 pub mod device;
 pub mod devices;

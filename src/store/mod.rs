@@ -482,6 +482,30 @@ impl Store {
             .collect())
     }
 
+    /// Every stored lastUsedAt by token id, whether or not the token's
+    /// record is here too (in cluster mode the records live in the
+    /// cluster's bucket and only lastUsedAt, this broker's own, is local).
+    pub fn load_last_used(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let cf = self.cf(CF_TOKENS)?;
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator_cf(cf, b"u/") {
+            let (k, v) = item?;
+            let Some(id) = k.strip_prefix(b"u/") else {
+                break;
+            };
+            // lastUsedAt is advisory: a damaged one reads as "never used"
+            // rather than stopping the broker (as in `load_tokens`).
+            match (<[u8; 8]>::try_from(v.as_ref()), std::str::from_utf8(id)) {
+                (Ok(b), Ok(id)) => out.push((id.to_string(), i64::from_be_bytes(b))),
+                _ => tracing::warn!(
+                    token = %String::from_utf8_lossy(id),
+                    "damaged lastUsedAt ignored"
+                ),
+            }
+        }
+        Ok(out)
+    }
+
     /// Token changes are rare and must survive a machine crash as soon as
     /// the admin call returns: always fsynced.
     fn write_sync(&self, wb: WriteBatch) -> Result<(), StoreError> {
@@ -717,6 +741,23 @@ mod tests {
         assert_eq!(
             store.load_tokens().unwrap(),
             vec![(b"{\"id\":\"a\"}".to_vec(), 0)]
+        );
+    }
+
+    #[test]
+    fn last_used_alone_loads_without_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::None).unwrap();
+        // Cluster mode: lastUsedAt here, records elsewhere.
+        store
+            .put_last_used(&[("b".into(), 9), ("a".into(), 7)])
+            .unwrap();
+        store.put_token("z", b"{}").unwrap();
+        let cf = store.cf(CF_TOKENS).unwrap();
+        store.db.put_cf(cf, token_key(b'u', "c"), b"bad").unwrap();
+        assert_eq!(
+            store.load_last_used().unwrap(),
+            vec![("a".to_string(), 7), ("b".to_string(), 9)]
         );
     }
 }

@@ -8,6 +8,7 @@ mod admin_cancel;
 mod backup;
 mod bad_input;
 mod cli;
+mod cluster_tokens;
 mod console;
 mod crash;
 mod deploy;
