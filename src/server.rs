@@ -189,7 +189,7 @@ pub async fn run(
 
     let store = {
         let dir = data_dir.join("db");
-        let options = StoreOptions::new(&config.storage);
+        let options = StoreOptions::new(&config);
         tokio::task::spawn_blocking(move || Store::open_with(&dir, &options))
             .await
             .map_err(|e| ServeError::Internal(e.to_string()))??
@@ -281,6 +281,7 @@ pub async fn run(
             backups: crate::backup::Backups::new(store.clone(), &data_dir.join("db")),
             readiness,
             max_response_bytes: config.admin.max_response_bytes,
+            audit_max_page: config.audit.max_page,
         }),
         config.admin.max_body_bytes,
     ));

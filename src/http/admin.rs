@@ -12,6 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::Router;
 
+use super::audit::Audited;
+use crate::audit::Operation;
 use crate::auth::{monotonic_ns, Denied, Scope, TokenEntry};
 use crate::composite;
 use crate::ids::is_valid_id;
@@ -37,6 +39,8 @@ pub struct AdminApi {
     pub readiness: Arc<crate::readiness::Readiness>,
     /// Bound on one history page's data (`admin.max_response_bytes`).
     pub max_response_bytes: usize,
+    /// Largest page of the audit trail (`audit.max_page`).
+    pub audit_max_page: usize,
 }
 
 /// An error as the API shows it: a status and a stable code.
@@ -60,58 +64,49 @@ pub enum ApiError {
     Conflict,
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, body) = match self {
-            ApiError::Unauthorized => (
-                StatusCode::UNAUTHORIZED,
-                serde_json::json!({"error": "unauthorized"}),
-            ),
-            ApiError::Forbidden => (
-                StatusCode::FORBIDDEN,
-                serde_json::json!({"error": "forbidden"}),
-            ),
-            ApiError::ForbiddenBecause(d) => (
-                StatusCode::FORBIDDEN,
-                serde_json::json!({"error": "forbidden", "detail": d}),
-            ),
-            ApiError::NotFound => (
-                StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not_found"}),
-            ),
-            ApiError::ExceedsParent(d) => (
-                StatusCode::FORBIDDEN,
-                serde_json::json!({"error": "exceeds_parent", "detail": d}),
-            ),
-            ApiError::BadRequest(d) => (
-                StatusCode::BAD_REQUEST,
-                serde_json::json!({"error": "bad_request", "detail": d}),
-            ),
-            ApiError::PayloadTooLarge => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                serde_json::json!({"error": "payload_too_large"}),
-            ),
-            ApiError::MethodNotAllowed => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                serde_json::json!({"error": "method_not_allowed"}),
-            ),
-            ApiError::Internal => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                serde_json::json!({"error": "internal"}),
-            ),
+impl ApiError {
+    /// The status, the stable code and the detail the client is answered
+    /// with (also what the audit trail records).
+    pub fn parts(&self) -> (StatusCode, &'static str, Option<String>) {
+        match self {
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", None),
+            ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden", None),
+            ApiError::ForbiddenBecause(d) => (StatusCode::FORBIDDEN, "forbidden", Some(d.clone())),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", None),
+            ApiError::ExceedsParent(d) => {
+                (StatusCode::FORBIDDEN, "exceeds_parent", Some(d.clone()))
+            }
+            ApiError::BadRequest(d) => (StatusCode::BAD_REQUEST, "bad_request", Some(d.clone())),
+            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None),
+            ApiError::MethodNotAllowed => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None)
+            }
+            ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal", None),
             ApiError::Conflict => (
                 StatusCode::CONFLICT,
-                serde_json::json!({"error": "conflict", "detail": "the token was changed on other brokers at the same time, repeatedly; try again"}),
+                "conflict",
+                Some("the token was changed on other brokers at the same time, repeatedly; try again".into()),
             ),
-            ApiError::Unavailable(d) => {
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    [(axum::http::header::RETRY_AFTER, "1")],
-                    axum::Json(serde_json::json!({"error": "unavailable", "detail": d})),
-                )
-                    .into_response()
-            }
+            ApiError::Unavailable(d) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", Some(d.clone())),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, detail) = self.parts();
+        let body = match detail {
+            Some(d) => serde_json::json!({"error": code, "detail": d}),
+            None => serde_json::json!({"error": code}),
         };
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            return (
+                status,
+                [(axum::http::header::RETRY_AFTER, "1")],
+                axum::Json(body),
+            )
+                .into_response();
+        }
         (status, axum::Json(body)).into_response()
     }
 }
@@ -190,6 +185,7 @@ pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
             "/applications/{app}/devices/{device}",
             delete(super::devices::delete_device),
         )
+        .route("/applications/{app}/audit", get(super::audit::read_audit))
         .route(
             "/applications/{app}/retention",
             get(super::retention::get_retention).put(super::retention::put_retention),
@@ -317,10 +313,23 @@ async fn create_token(
     raw: BodyOf,
 ) -> Result<Response, ApiError> {
     let app = path(app)?;
-    let body = body(raw)?;
-    let caller = api.authorize(&headers, &app, None, Scope::TokenCreate)?;
-    let req = parse_create(&body, api.tokens.limits().max_devices).map_err(ApiError::BadRequest)?;
-    let (record, secret) = api.tokens.create(caller, app, req).await?;
+    let what = Audited::new(Operation::TokenCreate, &app, serde_json::json!({})).asking(&raw);
+    let (a, h) = (api.clone(), headers.clone());
+    let change = async move {
+        let body = body(raw)?;
+        let caller = a.authorize(&h, &app, None, Scope::TokenCreate)?;
+        let req =
+            parse_create(&body, a.tokens.limits().max_devices).map_err(ApiError::BadRequest)?;
+        Ok(a.tokens.create(caller, app, req).await?)
+    };
+    let (record, secret) = api
+        .audited(&headers, what, change, |(record, _), what| {
+            what.target["tokenId"] = record.id.clone().into();
+            // The record as granted (attenuated), never the secret.
+            what.change = serde_json::to_value(TokenJson::of(record)).unwrap_or_default();
+            StatusCode::CREATED
+        })
+        .await?;
     let json = TokenJson {
         record: &record,
         secret: Some(secret.expose()),
@@ -358,10 +367,24 @@ async fn update_token(
     raw: BodyOf,
 ) -> Result<Response, ApiError> {
     let (app, id) = path(ids)?;
-    let body = body(raw)?;
-    let caller = api.authorize(&headers, &app, None, Scope::TokenRevoke)?;
-    let upd = parse_update(&body).map_err(ApiError::BadRequest)?;
-    let done = api.tokens.update(caller, app, id, upd).await?;
+    let what = Audited::new(
+        Operation::TokenUpdate,
+        &app,
+        serde_json::json!({ "tokenId": id }),
+    )
+    .asking(&raw);
+    let (a, h) = (api.clone(), headers.clone());
+    let change = async move {
+        let body = body(raw)?;
+        let caller = a.authorize(&h, &app, None, Scope::TokenRevoke)?;
+        let upd = parse_update(&body).map_err(ApiError::BadRequest)?;
+        Ok(a.tokens.update(caller, app, id, upd).await?)
+    };
+    let done = api
+        .audited(&headers, what, change, |done, what| {
+            unconfirmed(&done.unconfirmed, what, StatusCode::OK)
+        })
+        .await?;
     if done.unconfirmed.is_empty() {
         return Ok(axum::Json(TokenJson::of(&done.value)).into_response());
     }
@@ -371,14 +394,38 @@ async fn update_token(
     Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
 }
 
+/// A revocation some brokers did not confirm in time answers 202 naming
+/// them (cluster mode); the audit event names them too.
+fn unconfirmed(brokers: &[String], what: &mut Audited, status: StatusCode) -> StatusCode {
+    if brokers.is_empty() {
+        return status;
+    }
+    what.target["unconfirmed"] = serde_json::json!(brokers);
+    StatusCode::ACCEPTED
+}
+
 async fn delete_token(
     State(api): Api,
     ids: PathOf<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (app, id) = path(ids)?;
-    let caller = api.authorize(&headers, &app, None, Scope::TokenRevoke)?;
-    let done = api.tokens.delete(caller, app, id).await?;
+    let what = Audited::new(
+        Operation::TokenDelete,
+        &app,
+        serde_json::json!({ "tokenId": id }),
+    );
+    let (a, h) = (api.clone(), headers.clone());
+    let change = async move {
+        let caller = a.authorize(&h, &app, None, Scope::TokenRevoke)?;
+        Ok(a.tokens.delete(caller, app, id).await?)
+    };
+    let done = api
+        .audited(&headers, what, change, |done, what| {
+            what.target["removed"] = serde_json::json!(done.value);
+            unconfirmed(&done.unconfirmed, what, StatusCode::NO_CONTENT)
+        })
+        .await?;
     if done.unconfirmed.is_empty() {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
@@ -391,6 +438,15 @@ async fn delete_token(
 
 /// Parses the history query string into a store query.
 pub fn history_query(params: &HashMap<String, String>) -> Result<HistoryQuery, String> {
+    page_query(params, MAX_LIMIT)
+}
+
+/// Parses a time-ordered page query (history, audit) with `limit` at most
+/// `max_limit`.
+pub fn page_query(
+    params: &HashMap<String, String>,
+    max_limit: usize,
+) -> Result<HistoryQuery, String> {
     for k in params.keys() {
         if !matches!(k.as_str(), "start" | "end" | "limit" | "order" | "cursor") {
             return Err(format!("unknown query parameter {k:?}"));
@@ -412,10 +468,10 @@ pub fn history_query(params: &HashMap<String, String>) -> Result<HistoryQuery, S
         return Err("`start` is after `end`".into());
     }
     let limit = match params.get("limit") {
-        None => DEFAULT_LIMIT,
+        None => DEFAULT_LIMIT.min(max_limit),
         Some(v) => match v.parse::<usize>() {
-            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-            _ => return Err(format!("`limit` must be an integer from 1 to {MAX_LIMIT}")),
+            Ok(n) if (1..=max_limit).contains(&n) => n,
+            _ => return Err(format!("`limit` must be an integer from 1 to {max_limit}")),
         },
     };
     let order = match params.get("order").map(String::as_str) {

@@ -1,6 +1,7 @@
 //! HTTP listeners: the device-facing ingest endpoint and the admin API.
 
 pub mod admin;
+pub mod audit;
 pub mod backup;
 pub mod cluster;
 pub mod console;

@@ -5,6 +5,7 @@
 mod common;
 
 mod admin_cancel;
+mod audit;
 mod backup;
 mod bad_input;
 mod cli;
