@@ -7,9 +7,10 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::handler::Handler;
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
 
 use super::audit::Audited;
@@ -157,45 +158,106 @@ pub(super) fn body(b: BodyOf) -> Result<Bytes, ApiError> {
     })
 }
 
-pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/whoami", get(whoami))
-        .route("/backup", axum::routing::post(super::backup::backup))
-        .route("/cluster", get(super::cluster::status))
-        .route(
-            "/applications/{app}/tokens",
-            get(list_tokens).post(create_token),
-        )
-        .route(
+/// One route of the admin listener: a method, a path template, and its
+/// handler. [`routes`] lists every one; the router is built from that list
+/// alone, and the OpenAPI test checks `docs/openapi.json` against it, so
+/// the document and the server cannot drift apart.
+pub struct Route {
+    pub method: Method,
+    pub path: &'static str,
+    handler: MethodRouter<Arc<AdminApi>>,
+}
+
+fn at<H, T>(method: Method, path: &'static str, handler: H) -> Route
+where
+    H: Handler<T, Arc<AdminApi>>,
+    T: 'static,
+{
+    // Every method below is one axum routes; the table is fixed at build
+    // time, so a failure here is a defect caught by any test.
+    let filter = MethodFilter::try_from(method.clone()).expect("a routable method");
+    Route {
+        method,
+        path,
+        handler: on(filter, handler),
+    }
+}
+
+/// Every route the admin listener answers.
+pub fn routes() -> Vec<Route> {
+    use super::{audit, backup, cluster, console, devices, openapi, retention};
+    let (get, post, put, patch, delete) = (
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+    );
+    vec![
+        at(get.clone(), "/healthz", healthz),
+        at(get.clone(), "/readyz", readyz),
+        at(get.clone(), "/metrics", metrics),
+        at(get.clone(), "/whoami", whoami),
+        at(get.clone(), "/openapi.json", openapi::document),
+        at(post.clone(), "/backup", backup::backup),
+        at(get.clone(), "/cluster", cluster::status),
+        at(get.clone(), "/applications/{app}/tokens", list_tokens),
+        at(post, "/applications/{app}/tokens", create_token),
+        at(get.clone(), "/applications/{app}/tokens/{id}", get_token),
+        at(patch, "/applications/{app}/tokens/{id}", update_token),
+        at(
+            delete.clone(),
             "/applications/{app}/tokens/{id}",
-            get(get_token).patch(update_token).delete(delete_token),
-        )
-        .route(
+            delete_token,
+        ),
+        at(
+            delete.clone(),
             "/applications/{app}",
-            delete(super::devices::delete_application),
-        )
-        .route(
+            devices::delete_application,
+        ),
+        at(
+            get.clone(),
             "/applications/{app}/devices",
-            get(super::devices::list_devices),
-        )
-        .route(
+            devices::list_devices,
+        ),
+        at(
+            delete,
             "/applications/{app}/devices/{device}",
-            delete(super::devices::delete_device),
-        )
-        .route("/applications/{app}/audit", get(super::audit::read_audit))
-        .route(
+            devices::delete_device,
+        ),
+        at(get.clone(), "/applications/{app}/audit", audit::read_audit),
+        at(
+            get.clone(),
             "/applications/{app}/retention",
-            get(super::retention::get_retention).put(super::retention::put_retention),
-        )
-        .route("/applications/{app}/devices/{device}/state", get(history))
-        .route(
+            retention::get_retention,
+        ),
+        at(
+            put,
+            "/applications/{app}/retention",
+            retention::put_retention,
+        ),
+        at(
+            get.clone(),
+            "/applications/{app}/devices/{device}/state",
+            history,
+        ),
+        at(
+            get.clone(),
             "/applications/{app}/devices/{device}/compositeState",
-            get(composite_state),
-        )
-        .merge(super::console::routes())
+            composite_state,
+        ),
+        at(get.clone(), "/console", console::redirect),
+        at(get.clone(), "/console/", console::index),
+        at(get, "/console/{file}", console::file),
+    ]
+}
+
+pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
+    let mut router = Router::new();
+    for r in routes() {
+        router = router.route(r.path, r.handler);
+    }
+    router
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))

@@ -145,13 +145,24 @@ fn stale() -> Response<Full<Bytes>> {
     r
 }
 
+/// Every route the device listener answers (method, path template):
+/// `handle` dispatches on exactly these, and the OpenAPI test checks
+/// `docs/openapi.json` against them.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", HEALTHZ),
+    ("GET", READYZ),
+    ("POST", "/applications/{app}/devices/{device}/state"),
+];
+const HEALTHZ: &str = "/healthz";
+const READYZ: &str = "/readyz";
+
 impl DeviceApi {
     pub async fn handle(&self, req: Request<Incoming>, peer: IpAddr) -> Response<Full<Bytes>> {
         let path = req.uri().path();
-        if path == "/healthz" {
+        if path == HEALTHZ {
             return alive();
         }
-        if path == "/readyz" {
+        if path == READYZ {
             let (status, body) = self.readiness.respond(false).await;
             return json(status, body);
         }

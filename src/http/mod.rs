@@ -7,5 +7,6 @@ pub mod cluster;
 pub mod console;
 pub mod device;
 pub mod devices;
+pub mod openapi;
 pub mod retention;
 pub mod serve;

@@ -29,6 +29,7 @@ mod nats;
 mod nats_kv;
 mod nats_registry;
 mod nats_stream;
+mod openapi;
 mod rate_limits;
 mod readiness;
 mod reload;
