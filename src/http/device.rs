@@ -185,6 +185,8 @@ impl DeviceApi {
         if !hold.is_zero() {
             tokio::time::sleep(hold).await;
         }
+        // Ack latency counts from here: a hold is a penalty, not latency.
+        let received = std::time::Instant::now();
         let now = now_ms();
         let credential = req
             .headers()
@@ -287,6 +289,7 @@ impl DeviceApi {
             body,
             parsed,
             done: Completion::Request(tx),
+            received,
         };
         let queued = self.queue.try_enqueue(req);
         drop(reserved);
