@@ -28,6 +28,12 @@ pub const ASSETS: &[(&str, &str, &[u8])] = &[
     ("tokens.js", JS, include_bytes!("../console/tokens.js")),
     ("devices.js", JS, include_bytes!("../console/devices.js")),
     ("sources.js", JS, include_bytes!("../console/sources.js")),
+    (
+        "directory.js",
+        JS,
+        include_bytes!("../console/directory.js"),
+    ),
+    ("cluster.js", JS, include_bytes!("../console/cluster.js")),
     ("chart.js", JS, include_bytes!("../console/chart.js")),
     ("broker.js", JS, include_bytes!("../console/broker.js")),
     ("metrics.js", JS, include_bytes!("../console/metrics.js")),
