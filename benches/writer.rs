@@ -49,10 +49,11 @@ use sluice::config::SyncMode;
 use sluice::metrics::Metrics;
 use sluice::state::{self, ParsedStates, Shape};
 use sluice::store::{device_key, DeviceKey, Position, Store};
+use sluice::streams::Hub;
 use sluice::writer::attributes::AttributeLimit;
 use sluice::writer::{
-    BatchPolicy, CommitError, Completion, EnqueueError, Health, IngestQueue, Records, Size,
-    WriteRequest, Writer, WriterConfig,
+    BatchPolicy, CommitError, Completion, EnqueueError, Health, IngestQueue, Records, Scratch,
+    Size, WriteRequest, Writer, WriterConfig,
 };
 use tokio::sync::oneshot;
 
@@ -202,7 +203,7 @@ fn run_writer(queue: &IngestQueue, pool: &[Msg], iters: u64, mode: Mode) -> Dura
 
 /// `iters` messages as raw write batches of `RAW_BATCH`, one thread.
 fn run_raw(store: &Store, pool: &[Msg], iters: u64, seq: &mut u64, composite: bool) -> Duration {
-    let mut scratch = Vec::new();
+    let mut scratch = Scratch::default();
     let t0 = Instant::now();
     let mut left = iters;
     let mut j = 0;
@@ -218,7 +219,7 @@ fn run_raw(store: &Store, pool: &[Msg], iters: u64, seq: &mut u64, composite: bo
         let batch = (0..n).map(move |k| &pool[(first + k + 1) % pool.len()]);
         j = (j + n) % pool.len();
         if composite {
-            let requests = batch.map(|m| (&m.device[..], &m.body[..], &m.parsed));
+            let requests = batch.map(|m| (&m.device[..], &m.body, &m.parsed));
             *seq = Records::add(store, &mut b, *seq, requests, &mut scratch).unwrap();
         } else {
             for m in batch {
@@ -247,7 +248,14 @@ fn start_writer(store: Store, metrics: Arc<Metrics>) -> Writer {
     };
     config.queue_capacity = 16_384;
     config.queue_max_bytes = 64 << 20;
-    Writer::start(store, config, metrics, Arc::new(Health::default())).unwrap()
+    Writer::start(
+        store,
+        config,
+        metrics,
+        Arc::new(Health::default()),
+        Arc::new(Hub::new(1 << 20)),
+    )
+    .unwrap()
 }
 
 fn bench_ingest(c: &mut Criterion) {

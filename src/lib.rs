@@ -20,6 +20,7 @@ pub mod secret;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod streams;
 pub mod timefmt;
 pub mod tls;
 pub mod tokens;

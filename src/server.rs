@@ -21,6 +21,7 @@ use crate::ip_limit::{IpConnections, IpLimiter};
 use crate::metrics::Metrics;
 use crate::mqtt;
 use crate::store::{Store, StoreError};
+use crate::streams::Hub;
 use crate::tokens::{TokenError, TokenService};
 use crate::writer::{Health, Writer, WriterConfig};
 
@@ -202,11 +203,13 @@ pub async fn run(
     let mqtt_metrics = mqtt::MqttMetrics::register(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     let health = Arc::new(Health::default());
+    let hub = Arc::new(Hub::new(config.streams.live_buffer_bytes));
     let writer = Writer::start(
         store.clone(),
         WriterConfig::new(&config),
         metrics.clone(),
         health.clone(),
+        hub.clone(),
     )?;
     let queue = writer.queue();
     let writer_exited = writer.exited();

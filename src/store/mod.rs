@@ -11,6 +11,13 @@
 //!   flush rewrites 8 bytes, not the record.
 //! - `meta`: `seq` → next state sequence number (u64 BE), written in every
 //!   state batch so sequence numbers stay unique across restarts.
+//! - `log`: each application's commit order, for live streams (`log.rs`).
+//! - `sessions`: persistent MQTT sessions (`sessions.rs`).
+
+mod log;
+mod sessions;
+
+pub use log::{Chunk, ChunkEntry, LogBuilder, LogPage};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -178,6 +185,8 @@ impl Store {
             ColumnFamilyDescriptor::new(CF_COMPOSITE, composite_opts),
             ColumnFamilyDescriptor::new(CF_TOKENS, Options::default()),
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
+            ColumnFamilyDescriptor::new(log::CF_LOG, Options::default()),
+            ColumnFamilyDescriptor::new(sessions::CF_SESSIONS, Options::default()),
         ];
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
         Ok(Store {

@@ -1,0 +1,18 @@
+//! Data out: live, resumable streams of committed state.
+//!
+//! Every committed state has a position in its application's log (the
+//! `log` index of `store`): standalone, the writer's sequence number;
+//! in cluster mode, the stream sequence the materializer applies it with.
+//! Both commit through `writer::Records`, which also tells the [`Hub`]
+//! after each commit, so consumers work the same in both modes.
+//!
+//! - `hub`: live fan-out of each commit to the consumers of its
+//!   application, bounded by bytes per application.
+//! - `cursor`: one consumer's position, read from storage while behind and
+//!   from the hub once caught up.
+
+pub mod cursor;
+pub mod hub;
+
+pub use cursor::{Batch, Cursor, Opened, ReadBounds, Start};
+pub use hub::{Hub, Live};
