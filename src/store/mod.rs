@@ -18,6 +18,7 @@ mod log;
 mod sessions;
 
 pub use log::{Chunk, ChunkEntry, LogBuilder, LogPage};
+pub use sessions::SessionRecord;
 
 use std::path::Path;
 use std::sync::Arc;

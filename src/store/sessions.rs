@@ -11,6 +11,9 @@ use super::{Store, StoreError};
 
 pub(super) const CF_SESSIONS: &str = "sessions";
 
+/// A stored session: its key and its record.
+pub type SessionRecord = (Vec<u8>, Vec<u8>);
+
 impl Store {
     /// The stored record under `key`, if any. Blocking.
     pub fn session(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -41,7 +44,7 @@ impl Store {
 
     /// Every stored session record, in key order. Blocking; the number of
     /// records is bounded by `streams.max_sessions`.
-    pub fn sessions(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
         let cf = self.cf(CF_SESSIONS)?;
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
