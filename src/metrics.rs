@@ -26,6 +26,11 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub queue_bytes: Gauge,
     pub token_cache_entries: Gauge,
+    /// Open SSE streams (both listeners).
+    pub sse_streams: Gauge,
+    /// States sent to live-stream consumers (SSE and MQTT subscribers),
+    /// counted per frame or per batch.
+    pub stream_states_sent: Counter,
     rate_limited: Family<Vec<(String, String)>, Counter>,
     /// Distinct token ids in `rate_limited`, to bound its cardinality.
     rate_limited_series: AtomicUsize,
@@ -119,6 +124,18 @@ impl Metrics {
             "Application tokens resident in the token cache",
             token_cache_entries.clone(),
         );
+        let sse_streams = Gauge::default();
+        registry.register(
+            "sluice_sse_streams",
+            "Open SSE streams (GET /applications/{app}/stream) on both listeners",
+            sse_streams.clone(),
+        );
+        let stream_states_sent = Counter::default();
+        registry.register(
+            "sluice_stream_states_sent",
+            "States sent to live-stream consumers (SSE events and MQTT PUBLISH to subscribers)",
+            stream_states_sent.clone(),
+        );
         let rate_limited = Family::<Vec<(String, String)>, Counter>::default();
         registry.register(
             "sluice_rate_limited",
@@ -140,6 +157,8 @@ impl Metrics {
             queue_depth,
             queue_bytes,
             token_cache_entries,
+            sse_streams,
+            stream_states_sent,
         }
     }
 

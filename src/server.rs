@@ -16,12 +16,13 @@ use crate::auth::Registry;
 use crate::config::{Config, Open};
 use crate::http::admin::{router, AdminApi};
 use crate::http::device::{DeviceApi, DeviceService};
+use crate::http::read::{router as read_router, ReadApi, WithPeer};
 use crate::http::serve::{serve, HttpLimits};
 use crate::ip_limit::{IpConnections, IpLimiter};
 use crate::metrics::Metrics;
 use crate::mqtt;
 use crate::store::{Store, StoreError};
-use crate::streams::Hub;
+use crate::streams::{Hub, StreamSlots};
 use crate::tokens::{TokenError, TokenService};
 use crate::writer::{Health, Writer, WriterConfig};
 
@@ -219,7 +220,25 @@ pub async fn run(
     let tasks = TaskTracker::new();
     let grace = config.shutdown.grace;
 
+    let slots = StreamSlots::new(
+        config.streams.max_streams_per_token,
+        config.streams.max_streams_per_ip,
+    );
+    let read_api = |root_allowed| {
+        Arc::new(ReadApi {
+            registry: registry.clone(),
+            store: store.clone(),
+            hub: hub.clone(),
+            metrics: metrics.clone(),
+            root_allowed,
+            max_response_bytes: config.admin.max_response_bytes,
+            streams: config.streams.clone(),
+            slots: slots.clone(),
+            stop: stop.clone(),
+        })
+    };
     let device = Arc::new(DeviceApi {
+        read: hyper_util::service::TowerToHyperService::new(read_router(read_api(false))),
         registry: registry.clone(),
         queue: queue.clone(),
         metrics: metrics.clone(),
@@ -264,12 +283,16 @@ pub async fn run(
             health: health.clone(),
             max_response_bytes: config.admin.max_response_bytes,
         }),
+        read_api(true),
         config.admin.max_body_bytes,
     ));
     tasks.spawn(serve(
         listeners.admin,
         None,
-        move |_| admin.clone(),
+        move |peer| WithPeer {
+            inner: admin.clone(),
+            peer,
+        },
         HttpLimits {
             max_connections: config.admin.max_connections,
             header_read_timeout: config.http.header_read_timeout,

@@ -4,4 +4,6 @@ pub mod admin;
 pub mod backup;
 pub mod console;
 pub mod device;
+pub mod read;
+pub mod stream;
 pub mod serve;

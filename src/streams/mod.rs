@@ -10,9 +10,12 @@
 //!   application, bounded by bytes per application.
 //! - `cursor`: one consumer's position, read from storage while behind and
 //!   from the hub once caught up.
+//! - `slots`: open streams per token and per address.
 
 pub mod cursor;
 pub mod hub;
+pub mod slots;
 
 pub use cursor::{Batch, Cursor, Opened, ReadBounds, Start};
 pub use hub::{Hub, Live};
+pub use slots::{StreamSlot, StreamSlots, TooManyStreams};
