@@ -82,7 +82,7 @@ fn bench(c: &mut Criterion) {
         config,
         Arc::new(Metrics::new()),
         Arc::default(),
-        Arc::new(sluice::streams::Hub::new(1 << 20)),
+        Arc::new(sluice::streams::Hub::new(1 << 20, Default::default())),
     )
     .unwrap();
     let queue = writer.queue();

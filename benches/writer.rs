@@ -253,7 +253,7 @@ fn start_writer(store: Store, metrics: Arc<Metrics>) -> Writer {
         config,
         metrics,
         Arc::new(Health::default()),
-        Arc::new(Hub::new(1 << 20)),
+        Arc::new(Hub::new(1 << 20, Default::default())),
     )
     .unwrap()
 }

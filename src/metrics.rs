@@ -31,6 +31,9 @@ pub struct Metrics {
     /// States sent to live-stream consumers (SSE and MQTT subscribers),
     /// counted per frame or per batch.
     pub stream_states_sent: Counter,
+    /// Live-stream consumers that fell behind the live buffer and went on
+    /// from storage.
+    pub stream_lags: Counter,
     rate_limited: Family<Vec<(String, String)>, Counter>,
     /// Distinct token ids in `rate_limited`, to bound its cardinality.
     rate_limited_series: AtomicUsize,
@@ -136,6 +139,12 @@ impl Metrics {
             "States sent to live-stream consumers (SSE events and MQTT PUBLISH to subscribers)",
             stream_states_sent.clone(),
         );
+        let stream_lags = Counter::default();
+        registry.register(
+            "sluice_stream_lags",
+            "Live-stream consumers that fell behind streams.live_buffer_bytes and went on reading from storage",
+            stream_lags.clone(),
+        );
         let rate_limited = Family::<Vec<(String, String)>, Counter>::default();
         registry.register(
             "sluice_rate_limited",
@@ -159,6 +168,7 @@ impl Metrics {
             token_cache_entries,
             sse_streams,
             stream_states_sent,
+            stream_lags,
         }
     }
 

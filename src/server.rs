@@ -204,7 +204,10 @@ pub async fn run(
     let mqtt_metrics = mqtt::MqttMetrics::register(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     let health = Arc::new(Health::default());
-    let hub = Arc::new(Hub::new(config.streams.live_buffer_bytes));
+    let hub = Arc::new(Hub::new(
+        config.streams.live_buffer_bytes,
+        metrics.stream_lags.clone(),
+    ));
     let writer = Writer::start(
         store.clone(),
         WriterConfig::new(&config),

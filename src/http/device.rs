@@ -100,12 +100,11 @@ fn is_read(method: &Method, path: &str) -> bool {
     let Some(rest) = path.strip_prefix("/applications/") else {
         return false;
     };
-    let mut parts = rest.split('/');
-    match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(_), Some("stream"), None, _, _) => true,
-        (Some(_), Some("devices"), Some(_), Some("state" | "compositeState"), None) => true,
-        _ => false,
-    }
+    let parts: smallvec::SmallVec<[&str; 5]> = rest.splitn(5, '/').collect();
+    matches!(
+        parts.as_slice(),
+        [_, "stream"] | [_, "devices", _, "state" | "compositeState"]
+    )
 }
 
 const UNAUTHORIZED: &str = r#"{"error":"unauthorized"}"#;

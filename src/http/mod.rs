@@ -5,5 +5,5 @@ pub mod backup;
 pub mod console;
 pub mod device;
 pub mod read;
-pub mod stream;
 pub mod serve;
+pub mod stream;

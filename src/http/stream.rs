@@ -98,8 +98,13 @@ pub(super) async fn stream(
     let app = path(app)?;
     let grant = api.authorize(&headers, &app, None)?;
     let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    if let Some(k) = params.keys().find(|k| !matches!(k.as_str(), "devices" | "from")) {
-        return Err(ApiError::BadRequest(format!("unknown query parameter {k:?}")));
+    if let Some(k) = params
+        .keys()
+        .find(|k| !matches!(k.as_str(), "devices" | "from"))
+    {
+        return Err(ApiError::BadRequest(format!(
+            "unknown query parameter {k:?}"
+        )));
     }
     let devices = devices_of(params.get("devices"), &grant, &app)?;
     let start = match headers.get("last-event-id") {
@@ -313,7 +318,12 @@ mod tests {
     #[test]
     fn events_are_one_data_line_of_json() {
         let mut c = Chunk::default();
-        c.push(42, 7, "pump-1", Bytes::from_static(b"{\"a\":\r\n 1,\n\"b\":\"x y\"}"));
+        c.push(
+            42,
+            7,
+            "pump-1",
+            Bytes::from_static(b"{\"a\":\r\n 1,\n\"b\":\"x y\"}"),
+        );
         let mut out = BytesMut::new();
         event(&mut out, &c, &c.entries()[0]);
         let text = std::str::from_utf8(&out).unwrap();

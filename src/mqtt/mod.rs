@@ -269,7 +269,7 @@ mod tests {
             crate::writer::WriterConfig::new(&crate::Config::default()),
             m.clone(),
             Arc::default(),
-            Arc::new(crate::streams::Hub::new(1 << 20)),
+            Arc::new(crate::streams::Hub::new(1 << 20, Default::default())),
         )
         .unwrap();
         let size = rt.block_on(async {

@@ -259,7 +259,7 @@ mod tests {
     async fn replays_then_follows_live_without_gap_or_repeat() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), SyncMode::None).unwrap();
-        let hub = Arc::new(Hub::new(1 << 20));
+        let hub = Arc::new(Hub::new(1 << 20, Default::default()));
         let mut seq = 0;
         for _ in 0..4 {
             commit(
@@ -297,7 +297,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), SyncMode::None).unwrap();
         // A ring of a few hundred bytes: a handful of chunks.
-        let hub = Arc::new(Hub::new(600));
+        let hub = Arc::new(Hub::new(600, Default::default()));
         let mut seq = 0;
         let (mut c, _) = Cursor::open(&hub, &store, "a", Start::Now, bounds())
             .await
@@ -316,7 +316,7 @@ mod tests {
     async fn positions_that_are_gone_are_told_so() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), SyncMode::None).unwrap();
-        let hub = Arc::new(Hub::new(1 << 20));
+        let hub = Arc::new(Hub::new(1 << 20, Default::default()));
         let mut seq = 10;
         commit(
             &store,

@@ -20,6 +20,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
 
 use crate::store::Chunk;
@@ -45,6 +46,8 @@ pub struct Hub {
     consumers: AtomicUsize,
     /// Bound of each feed's ring (`streams.live_buffer_bytes`).
     max_bytes: usize,
+    /// Counts consumers told they lagged (`sluice_stream_lags_total`).
+    lags: Counter,
 }
 
 /// One application's live states.
@@ -78,11 +81,12 @@ fn cost(c: &Chunk) -> usize {
 }
 
 impl Hub {
-    pub fn new(max_bytes: usize) -> Hub {
+    pub fn new(max_bytes: usize, lags: Counter) -> Hub {
         Hub {
             feeds: papaya::HashMap::new(),
             consumers: AtomicUsize::new(0),
             max_bytes,
+            lags,
         }
     }
 
@@ -270,6 +274,7 @@ impl Live {
         let ring = self.feed.lock();
         if self.next < ring.first {
             self.next = ring.first;
+            self.hub.lags.inc();
             return Some(Err(Lagged));
         }
         let i = (self.next - ring.first) as usize;
@@ -320,7 +325,7 @@ mod tests {
 
     #[tokio::test]
     async fn consumers_get_their_applications_chunks_in_order() {
-        let hub = Arc::new(Hub::new(1 << 20));
+        let hub = Arc::new(Hub::new(1 << 20, Counter::default()));
         assert!(hub.publisher().is_none(), "nobody consumes yet");
         let mut a = hub.subscribe("a");
         let mut a2 = hub.subscribe("a");
@@ -346,7 +351,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_consumer_is_told_it_lagged_and_the_ring_stays_bounded() {
-        let hub = Arc::new(Hub::new(1000));
+        let hub = Arc::new(Hub::new(1000, Counter::default()));
         let mut slow = hub.subscribe("a");
         for i in 0..100 {
             publish(&hub, "a", i * 2..i * 2 + 2);
@@ -373,7 +378,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_last_consumer_leaving_removes_the_feed() {
-        let hub = Arc::new(Hub::new(1 << 20));
+        let hub = Arc::new(Hub::new(1 << 20, Counter::default()));
         let a = hub.subscribe("a");
         let a2 = hub.subscribe("a");
         drop(a);

@@ -116,6 +116,8 @@ mod tests {
         let _t3 = s.open("t", Some(a)).unwrap();
         assert!(s.per_token.lock().unwrap().len() == 2);
         let unlimited = StreamSlots::new(0, 0);
-        let _many: Vec<_> = (0..100).map(|_| unlimited.open("t", Some(a)).unwrap()).collect();
+        let _many: Vec<_> = (0..100)
+            .map(|_| unlimited.open("t", Some(a)).unwrap())
+            .collect();
     }
 }

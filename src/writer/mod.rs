@@ -687,7 +687,7 @@ mod tests {
             config,
             metrics,
             Arc::new(Health::default()),
-            Arc::new(Hub::new(1 << 20)),
+            Arc::new(Hub::new(1 << 20, Default::default())),
         )
         .unwrap()
     }
