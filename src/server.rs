@@ -22,6 +22,7 @@ use crate::ip_limit::{IpConnections, IpLimiter};
 use crate::metrics::Metrics;
 use crate::mqtt;
 use crate::store::{Store, StoreError};
+use crate::streams::sessions::{Sessions, SWEEP_EVERY};
 use crate::streams::{Hub, StreamSlots};
 use crate::tokens::{TokenError, TokenService};
 use crate::writer::{Health, Writer, WriterConfig};
@@ -309,12 +310,27 @@ pub async fn run(
         "admin",
     ));
 
+    let sessions = {
+        let (store, s) = (store.clone(), &config.streams);
+        let (per_app, total) = (s.max_sessions_per_app, s.max_sessions);
+        tokio::task::spawn_blocking(move || Sessions::load(store, per_app, total))
+            .await
+            .map_err(|e| ServeError::Internal(e.to_string()))?
+            .map_err(|e| ServeError::Internal(format!("stored sessions: {e}")))?
+    };
+    tracing::info!(sessions = sessions.len(), "stored MQTT sessions loaded");
     let mqtt_ctx = Arc::new(mqtt::MqttContext::new(
         registry.clone(),
         queue.clone(),
         mqtt_metrics,
         metrics.clone(),
         config.mqtt.clone(),
+        mqtt::Streams {
+            hub: hub.clone(),
+            store: store.clone(),
+            sessions: sessions.clone(),
+            config: config.streams.clone(),
+        },
     ));
     if let Some(l) = listeners.mqtt {
         tasks.spawn(mqtt::serve(l, None, mqtt_ctx.clone(), stop.clone(), grace));
@@ -340,6 +356,25 @@ pub async fn run(
                     _ = tokio::time::sleep(every) => {
                         if let Err(e) = tokens.flush_last_used().await {
                             tracing::warn!(error = %e, "lastUsedAt flush failed");
+                        }
+                    }
+                }
+            }
+        })
+    };
+
+    let sweeper = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(SWEEP_EVERY) => {
+                        let s = sessions.clone();
+                        match tokio::task::spawn_blocking(move || s.sweep()).await {
+                            Ok(Ok(n)) if n > 0 => tracing::info!(sessions = n, "expired MQTT sessions deleted"),
+                            Ok(Err(e)) => tracing::warn!(error = %e, "expired MQTT sessions not deleted"),
+                            _ => {}
                         }
                     }
                 }
@@ -375,6 +410,7 @@ pub async fn run(
     tasks.close();
     tasks.wait().await;
     let _ = flusher.await;
+    let _ = sweeper.await;
     tracing::info!("committing the last batch");
     tokio::task::spawn_blocking(move || writer.stop())
         .await

@@ -27,6 +27,8 @@ pub enum Start {
     Now,
     /// The states after position `p` (one the consumer was given).
     After(u64),
+    /// From position `n` on, as already resolved (see [`resume_point`]).
+    Next(u64),
 }
 
 /// How a cursor opened.
@@ -181,15 +183,29 @@ impl Cursor {
     }
 }
 
+/// Where a consumer that stopped before position `next` (having finished
+/// with everything before it) goes on: `next` itself, or the oldest stored
+/// state if what it stopped at is no longer stored. Blocking.
+pub fn resume_point(store: &Store, app: &str, next: u64) -> Result<(u64, Opened), StoreError> {
+    match next.checked_sub(1) {
+        None => Ok((0, Opened::AsAsked)),
+        Some(p) => resolve(store, app, Start::After(p)),
+    }
+}
+
+/// Where `app`'s log ends: the position the next state will have at the
+/// earliest. Blocking.
+pub fn end_of(store: &Store, app: &str) -> Result<u64, StoreError> {
+    Ok(store.log_bounds(app)?.map_or(0, |(_, last)| last + 1))
+}
+
 /// The first position to return for `start`, and whether a requested
 /// position had aged out. Blocking.
 fn resolve(store: &Store, app: &str, start: Start) -> Result<(u64, Opened), StoreError> {
     match start {
         Start::Earliest => Ok((0, Opened::AsAsked)),
-        Start::Now => Ok((
-            store.log_bounds(app)?.map_or(0, |(_, last)| last + 1),
-            Opened::AsAsked,
-        )),
+        Start::Next(n) => Ok((n, Opened::AsAsked)),
+        Start::Now => Ok((end_of(store, app)?, Opened::AsAsked)),
         Start::After(p) => {
             if store.log_contains(app, p)? {
                 return Ok((p.saturating_add(1), Opened::AsAsked));

@@ -11,9 +11,15 @@
 //! - `cursor`: one consumer's position, read from storage while behind and
 //!   from the hub once caught up.
 //! - `slots`: open streams per token and per address.
+//! - `feed`: a subscriber's task picking its states off a cursor and
+//!   keeping its position.
+//! - `sessions`: persistent subscriber sessions (subscriptions and a
+//!   position, kept across disconnects and restarts).
 
 pub mod cursor;
+pub mod feed;
 pub mod hub;
+pub mod sessions;
 pub mod slots;
 
 pub use cursor::{Batch, Cursor, Opened, ReadBounds, Start};
