@@ -160,7 +160,10 @@ impl Session<'_> {
             // accepts is skipped (it asked not to receive such packets).
             (false, _) | (true, None) => {
                 if !written {
-                    tracing::debug!(position, "state larger than the subscriber's maximum packet size; skipped");
+                    tracing::debug!(
+                        position,
+                        "state larger than the subscriber's maximum packet size; skipped"
+                    );
                 }
                 sub.finished(d.source, position);
             }

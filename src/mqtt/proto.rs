@@ -790,7 +790,8 @@ impl Codec {
         let time = time.format(time_ms).as_bytes();
         let mut pos = itoa::Buffer::new();
         let pos = pos.format(position).as_bytes();
-        let topic_len = TOPIC_HEAD.len() + app.len() + TOPIC_MID.len() + device.len() + TOPIC_TAIL.len();
+        let topic_len =
+            TOPIC_HEAD.len() + app.len() + TOPIC_MID.len() + device.len() + TOPIC_TAIL.len();
         let props_len = 1 + 2 + PROP.len() + 2 + pos.len();
         let v5 = match &self.kind {
             Kind::V5(c) => Some(c.max_outbound_size()),
@@ -803,8 +804,7 @@ impl Codec {
             + v5.map_or(0, |_| varint_len(props_len) + props_len)
             + payload_len;
         let total = 1 + varint_len(remaining) + remaining;
-        if v5.is_some_and(|max| max != 0 && total > max as usize) || topic_len > u16::MAX as usize
-        {
+        if v5.is_some_and(|max| max != 0 && total > max as usize) || topic_len > u16::MAX as usize {
             return false;
         }
         out.reserve(total);

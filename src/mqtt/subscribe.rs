@@ -42,7 +42,8 @@ pub(super) fn parse_filter(filter: &str) -> Result<Parsed<'_>, SubAck> {
     let levels: smallvec::SmallVec<[&str; 6]> = filter.split('/').collect();
     // Wildcards must fill a whole level ([MQTT-4.7.1-2/3]); `#` only last.
     for (i, l) in levels.iter().enumerate() {
-        if (l.contains('+') && *l != "+") || (l.contains('#') && (*l != "#" || i + 1 != levels.len()))
+        if (l.contains('+') && *l != "+")
+            || (l.contains('#') && (*l != "#" || i + 1 != levels.len()))
         {
             return Err(SubAck::FilterInvalid);
         }
@@ -134,7 +135,8 @@ impl Session<'_> {
 
     fn subscriber(&mut self) -> &mut Subscriber {
         let window = self.window();
-        self.sub.get_or_insert_with(|| Box::new(Subscriber::new(window)))
+        self.sub
+            .get_or_insert_with(|| Box::new(Subscriber::new(window)))
     }
 
     /// The QoS 1 window toward this client.
@@ -171,9 +173,17 @@ impl Session<'_> {
     /// Handles a SUBSCRIBE: checks each filter, stores the session if it
     /// is persistent (refusing what would exceed a session limit), starts
     /// or updates the feed, and writes the SUBACK.
-    pub(super) async fn subscribe(&mut self, packet_id: NonZeroU16, filters: Vec<(ByteString, u8)>) {
+    pub(super) async fn subscribe(
+        &mut self,
+        packet_id: NonZeroU16,
+        filters: Vec<(ByteString, u8)>,
+    ) {
         let max = self.ctx.streams.max_subscriptions_per_connection;
-        let mut subs = self.sub.as_ref().map(|s| s.subs.clone()).unwrap_or_default();
+        let mut subs = self
+            .sub
+            .as_ref()
+            .map(|s| s.subs.clone())
+            .unwrap_or_default();
         let mut outcomes = Vec::with_capacity(filters.len());
         // Ingest-only tokens may not subscribe to anything.
         let may_subscribe = self.grant.scopes.allows(Scope::GetState);
@@ -227,7 +237,11 @@ impl Session<'_> {
                 tracing::debug!(error = %e, "subscription refused: session not stored");
                 refuse_all(&mut outcomes, why);
                 // Nothing of this SUBSCRIBE applies.
-                subs = self.sub.as_ref().map(|s| s.subs.clone()).unwrap_or_default();
+                subs = self
+                    .sub
+                    .as_ref()
+                    .map(|s| s.subs.clone())
+                    .unwrap_or_default();
             }
         }
         if outcomes.iter().any(|o| matches!(o, SubAck::Granted(_))) {
@@ -240,7 +254,11 @@ impl Session<'_> {
     /// Handles an UNSUBSCRIBE.
     pub(super) async fn unsubscribe(&mut self, packet_id: NonZeroU16, filters: Vec<ByteString>) {
         let mut outcomes = Vec::with_capacity(filters.len());
-        let mut subs = self.sub.as_ref().map(|s| s.subs.clone()).unwrap_or_default();
+        let mut subs = self
+            .sub
+            .as_ref()
+            .map(|s| s.subs.clone())
+            .unwrap_or_default();
         for f in &filters {
             let before = subs.len();
             subs.retain(|s| s.filter != *f);
@@ -297,7 +315,11 @@ impl Session<'_> {
     /// session is deleted. Runs to its end whether or not the client is
     /// still there.
     pub(super) async fn end_session(&mut self) {
-        let subs = self.sub.as_ref().map(|s| s.subs.clone()).unwrap_or_default();
+        let subs = self
+            .sub
+            .as_ref()
+            .map(|s| s.subs.clone())
+            .unwrap_or_default();
         let Some(keep) = self.keep.as_mut() else {
             return;
         };
@@ -349,7 +371,10 @@ mod tests {
         );
         for (f, why) in [
             ("applications/farm/#", SubAck::WildcardUnsupported),
-            ("applications/+/devices/d/state", SubAck::WildcardUnsupported),
+            (
+                "applications/+/devices/d/state",
+                SubAck::WildcardUnsupported,
+            ),
             ("#", SubAck::WildcardUnsupported),
             ("applications/farm/devices/+/+", SubAck::WildcardUnsupported),
             ("applications/farm/devices/d+/state", SubAck::FilterInvalid),

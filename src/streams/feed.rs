@@ -172,14 +172,21 @@ async fn run(
     tx: mpsc::Sender<Delivery>,
     mut acks: mpsc::UnboundedReceiver<u64>,
 ) {
-    let (mut cursor, _) =
-        match Cursor::open(&spec.hub, &spec.store, &spec.app, spec.start, spec.bounds).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, app = %spec.app, "subscriber feed could not open the log");
-                return;
-            }
-        };
+    let (mut cursor, _) = match Cursor::open(
+        &spec.hub,
+        &spec.store,
+        &spec.app,
+        spec.start,
+        spec.bounds,
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, app = %spec.app, "subscriber feed could not open the log");
+            return;
+        }
+    };
     let mut pos = Position {
         inflight: VecDeque::new(),
         scanned: cursor.next_position(),
@@ -208,10 +215,9 @@ async fn run(
                 let device = batch.chunk.device(e);
                 *i += 1;
                 pos.scanned = e.position + 1;
-                let qos = wanted.qos(device).filter(|_| {
-                    spec.grant
-                        .permits(&spec.app, Some(device), Scope::GetState)
-                });
+                let qos = wanted
+                    .qos(device)
+                    .filter(|_| spec.grant.permits(&spec.app, Some(device), Scope::GetState));
                 if let Some(qos) = qos {
                     send = Some(Delivery {
                         source: spec.source,

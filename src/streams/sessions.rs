@@ -68,7 +68,15 @@ pub struct Sessions {
     /// last stopped count as ended then.
     started_ms: i64,
     state: Mutex<State>,
+    /// Woken when a connection lets go of its session, for the newer
+    /// connection of the same client id that waits to take it over.
+    released: tokio::sync::Notify,
 }
+
+/// How long a reconnecting client waits for its previous connection to
+/// finish writing its session (its final position above all) before the
+/// new one takes over regardless.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
 struct State {
@@ -136,6 +144,7 @@ impl Sessions {
             max_total,
             started_ms: now_ms(),
             state: Mutex::new(State::default()),
+            released: tokio::sync::Notify::new(),
         });
         {
             let mut st = sessions.lock();
@@ -218,6 +227,19 @@ impl Sessions {
         clean: bool,
     ) -> Result<(Arc<Owner>, Option<Resumed>), SessionError> {
         let key = session_key(app, client);
+        // An older connection of this client id still ending (it was just
+        // taken over) writes its final position first, so nothing it had
+        // acknowledged is sent again.
+        let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT;
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            let older = self.lock().owners.get(&key).is_some_and(|s| *s < serial);
+            if !older || tokio::time::timeout_at(deadline, released).await.is_err() {
+                break;
+            }
+        }
         let owner = Arc::new(Owner {
             sessions: self.clone(),
             key: key.clone(),
@@ -241,8 +263,9 @@ impl Sessions {
             }
             let raw = this.store.session(&record_key(&key))?;
             let record: Record = match raw {
-                Some(r) => serde_json::from_slice(&r)
-                    .map_err(|e| SessionError::Corrupt(e.to_string()))?,
+                Some(r) => {
+                    serde_json::from_slice(&r).map_err(|e| SessionError::Corrupt(e.to_string()))?
+                }
                 None => return Ok(None),
             };
             if record.expired(now_ms(), this.started_ms) {
@@ -293,14 +316,16 @@ impl Owner {
     pub async fn save(self: &Arc<Self>, record: Record, start: u64) -> Result<(), SessionError> {
         let app = self.app.clone();
         self.write(move |s, st, key| {
-            let raw = serde_json::to_vec(&record).map_err(|e| SessionError::Corrupt(e.to_string()))?;
+            let raw =
+                serde_json::to_vec(&record).map_err(|e| SessionError::Corrupt(e.to_string()))?;
             if !st.stored.contains(key) {
                 if st.stored.len() >= s.max_total
                     || st.per_app.get(&app).is_some_and(|n| *n >= s.max_per_app)
                 {
                     return Err(SessionError::Quota);
                 }
-                s.store.put_session(&position_key(key), &start.to_be_bytes())?;
+                s.store
+                    .put_session(&position_key(key), &start.to_be_bytes())?;
                 s.store.put_session(&record_key(key), &raw)?;
                 st.stored.insert(key.to_vec());
                 *st.per_app.entry(app).or_insert(0) += 1;
@@ -317,7 +342,8 @@ impl Owner {
     pub async fn save_position(self: &Arc<Self>, next: u64) -> Result<(), SessionError> {
         self.write(move |s, st, key| {
             if st.stored.contains(key) {
-                s.store.put_session(&position_key(key), &next.to_be_bytes())?;
+                s.store
+                    .put_session(&position_key(key), &next.to_be_bytes())?;
             }
             Ok(())
         })
@@ -341,6 +367,7 @@ impl Drop for Owner {
         let mut st = self.sessions.lock();
         if st.owners.get(&self.key) == Some(&self.serial) {
             st.owners.remove(&self.key);
+            self.sessions.released.notify_waiters();
         }
     }
 }
@@ -387,7 +414,9 @@ mod tests {
             Err(SessionError::Quota)
         ));
         assert_eq!(s.len(), 3);
-        o.save(record(&["f1", "g"], 60, Some(now_ms())), 0).await.unwrap();
+        o.save(record(&["f1", "g"], 60, Some(now_ms())), 0)
+            .await
+            .unwrap();
         drop((o, o2, o3, b1, b2));
 
         // After a restart: resumed with its subscriptions and position.
@@ -433,9 +462,13 @@ mod tests {
         let store = Store::open(dir.path(), SyncMode::None).unwrap();
         let s = Sessions::load(store.clone(), 10, 10).unwrap();
         let (o, _) = s.claim("a", "old", 1, false).await.unwrap();
-        o.save(record(&["f"], 1, Some(now_ms() - 5_000)), 0).await.unwrap();
+        o.save(record(&["f"], 1, Some(now_ms() - 5_000)), 0)
+            .await
+            .unwrap();
         let (o2, _) = s.claim("a", "kept", 2, false).await.unwrap();
-        o2.save(record(&["f"], 3600, Some(now_ms() - 5_000)), 0).await.unwrap();
+        o2.save(record(&["f"], 3600, Some(now_ms() - 5_000)), 0)
+            .await
+            .unwrap();
         // Held by a connection: never swept.
         assert_eq!(s.sweep().unwrap(), 0);
         drop((o, o2));

@@ -28,6 +28,7 @@ mod nats_stream;
 mod rate_limits;
 mod reload;
 mod secrets;
+mod streams_mqtt;
 mod streams_sse;
 mod tls;
 mod token_props;
