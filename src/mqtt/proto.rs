@@ -1138,6 +1138,89 @@ mod tests {
     }
 
     #[test]
+    fn published_states_decode_as_clients_read_them() {
+        for v5 in [false, true] {
+            let mut buf = match v5 {
+                true => connect_v5("c", true),
+                false => connect_v311(b"pw"),
+            };
+            let mut codec = Codec::detect(&mut buf, 1024).unwrap().unwrap();
+            codec.decode_connect(&mut buf).unwrap().unwrap();
+            let mut out = BytesMut::new();
+            // A payload long enough for a two-byte remaining length.
+            let data = format!("{{\"a\":\"{}\"}}", "x".repeat(200));
+            let id = NonZeroU16::new(7);
+            assert!(codec.publish_state(&mut out, id, "farm", "pump-1", 1234, data.as_bytes(), 99));
+            assert!(codec.publish_state(&mut out, None, "farm", "p", 5, b"{}", 100));
+            let publishes: Vec<Publish> = match v5 {
+                false => {
+                    let mut c = v3::Codec::new(0);
+                    (0..2)
+                        .map(|_| match c.decode(&mut out).unwrap() {
+                            Some((v3::Packet::Publish(p), _)) => *p,
+                            other => panic!("{other:?}"),
+                        })
+                        .collect()
+                }
+                true => {
+                    let mut c = v5::Codec::new(0, 0);
+                    (0..2)
+                        .map(|_| match c.decode(&mut out).unwrap() {
+                            Some((v5::Packet::Publish(p), _)) => *p,
+                            other => panic!("{other:?}"),
+                        })
+                        .collect()
+                }
+            };
+            assert!(out.is_empty());
+            let (a, b) = (&publishes[0], &publishes[1]);
+            assert_eq!(&*a.topic, "applications/farm/devices/pump-1/state");
+            assert_eq!(
+                (a.qos, a.packet_id, a.retain, a.dup),
+                (QoS::AtLeastOnce, id, false, false)
+            );
+            assert_eq!(a.payload, format!("{{\"time\":1234,\"data\":{data}}}"));
+            assert_eq!((b.qos, b.packet_id), (QoS::AtMostOnce, None));
+            assert_eq!(b.payload, &b"{\"time\":5,\"data\":{}}"[..]);
+            let position = |p: &Publish| {
+                p.properties
+                    .as_ref()
+                    .and_then(|pr| pr.user_properties.first().cloned())
+                    .map(|(k, v)| format!("{k}={v}"))
+            };
+            match v5 {
+                true => {
+                    assert_eq!(position(a).as_deref(), Some("position=99"));
+                    assert_eq!(position(b).as_deref(), Some("position=100"));
+                }
+                false => assert!(a.properties.is_none()),
+            }
+        }
+    }
+
+    #[test]
+    fn a_state_larger_than_the_client_accepts_is_not_written() {
+        let mut codec = v5::Codec::new(0, 0);
+        let mut buf = BytesMut::new();
+        let c = v5::Connect {
+            client_id: ByteString::from_static("c"),
+            max_packet_size: NonZeroU32::new(100),
+            ..v5::Connect::default()
+        };
+        codec
+            .encode(v5::Packet::Connect(Box::new(c)), &mut buf)
+            .unwrap();
+        let mut codec = Codec::detect(&mut buf, 1024).unwrap().unwrap();
+        codec.decode_connect(&mut buf).unwrap().unwrap();
+        let mut out = BytesMut::new();
+        assert!(codec.publish_state(&mut out, None, "a", "d", 1, b"{}", 1));
+        let small = out.len();
+        assert!(small <= 100);
+        assert!(!codec.publish_state(&mut out, None, "a", "d", 1, &[b' '; 100], 1));
+        assert_eq!(out.len(), small, "nothing written");
+    }
+
+    #[test]
     fn topic_alias_found_in_properties() {
         // Topic "a", QoS 1, packet id 1, properties: user property then alias 0.
         let body = b"\x00\x01a\x00\x01\x0a\x26\x00\x01k\x00\x01v\x23\x00\x00{}";
