@@ -312,8 +312,9 @@ pub async fn run(
 
     let sessions = {
         let (store, s) = (store.clone(), &config.streams);
-        let (per_app, total) = (s.max_sessions_per_app, s.max_sessions);
-        tokio::task::spawn_blocking(move || Sessions::load(store, per_app, total))
+        let (per_app, total, expiry) =
+            (s.max_sessions_per_app, s.max_sessions, s.session_expiry_max);
+        tokio::task::spawn_blocking(move || Sessions::load(store, per_app, total, expiry))
             .await
             .map_err(|e| ServeError::Internal(e.to_string()))?
             .map_err(|e| ServeError::Internal(format!("stored sessions: {e}")))?

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use super::session::Session;
 use crate::streams::feed::{Delivery, Feed};
+use crate::streams::group::Membership;
 use crate::streams::sessions::Owner;
 
 /// One subscription of a session.
@@ -24,6 +25,8 @@ use crate::streams::sessions::Owner;
 pub(super) struct Sub {
     /// As the client wrote it (UNSUBSCRIBE names it the same way).
     pub filter: ByteString,
+    /// The shared-subscription group (`$share/{group}/…`), if any.
+    pub share: Option<Box<str>>,
     /// `None`: every device of the application (`+`).
     pub device: Option<Box<str>>,
     pub qos: u8,
@@ -61,6 +64,10 @@ pub(super) struct Subscriber {
     pub rx: Option<mpsc::Receiver<Delivery>>,
     /// The feed of the session's subscriptions (source 0).
     pub own: Option<Feed>,
+    /// The session's shared subscriptions: source id, filter, membership.
+    pub groups: Vec<(u32, ByteString, Membership)>,
+    /// The source id of the next group joined.
+    next_source: u32,
     /// QoS 1 states sent and not yet acknowledged; at most `window`.
     outbound: VecDeque<Out>,
     next_packet_id: u16,
@@ -77,6 +84,8 @@ impl Subscriber {
             tx,
             rx: Some(rx),
             own: None,
+            groups: Vec::new(),
+            next_source: 1,
             outbound: VecDeque::new(),
             next_packet_id: 0,
             window: window.max(1),
@@ -95,12 +104,36 @@ impl Subscriber {
         }
     }
 
+    /// A source id for a new group membership.
+    pub fn new_source(&mut self) -> u32 {
+        let s = self.next_source;
+        self.next_source = self.next_source.wrapping_add(1).max(1);
+        s
+    }
+
+    /// Whether `source` still feeds this session (deliveries of a feed or
+    /// group the session has left are dropped, unsent: the group hands
+    /// them to another member).
+    fn active(&self, source: u32) -> bool {
+        match source {
+            0 => self.own.is_some(),
+            s => self.groups.iter().any(|(g, _, _)| *g == s),
+        }
+    }
+
     /// Tells the feed that sent a state that the session is done with it.
     fn finished(&self, source: u32, position: u64) {
-        if source == 0 {
-            if let Some(f) = &self.own {
-                // A feed that has ended no longer needs to know.
-                let _ = f.acks.send(position);
+        match source {
+            0 => {
+                if let Some(f) = &self.own {
+                    // A feed that has ended no longer needs to know.
+                    let _ = f.acks.send(position);
+                }
+            }
+            s => {
+                if let Some((_, _, m)) = self.groups.iter().find(|(g, _, _)| *g == s) {
+                    m.finished(position);
+                }
             }
         }
     }
@@ -138,6 +171,9 @@ impl Session<'_> {
         let Some(sub) = self.sub.as_mut() else {
             return;
         };
+        if !sub.active(d.source) {
+            return;
+        }
         let e = d.entry();
         let position = e.position;
         let packet_id = (d.qos > 0).then(|| sub.packet_id());

@@ -39,8 +39,9 @@ use crate::auth::Registry;
 use crate::config::{MqttConfig, StreamsConfig};
 use crate::metrics::Metrics;
 use crate::store::Store;
+use crate::streams::group::Groups;
 use crate::streams::sessions::Sessions;
-use crate::streams::Hub;
+use crate::streams::{Hub, ReadBounds};
 use crate::writer::IngestQueue;
 
 pub use metrics::{ConnectOutcome, MqttMetrics, PublishOutcome};
@@ -65,9 +66,12 @@ pub struct MqttContext {
     /// Stored (persistent) sessions.
     pub sessions: Arc<Sessions>,
     pub streams: StreamsConfig,
-    /// Subscribers' feeds. A feed outlives its session by the moment it
-    /// takes to write its final position; shutdown waits for them.
+    /// Subscribers' feeds and shared-subscription dispatchers. A feed
+    /// outlives its session by the moment it takes to write its final
+    /// position; shutdown waits for them.
     pub feeds: TaskTracker,
+    /// Shared subscriptions.
+    pub groups: Arc<Groups>,
     /// Live sessions by application and client id (session takeover).
     takeover: Takeover,
     /// For client ids assigned to clients that send none.
@@ -105,6 +109,18 @@ impl MqttContext {
         config: MqttConfig,
         streams: Streams,
     ) -> MqttContext {
+        let feeds = TaskTracker::new();
+        let groups = Groups::new(
+            streams.hub.clone(),
+            streams.store.clone(),
+            streams.sessions.clone(),
+            ReadBounds {
+                max_entries: subscribe::REPLAY_PAGE_STATES,
+                max_bytes: streams.config.consumer_buffer_bytes,
+            },
+            streams.config.session_flush,
+            feeds.clone(),
+        );
         MqttContext {
             registry,
             queue,
@@ -114,7 +130,8 @@ impl MqttContext {
             store: streams.store,
             sessions: streams.sessions,
             streams: streams.config,
-            feeds: TaskTracker::new(),
+            feeds,
+            groups,
             permits: Arc::new(Semaphore::new(config.max_connections)),
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
             connects: crate::ip_limit::IpLimiter::new(
@@ -329,7 +346,7 @@ mod tests {
                 Streams {
                     hub: hub.clone(),
                     store: store.clone(),
-                    sessions: Sessions::load(store.clone(), 1, 1).unwrap(),
+                    sessions: Sessions::load(store.clone(), 1, 1, Duration::from_secs(1)).unwrap(),
                     config: crate::Config::default().streams,
                 },
             ));

@@ -3,7 +3,8 @@
 //! persistent session.
 //!
 //! The one filter served is a state topic of the token's application,
-//! `applications/{app}/devices/{device}/state`, with `+` for the device.
+//! `applications/{app}/devices/{device}/state`, with `+` for the device,
+//! alone or shared (`$share/{group}/…`, see `streams::group`).
 //! A token needs `device.getState`; with `+` it receives the devices it
 //! may read. Anything else is refused per filter: another application, a
 //! device it may not read or a token without the scope → 0x87; `#` or `+`
@@ -22,23 +23,37 @@ use crate::auth::Scope;
 use crate::ids::is_valid_id;
 use crate::streams::cursor::{end_of, ReadBounds, Start};
 use crate::streams::feed::{self, FeedSpec, Interest};
+use crate::streams::group::MemberSpec;
 use crate::streams::sessions::{Record, SessionError};
 use crate::timefmt::now_ms;
 
 /// The most states a feed reads from storage at once while behind (the
 /// byte bound is `streams.consumer_buffer_bytes`).
-const REPLAY_PAGE_STATES: usize = 4096;
+pub(super) const REPLAY_PAGE_STATES: usize = 4096;
 
 /// A topic filter this server serves: the application and the device
-/// (`None` for `+`).
+/// (`None` for `+`), and the group of a shared subscription.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Parsed<'a> {
+    pub share: Option<&'a str>,
+    /// The filter without its `$share/{group}/`.
+    pub topic: &'a str,
     pub app: &'a str,
     pub device: Option<&'a str>,
 }
 
 /// Parses a topic filter, or says how to refuse it.
 pub(super) fn parse_filter(filter: &str) -> Result<Parsed<'_>, SubAck> {
+    let (share, filter) = match filter.strip_prefix("$share/") {
+        None => (None, filter),
+        Some(rest) => {
+            let (group, topic) = rest.split_once('/').ok_or(SubAck::FilterInvalid)?;
+            if group.is_empty() || group.contains(['+', '#']) {
+                return Err(SubAck::FilterInvalid);
+            }
+            (Some(group), topic)
+        }
+    };
     let levels: smallvec::SmallVec<[&str; 6]> = filter.split('/').collect();
     // Wildcards must fill a whole level ([MQTT-4.7.1-2/3]); `#` only last.
     for (i, l) in levels.iter().enumerate() {
@@ -54,6 +69,8 @@ pub(super) fn parse_filter(filter: &str) -> Result<Parsed<'_>, SubAck> {
             if !wild(app) && is_valid_id(app) && (*device == "+" || is_valid_id(device)) =>
         {
             Ok(Parsed {
+                share,
+                topic: filter,
                 app,
                 device: (*device != "+").then_some(*device),
             })
@@ -74,10 +91,55 @@ impl Session<'_> {
 
     fn interest(subs: &[Sub]) -> Interest {
         let mut i = Interest::default();
-        for s in subs {
+        for s in subs.iter().filter(|s| s.share.is_none()) {
             i.add(s.device.as_deref(), s.qos);
         }
         i
+    }
+
+    /// Joins the groups of new shared subscriptions and leaves those of
+    /// removed ones (a changed QoS rejoins).
+    fn refresh_groups(&mut self) {
+        let ctx = self.ctx;
+        let grant = self.grant.clone();
+        let persistent = self.keep.as_ref().is_some_and(|k| k.persistent);
+        let Some(sub) = self.sub.as_mut() else {
+            return;
+        };
+        let wanted: Vec<Sub> = sub
+            .subs
+            .iter()
+            .filter(|s| s.share.is_some())
+            .cloned()
+            .collect();
+        sub.groups.retain(|(_, filter, m)| {
+            wanted
+                .iter()
+                .any(|s| s.filter == *filter && s.qos == m.qos())
+        });
+        for s in wanted {
+            if sub.groups.iter().any(|(_, f, _)| *f == s.filter) {
+                continue;
+            }
+            let Ok(p) = parse_filter(&s.filter) else {
+                continue;
+            };
+            let source = sub.new_source();
+            let m = ctx.groups.join(
+                &grant.app,
+                p.share.unwrap_or_default(),
+                p.topic,
+                p.device,
+                MemberSpec {
+                    grant: grant.clone(),
+                    qos: s.qos,
+                    tx: sub.tx.clone(),
+                    source,
+                    persistent,
+                },
+            );
+            sub.groups.push((source, s.filter.clone(), m));
+        }
     }
 
     /// Starts the feed of the session's subscriptions at `start`, or gives
@@ -152,8 +214,10 @@ impl Session<'_> {
             if let Ok(p) = parse_filter(&filter) {
                 if self.may_read(&p) {
                     let device = p.device.map(Into::into);
+                    let share = p.share.map(Into::into);
                     restored.push(Sub {
                         filter: ByteString::from(filter),
+                        share,
                         device,
                         qos: qos.min(1),
                     });
@@ -164,6 +228,10 @@ impl Session<'_> {
             return;
         }
         self.subscriber().subs = restored;
+        self.refresh_groups();
+        if Self::interest(&self.subscriber().subs).is_empty() {
+            return;
+        }
         match self.feed_start().await {
             Ok(start) => self.refresh_feed(start),
             Err(e) => tracing::warn!(error = %e, "resumed session's feed not started"),
@@ -195,6 +263,7 @@ impl Session<'_> {
                 Ok(p) if !self.may_read(&p) => SubAck::NotAuthorized,
                 Ok(p) => {
                     let device = p.device.map(Into::into);
+                    let share = p.share.map(Into::into);
                     let held = subs.len();
                     match subs.iter_mut().find(|s| s.filter == filter) {
                         // The same filter again replaces its subscription.
@@ -206,6 +275,7 @@ impl Session<'_> {
                         None => {
                             subs.push(Sub {
                                 filter,
+                                share,
                                 device,
                                 qos,
                             });
@@ -217,7 +287,8 @@ impl Session<'_> {
             outcomes.push(outcome);
         }
         let granted = outcomes.iter().any(|o| matches!(o, SubAck::Granted(_)));
-        let new_feed = self.sub.as_ref().is_none_or(|s| s.own.is_none());
+        let new_feed =
+            self.sub.as_ref().is_none_or(|s| s.own.is_none()) && !Self::interest(&subs).is_empty();
         let mut start = 0;
         if granted && new_feed {
             match self.feed_start().await {
@@ -247,6 +318,7 @@ impl Session<'_> {
         if outcomes.iter().any(|o| matches!(o, SubAck::Granted(_))) {
             self.subscriber().subs = subs;
             self.refresh_feed(start);
+            self.refresh_groups();
         }
         self.codec.suback(&mut self.out, packet_id, &outcomes);
     }
@@ -281,6 +353,7 @@ impl Session<'_> {
                 sub.subs = subs;
             }
             self.refresh_feed(0);
+            self.refresh_groups();
         }
         self.codec.unsuback(&mut self.out, packet_id, &outcomes);
     }
@@ -358,13 +431,17 @@ mod tests {
         assert_eq!(
             parse_filter("applications/farm/devices/+/state"),
             Ok(Parsed {
+                share: None,
+                topic: "applications/farm/devices/+/state",
                 app: "farm",
                 device: None
             })
         );
         assert_eq!(
-            parse_filter("applications/farm/devices/pump-1/state"),
+            parse_filter("$share/g1/applications/farm/devices/pump-1/state"),
             Ok(Parsed {
+                share: Some("g1"),
+                topic: "applications/farm/devices/pump-1/state",
                 app: "farm",
                 device: Some("pump-1")
             })
@@ -383,6 +460,16 @@ mod tests {
             ("applications/farm/devices/a b/state", SubAck::FilterInvalid),
             ("other/topic", SubAck::FilterInvalid),
             ("", SubAck::FilterInvalid),
+            ("$share/g", SubAck::FilterInvalid),
+            (
+                "$share//applications/farm/devices/+/state",
+                SubAck::FilterInvalid,
+            ),
+            (
+                "$share/g+/applications/farm/devices/+/state",
+                SubAck::FilterInvalid,
+            ),
+            ("$SYS/broker", SubAck::FilterInvalid),
         ] {
             assert_eq!(parse_filter(f), Err(why), "{f}");
         }

@@ -13,11 +13,14 @@
 //! - `slots`: open streams per token and per address.
 //! - `feed`: a subscriber's task picking its states off a cursor and
 //!   keeping its position.
+//! - `group`: shared subscriptions, one dispatcher per group spreading an
+//!   application's states over its members.
 //! - `sessions`: persistent subscriber sessions (subscriptions and a
 //!   position, kept across disconnects and restarts).
 
 pub mod cursor;
 pub mod feed;
+pub mod group;
 pub mod hub;
 pub mod sessions;
 pub mod slots;

@@ -15,6 +15,10 @@
 //! Only the newest connection of a client id writes: each claims the
 //! session with the serial of its takeover registration, and writes of an
 //! older connection still finishing are dropped.
+//!
+//! A shared-subscription group with a persistent member keeps its position
+//! the same way, under `g/{app}/{group}/{filter}` (the position and when
+//! the group last lost its last member), for `streams.session_expiry_max`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -64,6 +68,8 @@ pub struct Sessions {
     store: Store,
     max_per_app: usize,
     max_total: usize,
+    /// How long a group's position is kept after its last member left.
+    group_expiry_ms: i64,
     /// When this process started: sessions that were live when the broker
     /// last stopped count as ended then.
     started_ms: i64,
@@ -137,11 +143,13 @@ impl Sessions {
         store: Store,
         max_per_app: usize,
         max_total: usize,
+        group_expiry: Duration,
     ) -> Result<Arc<Sessions>, SessionError> {
         let sessions = Arc::new(Sessions {
             store,
             max_per_app,
             max_total,
+            group_expiry_ms: group_expiry.as_millis().min(i64::MAX as u128) as i64,
             started_ms: now_ms(),
             state: Mutex::new(State::default()),
             released: tokio::sync::Notify::new(),
@@ -185,6 +193,21 @@ impl Sessions {
         };
         let now = now_ms();
         let mut swept = 0;
+        // Groups no member has held for `streams.session_expiry_max`.
+        let mut gone = Vec::new();
+        for (k, v) in self.store.sessions()? {
+            if k.starts_with(b"g/") {
+                let ended = group_value(&v).map_or(Some(0), |(_, e)| e);
+                let ended = ended.unwrap_or(self.started_ms);
+                if now.saturating_sub(ended) > self.group_expiry_ms {
+                    gone.push(k);
+                }
+            }
+        }
+        if !gone.is_empty() {
+            swept += gone.len();
+            self.store.delete_sessions(&gone)?;
+        }
         for key in candidates {
             let Some(raw) = self.store.session(&record_key(&key))? else {
                 continue;
@@ -284,6 +307,68 @@ impl Sessions {
         })
         .await?;
         Ok((owner, resumed))
+    }
+}
+
+/// The key of a shared-subscription group's position.
+pub fn group_key(app: &str, group: &str, filter: &str) -> Vec<u8> {
+    [
+        b"g/",
+        app.as_bytes(),
+        b"/",
+        group.as_bytes(),
+        b"/",
+        filter.as_bytes(),
+    ]
+    .concat()
+}
+
+/// A group's stored position and when it last ended (`None`: live).
+fn group_value(v: &[u8]) -> Option<(u64, Option<i64>)> {
+    let next = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    let ended = i64::from_be_bytes(v.get(8..16)?.try_into().ok()?);
+    Some((next, (ended >= 0).then_some(ended)))
+}
+
+impl Sessions {
+    /// Where the group under `key` stopped, if it is stored.
+    pub async fn group_position(
+        self: &Arc<Self>,
+        key: Vec<u8>,
+    ) -> Result<Option<u64>, SessionError> {
+        let me = self.clone();
+        blocking(move || {
+            Ok(me
+                .store
+                .session(&key)?
+                .and_then(|v| group_value(&v))
+                .map(|(next, _)| next))
+        })
+        .await
+    }
+
+    /// Stores a group's position; `ended_at` when its last member left.
+    pub async fn save_group(
+        self: &Arc<Self>,
+        key: Vec<u8>,
+        next: u64,
+        ended_at: Option<i64>,
+    ) -> Result<(), SessionError> {
+        let me = self.clone();
+        blocking(move || {
+            let mut v = [0u8; 16];
+            v[..8].copy_from_slice(&next.to_be_bytes());
+            v[8..].copy_from_slice(&ended_at.unwrap_or(-1).to_be_bytes());
+            me.store.put_session(&key, &v)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Forgets a group's position.
+    pub async fn delete_group(self: &Arc<Self>, key: Vec<u8>) -> Result<(), SessionError> {
+        let me = self.clone();
+        blocking(move || Ok(me.store.delete_sessions(&[key])?)).await
     }
 }
 
@@ -392,7 +477,7 @@ mod tests {
     async fn sessions_are_stored_resumed_and_limited() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), SyncMode::None).unwrap();
-        let s = Sessions::load(store.clone(), 2, 3).unwrap();
+        let s = Sessions::load(store.clone(), 2, 3, Duration::from_secs(60)).unwrap();
         let (o, resumed) = s.claim("a", "c1", 1, false).await.unwrap();
         assert_eq!(resumed, None);
         o.save(record(&["f1"], 60, None), 7).await.unwrap();
@@ -420,7 +505,7 @@ mod tests {
         drop((o, o2, o3, b1, b2));
 
         // After a restart: resumed with its subscriptions and position.
-        let s = Sessions::load(store.clone(), 2, 3).unwrap();
+        let s = Sessions::load(store.clone(), 2, 3, Duration::from_secs(60)).unwrap();
         assert_eq!(s.len(), 3);
         let (_o, resumed) = s.claim("a", "c1", 1, false).await.unwrap();
         let r = resumed.unwrap();
@@ -439,7 +524,7 @@ mod tests {
     async fn an_older_connection_cannot_write_over_a_newer_one() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), SyncMode::None).unwrap();
-        let s = Sessions::load(store, 10, 10).unwrap();
+        let s = Sessions::load(store, 10, 10, Duration::from_secs(60)).unwrap();
         let (old, _) = s.claim("a", "c", 1, false).await.unwrap();
         old.save(record(&["f"], 60, None), 5).await.unwrap();
         let (new, resumed) = s.claim("a", "c", 2, false).await.unwrap();
@@ -460,7 +545,7 @@ mod tests {
     async fn expired_sessions_are_gone() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), SyncMode::None).unwrap();
-        let s = Sessions::load(store.clone(), 10, 10).unwrap();
+        let s = Sessions::load(store.clone(), 10, 10, Duration::from_secs(60)).unwrap();
         let (o, _) = s.claim("a", "old", 1, false).await.unwrap();
         o.save(record(&["f"], 1, Some(now_ms() - 5_000)), 0)
             .await
@@ -472,8 +557,17 @@ mod tests {
         // Held by a connection: never swept.
         assert_eq!(s.sweep().unwrap(), 0);
         drop((o, o2));
-        assert_eq!(s.sweep().unwrap(), 1);
+        // A group that ended long ago goes too; a live one stays.
+        let g = group_key("a", "g", "f");
+        s.save_group(g.clone(), 4, Some(now_ms() - 120_000))
+            .await
+            .unwrap();
+        let live = group_key("a", "h", "f");
+        s.save_group(live.clone(), 5, None).await.unwrap();
+        assert_eq!(s.sweep().unwrap(), 2);
         assert_eq!(s.len(), 1);
+        assert_eq!(s.group_position(g).await.unwrap(), None);
+        assert_eq!(s.group_position(live).await.unwrap(), Some(5));
         let (_o, resumed) = s.claim("a", "old", 3, false).await.unwrap();
         assert_eq!(resumed, None);
         let (_o, resumed) = s.claim("a", "kept", 4, false).await.unwrap();

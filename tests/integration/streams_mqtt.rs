@@ -581,3 +581,131 @@ fn mosquitto_sub_receives_states() {
         assert_eq!(n_of(payload.as_bytes()), i as u64);
     }
 }
+
+const SHARED: &str = "$share/workers/applications/farm/devices/+/state";
+
+/// (device, n) of each PUBLISH.
+fn device_and_n(p: &p5::Publish) -> (String, u64) {
+    let topic = std::str::from_utf8(&p.topic).unwrap();
+    let device = topic.split('/').nth(3).unwrap().to_string();
+    (device, n_of(&p.payload))
+}
+
+#[test]
+fn a_shared_subscription_spreads_states_over_its_members_keeping_device_order() {
+    let s = Server::start();
+    let (w, r) = (ingest(&s), reader(&s));
+    rt().block_on(async {
+        let mut members = vec![];
+        for i in 0..3 {
+            let (c, mut ev, _) = v5_connect(v5_opts(&s, &format!("w{i}"), &r)).await;
+            c.subscribe(SHARED, Q5::AtLeastOnce).await.unwrap();
+            assert_eq!(
+                v5_suback(&mut ev).await,
+                vec![p5::SubscribeReasonCode::Success(Q5::AtLeastOnce)]
+            );
+            members.push((c, ev));
+        }
+        // A plain subscriber beside the group gets everything.
+        let (c, mut all, _) = v5_connect(v5_opts(&s, "all", &r)).await;
+        c.subscribe(ALL, Q5::AtLeastOnce).await.unwrap();
+        v5_suback(&mut all).await;
+        let devices = 24u64;
+        let per = 5u64;
+        blocking(|| {
+            for k in 0..per {
+                for d in 0..devices {
+                    post(&s, &w, &format!("d{d}"), k * devices + d, 1);
+                }
+            }
+        });
+        let total = (devices * per) as usize;
+        assert_eq!(v5_publishes(&mut all, total).await.len(), total);
+        // Collect from every member until all states are in.
+        let mut got: Vec<Vec<(String, u64)>> = vec![vec![]; 3];
+        let deadline = Instant::now() + WAIT;
+        while got.iter().map(Vec::len).sum::<usize>() < total {
+            assert!(
+                Instant::now() < deadline,
+                "only {:?}",
+                got.iter().map(Vec::len).collect::<Vec<_>>()
+            );
+            for (i, (_, ev)) in members.iter_mut().enumerate() {
+                if let Ok(Ok(rumqttc::v5::Event::Incoming(p5::Packet::Publish(p)))) =
+                    tokio::time::timeout(Duration::from_millis(20), ev.poll()).await
+                {
+                    got[i].push(device_and_n(&p));
+                }
+            }
+        }
+        // Exactly once across the group.
+        let mut ns: Vec<u64> = got.iter().flatten().map(|(_, n)| *n).collect();
+        ns.sort_unstable();
+        assert_eq!(ns, (0..total as u64).collect::<Vec<_>>());
+        // Spread: more than one member worked, and each device went to one
+        // member, in commit order.
+        assert!(got.iter().filter(|g| !g.is_empty()).count() >= 2, "{got:?}");
+        for d in 0..devices {
+            let name = format!("d{d}");
+            let holders: Vec<usize> = (0..3)
+                .filter(|i| got[*i].iter().any(|(dev, _)| *dev == name))
+                .collect();
+            assert_eq!(holders.len(), 1, "{name} went to {holders:?}");
+            let order: Vec<u64> = got[holders[0]]
+                .iter()
+                .filter(|(dev, _)| *dev == name)
+                .map(|(_, n)| *n)
+                .collect();
+            assert!(order.windows(2).all(|w| w[0] < w[1]), "{name}: {order:?}");
+        }
+    });
+}
+
+#[test]
+fn a_member_leaving_hands_its_unacknowledged_states_to_the_others() {
+    let s = Server::start();
+    let (w, r) = (ingest(&s), reader(&s));
+    rt().block_on(async {
+        // The member that will leave acknowledges nothing.
+        let mut o = v5_opts(&s, "quitter", &r);
+        o.set_manual_acks(true);
+        let (qc, mut quitter, _) = v5_connect(o).await;
+        qc.subscribe(SHARED, Q5::AtLeastOnce).await.unwrap();
+        v5_suback(&mut quitter).await;
+        let (sc, mut stayer, _) = v5_connect(v5_opts(&s, "stayer", &r)).await;
+        sc.subscribe(SHARED, Q5::AtLeastOnce).await.unwrap();
+        v5_suback(&mut stayer).await;
+        let devices = 16u64;
+        blocking(|| {
+            for d in 0..devices {
+                post(&s, &w, &format!("d{d}"), d, 1);
+            }
+        });
+        // Read what each got for a while.
+        let mut q = vec![];
+        let mut st = vec![];
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while (q.len() + st.len()) < devices as usize && Instant::now() < deadline {
+            if let Ok(Ok(rumqttc::v5::Event::Incoming(p5::Packet::Publish(p)))) =
+                tokio::time::timeout(Duration::from_millis(20), quitter.poll()).await
+            {
+                q.push(n_of(&p.payload));
+            }
+            if let Ok(Ok(rumqttc::v5::Event::Incoming(p5::Packet::Publish(p)))) =
+                tokio::time::timeout(Duration::from_millis(20), stayer.poll()).await
+            {
+                st.push(n_of(&p.payload));
+            }
+        }
+        assert_eq!(q.len() + st.len(), devices as usize);
+        assert!(!q.is_empty(), "the quitter got nothing to drop");
+        // It goes away without acknowledging: the stayer gets its states.
+        drop((qc, quitter));
+        let again = v5_publishes(&mut stayer, q.len()).await;
+        let mut again = ns(&again);
+        again.sort_unstable();
+        q.sort_unstable();
+        assert_eq!(again, q);
+        v5_quiet(&mut stayer, Duration::from_millis(300)).await;
+    });
+}
