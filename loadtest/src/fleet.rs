@@ -316,6 +316,32 @@ impl Admin {
             .ok_or_else(|| anyhow!("POST {url}: no \"token\" in the answer"))
     }
 
+    /// Creates a token of scope `device.getState` for every device of
+    /// `app` (for stream consumers); returns its secret.
+    pub async fn create_reader_token(&self, app: &str, name: &str) -> Result<String> {
+        let url = format!("{}/applications/{app}/tokens", self.base);
+        let body = json!({"name": name, "scope": ["device.getState"], "devices": ["*"]});
+        let resp = self
+            .http
+            .post(&url)
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?;
+        let status = resp.status();
+        let text = resp.text().await.with_context(|| format!("POST {url}"))?;
+        if !status.is_success() {
+            bail!("POST {url}: {status}: {text}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("POST {url}: unparseable answer {text:?}"))?;
+        v.get("token")
+            .and_then(|t| t.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("POST {url}: no \"token\" in the answer"))
+    }
+
     /// One page of a device's history, oldest first, as raw JSON text.
     pub async fn state_page(
         &self,
