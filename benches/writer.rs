@@ -10,6 +10,9 @@
 //!   exactly the records the writer writes for a batch of that size, with
 //!   no queue, thread hand-off, attribute limit or completion. The writer's
 //!   own batch sizes are printed after each writer function.
+//! - `raw_batch1000_no_log_index`: the same without the per-application
+//!   log index records (what a batch wrote before live streams), so the
+//!   paired rounds show what the index costs.
 //! - `raw_batch1000_state_only`: the same without the composite merges.
 //! - `writer_4prod_preparsed`: 4 producer threads, 256 requests in flight
 //!   each, through `IngestQueue::try_enqueue` → writer thread (attribute
@@ -201,9 +204,60 @@ fn run_writer(queue: &IngestQueue, pool: &[Msg], iters: u64, mode: Mode) -> Dura
     .elapsed()
 }
 
+/// What a raw batch writes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Raw {
+    /// `Records::add`: states, composite merges, the log index.
+    Records,
+    /// The same without the log index (what `Records::add` wrote before
+    /// it), to show what the index costs.
+    NoLogIndex,
+    /// States only.
+    StateOnly,
+}
+
+/// `Records::add` without the per-application log index records.
+fn add_without_log_index<'a>(
+    store: &Store,
+    b: &mut sluice::store::CommitBatch,
+    seq: &mut u64,
+    batch: impl Iterator<Item = &'a Msg>,
+    scratch: &mut Vec<u8>,
+) {
+    let mut composites: std::collections::HashMap<&[u8], Vec<&[u8]>> =
+        std::collections::HashMap::new();
+    for m in batch {
+        for s in &m.parsed.states {
+            let data = &m.body[s.data.start as usize..s.data.end as usize];
+            let at = Position {
+                time_ms: s.time_ms,
+                seq: *seq,
+            };
+            store.put_state(b, &m.device, at, data).unwrap();
+            *seq += 1;
+        }
+        composites
+            .entry(&m.device[..])
+            .or_default()
+            .push(&m.parsed.composite);
+    }
+    for (device, ops) in composites {
+        if let [one] = ops.as_slice() {
+            store.merge_composite(b, device, one).unwrap();
+        } else {
+            scratch.clear();
+            for op in ops {
+                scratch.extend_from_slice(op);
+            }
+            store.merge_composite(b, device, scratch).unwrap();
+        }
+    }
+}
+
 /// `iters` messages as raw write batches of `RAW_BATCH`, one thread.
-fn run_raw(store: &Store, pool: &[Msg], iters: u64, seq: &mut u64, composite: bool) -> Duration {
+fn run_raw(store: &Store, pool: &[Msg], iters: u64, seq: &mut u64, raw: Raw) -> Duration {
     let mut scratch = Scratch::default();
+    let mut plain = Vec::new();
     let t0 = Instant::now();
     let mut left = iters;
     let mut j = 0;
@@ -218,9 +272,11 @@ fn run_raw(store: &Store, pool: &[Msg], iters: u64, seq: &mut u64, composite: bo
         let first = j;
         let batch = (0..n).map(move |k| &pool[(first + k + 1) % pool.len()]);
         j = (j + n) % pool.len();
-        if composite {
+        if raw == Raw::Records {
             let requests = batch.map(|m| (&m.device[..], &m.body, &m.parsed));
             *seq = Records::add(store, &mut b, *seq, requests, &mut scratch).unwrap();
+        } else if raw == Raw::NoLogIndex {
+            add_without_log_index(store, &mut b, seq, batch, &mut plain);
         } else {
             for m in batch {
                 for s in &m.parsed.states {
@@ -270,15 +326,16 @@ fn bench_ingest(c: &mut Criterion) {
     let mut g = c.benchmark_group("ingest");
     g.throughput(Throughput::Elements(1));
 
-    for (name, composite) in [
-        ("raw_batch1000_state_composite", true),
-        ("raw_batch1000_state_only", false),
+    for (name, raw) in [
+        ("raw_batch1000_state_composite", Raw::Records),
+        ("raw_batch1000_no_log_index", Raw::NoLogIndex),
+        ("raw_batch1000_state_only", Raw::StateOnly),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), SyncMode::None).unwrap();
         let mut seq = 0;
         g.bench_function(name, |b| {
-            b.iter_custom(|iters| run_raw(&store, &pool, iters, &mut seq, composite))
+            b.iter_custom(|iters| run_raw(&store, &pool, iters, &mut seq, raw))
         });
         eprintln!("  {name}: {seq} messages written");
     }
@@ -330,7 +387,7 @@ fn bench_ingest(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), SyncMode::None).unwrap();
     let mut seq = 0;
-    run_raw(&store, &pool, POOL as u64, &mut seq, true);
+    run_raw(&store, &pool, POOL as u64, &mut seq, Raw::Records);
     // Each message has 7 attributes; a limit of 7 with no cache to speak of
     // leaves room for one device, and requests cycle through 100.
     for (name, max, cache_names) in [
@@ -384,11 +441,12 @@ fn process_cpu() -> Duration {
 fn paired_rounds(pool: &[Msg]) {
     const ROUNDS: usize = 9;
     const PER_ROUND: u64 = 150_000;
-    const NAMES: [&str; 4] = [
+    const NAMES: [&str; 5] = [
         "raw_batch1000_state_composite",
         "writer_4prod_preparsed",
         "writer_4prod_preparsed_wait_half",
         "writer_4prod_parse_inline",
+        "raw_batch1000_no_log_index",
     ];
     const MODES: [Mode; 3] = [
         Mode {
@@ -408,7 +466,8 @@ fn paired_rounds(pool: &[Msg]) {
         .map(|_| tempfile::tempdir().unwrap())
         .collect();
     let raw_store = Store::open(dirs[0].path(), SyncMode::None).unwrap();
-    let writers: Vec<Writer> = dirs[1..]
+    let no_log_store = Store::open(dirs[4].path(), SyncMode::None).unwrap();
+    let writers: Vec<Writer> = dirs[1..4]
         .iter()
         .map(|d| {
             let store = Store::open(d.path(), SyncMode::None).unwrap();
@@ -416,10 +475,11 @@ fn paired_rounds(pool: &[Msg]) {
         })
         .collect();
     let queues: Vec<_> = writers.iter().map(Writer::queue).collect();
-    let mut seq = 0;
+    let (mut seq, mut no_log_seq) = (0, 0);
     let mut wall = [Duration::ZERO; NAMES.len()];
     let mut cpu = [Duration::ZERO; NAMES.len()];
     let mut ratios: [Vec<f64>; MODES.len()] = Default::default();
+    let mut index_cost = Vec::new();
     for round in 0..ROUNDS {
         let mut t = [Duration::ZERO; NAMES.len()];
         for k in 0..NAMES.len() {
@@ -427,7 +487,14 @@ fn paired_rounds(pool: &[Msg]) {
             let i = (round + k) % NAMES.len();
             let c0 = process_cpu();
             t[i] = match i {
-                0 => run_raw(&raw_store, pool, PER_ROUND, &mut seq, true),
+                0 => run_raw(&raw_store, pool, PER_ROUND, &mut seq, Raw::Records),
+                4 => run_raw(
+                    &no_log_store,
+                    pool,
+                    PER_ROUND,
+                    &mut no_log_seq,
+                    Raw::NoLogIndex,
+                ),
                 _ => run_writer(&queues[i - 1], pool, PER_ROUND, MODES[i - 1]),
             };
             cpu[i] += process_cpu() - c0;
@@ -437,6 +504,7 @@ fn paired_rounds(pool: &[Msg]) {
         for (w, r) in ratios.iter_mut().enumerate() {
             r.push(t[0].as_secs_f64() / t[w + 1].as_secs_f64());
         }
+        index_cost.push(t[4].as_secs_f64() / t[0].as_secs_f64());
     }
     for w in writers {
         w.stop().unwrap();
@@ -450,6 +518,15 @@ fn paired_rounds(pool: &[Msg]) {
             cpu.as_secs_f64() * 1e6 / msgs
         );
     }
+    let shown: Vec<String> = index_cost.iter().map(|x| format!("{x:.2}")).collect();
+    index_cost.sort_by(f64::total_cmp);
+    eprintln!(
+        "  raw rate with the log index / without, per round: median {:.2}, min {:.2}, max {:.2} [{}]",
+        index_cost[ROUNDS / 2],
+        index_cost[0],
+        index_cost[ROUNDS - 1],
+        shown.join(" ")
+    );
     for (w, r) in ratios.iter_mut().enumerate() {
         let shown: Vec<String> = r.iter().map(|x| format!("{x:.2}")).collect();
         r.sort_by(f64::total_cmp);
