@@ -6,10 +6,17 @@
 //! keyed `{app}/` ++ first position (u64 BE), whose value is
 //!
 //! ```text
-//! max_time_ms (u64 BE)                     the newest state time inside
-//! { position (u64 BE), time_ms (u64 BE),   per state, in commit order
-//!   device length (u8), device id }*
+//! max_time_ms (u64 BE)          the newest state time inside
+//! per state, in commit order:
+//!   varint   position − the previous one (the first: − the key's)
+//!   varint   time_ms − the previous one, zigzag (the first: itself)
+//!   u8       device id length, 0 for the previous state's device
+//!   [bytes]  device id, if its length is not 0
 //! ```
+//!
+//! Deltas keep a state's entry to a few bytes (positions of one batch are
+//! consecutive, times close), which the writer bench showed matters: the
+//! fixed-width entry cost ~10 % of the raw write rate.
 //!
 //! A record only points at states: the data stays in the `state` column
 //! family, found again from the device, the time and the position (the
@@ -31,17 +38,54 @@ use super::{CommitBatch, Store, StoreError, CF_STATE};
 
 pub(super) const CF_LOG: &str = "log";
 
-/// Size of an entry without its device id.
-const ENTRY_FIXED: usize = 8 + 8 + 1;
+/// One application's record being built.
+#[derive(Default)]
+struct Building {
+    app: Vec<u8>,
+    first: u64,
+    value: Vec<u8>,
+    /// The previous entry's position, time and device.
+    position: u64,
+    time: u64,
+    device: Vec<u8>,
+}
+
+fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn get_varint(b: &[u8], at: &mut usize) -> Option<u64> {
+    let mut n = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*at)?;
+        *at += 1;
+        n |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(n);
+        }
+    }
+    None
+}
+
+fn zigzag(d: i64) -> u64 {
+    ((d << 1) ^ (d >> 63)) as u64
+}
+
+fn unzigzag(n: u64) -> i64 {
+    ((n >> 1) as i64) ^ -((n & 1) as i64)
+}
 
 /// Builds the log records of one batch: one buffer per application,
 /// reused from batch to batch.
 #[derive(Default)]
 pub struct LogBuilder {
-    /// `(application, first position, value)` per application in the batch;
-    /// only the first `used` are part of the current batch, the rest are
-    /// spare buffers.
-    records: Vec<(Vec<u8>, u64, Vec<u8>)>,
+    /// One per application in the batch; only the first `used` are part of
+    /// the current batch, the rest are spare buffers.
+    records: Vec<Building>,
     used: usize,
     /// Application → index in `records`, for batches of many applications.
     index: std::collections::HashMap<Vec<u8>, usize>,
@@ -61,48 +105,61 @@ impl LogBuilder {
     /// `app` is part of the batch. States must come in position order.
     pub fn push(&mut self, app: &[u8], device: &[u8], time_ms: u64, position: u64) {
         let known = match self.records[..self.used].get(self.last) {
-            Some((a, _, _)) if a == app => Some(self.last),
+            Some(r) if r.app == app => Some(self.last),
             _ => self.index.get(app).copied(),
         };
         let i = match known {
             Some(i) => i,
             None => {
                 if self.used == self.records.len() {
-                    self.records.push(Default::default());
+                    self.records.push(Building::default());
                 }
-                let (a, first, value) = &mut self.records[self.used];
-                a.clear();
-                a.extend_from_slice(app);
-                *first = position;
-                value.clear();
-                value.extend_from_slice(&0u64.to_be_bytes());
+                let r = &mut self.records[self.used];
+                r.app.clear();
+                r.app.extend_from_slice(app);
+                r.first = position;
+                r.position = position;
+                r.value.clear();
+                r.value.extend_from_slice(&time_ms.to_be_bytes());
+                r.time = 0;
+                r.device.clear();
                 self.index.insert(app.to_vec(), self.used);
                 self.used += 1;
                 self.used - 1
             }
         };
         self.last = i;
-        let value = &mut self.records[i].2;
-        let max = u64::from_be_bytes(value[..8].try_into().unwrap_or_default());
+        let r = &mut self.records[i];
+        let max = u64::from_be_bytes(r.value[..8].try_into().unwrap_or_default());
         if time_ms > max {
-            value[..8].copy_from_slice(&time_ms.to_be_bytes());
+            r.value[..8].copy_from_slice(&time_ms.to_be_bytes());
         }
-        value.extend_from_slice(&position.to_be_bytes());
-        value.extend_from_slice(&time_ms.to_be_bytes());
-        // Device ids are at most 64 bytes (`ids::MAX_ID_LEN`).
-        value.push(device.len().min(255) as u8);
-        value.extend_from_slice(&device[..device.len().min(255)]);
+        put_varint(&mut r.value, position.wrapping_sub(r.position));
+        put_varint(&mut r.value, zigzag(time_ms.wrapping_sub(r.time) as i64));
+        r.position = position;
+        r.time = time_ms;
+        // Device ids are 1-64 bytes (`ids::MAX_ID_LEN`), so 0 is free to
+        // mean "the same again".
+        if r.device == device {
+            r.value.push(0);
+        } else {
+            let d = &device[..device.len().min(255)];
+            r.value.push(d.len() as u8);
+            r.value.extend_from_slice(d);
+            r.device.clear();
+            r.device.extend_from_slice(d);
+        }
     }
 
     /// Adds the batch's records to `cb`.
     pub fn write(&self, store: &Store, cb: &mut CommitBatch) -> Result<(), StoreError> {
         let cf = store.cf(CF_LOG)?;
-        for (app, first, value) in &self.records[..self.used] {
+        for r in &self.records[..self.used] {
             cb.key.clear();
-            cb.key.extend_from_slice(app);
+            cb.key.extend_from_slice(&r.app);
             cb.key.push(b'/');
-            cb.key.extend_from_slice(&first.to_be_bytes());
-            cb.wb.put_cf(cf, &cb.key, value);
+            cb.key.extend_from_slice(&r.first.to_be_bytes());
+            cb.wb.put_cf(cf, &cb.key, &r.value);
         }
         Ok(())
     }
@@ -191,16 +248,27 @@ pub struct LogPage {
     pub done: bool,
 }
 
-/// The entries of one record value: `(position, time_ms, device)`.
-fn entries(value: &[u8]) -> impl Iterator<Item = (u64, u64, &[u8])> {
-    let mut at = 8.min(value.len());
+/// The entries of one record (`key`, `value`): `(position, time_ms,
+/// device)`. A malformed record ends early.
+fn entries<'a>(key: &[u8], value: &'a [u8]) -> impl Iterator<Item = (u64, u64, &'a [u8])> {
+    let first = key
+        .len()
+        .checked_sub(8)
+        .and_then(|at| key[at..].try_into().ok())
+        .map_or(0, u64::from_be_bytes);
+    let mut position = first;
+    let mut time = 0u64;
+    let mut device: &[u8] = &[];
+    let mut at = 8;
     std::iter::from_fn(move || {
-        let fixed = value.get(at..at + ENTRY_FIXED)?;
-        let position = u64::from_be_bytes(fixed[..8].try_into().ok()?);
-        let time = u64::from_be_bytes(fixed[8..16].try_into().ok()?);
-        let len = usize::from(fixed[16]);
-        let device = value.get(at + ENTRY_FIXED..at + ENTRY_FIXED + len)?;
-        at += ENTRY_FIXED + len;
+        position = position.wrapping_add(get_varint(value, &mut at)?);
+        time = time.wrapping_add(unzigzag(get_varint(value, &mut at)?) as u64);
+        let len = usize::from(*value.get(at)?);
+        at += 1;
+        if len > 0 {
+            device = value.get(at..at + len)?;
+            at += len;
+        }
         Some((position, time, device))
     })
 }
@@ -235,9 +303,15 @@ impl Store {
     pub fn log_bounds(&self, app: &str) -> Result<Option<(u64, u64)>, StoreError> {
         let mut it = self.log_iter(app)?;
         it.seek_to_first();
-        let first = it.value().and_then(|v| entries(v).next()).map(|e| e.0);
+        let first = it
+            .item()
+            .and_then(|(k, v)| entries(k, v).next())
+            .map(|e| e.0);
         it.seek_to_last();
-        let last = it.value().and_then(|v| entries(v).last()).map(|e| e.0);
+        let last = it
+            .item()
+            .and_then(|(k, v)| entries(k, v).last())
+            .map(|e| e.0);
         it.status()?;
         Ok(first.zip(last))
     }
@@ -247,8 +321,8 @@ impl Store {
         let mut it = self.log_iter(app)?;
         it.seek_for_prev(log_key(app, position));
         let found = it
-            .value()
-            .is_some_and(|v| entries(v).any(|e| e.0 == position));
+            .item()
+            .is_some_and(|(k, v)| entries(k, v).any(|e| e.0 == position));
         it.status()?;
         Ok(found)
     }
@@ -273,8 +347,8 @@ impl Store {
         let mut wanted: Vec<(u64, u64, Box<str>)> = Vec::new();
         let mut done = true;
         let mut approx_bytes = 0usize;
-        'records: while let Some(v) = it.value() {
-            for (position, time, device) in entries(v) {
+        'records: while let Some((k, v)) = it.item() {
+            for (position, time, device) in entries(k, v) {
                 if position < from {
                     continue;
                 }
@@ -410,6 +484,48 @@ mod tests {
         assert!(store.log_contains("a", 5).unwrap());
         assert!(!store.log_contains("a", 4).unwrap());
         assert!(!store.log_contains("a", 99).unwrap());
+    }
+
+    #[test]
+    fn entries_round_trip_through_the_compact_encoding() {
+        let states: Vec<(u64, u64, &[u8])> = vec![
+            (100, 5_000, b"a"),
+            (101, 4_000, b"a"),
+            (109, u64::MAX / 2, b"bb"),
+            (1 << 40, 0, b"bb"),
+            ((1 << 40) + 1, 7, b"a"),
+        ];
+        let mut b = LogBuilder::default();
+        for (p, t, d) in &states {
+            b.push(b"app", d, *t, *p);
+        }
+        let r = &b.records[0];
+        let mut key = b"app/".to_vec();
+        key.extend_from_slice(&r.first.to_be_bytes());
+        let got: Vec<(u64, u64, &[u8])> = entries(&key, &r.value).collect();
+        assert_eq!(got, states);
+        assert_eq!(
+            &r.value[..8],
+            &(u64::MAX / 2).to_be_bytes(),
+            "max time leads"
+        );
+        // A truncated record ends early instead of failing.
+        assert_eq!(entries(&key, &r.value[..r.value.len() - 1]).count(), 4);
+        // A batch of consecutive positions of a few devices: a few bytes each.
+        let mut b = LogBuilder::default();
+        for i in 0..1000u64 {
+            b.push(
+                b"app",
+                format!("dev-{:03}", i % 100).as_bytes(),
+                1_700_000_000_000 + i,
+                i,
+            );
+        }
+        assert!(
+            b.records[0].value.len() < 1000 * 12,
+            "{}",
+            b.records[0].value.len()
+        );
     }
 
     #[test]

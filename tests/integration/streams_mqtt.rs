@@ -709,3 +709,39 @@ fn a_member_leaving_hands_its_unacknowledged_states_to_the_others() {
         v5_quiet(&mut stayer, Duration::from_millis(300)).await;
     });
 }
+
+#[test]
+fn stored_sessions_are_bounded_and_their_expiry_capped() {
+    let s = Server::start_with(&[
+        ("SLUICE_STREAMS__MAX_SESSIONS_PER_APP", "1"),
+        ("SLUICE_STREAMS__SESSION_EXPIRY_MAX", "1h"),
+    ]);
+    let r = reader(&s);
+    rt().block_on(async {
+        let mut o = v5_keep(&s, "first", &r);
+        o.set_session_expiry_interval(Some(7200));
+        let (c, mut ev, ack) = v5_connect(o).await;
+        // Asked for two hours, granted the one configured.
+        let granted = ack.properties.and_then(|p| p.session_expiry_interval);
+        assert_eq!(granted, Some(3600));
+        c.subscribe(ALL, Q5::AtLeastOnce).await.unwrap();
+        assert_eq!(
+            v5_suback(&mut ev).await,
+            vec![p5::SubscribeReasonCode::Success(Q5::AtLeastOnce)]
+        );
+        // A second persistent session of the application is one too many…
+        let (c2, mut ev2, _) = v5_connect(v5_keep(&s, "second", &r)).await;
+        c2.subscribe(ALL, Q5::AtLeastOnce).await.unwrap();
+        assert_eq!(
+            v5_suback(&mut ev2).await,
+            vec![p5::SubscribeReasonCode::QuotaExceeded]
+        );
+        // …while a session that is not kept may subscribe.
+        let (c3, mut ev3, _) = v5_connect(v5_opts(&s, "third", &r)).await;
+        c3.subscribe(ALL, Q5::AtLeastOnce).await.unwrap();
+        assert_eq!(
+            v5_suback(&mut ev3).await,
+            vec![p5::SubscribeReasonCode::Success(Q5::AtLeastOnce)]
+        );
+    });
+}
