@@ -62,6 +62,15 @@ pub struct StorageConfig {
     /// recently used devices first) to enforce the limit above without
     /// reading storage on every request.
     pub attribute_cache_names: usize,
+    /// How long history is kept unless an application overrides it.
+    pub retention: crate::store::Retention,
+    /// With any finite retention, the longest before expired history's
+    /// space is reclaimed.
+    #[serde(with = "human_duration")]
+    pub retention_reclaim_interval: Duration,
+    pub compression: crate::store::Compression,
+    pub block_cache_bytes: usize,
+    pub write_buffer_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -155,6 +164,8 @@ pub struct TokensConfig {
     #[serde(with = "human_duration")]
     pub last_used_flush: Duration,
     pub max_devices_per_token: usize,
+    pub max_per_application: usize,
+    pub max_chain_depth: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -362,6 +373,8 @@ pub struct Overrides {
     pub mqtts_listen: Option<String>,
     pub data_dir: Option<String>,
     pub admin_allow_public: bool,
+    /// `--cluster URL[,URL…]`: `cluster.nats_urls`.
+    pub cluster: Option<Vec<String>>,
 }
 
 /// Every problem found while loading, one line each.
@@ -479,6 +492,10 @@ impl Config {
             self.storage.max_attributes_per_device,
         );
         positive("http.ip_table_max", self.http.ip_table_max);
+        positive(
+            "storage.write_buffer_bytes",
+            self.storage.write_buffer_bytes,
+        );
         positive("batch.max_messages", self.batch.max_messages);
         positive("batch.max_bytes", self.batch.max_bytes);
         positive("batch.queue_capacity", self.batch.queue_capacity);
@@ -487,6 +504,11 @@ impl Config {
             "tokens.max_devices_per_token",
             self.tokens.max_devices_per_token,
         );
+        positive(
+            "tokens.max_per_application",
+            self.tokens.max_per_application,
+        );
+        positive("tokens.max_chain_depth", self.tokens.max_chain_depth);
         positive("streams.live_buffer_bytes", self.streams.live_buffer_bytes);
         positive(
             "streams.consumer_buffer_bytes",
@@ -558,6 +580,9 @@ impl Config {
         if self.tls.cert.as_os_str().is_empty() != self.tls.key.as_os_str().is_empty() {
             p.push("`tls.cert` and `tls.key` must be set together (or both left empty)".into());
         }
+        if self.storage.retention_reclaim_interval < Duration::from_secs(60) {
+            p.push("`storage.retention_reclaim_interval` must be at least 1m".into());
+        }
         if self.storage.data_dir.as_os_str().is_empty() {
             p.push("`storage.data_dir` must not be empty".into());
         }
@@ -624,6 +649,9 @@ fn overrides_provider(o: &Overrides) -> Named {
     }
     if o.admin_allow_public {
         insert_path(&mut dict, "admin.allow_public", Value::from(true));
+    }
+    if let Some(urls) = &o.cluster {
+        insert_path(&mut dict, "cluster.nats_urls", Value::from(urls.clone()));
     }
     Named {
         name: "command-line flag",
@@ -835,6 +863,17 @@ mod tests {
         )
         .unwrap();
         assert!(ok.cluster.enabled());
+        // --cluster wins over the environment.
+        let flagged = Config::load(
+            None,
+            &env(&[("SLUICE_CLUSTER__NATS_URLS", "[\"nats://127.0.0.1:4222\"]")]),
+            &Overrides {
+                cluster: Some(vec!["nats://a:1".into(), "nats://b:2".into()]),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(flagged.cluster.nats_urls, ["nats://a:1", "nats://b:2"]);
         let err = Config::load(
             None,
             &env(&[

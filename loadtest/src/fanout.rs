@@ -430,8 +430,8 @@ pub async fn replay(args: ReplayArgs) -> Result<std::process::ExitCode> {
     let token = match (&args.token, &args.admin, &args.admin_token) {
         (Some(t), _, _) => t.clone(),
         (None, Some(url), Some(admin)) => {
-            let a = crate::fleet::Admin::new(url, admin, args.timeout)?;
-            a.create_reader_token(&args.app, "loadtest-replay").await?
+            let a = sluice::client::AdminClient::new(url, admin, args.timeout)?;
+            crate::fleet::reader_token(&a, &args.app, "loadtest-replay").await?
         }
         _ => bail!("give --token, or --admin with SLUICE_ADMIN_TOKEN to create one"),
     };

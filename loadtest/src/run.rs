@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use hyper::header::HeaderValue;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use sluice::client::AdminClient;
 
 use crate::cli::{Cli, Command, CommonArgs, MqttClientImpl, MqttVersion};
-use crate::fleet::{self, Admin, Fleet, FleetSpec, TokenUnit};
+use crate::fleet::{self, Fleet, FleetSpec, TokenUnit};
 use crate::http::{self, HttpConfig};
 use crate::mqtt::{self, MqttConfig};
 use crate::mqtt_rumqttc;
@@ -188,7 +189,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let needs_admin = c.verify
         || (c.token.is_none() && c.tokens_file.is_none() && !c.no_provision && c.admin.is_some());
     let admin = match (&c.admin, &c.admin_token) {
-        (Some(url), Some(tok)) => Some(Admin::new(url, tok, c.timeout)?),
+        (Some(url), Some(tok)) => Some(AdminClient::new(
+            url,
+            tok,
+            c.timeout.max(Duration::from_secs(30)),
+        )?),
         (Some(_), None) if needs_admin => {
             bail!("--admin needs the admin token: set SLUICE_ADMIN_TOKEN or --admin-token")
         }
@@ -491,7 +496,7 @@ async fn start_consumers(
     driver: &Driver,
     c: &CommonArgs,
     run: &str,
-    admin: Option<&Admin>,
+    admin: Option<&AdminClient>,
     n: usize,
 ) -> Result<crate::fanout::Consumers> {
     let k = &c.consumers;
@@ -502,10 +507,11 @@ async fn start_consumers(
     };
     let token = match (&k.consumer_token, admin) {
         (Some(t), _) => t.clone(),
-        (None, Some(a)) => a
-            .create_reader_token(&c.app, &format!("loadtest-{run}-consumers"))
-            .await
-            .context("creating the consumers' token")?,
+        (None, Some(a)) => {
+            crate::fleet::reader_token(a, &c.app, &format!("loadtest-{run}-consumers"))
+                .await
+                .context("creating the consumers' token")?
+        }
         (None, None) => bail!("--consumers needs --consumer-token or --admin"),
     };
     let spec = crate::fanout::ConsumerSpec {

@@ -5,14 +5,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::token::RateLimit;
+use super::grant::RateLimit;
 
 /// Nanoseconds on a monotonic clock (wall-clock jumps do not refill or
 /// drain buckets).
 pub fn monotonic_ns() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
+
+/// [`monotonic_ns`] of an earlier instant (0 for one before the clock's
+/// start).
+pub fn monotonic_ns_of(at: Instant) -> u64 {
+    at.saturating_duration_since(*START.get_or_init(Instant::now))
+        .as_nanos() as u64
+}
+
+static START: OnceLock<Instant> = OnceLock::new();
 
 /// A bucket of `burst` messages refilled at `per_second`.
 #[derive(Debug)]
@@ -61,6 +69,14 @@ impl Limiter {
 }
 
 impl Limiter {
+    /// Gives back `n` messages taken by a [`Limiter::take`] that succeeded
+    /// (a request refused further on). `tat` only grows by what takes add,
+    /// so subtracting what one take added cannot wrap.
+    pub fn refund(&self, n: u32) {
+        self.tat
+            .fetch_sub(self.interval.saturating_mul(u64::from(n)), Ordering::AcqRel);
+    }
+
     /// How long until one more message would fit, without taking it.
     pub fn wait(&self, now: u64) -> Duration {
         let next = self

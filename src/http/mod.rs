@@ -2,8 +2,11 @@
 
 pub mod admin;
 pub mod backup;
+pub mod cluster;
 pub mod console;
 pub mod device;
+pub mod devices;
 pub mod read;
+pub mod retention;
 pub mod serve;
 pub mod stream;

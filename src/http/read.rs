@@ -16,7 +16,7 @@ use axum::Router;
 use tokio_util::sync::CancellationToken;
 
 use super::admin::{path, ApiError, PathOf};
-use crate::auth::{Denied, Registry, Scope, TokenEntry};
+use crate::auth::{monotonic_ns, Denied, Registry, Scope, TokenEntry};
 use crate::composite;
 use crate::config::StreamsConfig;
 use crate::ids::is_valid_id;
@@ -24,6 +24,7 @@ use crate::secret::parse_bearer;
 use crate::store::{device_key, HistoryQuery, Order, Position, Store};
 use crate::streams::{Hub, StreamSlots};
 use crate::timefmt::{self, now_ms};
+use crate::tokens::STALE;
 
 /// Default and largest page of history.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -99,6 +100,11 @@ impl ReadApi {
         app: &str,
         device: Option<&str>,
     ) -> Result<Arc<TokenEntry>, ApiError> {
+        // Cluster mode: with a stale view of the cluster's tokens this
+        // broker cannot know whether the token was revoked meanwhile.
+        if !self.registry.trusted(monotonic_ns()) {
+            return Err(ApiError::Unavailable(STALE.into()));
+        }
         let cred = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|h| parse_bearer(h.as_bytes()))

@@ -147,7 +147,7 @@ pub(super) async fn stream(
         Instant::now() + Duration::from_millis(left)
     });
     let sse = Sse {
-        revocations: api.registry.subscribe_revocations(),
+        revocations: api.registry.subscribe_revocations(&app),
         grant,
         app: app.into(),
         devices,

@@ -167,6 +167,9 @@ pub enum Refusal {
     RetainNotSupported,
     /// 5.0 reason 0x8C: enhanced authentication is not offered.
     BadAuthMethod,
+    /// 3.1.1 code 3 / 5.0 reason 0x88: cluster mode, and this broker's
+    /// view of the cluster's tokens is stale.
+    Unavailable,
 }
 
 /// PUBACK outcomes (only MQTT 5 can say anything but success).
@@ -226,6 +229,10 @@ pub enum Goodbye {
     KeepAliveTimeout,
     /// 0xA1: a SUBSCRIBE with a Subscription Identifier.
     SubscriptionIdsUnsupported,
+    /// 0x89, "server busy": cluster mode, and this broker's view of the
+    /// cluster's tokens is stale (0x88 "server unavailable" exists only
+    /// for CONNACK).
+    Unavailable,
 }
 
 impl Goodbye {
@@ -245,6 +252,7 @@ impl Goodbye {
             Goodbye::TakenOver => C::SessionTakenOver,
             Goodbye::KeepAliveTimeout => C::KeepAliveTimeout,
             Goodbye::SubscriptionIdsUnsupported => C::SubscriptionIdentifiersNotSupported,
+            Goodbye::Unavailable => C::ServerBusy,
         }
     }
 }
@@ -606,7 +614,9 @@ impl Codec {
                 use v3::ConnectAckReason as R;
                 let code = match why {
                     Refusal::NotAuthorized => R::NotAuthorized,
-                    Refusal::ServerBusy | Refusal::RateLimited => R::ServiceUnavailable,
+                    Refusal::ServerBusy | Refusal::RateLimited | Refusal::Unavailable => {
+                        R::ServiceUnavailable
+                    }
                     Refusal::BadClientId => R::IdentifierRejected,
                     Refusal::UnsupportedVersion => R::UnacceptableProtocolVersion,
                     Refusal::PacketTooLarge
@@ -633,6 +643,7 @@ impl Codec {
                         Refusal::QosNotSupported => R::QosNotSupported,
                         Refusal::RetainNotSupported => R::RetainNotSupported,
                         Refusal::BadAuthMethod => R::BadAuthenticationMethod,
+                        Refusal::Unavailable => R::ServerUnavailable,
                     },
                     ..v5::ConnectAck::default()
                 };

@@ -34,9 +34,8 @@
 use bytes::{Bytes, BytesMut};
 use rocksdb::{DBRawIteratorWithThreadMode, ReadOptions, DB};
 
-use super::{CommitBatch, Store, StoreError, CF_STATE};
-
-pub(super) const CF_LOG: &str = "log";
+use super::{CommitBatch, Store, StoreError};
+use crate::timefmt::now_ms;
 
 /// One application's record being built.
 #[derive(Default)]
@@ -153,7 +152,7 @@ impl LogBuilder {
 
     /// Adds the batch's records to `cb`.
     pub fn write(&self, store: &Store, cb: &mut CommitBatch) -> Result<(), StoreError> {
-        let cf = store.cf(CF_LOG)?;
+        let cf = store.cfs().log;
         for r in &self.records[..self.used] {
             cb.key.clear();
             cb.key.extend_from_slice(&r.app);
@@ -284,7 +283,7 @@ fn log_key(app: &str, position: u64) -> Vec<u8> {
 impl Store {
     /// An iterator over `app`'s log records only.
     fn log_iter(&self, app: &str) -> Result<DBRawIteratorWithThreadMode<'_, DB>, StoreError> {
-        let cf = self.cf(CF_LOG)?;
+        let cf = self.cfs().log;
         let mut lower = Vec::with_capacity(app.len() + 1);
         lower.extend_from_slice(app.as_bytes());
         lower.push(b'/');
@@ -296,7 +295,7 @@ impl Store {
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(lower);
         ro.set_iterate_upper_bound(upper);
-        Ok(self.db.raw_iterator_cf_opt(cf, ro))
+        Ok(self.db().raw_iterator_cf_opt(cf, ro))
     }
 
     /// The oldest and the newest position in `app`'s log, if it has any.
@@ -330,7 +329,8 @@ impl Store {
     /// Reads `app`'s states from position `from` on (inclusive), in
     /// position order: at most `max_entries`, and no more once their data
     /// exceeds `max_bytes` (at least one is always returned if there is
-    /// one). States retention has removed are skipped. Blocking.
+    /// one). States retention or a removal has removed are skipped.
+    /// Blocking.
     pub fn read_log(
         &self,
         app: &str,
@@ -338,6 +338,9 @@ impl Store {
         max_entries: usize,
         max_bytes: usize,
     ) -> Result<LogPage, StoreError> {
+        // States past the application's retention are invisible, as in
+        // `history`, whether or not compaction has dropped them yet.
+        let cutoff = self.expiry.cutoff(app.as_bytes(), now_ms().max(0) as u64);
         let mut it = self.log_iter(app)?;
         it.seek_for_prev(log_key(app, from));
         if !it.valid() {
@@ -347,9 +350,15 @@ impl Store {
         let mut wanted: Vec<(u64, u64, Box<str>)> = Vec::new();
         let mut done = true;
         let mut approx_bytes = 0usize;
+        // Just past the last state looked at (read or expired).
+        let mut scanned = from;
         'records: while let Some((k, v)) = it.item() {
             for (position, time, device) in entries(k, v) {
                 if position < from {
+                    continue;
+                }
+                if time < cutoff {
+                    scanned = position + 1;
                     continue;
                 }
                 if wanted.len() == max_entries || (approx_bytes > max_bytes && !wanted.is_empty()) {
@@ -359,6 +368,7 @@ impl Store {
                 let device = std::str::from_utf8(device)
                     .map_err(|_| StoreError::Corrupt("log entry device".into()))?;
                 wanted.push((position, time, device.into()));
+                scanned = position + 1;
                 // Until the data is read, count the key as a lower bound.
                 approx_bytes += 64;
             }
@@ -366,7 +376,7 @@ impl Store {
         }
         it.status()?;
         drop(it);
-        let next = wanted.last().map_or(from, |w| w.0 + 1);
+        let next = scanned;
         let keys: Vec<Vec<u8>> = wanted
             .iter()
             .map(|(position, time, device)| {
@@ -381,8 +391,8 @@ impl Store {
             })
             .collect();
         let values = self
-            .db
-            .batched_multi_get_cf(self.cf(CF_STATE)?, &keys, false);
+            .db()
+            .batched_multi_get_cf(self.cfs().state, &keys, false);
         let mut arena = BytesMut::new();
         let mut spans = Vec::with_capacity(values.len());
         let mut bytes = 0usize;

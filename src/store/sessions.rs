@@ -9,8 +9,6 @@ use rocksdb::WriteBatch;
 
 use super::{Store, StoreError};
 
-pub(super) const CF_SESSIONS: &str = "sessions";
-
 /// A stored session: its key and its record.
 pub type SessionRecord = (Vec<u8>, Vec<u8>);
 
@@ -18,36 +16,36 @@ impl Store {
     /// The stored record under `key`, if any. Blocking.
     pub fn session(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
-            .db
-            .get_pinned_cf(self.cf(CF_SESSIONS)?, key)?
+            .db()
+            .get_pinned_cf(self.cfs().sessions, key)?
             .map(|v| v.to_vec()))
     }
 
     /// Stores (or replaces) the record under `key`. Blocking.
     pub fn put_session(&self, key: &[u8], record: &[u8]) -> Result<(), StoreError> {
         let mut wb = WriteBatch::default();
-        wb.put_cf(self.cf(CF_SESSIONS)?, key, record);
-        self.db.write_opt(wb, &self.write_opts())?;
+        wb.put_cf(self.cfs().sessions, key, record);
+        self.db().write_opt(wb, &self.write_opts())?;
         Ok(())
     }
 
     /// Removes the records under `keys`. Blocking.
     pub fn delete_sessions(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
-        let cf = self.cf(CF_SESSIONS)?;
+        let cf = self.cfs().sessions;
         let mut wb = WriteBatch::default();
         for k in keys {
             wb.delete_cf(cf, k);
         }
-        self.db.write_opt(wb, &self.write_opts())?;
+        self.db().write_opt(wb, &self.write_opts())?;
         Ok(())
     }
 
     /// Every stored session record, in key order. Blocking; the number of
     /// records is bounded by `streams.max_sessions`.
     pub fn sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
-        let cf = self.cf(CF_SESSIONS)?;
+        let cf = self.cfs().sessions;
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+        for item in self.db().iterator_cf(cf, rocksdb::IteratorMode::Start) {
             let (k, v) = item?;
             out.push((k.to_vec(), v.to_vec()));
         }

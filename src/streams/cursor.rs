@@ -247,7 +247,7 @@ mod tests {
         let requests = || bodies.iter().map(|(d, b, p)| (&d[..], b, p));
         let mut cb = store.batch(1024);
         let mut scratch = Scratch::default();
-        let next = Records::add(store, &mut cb, *seq, requests(), &mut scratch).unwrap();
+        let next = Records::add(store, &mut cb, *seq, 0, requests(), &mut scratch).unwrap();
         Records::commit(store, hub, cb, next, *seq, requests()).unwrap();
         *seq = next;
     }

@@ -4,12 +4,15 @@
 
 mod common;
 
+mod admin_cancel;
 mod backup;
 mod bad_input;
 mod cli;
+mod cluster_tokens;
 mod console;
 mod crash;
 mod deploy;
+mod devices;
 mod full_disk;
 mod hostile;
 mod http_ingest;
@@ -26,7 +29,9 @@ mod nats_kv;
 mod nats_registry;
 mod nats_stream;
 mod rate_limits;
+mod readiness;
 mod reload;
+mod retention;
 mod secrets;
 mod streams_mqtt;
 mod streams_sse;
