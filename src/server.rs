@@ -245,6 +245,17 @@ pub async fn run(
     }
     let readiness = Arc::new(readiness);
 
+    let sessions = {
+        let (store, s) = (store.clone(), &config.streams);
+        let (per_app, total, expiry) =
+            (s.max_sessions_per_app, s.max_sessions, s.session_expiry_max);
+        tokio::task::spawn_blocking(move || Sessions::load(store, per_app, total, expiry))
+            .await
+            .map_err(|e| ServeError::Internal(e.to_string()))?
+            .map_err(|e| ServeError::Internal(format!("stored sessions: {e}")))?
+    };
+    tracing::info!(sessions = sessions.len(), "stored MQTT sessions loaded");
+
     let slots = StreamSlots::new(
         config.streams.max_streams_per_token,
         config.streams.max_streams_per_ip,
@@ -306,6 +317,7 @@ pub async fn run(
             queue: queue.clone(),
             backups: crate::backup::Backups::new(store.clone(), &data_dir.join("db")),
             readiness,
+            sessions: sessions.clone(),
             max_response_bytes: config.admin.max_response_bytes,
         }),
         read_api(true),
@@ -331,16 +343,6 @@ pub async fn run(
         "admin",
     ));
 
-    let sessions = {
-        let (store, s) = (store.clone(), &config.streams);
-        let (per_app, total, expiry) =
-            (s.max_sessions_per_app, s.max_sessions, s.session_expiry_max);
-        tokio::task::spawn_blocking(move || Sessions::load(store, per_app, total, expiry))
-            .await
-            .map_err(|e| ServeError::Internal(e.to_string()))?
-            .map_err(|e| ServeError::Internal(format!("stored sessions: {e}")))?
-    };
-    tracing::info!(sessions = sessions.len(), "stored MQTT sessions loaded");
     let mqtt_ctx = Arc::new(mqtt::MqttContext::new(
         registry.clone(),
         queue.clone(),

@@ -29,6 +29,8 @@ pub struct AdminApi {
     pub backups: Arc<crate::backup::Backups>,
     /// `/readyz`, with the detail behind each failure.
     pub readiness: Arc<crate::readiness::Readiness>,
+    /// Persistent MQTT sessions, which an application removal forgets.
+    pub sessions: Arc<crate::streams::sessions::Sessions>,
     /// Bound on one history page's data (`admin.max_response_bytes`).
     pub max_response_bytes: usize,
 }

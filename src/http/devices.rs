@@ -210,6 +210,9 @@ async fn remove_application(
         .begin_application_removal(caller, app.clone())
         .await?;
     let n = tokens.len();
+    // Its tokens are revoked now; its subscribers still ending must not
+    // write their sessions back after the removal below.
+    api.sessions.forget_application(&app);
     let result = api
         .queue
         .remove(Removal::Application {

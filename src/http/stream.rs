@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::admin::{path, ApiError, PathOf};
 use super::read::{Peer, ReadApi};
-use crate::auth::{Scope, TokenEntry};
+use crate::auth::{monotonic_ns, Registry, Scope, TokenEntry};
 use crate::ids::is_valid_id;
 use crate::metrics::Metrics;
 use crate::store::{Chunk, ChunkEntry};
@@ -148,6 +148,7 @@ pub(super) async fn stream(
     });
     let sse = Sse {
         revocations: api.registry.subscribe_revocations(&app),
+        registry: api.registry.clone(),
         grant,
         app: app.into(),
         devices,
@@ -205,6 +206,11 @@ struct Sse {
     /// Sent before anything else (the aged-out notice).
     first: Option<Bytes>,
     revocations: watch::Receiver<u64>,
+    /// Cluster mode: once this broker's view of the tokens is stale it
+    /// cannot know whether the grant was revoked, so the stream ends (the
+    /// client resumes by `Last-Event-ID`, here once trusted again or on
+    /// another broker).
+    registry: Arc<Registry>,
     heartbeat: Duration,
     stop: CancellationToken,
     expiry: Option<Instant>,
@@ -253,6 +259,10 @@ impl Sse {
         }
         let heartbeat_at = Instant::now() + self.heartbeat;
         loop {
+            if !self.registry.trusted(monotonic_ns()) {
+                tracing::debug!(token = %self.grant.id, "stream ended: token view stale");
+                return None;
+            }
             if self.pending.is_some() {
                 if let Some(frame) = self.encode() {
                     return Some(frame);

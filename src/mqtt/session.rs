@@ -18,7 +18,7 @@ use super::connect::Accepted;
 use super::deliver::{Keep, Subscriber};
 use super::proto::{starts_with_publish, Codec, Goodbye, Incoming};
 use super::MqttContext;
-use crate::auth::TokenEntry;
+use crate::auth::{monotonic_ns, TokenEntry};
 use crate::timefmt::now_ms;
 use crate::writer::{EnqueueError, WriteRequest};
 
@@ -254,6 +254,11 @@ impl Session<'_> {
             // Decode what is buffered, as far as the window and queue allow.
             while self.reading(draining, buf) {
                 match self.codec.decode(buf) {
+                    Ok(Some(Incoming::Subscribe { .. })) if !self.trusted() => {
+                        self.codec.disconnect(&mut self.out, Goodbye::Unavailable);
+                        let end = End::Refused("token view stale");
+                        return self.finish(stream, end, sig).await;
+                    }
                     Ok(Some(Incoming::Subscribe { packet_id, filters })) => {
                         // Boxed: rare, and it would make every session's
                         // future as large as itself.
@@ -311,6 +316,13 @@ impl Session<'_> {
                 _ = sink.notify.notified() => self.collect_acks(),
                 d = next_delivery(&mut deliveries), if !draining && self.can_deliver() => {
                     match (d, deliveries.as_mut()) {
+                        // A state not delivered stays unacknowledged: a
+                        // persistent session resumes from it.
+                        (Some(_), Some(_)) if !self.trusted() => {
+                            self.codec.disconnect(&mut self.out, Goodbye::Unavailable);
+                            let end = End::Refused("token view stale");
+                            return self.finish(stream, end, sig).await;
+                        }
                         (Some(d), Some(rx)) => self.deliver(d, rx),
                         _ => deliveries = None,
                     }
@@ -411,6 +423,13 @@ impl Session<'_> {
     }
 
     /// Handles one packet; `Some` ends the session.
+    /// Cluster mode: whether this broker's view of the tokens is fresh
+    /// enough to know the grant is still valid. A subscriber is not served
+    /// while it is not (it reconnects elsewhere or later and resumes).
+    fn trusted(&self) -> bool {
+        self.ctx.registry.trusted(monotonic_ns())
+    }
+
     fn handle(&mut self, pkt: Incoming) -> Option<End> {
         match pkt {
             Incoming::Publish(p) => self.publish(p),

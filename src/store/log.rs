@@ -456,6 +456,88 @@ mod tests {
         page.chunk.entries().iter().map(|e| e.position).collect()
     }
 
+    /// Every log record key of `app` left in the family, compacted or not.
+    fn raw_log_keys(store: &Store, app: &str) -> usize {
+        let mut it = store.log_iter(app).unwrap();
+        it.seek_to_first();
+        let mut n = 0;
+        while it.valid() {
+            n += 1;
+            it.next();
+        }
+        n
+    }
+
+    #[test]
+    fn retention_hides_expired_states_and_compaction_drops_their_records() {
+        use crate::store::Retention;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::None).unwrap();
+        let now = now_ms() as u64;
+        // One record of old states, one mixing old and new, one new.
+        commit(&store, &[("a", "d", now - 7_200_000, 0), ("b", "d", 5, 1)]);
+        commit(
+            &store,
+            &[("a", "d", now - 7_200_000, 2), ("a", "e", now, 3)],
+        );
+        commit(&store, &[("a", "d", now, 4)]);
+        store
+            .set_retention("a", Some(Retention::Ms(3_600_000)))
+            .unwrap();
+        // Invisible at once, before any compaction.
+        let page = store.read_log("a", 0, 100, 1 << 20).unwrap();
+        assert_eq!(positions(&page), vec![3, 4]);
+        assert_eq!(page.next, 5);
+        // The reclaim compaction drops the record whose states all expired
+        // and keeps the one that still points at a live state.
+        store.wait_reclaimed();
+        assert_eq!(raw_log_keys(&store, "a"), 2);
+        assert_eq!(store.log_bounds("a").unwrap(), Some((2, 4)));
+        // Another application's log is untouched.
+        assert_eq!(
+            positions(&store.read_log("b", 0, 100, 1 << 20).unwrap()),
+            vec![1]
+        );
+    }
+
+    #[test]
+    fn removing_an_application_removes_its_log_and_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::None).unwrap();
+        commit(
+            &store,
+            &[("a", "d", 1, 0), ("a.x", "d", 1, 1), ("a0", "d", 1, 2)],
+        );
+        for app in ["a", "a.x", "a0"] {
+            store
+                .put_session(format!("{app}/r/client").as_bytes(), b"{}")
+                .unwrap();
+            store
+                .put_session(format!("{app}/g/group/f").as_bytes(), b"{}")
+                .unwrap();
+        }
+        store.remove_application("a", &[]).unwrap();
+        assert_eq!(store.log_bounds("a").unwrap(), None);
+        assert_eq!(raw_log_keys(&store, "a"), 0);
+        assert_eq!(store.log_bounds("a.x").unwrap(), Some((1, 1)));
+        assert_eq!(store.log_bounds("a0").unwrap(), Some((2, 2)));
+        let left: Vec<Vec<u8>> = store
+            .sessions()
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            left,
+            vec![
+                b"a.x/g/group/f".to_vec(),
+                b"a.x/r/client".to_vec(),
+                b"a0/g/group/f".to_vec(),
+                b"a0/r/client".to_vec(),
+            ]
+        );
+    }
+
     #[test]
     fn reads_an_application_in_position_order_from_anywhere() {
         let dir = tempfile::tempdir().unwrap();

@@ -1,9 +1,7 @@
-//! Persistent MQTT sessions: column family `sessions`, key `{app}/` ++
-//! client id (sessions of shared-subscription groups use `{app}/$share/`
-//! ++ group, which no client id can collide with: `$` cannot start an
-//! MQTT client id Sluice stores, see `mqtt`), value the record as
-//! `streams::sessions` encodes it. Written through the WAL like state, so
-//! `storage.sync` applies.
+//! Persistent MQTT sessions: column family `sessions`, keys starting with
+//! `{app}/` (the layout after it is `streams::sessions`'), so removing an
+//! application removes them; values as `streams::sessions` encodes them.
+//! Written through the WAL like state, so `storage.sync` applies.
 
 use rocksdb::WriteBatch;
 

@@ -6,9 +6,9 @@
 //! log, not a queue of messages: whatever was committed while the client
 //! was away is read from the log when it returns, bounded only by storage
 //! retention. Two records per session in the store's `sessions` column
-//! family: `r/{app}/{client id}` (subscriptions, expiry, when it ended:
+//! family: `{app}/r/{client id}` (subscriptions, expiry, when it ended:
 //! written when they change and when the session ends) and
-//! `p/{app}/{client id}` (the first position not yet acknowledged: written
+//! `{app}/p/{client id}` (the first position not yet acknowledged: written
 //! at most every `streams.session_flush` while it advances, and when the
 //! session ends).
 //!
@@ -17,8 +17,12 @@
 //! older connection still finishing are dropped.
 //!
 //! A shared-subscription group with a persistent member keeps its position
-//! the same way, under `g/{app}/{group}/{filter}` (the position and when
+//! the same way, under `{app}/g/{group}/{filter}` (the position and when
 //! the group last lost its last member), for `streams.session_expiry_max`.
+//!
+//! Every key starts with `{app}/`, so removing an application removes its
+//! sessions with the rest of its data; `Sessions::forget_application`
+//! first stops its connections still ending from writing theirs back.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -93,6 +97,11 @@ struct State {
     stored: HashSet<Vec<u8>>,
     /// Stored sessions per application.
     per_app: HashMap<Box<str>, usize>,
+    /// Applications removed while this process runs → the newest
+    /// connection serial of the application at its removal: connections
+    /// up to it may no longer write (their session went with the
+    /// application), so nothing of a removed application is written back.
+    removed: HashMap<Box<str>, u64>,
 }
 
 /// A connection's hold on its session: writes go through it, and only
@@ -107,12 +116,27 @@ pub struct Owner {
     serial: u64,
 }
 
+/// `{app}/{kind}/{rest}` from `{app}/{rest}`: every stored key starts
+/// with its application, so removing an application (one range deletion
+/// of `{app}/`) removes its sessions.
+fn kind_key(kind: &[u8], key: &[u8]) -> Vec<u8> {
+    let app = app_of(key).len();
+    [&key[..app + 1], kind, &key[app + 1..]].concat()
+}
+
 fn record_key(key: &[u8]) -> Vec<u8> {
-    [b"r/", key].concat()
+    kind_key(b"r/", key)
 }
 
 fn position_key(key: &[u8]) -> Vec<u8> {
-    [b"p/", key].concat()
+    kind_key(b"p/", key)
+}
+
+/// The kind of a stored key (`r/`, `p/` or `g/`) and its key without it.
+fn split_kind(stored: &[u8]) -> Option<(&[u8], Vec<u8>)> {
+    let app = stored.iter().position(|b| *b == b'/')?;
+    let kind = stored.get(app + 1..app + 3)?;
+    Some((kind, [&stored[..app + 1], &stored[app + 3..]].concat()))
 }
 
 /// `{app}/{client}`: client ids are free-form but an application id never
@@ -157,9 +181,9 @@ impl Sessions {
         {
             let mut st = sessions.lock();
             for (k, _) in sessions.store.sessions()? {
-                if let Some(key) = k.strip_prefix(b"r/") {
-                    st.stored.insert(key.to_vec());
-                    *st.per_app.entry(app_of(key).into()).or_insert(0) += 1;
+                if let Some((b"r/", key)) = split_kind(&k) {
+                    *st.per_app.entry(app_of(&key).into()).or_insert(0) += 1;
+                    st.stored.insert(key);
                 }
             }
         }
@@ -196,7 +220,7 @@ impl Sessions {
         // Groups no member has held for `streams.session_expiry_max`.
         let mut gone = Vec::new();
         for (k, v) in self.store.sessions()? {
-            if k.starts_with(b"g/") {
+            if split_kind(&k).is_some_and(|(kind, _)| kind == b"g/") {
                 let ended = group_value(&v).map_or(Some(0), |(_, e)| e);
                 let ended = ended.unwrap_or(self.started_ms);
                 if now.saturating_sub(ended) > self.group_expiry_ms {
@@ -313,9 +337,8 @@ impl Sessions {
 /// The key of a shared-subscription group's position.
 pub fn group_key(app: &str, group: &str, filter: &str) -> Vec<u8> {
     [
-        b"g/",
         app.as_bytes(),
-        b"/",
+        b"/g/",
         group.as_bytes(),
         b"/",
         filter.as_bytes(),
@@ -359,6 +382,20 @@ impl Sessions {
             let mut v = [0u8; 16];
             v[..8].copy_from_slice(&next.to_be_bytes());
             v[8..].copy_from_slice(&ended_at.unwrap_or(-1).to_be_bytes());
+            // The lock orders this write with a removal of the application.
+            let st = me.lock();
+            let app = app_of(&key);
+            if let Some(cut) = st.removed.get(app) {
+                // A group of the removed application, unless the
+                // application was created again and a newer member joined.
+                let newer = st
+                    .owners
+                    .iter()
+                    .any(|(k, serial)| app_of(k) == app && serial > cut);
+                if !newer {
+                    return Ok(());
+                }
+            }
             me.store.put_session(&key, &v)?;
             Ok(())
         })
@@ -377,6 +414,29 @@ fn app_of(key: &[u8]) -> &str {
     std::str::from_utf8(&key[..end]).unwrap_or("")
 }
 
+impl Sessions {
+    /// Forgets every session of `app`, which is being removed (its tokens
+    /// are revoked already, and its stored records go with the rest of
+    /// the application in one range deletion after this): the connections
+    /// still ending may no longer write theirs. Call before the store's
+    /// removal, so nothing is written back after it.
+    pub fn forget_application(&self, app: &str) {
+        let mut st = self.lock();
+        let cut = st
+            .owners
+            .iter()
+            .filter(|(k, _)| app_of(k) == app)
+            .map(|(_, serial)| *serial)
+            .max()
+            .unwrap_or(0);
+        let bound = st.removed.entry(app.into()).or_insert(0);
+        *bound = (*bound).max(cut);
+        st.owners.retain(|k, _| app_of(k) != app);
+        st.stored.retain(|k| app_of(k) != app);
+        st.per_app.remove(app);
+    }
+}
+
 impl Owner {
     /// Runs `f` with the store while this connection holds the session.
     async fn write(
@@ -388,6 +448,10 @@ impl Owner {
             let s = &me.sessions;
             let mut st = s.lock();
             if st.owners.get(&me.key).is_some_and(|s| *s > me.serial) {
+                return Err(SessionError::TakenOver);
+            }
+            // The application was removed after this connection started.
+            if st.removed.get(&me.app).is_some_and(|cut| me.serial <= *cut) {
                 return Err(SessionError::TakenOver);
             }
             st.owners.insert(me.key.clone(), me.serial);
@@ -517,6 +581,48 @@ mod tests {
         drop(o);
         let (_o, resumed) = s.claim("a", "c2", 3, false).await.unwrap();
         assert_eq!(resumed, None);
+        assert_eq!(s.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_removed_application_s_sessions_are_not_written_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::None).unwrap();
+        let s = Sessions::load(store.clone(), 5, 10, Duration::from_secs(60)).unwrap();
+        let (gone, _) = s.claim("a", "c1", 1, false).await.unwrap();
+        gone.save(record(&["f"], 60, None), 3).await.unwrap();
+        let (kept, _) = s.claim("a.x", "c1", 2, false).await.unwrap();
+        kept.save(record(&["f"], 60, None), 3).await.unwrap();
+        s.save_group(group_key("a", "g", "f"), 5, None)
+            .await
+            .unwrap();
+        // The removal: forgotten first, then the store's range deletion.
+        s.forget_application("a");
+        store.remove_application("a", &[]).unwrap();
+        assert_eq!(s.len(), 1);
+        // The connection still ending writes nothing back, nor its group.
+        assert!(gone
+            .save(record(&["f"], 60, Some(now_ms())), 0)
+            .await
+            .is_err());
+        assert!(gone.save_position(9).await.is_err());
+        s.save_group(group_key("a", "g", "f"), 9, Some(now_ms()))
+            .await
+            .unwrap();
+        drop(gone);
+        let keys: Vec<Vec<u8>> = store
+            .sessions()
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, vec![b"a.x/p/c1".to_vec(), b"a.x/r/c1".to_vec()]);
+        // The application created again: a new connection keeps a session.
+        let (again, resumed) = s.claim("a", "c1", 3, false).await.unwrap();
+        assert_eq!(resumed, None);
+        again.save(record(&["f"], 60, None), 0).await.unwrap();
+        assert_eq!(s.len(), 2);
+        let s = Sessions::load(store.clone(), 5, 10, Duration::from_secs(60)).unwrap();
         assert_eq!(s.len(), 2);
     }
 
