@@ -87,7 +87,9 @@ export class Session {
    * `onEvents([{id, event, data}])` with the events of each chunk read,
    * until the stream ends or `signal` aborts. EventSource cannot send an
    * Authorization header, so this is `fetch` with a streaming body reader.
-   * Resolves once the stream is open, with a promise of its end.
+   * Resolves once the stream is open, with `{ended}`: a promise of its
+   * end (wrapped, since an async function resolving to a promise would
+   * wait for that promise instead).
    */
   async stream(path, onEvents, signal) {
     if (!this.#secret) throw new ApiError(401, 'unauthorized', 'signed out');
@@ -136,7 +138,7 @@ export class Session {
         if (events.length) onEvents(events);
       }
     })();
-    return ended;
+    return { ended };
   }
 
   /** Keeps a minted token's secret in memory so the tab can mint under it. */

@@ -126,7 +126,7 @@ export class LiveFeed {
 
   /** Opens the stream; resolves once it is open (rejects if refused). */
   async start() {
-    const ended = await this.session.stream(this.path(), (evs) => this.onEvents(evs), this.abort.signal);
+    const { ended } = await this.session.stream(this.path(), (evs) => this.onEvents(evs), this.abort.signal);
     this.follow(ended);
   }
 
@@ -138,7 +138,7 @@ export class LiveFeed {
       await new Promise((r) => setTimeout(r, RECONNECT_MS));
       if (this.stopped) return;
       try {
-        ended = await this.session.stream(this.path(), (evs) => this.onEvents(evs), this.abort.signal);
+        ({ ended } = await this.session.stream(this.path(), (evs) => this.onEvents(evs), this.abort.signal));
       } catch (e) {
         if (this.stopped) return;
         this.onError(e);
