@@ -413,6 +413,63 @@ fn a_persistent_session_survives_a_restart_of_the_broker() {
 }
 
 #[test]
+fn removing_the_application_removes_its_sessions_and_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start_in(dir.path(), &[]);
+    let (w, r) = (ingest(&s), reader(&s));
+    rt().block_on(async {
+        let (c, mut ev, _) = v5_connect(v5_keep(&s, "k", &r)).await;
+        c.subscribe(ALL, Q5::AtLeastOnce).await.unwrap();
+        v5_suback(&mut ev).await;
+        blocking(|| post(&s, &w, "d", 0, 3));
+        assert_eq!(ns(&v5_publishes(&mut ev, 3).await), vec![0, 1, 2]);
+        // Connected while the application is removed: the revocation of
+        // its tokens ends the connection, which writes nothing back.
+        blocking(|| post(&s, &w, "d", 3, 2));
+        let removed = blocking(|| {
+            client()
+                .delete(s.admin_url("/applications/farm"))
+                .bearer_auth(ADMIN)
+                .send()
+                .unwrap()
+                .status()
+                .as_u16()
+        });
+        assert_eq!(removed, 204);
+        let end = tokio::time::timeout(WAIT, async {
+            loop {
+                if ev.poll().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(end.is_ok(), "the subscriber's connection ends");
+    });
+    // After a restart too: the application, created again, has neither
+    // the old session nor the old log.
+    assert_eq!(s.stop(), Some(0));
+    let s = Server::start_in(dir.path(), &[]);
+    let (w, r) = (ingest(&s), reader(&s));
+    let st = crate::streams_sse::Stream::open(
+        &s.http,
+        "/applications/farm/stream?from=earliest",
+        &r,
+        None,
+    )
+    .unwrap();
+    st.quiet(Duration::from_millis(300));
+    rt().block_on(async {
+        let (_c, mut ev, ack) = v5_connect(v5_keep(&s, "k", &r)).await;
+        assert!(!ack.session_present);
+        v5_quiet(&mut ev, Duration::from_millis(300)).await;
+    });
+    post(&s, &w, "d", 100, 1);
+    let got = st.events(1, WAIT);
+    assert_eq!(got[0].json()["data"]["n"], 100);
+}
+
+#[test]
 fn unacknowledged_qos1_states_come_again_on_the_next_connection() {
     let s = Server::start();
     let (w, r) = (ingest(&s), reader(&s));
