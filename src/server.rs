@@ -16,12 +16,15 @@ use crate::auth::Registry;
 use crate::config::{Config, Open};
 use crate::http::admin::{router, AdminApi};
 use crate::http::device::{DeviceApi, DeviceService};
+use crate::http::read::{router as read_router, ReadApi, WithPeer};
 use crate::http::serve::{serve, HttpLimits};
 use crate::ip_limit::{IpConnections, IpLimiter};
 use crate::metrics::Metrics;
 use crate::mqtt;
 use crate::readiness::{Readiness, TokenView};
 use crate::store::{Store, StoreError, StoreOptions};
+use crate::streams::sessions::{Sessions, SWEEP_EVERY};
+use crate::streams::{Hub, StreamSlots};
 use crate::tokens::{Plane, PlaneConfig, PlaneMetrics, TokenError, TokenLimits, TokenService};
 use crate::writer::{Health, Writer, WriterConfig};
 
@@ -210,11 +213,16 @@ pub async fn run(
     let mqtt_metrics = mqtt::MqttMetrics::register(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     let health = Arc::new(Health::default());
+    let hub = Arc::new(Hub::new(
+        config.streams.live_buffer_bytes,
+        metrics.stream_lags.clone(),
+    ));
     let writer = Writer::start(
         store.clone(),
         WriterConfig::new(&config),
         metrics.clone(),
         health.clone(),
+        hub.clone(),
     )?;
     let queue = writer.queue();
     let writer_exited = writer.exited();
@@ -237,7 +245,36 @@ pub async fn run(
     }
     let readiness = Arc::new(readiness);
 
+    let sessions = {
+        let (store, s) = (store.clone(), &config.streams);
+        let (per_app, total, expiry) =
+            (s.max_sessions_per_app, s.max_sessions, s.session_expiry_max);
+        tokio::task::spawn_blocking(move || Sessions::load(store, per_app, total, expiry))
+            .await
+            .map_err(|e| ServeError::Internal(e.to_string()))?
+            .map_err(|e| ServeError::Internal(format!("stored sessions: {e}")))?
+    };
+    tracing::info!(sessions = sessions.len(), "stored MQTT sessions loaded");
+
+    let slots = StreamSlots::new(
+        config.streams.max_streams_per_token,
+        config.streams.max_streams_per_ip,
+    );
+    let read_api = |root_allowed| {
+        Arc::new(ReadApi {
+            registry: registry.clone(),
+            store: store.clone(),
+            hub: hub.clone(),
+            metrics: metrics.clone(),
+            root_allowed,
+            max_response_bytes: config.admin.max_response_bytes,
+            streams: config.streams.clone(),
+            slots: slots.clone(),
+            stop: stop.clone(),
+        })
+    };
     let device = Arc::new(DeviceApi {
+        read: hyper_util::service::TowerToHyperService::new(read_router(read_api(false))),
         registry: registry.clone(),
         queue: queue.clone(),
         metrics: metrics.clone(),
@@ -280,15 +317,20 @@ pub async fn run(
             queue: queue.clone(),
             backups: crate::backup::Backups::new(store.clone(), &data_dir.join("db")),
             readiness,
+            sessions: sessions.clone(),
             max_response_bytes: config.admin.max_response_bytes,
             audit_max_page: config.audit.max_page,
         }),
+        read_api(true),
         config.admin.max_body_bytes,
     ));
     tasks.spawn(serve(
         listeners.admin,
         None,
-        move |_| admin.clone(),
+        move |peer| WithPeer {
+            inner: admin.clone(),
+            peer,
+        },
         HttpLimits {
             max_connections: config.admin.max_connections,
             header_read_timeout: config.http.header_read_timeout,
@@ -308,6 +350,12 @@ pub async fn run(
         mqtt_metrics,
         metrics.clone(),
         config.mqtt.clone(),
+        mqtt::Streams {
+            hub: hub.clone(),
+            store: store.clone(),
+            sessions: sessions.clone(),
+            config: config.streams.clone(),
+        },
     ));
     if let Some(l) = listeners.mqtt {
         tasks.spawn(mqtt::serve(l, None, mqtt_ctx.clone(), stop.clone(), grace));
@@ -333,6 +381,25 @@ pub async fn run(
                     _ = tokio::time::sleep(every) => {
                         if let Err(e) = tokens.flush_last_used().await {
                             tracing::warn!(error = %e, "lastUsedAt flush failed");
+                        }
+                    }
+                }
+            }
+        })
+    };
+
+    let sweeper = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(SWEEP_EVERY) => {
+                        let s = sessions.clone();
+                        match tokio::task::spawn_blocking(move || s.sweep()).await {
+                            Ok(Ok(n)) if n > 0 => tracing::info!(sessions = n, "expired MQTT sessions deleted"),
+                            Ok(Err(e)) => tracing::warn!(error = %e, "expired MQTT sessions not deleted"),
+                            _ => {}
                         }
                     }
                 }
@@ -368,6 +435,7 @@ pub async fn run(
     tasks.close();
     tasks.wait().await;
     let _ = flusher.await;
+    let _ = sweeper.await;
     tokens.leave().await;
     tracing::info!("committing the last batch");
     tokio::task::spawn_blocking(move || writer.stop())

@@ -17,7 +17,8 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::admin::{page_query, path, AdminApi, Api, ApiError, BodyOf, PathOf};
+use super::admin::{path, AdminApi, Api, ApiError, BodyOf, PathOf};
+use super::read::page_query;
 use crate::audit::{record, Actor, Event, Operation};
 use crate::auth::Scope;
 

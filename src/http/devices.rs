@@ -24,8 +24,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use super::admin::{path, AdminApi, Api, ApiError, PathOf, DEFAULT_LIMIT, MAX_LIMIT};
+use super::admin::{path, AdminApi, Api, ApiError, PathOf};
 use super::audit::Audited;
+use super::read::{DEFAULT_LIMIT, MAX_LIMIT};
 use crate::audit::Operation;
 use crate::auth::{Devices, Scope};
 use crate::ids::is_valid_id;
@@ -224,6 +225,9 @@ async fn remove_application(
         .begin_application_removal(caller, app.clone())
         .await?;
     let n = tokens.len();
+    // Its tokens are revoked now; its subscribers still ending must not
+    // write their sessions back after the removal below.
+    api.sessions.forget_application(&app);
     let result = api
         .queue
         .remove(Removal::Application {

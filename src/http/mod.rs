@@ -8,5 +8,7 @@ pub mod console;
 pub mod device;
 pub mod devices;
 pub mod openapi;
+pub mod read;
 pub mod retention;
 pub mod serve;
+pub mod stream;

@@ -23,6 +23,8 @@ pub(super) const CF_DEVICES: &str = "devices";
 pub(super) const CF_TOKENS: &str = "tokens";
 pub(super) const CF_META: &str = "meta";
 pub(super) const CF_AUDIT: &str = "audit";
+pub(super) const CF_LOG: &str = "log";
+pub(super) const CF_SESSIONS: &str = "sessions";
 
 /// How table files are compressed (`storage.compression`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +92,8 @@ pub(super) struct Families<'db> {
     pub tokens: &'db ColumnFamily,
     pub meta: &'db ColumnFamily,
     pub audit: &'db ColumnFamily,
+    pub log: &'db ColumnFamily,
+    pub sessions: &'db ColumnFamily,
 }
 
 self_cell::self_cell!(
@@ -132,13 +136,20 @@ pub(super) fn open(
     };
     let mut state = family(true);
     state.set_compaction_filter_factory(ExpiryFilterFactory {
-        expiry,
+        expiry: expiry.clone(),
         keys: TimedKeys::State,
     });
     // Off until `Store::open_with` knows whether anything can expire (the
     // overrides are in the store); RocksDB would otherwise default to 30
     // days as soon as a filter is set.
     state.set_periodic_compaction_seconds(0);
+    // The log index expires with the history it points at.
+    let mut log = family(false);
+    log.set_compaction_filter_factory(ExpiryFilterFactory {
+        expiry,
+        keys: TimedKeys::Log,
+    });
+    log.set_periodic_compaction_seconds(0);
     let mut composite = family(true);
     composite.set_merge_operator_associative("sluice.composite.v1", merge_composite);
     let mut devices = family(true);
@@ -163,6 +174,8 @@ pub(super) fn open(
         ColumnFamilyDescriptor::new(CF_TOKENS, family(false)),
         ColumnFamilyDescriptor::new(CF_META, family(false)),
         ColumnFamilyDescriptor::new(CF_AUDIT, audit),
+        ColumnFamilyDescriptor::new(CF_LOG, log),
+        ColumnFamilyDescriptor::new(CF_SESSIONS, family(false)),
     ];
     let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
     Db::try_new(db, |db| {
@@ -177,6 +190,8 @@ pub(super) fn open(
             tokens: cf(CF_TOKENS)?,
             meta: cf(CF_META)?,
             audit: cf(CF_AUDIT)?,
+            log: cf(CF_LOG)?,
+            sessions: cf(CF_SESSIONS)?,
         })
     })
 }

@@ -263,8 +263,8 @@ impl Store {
 /// is left out on purpose: an operator must still be able to read who
 /// removed an application (and what was done to it before); its events
 /// leave with `audit.retention`.
-pub(super) fn app_keyed<'a>(cfs: &Families<'a>) -> [&'a rocksdb::ColumnFamily; 3] {
-    [cfs.state, cfs.composite, cfs.devices]
+pub(super) fn app_keyed<'a>(cfs: &Families<'a>) -> [&'a rocksdb::ColumnFamily; 5] {
+    [cfs.state, cfs.composite, cfs.devices, cfs.log, cfs.sessions]
 }
 
 #[cfg(test)]

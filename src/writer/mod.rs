@@ -26,7 +26,8 @@ use crate::auth::TokenEntry;
 use crate::config::{Config, SyncMode};
 use crate::metrics::Metrics;
 use crate::state::ParsedStates;
-use crate::store::{CommitBatch, DeviceKey, Position, Store, StoreError};
+use crate::store::{CommitBatch, DeviceKey, LogBuilder, Position, Store, StoreError};
+use crate::streams::Hub;
 use attributes::{AttributeLimit, Verdict};
 pub use health::{Failure, Health};
 pub use policy::{BatchPolicy, Size};
@@ -302,6 +303,7 @@ impl Writer {
         config: WriterConfig,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
+        hub: Arc<Hub>,
     ) -> Result<Writer, StoreError> {
         let (tx, rx) = crossbeam_channel::bounded(config.queue_capacity);
         let queued_bytes = Arc::new(AtomicUsize::new(0));
@@ -327,8 +329,9 @@ impl Writer {
             queued_bytes: queued_bytes.clone(),
             space: space.clone(),
             next_seq,
-            scratch: Vec::new(),
+            scratch: Scratch::default(),
             refused: Vec::new(),
+            hub,
         };
         let (exit_tx, exited) = watch::channel(false);
         let thread = std::thread::Builder::new()
@@ -410,11 +413,13 @@ struct Worker {
     queued_bytes: Arc<AtomicUsize>,
     space: Arc<Notify>,
     next_seq: u64,
-    /// Reused buffer for concatenating a device's composite operands.
-    scratch: Vec<u8>,
+    /// Reused buffers for building each batch's records.
+    scratch: Scratch,
     /// Per request of the current batch, why it is refused regardless of
     /// the commit (reused between batches).
     refused: Vec<Option<CommitError>>,
+    /// Live consumers, told about each batch after its commit.
+    hub: Arc<Hub>,
 }
 
 impl Worker {
@@ -604,30 +609,55 @@ impl Worker {
             };
             self.refused.push(refused);
         }
-        let admitted = batch
-            .iter()
-            .zip(&self.refused)
-            .filter(|(_, r)| r.is_none())
-            .map(|(req, _)| (&req.device[..], &req.body[..], &req.parsed));
+        let refused = &self.refused;
+        let admitted = || {
+            batch
+                .iter()
+                .zip(refused)
+                .filter(|(_, r)| r.is_none())
+                .map(|(req, _)| (&req.device[..], &req.body, &req.parsed))
+        };
         let mut cb = self.store.batch(Records::capacity(size));
         let seq = Records::add(
             &self.store,
             &mut cb,
             self.next_seq,
             crate::timefmt::now_ms().max(0) as u64,
-            admitted,
+            admitted(),
             &mut self.scratch,
         )?;
         let stored = (seq - self.next_seq) as usize;
-        self.store.commit(cb, seq)?;
+        Records::commit(&self.store, &self.hub, cb, seq, self.next_seq, admitted())?;
         self.next_seq = seq;
         Ok(stored)
     }
 }
 
 /// The records one batch writes, shared with the writer bench's raw
-/// baseline so both write exactly the same.
+/// baseline so both write exactly the same (and, in cluster mode, with the
+/// materializer that applies the stream).
 pub struct Records;
+
+/// One request as [`Records`] takes it: the device key (`{app}/{device}/`),
+/// the body and the body's parse.
+pub type Request<'a> = (&'a [u8], &'a Bytes, &'a ParsedStates);
+
+/// Buffers reused from batch to batch while building records.
+#[derive(Default)]
+pub struct Scratch {
+    /// A device's composite operands, concatenated.
+    composite: Vec<u8>,
+    /// The batch's log index records (one per application).
+    log: LogBuilder,
+}
+
+/// Splits a device key `{app}/{device}/` into its ids. Keys are built from
+/// validated ids (ASCII without `/`), so this only fails on a bug.
+fn split_device_key(key: &[u8]) -> Option<(&str, &str)> {
+    let key = std::str::from_utf8(key).ok()?;
+    let (app, rest) = key.split_once('/')?;
+    Some((app, rest.strip_suffix('/')?))
+}
 
 impl Records {
     /// A write-batch size hint for `size`: keys add ~80 bytes per message.
@@ -636,10 +666,11 @@ impl Records {
     }
 
     /// Adds every state of `requests` (each a device key, a body and the
-    /// body's parse; sequence numbers from `seq` on), one composite merge
-    /// and one statistics merge (states stored, seen at `seen_ms`) per
-    /// device to `cb`; returns the next unused sequence number. `scratch`
-    /// is a reusable buffer.
+    /// body's parse; positions — sequence numbers — from `seq` on), one
+    /// composite merge and one statistics merge (states stored, seen at
+    /// `seen_ms`) per device and one log index record per application to
+    /// `cb`; returns the next unused sequence number. `scratch` holds
+    /// reusable buffers.
     ///
     /// Composite operands are concatenated per device, in request order.
     /// Concatenated operands fold exactly like separate ones (entries are
@@ -647,17 +678,21 @@ impl Records {
     /// one merge per batch instead of one per request: far fewer memtable
     /// inserts when devices stream. The statistics ride on the same
     /// per-device grouping, so the device list costs one small merge per
-    /// device per batch and no read.
+    /// device per batch and no read. The log index is one record per
+    /// application for the same reason (see `store::log`).
     pub fn add<'a>(
         store: &Store,
         cb: &mut CommitBatch,
         mut seq: u64,
         seen_ms: u64,
-        requests: impl Iterator<Item = (&'a [u8], &'a [u8], &'a ParsedStates)>,
-        scratch: &mut Vec<u8>,
+        requests: impl Iterator<Item = Request<'a>>,
+        scratch: &mut Scratch,
     ) -> Result<u64, StoreError> {
         let mut devices: HashMap<&[u8], PerDevice<'_>> = HashMap::new();
+        scratch.log.clear();
         for (device, body, parsed) in requests {
+            let (app, dev) =
+                split_device_key(device).ok_or_else(|| StoreError::Corrupt("device key".into()))?;
             for s in &parsed.states {
                 let data = &body[s.data.start as usize..s.data.end as usize];
                 let at = Position {
@@ -665,6 +700,9 @@ impl Records {
                     seq,
                 };
                 store.put_state(cb, device, at, data)?;
+                scratch
+                    .log
+                    .push(app.as_bytes(), dev.as_bytes(), s.time_ms, seq);
                 seq += 1;
             }
             let d = devices.entry(device).or_default();
@@ -678,18 +716,51 @@ impl Records {
                 [] => {}
                 [one] => store.merge_composite(cb, device, one)?,
                 more => {
-                    scratch.clear();
+                    scratch.composite.clear();
                     for op in more {
-                        scratch.extend_from_slice(op);
+                        scratch.composite.extend_from_slice(op);
                     }
-                    store.merge_composite(cb, device, scratch)?;
+                    store.merge_composite(cb, device, &scratch.composite)?;
                 }
             }
             if d.states > 0 {
                 store.merge_device_stats(cb, device, seen_ms, d.states)?;
             }
         }
+        scratch.log.write(store, cb)?;
         Ok(seq)
+    }
+
+    /// Commits `cb` (recording `next_seq`) and then hands its states to
+    /// the live consumers: `requests` and `first_seq` must be exactly what
+    /// `add` was given. After the commit, so a consumer never sees a state
+    /// that is not stored; and checked after it, so a consumer that
+    /// subscribes meanwhile finds the batch in storage instead.
+    pub fn commit<'a>(
+        store: &Store,
+        hub: &Hub,
+        cb: CommitBatch,
+        next_seq: u64,
+        first_seq: u64,
+        requests: impl Iterator<Item = Request<'a>>,
+    ) -> Result<(), StoreError> {
+        store.commit(cb, next_seq)?;
+        let Some(mut live) = hub.publisher() else {
+            return Ok(());
+        };
+        let mut seq = first_seq;
+        for (device, body, parsed) in requests {
+            let Some((app, dev)) = split_device_key(device) else {
+                continue;
+            };
+            for s in &parsed.states {
+                let data = body.slice(s.data.start as usize..s.data.end as usize);
+                live.add(app, dev, seq, s.time_ms, data);
+                seq += 1;
+            }
+        }
+        live.publish();
+        Ok(())
     }
 }
 
@@ -727,7 +798,14 @@ mod tests {
             attribute_cache_names: 100,
             sync_interval: Duration::from_millis(10),
         };
-        Writer::start(store, config, metrics, Arc::new(Health::default())).unwrap()
+        Writer::start(
+            store,
+            config,
+            metrics,
+            Arc::new(Health::default()),
+            Arc::new(Hub::new(1 << 20, Default::default())),
+        )
+        .unwrap()
     }
 
     fn request(body: &'static str, done: Completion) -> WriteRequest {

@@ -1,13 +1,15 @@
 // The console's pure modules, run in Node: the token-tree reasoning that
 // predicts derived status and the reach of an action, the Prometheus
-// parser and the figures drawn from it, and the chart's scales.
+// parser and the figures drawn from it, the chart's scales, and the
+// reading of live-stream events.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { buildTree, derived, descendants, grantable, impact, mayManage, namedDevices } from '../../src/console/tree.js';
+import { buildTree, derived, descendants, grantable, impact, mayManage } from '../../src/console/tree.js';
 import { parsePrometheus, quantileBetween, summarize, total } from '../../src/console/metrics.js';
 import { downsample, niceTicks, timeTicks } from '../../src/console/chart.js';
 import { clusterView } from '../../src/console/cluster.js';
+import { parseEvent } from '../../src/console/api.js';
 
 const NOW = Date.parse('2026-06-01T00:00:00Z');
 let seq = 0;
@@ -100,7 +102,6 @@ test('only the root or an ancestor holding the scope may manage a token', () => 
   assert.equal(mayManage(self, byId.get('c'), 'token.revoke'), false, 'b lacks token.revoke');
   const admin = { root: false, token: records[0] };
   assert.equal(mayManage(admin, byId.get('c'), 'token.revoke'), true, 'all.Application implies it');
-  assert.deepEqual(namedDevices(records), ['d1', 'd2', 'd3']);
 });
 
 const SCRAPE_1 = `# HELP sluice_messages_stored State messages committed to storage.
@@ -204,4 +205,14 @@ test('ack latency quantiles come from their own histogram', () => {
   assert.ok(sum.ackP50 > 0 && sum.ackP50 <= 0.001, String(sum.ackP50));
   assert.ok(sum.ackP99 > 0.001 && sum.ackP99 <= 0.002, String(sum.ackP99));
   assert.equal(sum.commitP99, null);
+});
+
+test('live-stream events are read as Server-Sent Events define them', () => {
+  assert.deepEqual(parseEvent('id: 42\ndata: {"device":"d","time":1,"data":{"x":1}}'),
+    { id: '42', event: 'message', data: '{"device":"d","time":1,"data":{"x":1}}' });
+  assert.deepEqual(parseEvent('event: aged_out\ndata: {"detail":"gone"}'),
+    { id: null, event: 'aged_out', data: '{"detail":"gone"}' });
+  // Comments (heartbeats) are no events; data lines are joined.
+  assert.equal(parseEvent(': heartbeat'), null);
+  assert.equal(parseEvent('data:a\ndata: b').data, 'a\nb');
 });

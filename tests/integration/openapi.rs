@@ -34,7 +34,8 @@ fn documented(doc: &Value) -> BTreeSet<(String, String, String)> {
     out
 }
 
-/// (listener, METHOD, path template) of every route the code serves.
+/// (listener, METHOD, path template) of every route the code serves: each
+/// listener's own table and the read routes both serve.
 fn served() -> BTreeSet<(String, String, String)> {
     let mut out = BTreeSet::new();
     for r in sluice::http::admin::routes() {
@@ -42,6 +43,11 @@ fn served() -> BTreeSet<(String, String, String)> {
     }
     for (method, path) in sluice::http::device::ROUTES {
         out.insert(("device".into(), method.to_string(), path.to_string()));
+    }
+    for r in sluice::http::read::routes() {
+        for listener in ["admin", "device"] {
+            out.insert((listener.into(), "GET".into(), r.path.to_string()));
+        }
     }
     out
 }
@@ -119,7 +125,12 @@ fn exercise(
         .get("content-type")
         .map(|v| v.to_str().unwrap().to_string())
         .unwrap_or_default();
-    let text = resp.text().unwrap();
+    // An event stream never ends: its headers are the answer (dropping the
+    // response closes it).
+    let text = match content_type.starts_with("text/event-stream") {
+        true => String::new(),
+        false => resp.text().unwrap(),
+    };
     let documented = op["responses"]
         .get(status.to_string())
         .or_else(|| op["responses"].get("default"))
@@ -127,6 +138,12 @@ fn exercise(
     let documented = resolve(doc, documented);
     match documented.get("content") {
         None => assert!(text.is_empty(), "{what}: undocumented body {text}"),
+        Some(content) if content_type.starts_with("text/event-stream") => {
+            assert!(
+                content.get("text/event-stream").is_some(),
+                "{what}: undocumented stream"
+            );
+        }
         Some(content) => {
             let media = content_type.split(';').next().unwrap().trim();
             let entry = content
@@ -178,7 +195,7 @@ fn the_document_describes_exactly_the_served_routes_and_their_bodies() {
         200
     );
     let backup_dir = tempfile::tempdir().unwrap();
-    let samples = |method: &str, path: &str| -> Sample {
+    let samples = |listener: &str, method: &str, path: &str| -> Sample {
         let concrete = path
             .replace("{app}", "farm")
             .replace("{device}", "pump")
@@ -198,9 +215,9 @@ fn the_document_describes_exactly_the_served_routes_and_their_bodies() {
             }
             _ => None,
         };
-        // Root is not a device credential.
-        let token = match path {
-            "/applications/{app}/devices/{device}/state" if method == "POST" => owner.clone(),
+        // Root is not a credential on the device listener.
+        let token = match listener {
+            "device" => owner.clone(),
             _ => ADMIN.to_string(),
         };
         Sample {
@@ -215,7 +232,7 @@ fn the_document_describes_exactly_the_served_routes_and_their_bodies() {
     let mut exercised = 0;
     for (listener, method, path) in &order {
         let op = &doc["paths"][path][method.to_lowercase()];
-        let sample = samples(method, path);
+        let sample = samples(listener, method, path);
         let protected = op.get("security") != Some(&json!([]));
         if protected {
             // Without a token: 401, as documented.
