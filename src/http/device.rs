@@ -95,20 +95,26 @@ impl hyper::service::Service<Request<Incoming>> for DeviceService {
     }
 }
 
-/// Whether a request is for the read routes: `GET` of a device's history
-/// or composite state, or of an application's stream.
+/// Whether a request is for the read routes: a `GET` whose path matches
+/// one of `read::PATHS` (a `{…}` segment matches any one segment), so a
+/// read route added there is served here too.
 fn is_read(method: &Method, path: &str) -> bool {
-    if method != Method::GET {
-        return false;
+    method == Method::GET
+        && super::read::PATHS
+            .iter()
+            .any(|template| matches_template(template, path))
+}
+
+fn matches_template(template: &str, path: &str) -> bool {
+    let mut want = template.split('/');
+    let mut got = path.split('/');
+    loop {
+        match (want.next(), got.next()) {
+            (None, None) => return true,
+            (Some(w), Some(g)) if w.starts_with('{') || w == g => {}
+            _ => return false,
+        }
     }
-    let Some(rest) = path.strip_prefix("/applications/") else {
-        return false;
-    };
-    let parts: smallvec::SmallVec<[&str; 5]> = rest.splitn(5, '/').collect();
-    matches!(
-        parts.as_slice(),
-        [_, "stream"] | [_, "devices", _, "state" | "compositeState"]
-    )
 }
 
 const UNAUTHORIZED: &str = r#"{"error":"unauthorized"}"#;

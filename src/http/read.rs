@@ -87,22 +87,26 @@ pub struct Route {
     handler: MethodRouter<Arc<ReadApi>>,
 }
 
-/// Every read route (all `GET`).
+const HISTORY: &str = "/applications/{app}/devices/{device}/state";
+const COMPOSITE: &str = "/applications/{app}/devices/{device}/compositeState";
+const STREAM: &str = "/applications/{app}/stream";
+
+/// The path of every read route: what the device listener hands to the
+/// read router (`device::is_read`).
+pub const PATHS: &[&str] = &[HISTORY, COMPOSITE, STREAM];
+
+/// Every read route (all `GET`), in the order of [`PATHS`].
 pub fn routes() -> Vec<Route> {
-    vec![
-        Route {
-            path: "/applications/{app}/devices/{device}/state",
-            handler: get(history),
-        },
-        Route {
-            path: "/applications/{app}/devices/{device}/compositeState",
-            handler: get(composite_state),
-        },
-        Route {
-            path: "/applications/{app}/stream",
-            handler: get(super::stream::stream),
-        },
-    ]
+    let handlers: [MethodRouter<Arc<ReadApi>>; 3] = [
+        get(history),
+        get(composite_state),
+        get(super::stream::stream),
+    ];
+    PATHS
+        .iter()
+        .zip(handlers)
+        .map(|(path, handler)| Route { path, handler })
+        .collect()
 }
 
 /// The read routes, for either listener's router.
