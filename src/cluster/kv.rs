@@ -7,7 +7,10 @@
 //! write carries a random `Nats-Msg-Id`, so a write whose acknowledgement
 //! was lost is resent safely: if the first attempt was stored, the stream
 //! answers "duplicate" with the original revision instead of storing it
-//! again or reporting a false conflict.
+//! again or reporting a false conflict. A new stream leader may not know
+//! that id yet and report a conflict instead; the writer then looks at the
+//! key's newest message, and if it carries the write's id, the write was
+//! stored.
 
 use std::time::Duration;
 
@@ -358,7 +361,9 @@ impl Kv {
         let id = self.write_id()?;
         let deadline = Instant::now() + WRITE_BOUND;
         let mut last_error = String::new();
+        let mut attempts = 0u32;
         while Instant::now() < deadline {
+            attempts += 1;
             let mut message = PublishMessage::build()
                 .payload(value.clone())
                 .message_id(&id);
@@ -368,15 +373,35 @@ impl Kv {
             if delete {
                 message = message.header(KV_OPERATION, "DEL");
             }
-            let ack = match self.nats.js.send_publish(subject.clone(), message).await {
-                Ok(future) => future.await,
-                Err(e) => Err(e),
+            // Each attempt is bounded too: an acknowledgement that never
+            // comes must not hold the caller past the write's bound.
+            let attempt = async {
+                match self.nats.js.send_publish(subject.clone(), message).await {
+                    Ok(future) => future.await,
+                    Err(e) => Err(e),
+                }
+            };
+            let ack = match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(ack) => ack,
+                Err(_) => {
+                    last_error = "no acknowledgement before the write's bound".into();
+                    break;
+                }
             };
             match ack {
                 // A duplicate is our own earlier attempt: same id.
                 Ok(ack) => return Ok(ack.sequence),
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                    return Err(KvError::RevisionChanged)
+                    // After a stream leader change the new leader may not
+                    // know an earlier attempt's id, and that attempt (stored
+                    // after all) is what moved the revision: it is ours if
+                    // the key's newest message carries our id.
+                    if attempts > 1 {
+                        if let Some(revision) = self.stored_with_id(&subject, &id).await {
+                            return Ok(revision);
+                        }
+                    }
+                    return Err(KvError::RevisionChanged);
                 }
                 Err(e) => {
                     last_error = e.to_string();
@@ -385,6 +410,15 @@ impl Kv {
             }
         }
         Err(KvError::Unavailable(last_error))
+    }
+
+    /// The revision of `subject`'s newest message if that message is the
+    /// write with id `id`.
+    async fn stored_with_id(&self, subject: &str, id: &str) -> Option<u64> {
+        let stream = self.nats.js.get_stream_no_info(&self.stream).await.ok()?;
+        let message = stream.get_last_raw_message_by_subject(subject).await.ok()?;
+        let stored_id = message.headers.get(async_nats::header::NATS_MESSAGE_ID)?;
+        (stored_id.as_str() == id).then_some(message.sequence)
     }
 
     fn write_id(&self) -> Result<String, KvError> {
