@@ -12,6 +12,7 @@ mod crash;
 mod deploy;
 mod full_disk;
 mod hostile;
+mod http2;
 mod http_ingest;
 mod ingest_limits;
 mod isolation;
