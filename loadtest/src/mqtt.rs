@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use crate::run::{ConnOutcome, Shared};
 use crate::schedule::{ConnSchedule, Slot};
 use crate::stats::Bits;
+use crate::timer::Timer;
 
 /// Stop encoding when this much is waiting to be written.
 const OUT_HIGH_WATER: usize = 64 * 1024;
@@ -314,8 +315,7 @@ pub async fn run_conn(
     let mut last_write = now;
     let ka = cfg.keep_alive;
     let far = now + Duration::from_secs(86_400 * 365);
-    let sleep = tokio::time::sleep_until(far.into());
-    tokio::pin!(sleep);
+    let mut timer = Timer::new(far);
     let per_conn = topics.len() as u64;
 
     let end: Result<(), String> = loop {
@@ -392,7 +392,7 @@ pub async fn run_conn(
             }
             deadline = deadline.min(last_write + ka);
         }
-        sleep.as_mut().reset(deadline.into());
+        timer.reset(deadline);
         tokio::select! {
             biased;
             r = rd.read_buf(&mut inbuf) => {
@@ -463,7 +463,7 @@ pub async fn run_conn(
                     }
                 }
             }
-            () = &mut sleep => {
+            () = timer.wait() => {
                 let now = Instant::now();
                 if inflight > 0 && now >= last_ack + sh.timeout {
                     break Err("ack_timeout".into());
