@@ -110,6 +110,45 @@ fn http_counts_and_verify() {
 }
 
 #[test]
+fn http2_streams_share_connections_verify_and_broker_cpu_is_reported() {
+    let s = Server::start();
+    let pid = s.pid().to_string();
+    let r = loadtest(
+        &[
+            "http",
+            &s.http,
+            "--admin",
+            &s.admin,
+            "--h2",
+            "-c",
+            "2",
+            "--streams",
+            "4",
+            "-n",
+            "2000",
+            "--verify",
+            "--broker-pid",
+            &pid,
+        ],
+        LIMIT,
+    );
+    assert_clean(&r, 2000);
+    assert_verified(&r, 2000);
+    // Two connections, four senders (streams) on each, a device each.
+    assert_eq!(r.u("/connections/connected"), 2, "{}", r.show());
+    assert_eq!(r.u("/streams_per_connection"), 4, "{}", r.show());
+    assert_eq!(r.u("/devices"), 8, "{}", r.show());
+    assert_eq!(r.u("/verify/devices"), 8, "{}", r.show());
+    assert!(r.json["mode"].as_str().unwrap().contains("HTTP/2"));
+    // The broker worked for it: its CPU over the run, per acked message.
+    let cpu = &r.json["broker_cpu"];
+    assert_eq!(cpu["pid"].as_u64(), Some(u64::from(s.pid())), "{}", r.show());
+    assert_eq!(cpu["per"], "acked", "{}", r.show());
+    assert!(cpu["us_per_message"].as_f64().unwrap() > 0.0, "{}", r.show());
+    assert!(r.stdout.contains("broker cpu"), "{}", r.show());
+}
+
+#[test]
 fn shared_token_tokens_file_and_qos0() {
     let s = Server::start();
     // A shared token without provisioning, on a plain topic template.
@@ -351,6 +390,7 @@ fn help_documents_every_option() {
         "--max-errors",
         "--verify",
         "--no-progress",
+        "--broker-pid",
         "--ramp",
         "--ramp-start",
         "--ramp-step",
@@ -373,7 +413,7 @@ fn help_documents_every_option() {
         assert!(mqtt.contains(opt), "mqtt --help lacks {opt}");
     }
     let http = help(&["http", "--help"]);
-    for opt in common.iter().chain(&["--path"]) {
+    for opt in common.iter().chain(&["--path", "--h2", "--streams"]) {
         assert!(http.contains(opt), "http --help lacks {opt}");
     }
 }
