@@ -206,6 +206,7 @@ pub async fn run_conn(
             }
         }
         sh.stats.sent(step, 1);
+        let sent_at = Instant::now();
         let exchange = async {
             let resp = sender.send(req).await?;
             let status = resp.status().as_u16();
@@ -214,9 +215,12 @@ pub async fn run_conn(
         };
         match tokio::time::timeout(cfg.timeout, exchange).await {
             Ok(Ok(200)) => {
-                let lat = Instant::now().saturating_duration_since(intended);
-                let lat = lat.as_micros().min(u128::from(u64::MAX)) as u64;
-                sh.stats.acked(step, shard, &[lat]);
+                let now = Instant::now();
+                let us = |d: Duration| d.as_micros().min(u128::from(u64::MAX)) as u64;
+                sh.stats
+                    .acked(step, shard, &[us(now.saturating_duration_since(intended))]);
+                sh.stats
+                    .served(shard, &[us(now.saturating_duration_since(sent_at))]);
                 acked.set(this);
             }
             Ok(Ok(status)) => sh.stats.failed(step, &format!("http_{status}"), 1),

@@ -264,6 +264,8 @@ pub fn decode_incoming(buf: &mut BytesMut, v5: bool) -> Result<Option<Incoming>,
 
 struct InFlight {
     intended: Instant,
+    /// When it was encoded for the socket (it goes out in the same write).
+    sent: Instant,
     seq: u64,
     step: usize,
 }
@@ -308,6 +310,7 @@ pub async fn run_conn(
     let mut seq = 0u64;
     let mut acked = Bits::default();
     let mut lat: Vec<u64> = Vec::with_capacity(window.max(16));
+    let mut served: Vec<u64> = Vec::with_capacity(window.max(16));
     let mut lat_step = 0usize;
     let mut lags: Vec<u64> = Vec::with_capacity(64);
     let now = Instant::now();
@@ -354,6 +357,7 @@ pub async fn run_conn(
                 }
                 slots[next_slot] = Some(InFlight {
                     intended,
+                    sent: now,
                     seq,
                     step,
                 });
@@ -425,6 +429,7 @@ pub async fn run_conn(
                                 }
                                 lat_step = f.step;
                                 lat.push(micros(now.saturating_duration_since(f.intended)));
+                                served.push(micros(now.saturating_duration_since(f.sent)));
                                 acked.set(f.seq);
                             } else {
                                 sh.stats.failed(f.step, &format!("puback_0x{reason:02x}"), 1);
@@ -444,6 +449,10 @@ pub async fn run_conn(
                 if !lat.is_empty() {
                     sh.stats.acked(lat_step, shard, &lat);
                     lat.clear();
+                }
+                if !served.is_empty() {
+                    sh.stats.served(shard, &served);
+                    served.clear();
                 }
                 if let Some(kind) = failure {
                     break Err(kind);

@@ -146,6 +146,9 @@ pub struct Summary {
     /// Paced runs: how late the client sent messages after their scheduled
     /// time (timer resolution ~1 ms, or a full window). Part of `latency`.
     pub send_lag: Option<Latency>,
+    /// From the moment each message was handed to its connection to its
+    /// acknowledgement: the server and the network alone.
+    pub server_latency: Option<Latency>,
     pub errors: Errors,
     pub client_cpu: Option<ClientCpu>,
     pub broker_cpu: Option<BrokerCpu>,
@@ -222,6 +225,7 @@ impl Summary {
             },
             latency: Latency::from_histogram(&stats.histogram()),
             send_lag: Latency::from_histogram(&stats.lag_histogram()),
+            server_latency: Latency::from_histogram(&stats.served_histogram()),
             errors: Errors {
                 total: stats.errors_total(),
                 by_kind: stats.errors(),
@@ -411,6 +415,17 @@ impl Summary {
                 "  send lag ms  p50 {}  p99 {}  max {}  (client: scheduled → sent; included above)",
                 fmt_ms(l.p50_ms),
                 fmt_ms(l.p99_ms),
+                fmt_ms(l.max_ms)
+            );
+        }
+        if let Some(l) = &self.server_latency {
+            let _ = writeln!(
+                s,
+                "  server ms    p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (sent → acknowledged: server and network alone)",
+                fmt_ms(l.p50_ms),
+                fmt_ms(l.p90_ms),
+                fmt_ms(l.p99_ms),
+                fmt_ms(l.p999_ms),
                 fmt_ms(l.max_ms)
             );
         }

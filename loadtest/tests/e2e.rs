@@ -90,6 +90,7 @@ fn mqtt_5_paced_with_several_devices_per_connection_verifies() {
     assert_verified(&r, 1500);
     assert_eq!(r.u("/verify/devices"), 6);
     assert_eq!(r.u("/send_lag/count"), 1500, "paced runs measure send lag");
+    assert_eq!(r.u("/server_latency/count"), 1500, "{}", r.show());
     // Paced at 3000/s, 1500 messages take about half a second.
     let secs = r.json["duration_seconds"].as_f64().unwrap();
     assert!((0.45..10.0).contains(&secs), "{secs}");
@@ -142,10 +143,27 @@ fn http2_streams_share_connections_verify_and_broker_cpu_is_reported() {
     assert!(r.json["mode"].as_str().unwrap().contains("HTTP/2"));
     // The broker worked for it: its CPU over the run, per acked message.
     let cpu = &r.json["broker_cpu"];
-    assert_eq!(cpu["pid"].as_u64(), Some(u64::from(s.pid())), "{}", r.show());
+    assert_eq!(
+        cpu["pid"].as_u64(),
+        Some(u64::from(s.pid())),
+        "{}",
+        r.show()
+    );
     assert_eq!(cpu["per"], "acked", "{}", r.show());
-    assert!(cpu["us_per_message"].as_f64().unwrap() > 0.0, "{}", r.show());
+    assert!(
+        cpu["us_per_message"].as_f64().unwrap() > 0.0,
+        "{}",
+        r.show()
+    );
     assert!(r.stdout.contains("broker cpu"), "{}", r.show());
+    // Server latency (send → 200) is counted for every acknowledged
+    // request and is never above the latency from the scheduled time.
+    assert_eq!(r.u("/server_latency/count"), 2000, "{}", r.show());
+    let (server, total) = (
+        r.json["server_latency"]["max_ms"].as_f64().unwrap(),
+        r.json["latency"]["max_ms"].as_f64().unwrap(),
+    );
+    assert!(server <= total, "{}", r.show());
 }
 
 #[test]
