@@ -14,8 +14,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use sluice::client::AdminClient;
 
-use crate::fleet::{parallel, Admin, Fleet};
+use crate::fleet::{parallel, Fleet};
 use crate::payload::{Payload, Probe};
 use crate::run::ConnOutcome;
 use crate::stats::Bits;
@@ -119,7 +120,7 @@ fn scan_page(
 }
 
 pub async fn run(
-    admin: &Admin,
+    admin: &AdminClient,
     app: &str,
     fleet: &Arc<Fleet>,
     payload: &Payload,
