@@ -35,7 +35,7 @@ use sluice::auth::{Devices, RateLimit, Registry, Scope, Scopes, Status, TokenRec
 use sluice::secret::{TokenHash, TokenSecret};
 
 const APPS: usize = 10;
-const ROOTS: usize = 2_000;
+const ROOTS: usize = 20_000;
 /// Children per root; every second child gets one grandchild.
 const CHILDREN: usize = 3;
 const NOW_MS: i64 = 1_700_000_000_000;
