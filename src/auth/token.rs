@@ -357,6 +357,50 @@ mod tests {
     }
 
     #[test]
+    fn a_cached_verdict_never_outlives_a_status_change() {
+        let a = tok(None, None);
+        let b = tok(Some(a.clone()), None);
+        let c = tok(Some(b.clone()), None);
+        let stop = Arc::new(AtomicBool::new(false));
+        // Another reader keeps caching verdicts of `c` while it changes.
+        let racer = {
+            let (c, stop) = (c.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::black_box(c.usable(0));
+                }
+            })
+        };
+        for round in 0..200 {
+            assert!(c.usable(0), "round {round}: active again");
+            let revoker = {
+                let (b, a) = (b.clone(), a.clone());
+                std::thread::spawn(move || {
+                    if round % 2 == 0 {
+                        b.set_status(Status::Inactive);
+                    } else {
+                        a.set_status(Status::Inactive);
+                    }
+                })
+            };
+            revoker.join().unwrap();
+            // Whatever the racer cached, a check after the change sees it.
+            assert!(!c.usable(0), "round {round}: revoked");
+            assert!(!b.usable(0), "round {round}");
+            b.set_status(Status::Active);
+            a.set_status(Status::Active);
+        }
+        stop.store(true, Ordering::Relaxed);
+        racer.join().unwrap();
+        assert!(c.usable(0));
+        // The chain's expiry needs no walk either.
+        let d = tok(Some(c.clone()), Some(700));
+        assert_eq!(d.chain_expiry(), Some(700));
+        assert!(d.usable(699) && !d.usable(700));
+        assert_eq!(c.chain_expiry(), None);
+    }
+
+    #[test]
     fn permits_checks_app_device_scope() {
         let a = tok(None, None);
         assert!(a.permits("app", Some("d2"), Scope::SendState));
