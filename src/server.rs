@@ -20,8 +20,9 @@ use crate::http::serve::{serve, Http2Limits, HttpLimits};
 use crate::ip_limit::{IpConnections, IpLimiter};
 use crate::metrics::Metrics;
 use crate::mqtt;
-use crate::store::{Store, StoreError};
-use crate::tokens::{TokenError, TokenLimits, TokenService};
+use crate::readiness::{Readiness, TokenView};
+use crate::store::{Store, StoreError, StoreOptions};
+use crate::tokens::{Plane, PlaneConfig, PlaneMetrics, TokenError, TokenLimits, TokenService};
 use crate::writer::{Health, Writer, WriterConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,10 @@ pub enum ServeError {
     AdminToken(#[from] admin_token::AdminTokenError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    NodeId(#[from] crate::cluster::node_id::NodeIdError),
+    #[error(transparent)]
+    ClusterConnect(#[from] crate::cluster::connect::ConnectError),
     #[error("internal: {0}")]
     Internal(String),
     /// The writer thread ended while serving: nothing would drain the
@@ -185,21 +190,24 @@ pub async fn run(
 
     let store = {
         let dir = data_dir.join("db");
-        let sync = config.storage.sync;
-        tokio::task::spawn_blocking(move || Store::open(&dir, sync))
+        let options = StoreOptions::new(&config.storage);
+        tokio::task::spawn_blocking(move || Store::open_with(&dir, &options))
             .await
             .map_err(|e| ServeError::Internal(e.to_string()))??
     };
     let registry = Arc::new(Registry::new());
     registry.set_root(root_hash);
-    let tokens = Arc::new(TokenService::load(
-        store.clone(),
-        registry.clone(),
-        TokenLimits::from(&config.tokens),
-    )?);
+    let mut metrics = Metrics::new();
+    let limits = TokenLimits::from(&config.tokens);
+    let tokens = Arc::new(match config.cluster.enabled() {
+        false => TokenService::load(store.clone(), registry.clone(), limits)?,
+        true => {
+            let link = ClusterLink::connect(&config, &data_dir).await?;
+            cluster_tokens(&config, &link, &store, &registry, limits, &mut metrics).await?
+        }
+    });
     tracing::info!(tokens = registry.len(), "token cache loaded");
 
-    let mut metrics = Metrics::new();
     let mqtt_metrics = mqtt::MqttMetrics::register(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     let health = Arc::new(Health::default());
@@ -217,11 +225,24 @@ pub async fn run(
     let tasks = TaskTracker::new();
     let grace = config.shutdown.grace;
 
+    let mut readiness = Readiness::standalone(
+        store.clone(),
+        health.clone(),
+        writer.exit_flag(),
+        stop.clone(),
+    );
+    if config.cluster.enabled() {
+        readiness.add(TokenView {
+            registry: registry.clone(),
+        });
+    }
+    let readiness = Arc::new(readiness);
+
     let device = Arc::new(DeviceApi {
         registry: registry.clone(),
         queue: queue.clone(),
         metrics: metrics.clone(),
-        health: health.clone(),
+        readiness: readiness.clone(),
         auth_failures: IpLimiter::new(
             config.http.auth_failure_rate_per_ip,
             config.http.auth_failure_burst_per_ip,
@@ -266,7 +287,7 @@ pub async fn run(
             metrics: metrics.clone(),
             queue: queue.clone(),
             backups: crate::backup::Backups::new(store.clone(), &data_dir.join("db")),
-            health: health.clone(),
+            readiness,
             max_response_bytes: config.admin.max_response_bytes,
         }),
         config.admin.max_body_bytes,
@@ -357,6 +378,7 @@ pub async fn run(
     tasks.close();
     tasks.wait().await;
     let _ = flusher.await;
+    tokens.leave().await;
     tracing::info!("committing the last batch");
     tokio::task::spawn_blocking(move || writer.stop())
         .await
@@ -367,6 +389,57 @@ pub async fn run(
     let _ = std::fs::remove_file(data_dir.join("listening"));
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Cluster mode's connection to NATS, and this broker's name on it.
+struct ClusterLink {
+    node_id: String,
+    nats: crate::cluster::Nats,
+}
+
+impl ClusterLink {
+    async fn connect(config: &Config, data_dir: &Path) -> Result<ClusterLink, ServeError> {
+        let node_id = crate::cluster::node_id::load_or_generate(data_dir, &config.cluster.node_id)?;
+        tracing::info!(node = %node_id, urls = ?config.cluster.nats_urls, "cluster mode: connecting to NATS");
+        let nats = crate::cluster::connect(&config.cluster, &node_id).await?;
+        Ok(ClusterLink { node_id, nats })
+    }
+}
+
+/// The token service of a broker in cluster mode: the tokens come from the
+/// cluster's bucket; the local store keeps only this broker's lastUsedAt
+/// (that of tokens no longer in the bucket is dropped).
+async fn cluster_tokens(
+    config: &Config,
+    link: &ClusterLink,
+    store: &Store,
+    registry: &Arc<Registry>,
+    limits: TokenLimits,
+    metrics: &mut Metrics,
+) -> Result<TokenService, ServeError> {
+    let last_used: std::collections::HashMap<String, i64> =
+        store.load_last_used()?.into_iter().collect();
+    let plane = Plane::start(
+        &link.nats,
+        PlaneConfig::new(&config.cluster, link.node_id.clone()),
+        registry.clone(),
+        last_used.clone(),
+        PlaneMetrics::register(metrics.registry_mut()),
+    )
+    .await?;
+    let gone: Vec<String> = last_used
+        .into_keys()
+        .filter(|id| registry.entry(id).is_none())
+        .collect();
+    if !gone.is_empty() {
+        store.delete_tokens(&gone)?;
+    }
+    Ok(TokenService::clustered(
+        store.clone(),
+        registry.clone(),
+        limits,
+        plane,
+    ))
 }
 
 /// Prints `listening <name> <addr>` per listener and writes the same lines

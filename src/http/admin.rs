@@ -1,4 +1,5 @@
-//! The admin HTTP API: token management, state read-back, metrics, health.
+//! The admin HTTP API: token management, state read-back, devices,
+//! retention, metrics, liveness and readiness.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,18 +9,18 @@ use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get};
 use axum::Router;
 
-use crate::auth::{Denied, Scope, TokenEntry};
+use crate::auth::{monotonic_ns, Denied, Scope, TokenEntry};
 use crate::composite;
 use crate::ids::is_valid_id;
 use crate::metrics::Metrics;
 use crate::secret::parse_bearer;
 use crate::store::{device_key, HistoryQuery, Order, Position, Store};
 use crate::timefmt::{self, now_ms};
-use crate::tokens::{parse_create, parse_update, TokenError, TokenJson, TokenService};
-use crate::writer::{Health, IngestQueue};
+use crate::tokens::{parse_create, parse_update, TokenError, TokenJson, TokenService, STALE};
+use crate::writer::IngestQueue;
 
 /// Default and largest page of history.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -32,7 +33,8 @@ pub struct AdminApi {
     pub queue: Arc<IngestQueue>,
     /// `POST /backup` (see `http::backup`).
     pub backups: Arc<crate::backup::Backups>,
-    pub health: Arc<Health>,
+    /// `/readyz`, with the detail behind each failure.
+    pub readiness: Arc<crate::readiness::Readiness>,
     /// Bound on one history page's data (`admin.max_response_bytes`).
     pub max_response_bytes: usize,
 }
@@ -50,6 +52,12 @@ pub enum ApiError {
     PayloadTooLarge,
     MethodNotAllowed,
     Internal,
+    /// 503 with `Retry-After` and the reason: the broker is shutting down
+    /// (or its writer stopped), or in cluster mode the token bucket did
+    /// not answer or this broker's view of it is stale.
+    Unavailable(String),
+    /// 409: cluster mode, and other brokers kept changing the token.
+    Conflict,
 }
 
 impl IntoResponse for ApiError {
@@ -91,6 +99,18 @@ impl IntoResponse for ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 serde_json::json!({"error": "internal"}),
             ),
+            ApiError::Conflict => (
+                StatusCode::CONFLICT,
+                serde_json::json!({"error": "conflict", "detail": "the token was changed on other brokers at the same time, repeatedly; try again"}),
+            ),
+            ApiError::Unavailable(d) => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(axum::http::header::RETRY_AFTER, "1")],
+                    axum::Json(serde_json::json!({"error": "unavailable", "detail": d})),
+                )
+                    .into_response()
+            }
         };
         (status, axum::Json(body)).into_response()
     }
@@ -108,7 +128,14 @@ impl From<TokenError> for ApiError {
                 tracing::error!(error = %e, "token store failed");
                 ApiError::Internal
             }
-            e @ (TokenError::Internal(_) | TokenError::Unreadable { .. }) => {
+            TokenError::Unavailable(d) => {
+                tracing::warn!(detail = %d, "token change refused: the cluster's token bucket is unavailable");
+                ApiError::Unavailable(format!("the cluster's token bucket is unavailable: {d}"))
+            }
+            TokenError::Conflict => ApiError::Conflict,
+            e @ (TokenError::Internal(_)
+            | TokenError::Unreadable { .. }
+            | TokenError::Cluster(_)) => {
                 tracing::error!(error = %e, "token operation failed");
                 ApiError::Internal
             }
@@ -116,19 +143,19 @@ impl From<TokenError> for ApiError {
     }
 }
 
-type Api = State<Arc<AdminApi>>;
+pub(super) type Api = State<Arc<AdminApi>>;
 
 /// Path parameters, with a malformed path answered as a JSON 400.
-type PathOf<T> = Result<Path<T>, PathRejection>;
+pub(super) type PathOf<T> = Result<Path<T>, PathRejection>;
 /// A request body, with an oversized one answered as a JSON 413.
-type BodyOf = Result<Bytes, BytesRejection>;
+pub(super) type BodyOf = Result<Bytes, BytesRejection>;
 
-fn path<T>(p: PathOf<T>) -> Result<T, ApiError> {
+pub(super) fn path<T>(p: PathOf<T>) -> Result<T, ApiError> {
     p.map(|Path(t)| t)
         .map_err(|e| ApiError::BadRequest(e.body_text()))
 }
 
-fn body(b: BodyOf) -> Result<Bytes, ApiError> {
+pub(super) fn body(b: BodyOf) -> Result<Bytes, ApiError> {
     b.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
         _ => ApiError::BadRequest(e.body_text()),
@@ -138,9 +165,11 @@ fn body(b: BodyOf) -> Result<Bytes, ApiError> {
 pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/whoami", get(whoami))
         .route("/backup", axum::routing::post(super::backup::backup))
+        .route("/cluster", get(super::cluster::status))
         .route(
             "/applications/{app}/tokens",
             get(list_tokens).post(create_token),
@@ -148,6 +177,22 @@ pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
         .route(
             "/applications/{app}/tokens/{id}",
             get(get_token).patch(update_token).delete(delete_token),
+        )
+        .route(
+            "/applications/{app}",
+            delete(super::devices::delete_application),
+        )
+        .route(
+            "/applications/{app}/devices",
+            get(super::devices::list_devices),
+        )
+        .route(
+            "/applications/{app}/devices/{device}",
+            delete(super::devices::delete_device),
+        )
+        .route(
+            "/applications/{app}/retention",
+            get(super::retention::get_retention).put(super::retention::put_retention),
         )
         .route("/applications/{app}/devices/{device}/state", get(history))
         .route(
@@ -162,8 +207,20 @@ pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
 }
 
 impl AdminApi {
-    /// The usable token the request is made with.
+    /// The usable token the request is made with. In cluster mode, while
+    /// this broker's view of the token bucket is stale, nobody: the admin
+    /// API fails closed like the device listeners.
     pub(crate) fn caller(&self, headers: &HeaderMap) -> Result<Arc<TokenEntry>, ApiError> {
+        if !self.tokens.registry().trusted(monotonic_ns()) {
+            return Err(ApiError::Unavailable(STALE.into()));
+        }
+        self.authenticated(headers)
+    }
+
+    /// The usable token the request is made with, stale view or not; for
+    /// what only the root token (which is this broker's own, never from
+    /// the bucket) may do.
+    pub(crate) fn authenticated(&self, headers: &HeaderMap) -> Result<Arc<TokenEntry>, ApiError> {
         let cred = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|h| parse_bearer(h.as_bytes()))
@@ -175,7 +232,7 @@ impl AdminApi {
     }
 
     /// Authenticates the caller and checks `scope` in `app` (and `device`).
-    fn authorize(
+    pub(crate) fn authorize(
         &self,
         headers: &HeaderMap,
         app: &str,
@@ -201,21 +258,21 @@ impl AdminApi {
     }
 }
 
-/// As the device listener's `/healthz`, plus the error behind a failure
+/// Liveness: 200 while the process answers (see `/readyz`).
+async fn healthz() -> Response {
+    axum::Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+/// As the device listener's `/readyz`, plus the error behind each failure
 /// (this listener is the operator's, so the detail may name paths).
-async fn healthz(State(api): Api) -> Response {
-    match api.health.failure() {
-        None => axum::Json(serde_json::json!({"status": "ok"})).into_response(),
-        Some(f) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({
-                "status": "unavailable",
-                "reason": f.reason(),
-                "detail": api.health.detail(f),
-            })),
-        )
-            .into_response(),
-    }
+async fn readyz(State(api): Api) -> Response {
+    let (status, body) = api.readiness.respond(true).await;
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }
 
 async fn metrics(State(api): Api) -> impl IntoResponse {
@@ -304,8 +361,14 @@ async fn update_token(
     let body = body(raw)?;
     let caller = api.authorize(&headers, &app, None, Scope::TokenRevoke)?;
     let upd = parse_update(&body).map_err(ApiError::BadRequest)?;
-    let record = api.tokens.update(caller, app, id, upd).await?;
-    Ok(axum::Json(TokenJson::of(&record)).into_response())
+    let done = api.tokens.update(caller, app, id, upd).await?;
+    if done.unconfirmed.is_empty() {
+        return Ok(axum::Json(TokenJson::of(&done.value)).into_response());
+    }
+    let mut body =
+        serde_json::to_value(TokenJson::of(&done.value)).map_err(|_| ApiError::Internal)?;
+    body["unconfirmed"] = serde_json::json!(done.unconfirmed);
+    Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
 }
 
 async fn delete_token(
@@ -315,8 +378,15 @@ async fn delete_token(
 ) -> Result<Response, ApiError> {
     let (app, id) = path(ids)?;
     let caller = api.authorize(&headers, &app, None, Scope::TokenRevoke)?;
-    api.tokens.delete(caller, app, id).await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    let done = api.tokens.delete(caller, app, id).await?;
+    if done.unconfirmed.is_empty() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({"unconfirmed": done.unconfirmed})),
+    )
+        .into_response())
 }
 
 /// Parses the history query string into a store query.

@@ -61,6 +61,28 @@ pub enum EnqueueError {
     Revoked,
 }
 
+/// Why a removal was not done.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    #[error("writer stopped")]
+    Closed,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Data the writer removes in order with ingest: everything queued before
+/// the removal is committed first (and so removed with the rest), and
+/// anything queued after it is stored after it. The writer also forgets
+/// the attribute names it remembers for what it removed.
+#[derive(Debug)]
+pub enum Removal {
+    /// A device's history, composite state and statistics.
+    Device { app: String, device: String },
+    /// Everything of an application, and these tokens of it (see
+    /// `Store::remove_application`).
+    Application { app: String, tokens: Vec<String> },
+}
+
 /// How the writer reports the outcome of a request.
 pub enum Completion {
     /// An HTTP request waiting for its response.
@@ -130,6 +152,8 @@ impl WriteRequest {
 #[allow(clippy::large_enum_variant)]
 enum Item {
     Write(WriteRequest),
+    /// An admin removal and the caller waiting for its commit.
+    Remove(Removal, oneshot::Sender<Result<(), StoreError>>),
     /// Sent once at shutdown, after the listeners have drained: commit
     /// what is queued and exit.
     Stop,
@@ -188,6 +212,28 @@ impl IngestQueue {
                 Err(EnqueueError::Closed)
             }
         }
+    }
+
+    /// Has the writer apply `r` after everything queued before it and
+    /// waits until that is committed (fsynced). With the queue full it
+    /// waits for room (on a blocking thread) rather than refuse an admin
+    /// operation.
+    pub async fn remove(&self, r: Removal) -> Result<(), RemoveError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(RemoveError::Closed);
+        }
+        let (done, outcome) = oneshot::channel();
+        let tx = self.tx.clone();
+        let sent = tokio::task::spawn_blocking(move || tx.send(Item::Remove(r, done)).is_ok())
+            .await
+            .map_err(|_| RemoveError::Closed)?;
+        if !sent {
+            return Err(RemoveError::Closed);
+        }
+        outcome
+            .await
+            .map_err(|_| RemoveError::Closed)?
+            .map_err(RemoveError::Store)
     }
 
     pub fn depth(&self) -> usize {
@@ -307,6 +353,11 @@ impl Writer {
         self.queue.clone()
     }
 
+    /// True once the writer thread has ended, for readiness.
+    pub fn exit_flag(&self) -> watch::Receiver<bool> {
+        self.exited.clone()
+    }
+
     /// Resolves when the writer thread has ended. Before [`Writer::stop`]
     /// that means it died: nothing will drain the queue again.
     pub fn exited(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -365,24 +416,20 @@ struct Worker {
 
 impl Worker {
     fn run(mut self) -> Result<(), StoreError> {
-        let mut carry: Option<WriteRequest> = None;
+        let mut carry: Option<Item> = None;
         let mut stopping = false;
         let mut batch: Vec<WriteRequest> = Vec::new();
         let mut wake: Vec<Arc<dyn CommitSink>> = Vec::new();
         loop {
-            let first = match carry.take() {
-                Some(r) => r,
+            let next = match carry.take() {
+                Some(item) => item,
                 None if stopping => match self.rx.try_recv() {
-                    Ok(Item::Write(r)) => r,
-                    _ => break,
+                    Ok(item) => item,
+                    Err(_) => break,
                 },
                 None if self.health.is_failing(Failure::Commit) => {
                     match self.rx.recv_timeout(PROBE_EVERY) {
-                        Ok(Item::Write(r)) => r,
-                        Ok(Item::Stop) => {
-                            stopping = true;
-                            continue;
-                        }
+                        Ok(item) => item,
                         Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                             self.probe();
                             continue;
@@ -391,13 +438,20 @@ impl Worker {
                     }
                 }
                 None => match self.rx.recv() {
-                    Ok(Item::Write(r)) => r,
-                    Ok(Item::Stop) => {
-                        stopping = true;
-                        continue;
-                    }
+                    Ok(item) => item,
                     Err(_) => break,
                 },
+            };
+            let first = match next {
+                Item::Write(r) => r,
+                Item::Remove(r, done) => {
+                    self.remove(r, done);
+                    continue;
+                }
+                Item::Stop => {
+                    stopping = true;
+                    continue;
+                }
             };
             let mut size = first.size();
             batch.push(first);
@@ -405,11 +459,16 @@ impl Worker {
                 match item {
                     Item::Write(r) => {
                         if !self.policy.admits(size, r.size()) {
-                            carry = Some(r);
+                            carry = Some(Item::Write(r));
                             break;
                         }
                         size = size + r.size();
                         batch.push(r);
+                    }
+                    // What came before the removal is committed first.
+                    Item::Remove(..) => {
+                        carry = Some(item);
+                        break;
                     }
                     Item::Stop => stopping = true,
                 }
@@ -478,6 +537,26 @@ impl Worker {
         }
     }
 
+    /// Applies an admin removal between two batches and answers it.
+    fn remove(&mut self, r: Removal, done: oneshot::Sender<Result<(), StoreError>>) {
+        let result = match &r {
+            Removal::Device { app, device } => {
+                self.attributes
+                    .forget_device(&crate::store::device_key(app, device));
+                self.store.remove_device(app, device)
+            }
+            Removal::Application { app, tokens } => {
+                self.attributes.forget_application(app);
+                self.store.remove_application(app, tokens)
+            }
+        };
+        if let Err(e) = &result {
+            tracing::error!(error = %e, removal = ?r, "removal failed");
+        }
+        // The caller may have stopped waiting; the removal is done anyway.
+        let _ = done.send(result);
+    }
+
     /// While commits fail and no request comes, an empty commit (only the
     /// sequence number) tells when storage works again.
     fn probe(&mut self) {
@@ -521,6 +600,7 @@ impl Worker {
             &self.store,
             &mut cb,
             self.next_seq,
+            crate::timefmt::now_ms().max(0) as u64,
             admitted,
             &mut self.scratch,
         )?;
@@ -542,23 +622,27 @@ impl Records {
     }
 
     /// Adds every state of `requests` (each a device key, a body and the
-    /// body's parse; sequence numbers from `seq` on) and one composite
-    /// merge per device to `cb`; returns the next unused sequence number.
-    /// `scratch` is a reusable buffer.
+    /// body's parse; sequence numbers from `seq` on), one composite merge
+    /// and one statistics merge (states stored, seen at `seen_ms`) per
+    /// device to `cb`; returns the next unused sequence number. `scratch`
+    /// is a reusable buffer.
     ///
     /// Composite operands are concatenated per device, in request order.
     /// Concatenated operands fold exactly like separate ones (entries are
     /// applied in order, later wins on equal times), so each device gets
     /// one merge per batch instead of one per request: far fewer memtable
-    /// inserts when devices stream.
+    /// inserts when devices stream. The statistics ride on the same
+    /// per-device grouping, so the device list costs one small merge per
+    /// device per batch and no read.
     pub fn add<'a>(
         store: &Store,
         cb: &mut CommitBatch,
         mut seq: u64,
+        seen_ms: u64,
         requests: impl Iterator<Item = (&'a [u8], &'a [u8], &'a ParsedStates)>,
         scratch: &mut Vec<u8>,
     ) -> Result<u64, StoreError> {
-        let mut composites: HashMap<&[u8], Vec<&[u8]>> = HashMap::new();
+        let mut devices: HashMap<&[u8], PerDevice<'_>> = HashMap::new();
         for (device, body, parsed) in requests {
             for s in &parsed.states {
                 let data = &body[s.data.start as usize..s.data.end as usize];
@@ -569,26 +653,38 @@ impl Records {
                 store.put_state(cb, device, at, data)?;
                 seq += 1;
             }
+            let d = devices.entry(device).or_default();
+            d.states += parsed.states.len() as u64;
             if !parsed.composite.is_empty() {
-                composites
-                    .entry(device)
-                    .or_default()
-                    .push(&parsed.composite);
+                d.operands.push(&parsed.composite);
             }
         }
-        for (device, operands) in composites {
-            if let [one] = operands.as_slice() {
-                store.merge_composite(cb, device, one)?;
-            } else {
-                scratch.clear();
-                for op in operands {
-                    scratch.extend_from_slice(op);
+        for (device, d) in devices {
+            match d.operands.as_slice() {
+                [] => {}
+                [one] => store.merge_composite(cb, device, one)?,
+                more => {
+                    scratch.clear();
+                    for op in more {
+                        scratch.extend_from_slice(op);
+                    }
+                    store.merge_composite(cb, device, scratch)?;
                 }
-                store.merge_composite(cb, device, scratch)?;
+            }
+            if d.states > 0 {
+                store.merge_device_stats(cb, device, seen_ms, d.states)?;
             }
         }
         Ok(seq)
     }
+}
+
+/// What one batch holds for one device.
+#[derive(Default)]
+struct PerDevice<'a> {
+    /// Composite operands, in request order.
+    operands: Vec<&'a [u8]>,
+    states: u64,
 }
 
 #[cfg(test)]
