@@ -18,6 +18,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{monotonic_ns, Registry};
 use crate::store::Store;
 use crate::writer::Health;
 
@@ -46,6 +47,29 @@ pub trait ReadinessCheck: Send + Sync {
 pub struct Outcome {
     pub name: &'static str,
     pub result: Result<(), NotReady>,
+}
+
+/// Cluster mode: this broker's view of the cluster's tokens is fresh. A
+/// stale view refuses every request (it cannot know what was revoked
+/// meanwhile), so a load balancer should send devices elsewhere.
+pub struct TokenView {
+    pub registry: Arc<Registry>,
+}
+
+impl ReadinessCheck for TokenView {
+    fn name(&self) -> &'static str {
+        "tokens"
+    }
+
+    fn check(&self) -> Result<(), NotReady> {
+        match self.registry.trusted(monotonic_ns()) {
+            true => Ok(()),
+            false => Err(NotReady {
+                reason: crate::tokens::STALE,
+                detail: None,
+            }),
+        }
+    }
 }
 
 /// Every check the broker must pass to be ready.

@@ -139,7 +139,7 @@ pub async fn list_devices(
 
 fn removal_failed(e: RemoveError) -> ApiError {
     match e {
-        RemoveError::Closed => ApiError::Unavailable,
+        RemoveError::Closed => ApiError::Unavailable("the broker is shutting down".into()),
         RemoveError::Store(_) => ApiError::Internal,
     }
 }

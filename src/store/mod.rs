@@ -486,9 +486,9 @@ impl Store {
     /// record is here too (in cluster mode the records live in the
     /// cluster's bucket and only lastUsedAt, this broker's own, is local).
     pub fn load_last_used(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        let cf = self.cf(CF_TOKENS)?;
+        let cf = self.cfs().tokens;
         let mut out = Vec::new();
-        for item in self.db.prefix_iterator_cf(cf, b"u/") {
+        for item in self.db().prefix_iterator_cf(cf, b"u/") {
             let (k, v) = item?;
             let Some(id) = k.strip_prefix(b"u/") else {
                 break;
@@ -753,8 +753,8 @@ mod tests {
             .put_last_used(&[("b".into(), 9), ("a".into(), 7)])
             .unwrap();
         store.put_token("z", b"{}").unwrap();
-        let cf = store.cf(CF_TOKENS).unwrap();
-        store.db.put_cf(cf, token_key(b'u', "c"), b"bad").unwrap();
+        let cf = store.cfs().tokens;
+        store.db().put_cf(cf, token_key(b'u', "c"), b"bad").unwrap();
         assert_eq!(
             store.load_last_used().unwrap(),
             vec![("a".to_string(), 7), ("b".to_string(), 9)]

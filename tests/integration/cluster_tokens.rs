@@ -603,9 +603,10 @@ fn a_nats_node_killed_with_sigkill_leaves_the_token_plane_working() {
 const TOPIC: &str = "applications/farm/devices/d1/state";
 const STATE: &[u8] = br#"{"data":{"t":1}}"#;
 
+/// The device listener's readiness (`/healthz` is liveness and stays 200).
 fn device_health(s: &Server) -> u16 {
     client()
-        .get(s.http_url("/healthz"))
+        .get(s.http_url("/readyz"))
         .send()
         .unwrap()
         .status()
@@ -643,8 +644,10 @@ fn without_nats_brokers_fail_closed_and_come_back_by_themselves() {
     // decided on a stale view.
     assert_eq!(send(s, "sl_unknown", "d9"), 503);
     assert_eq!(device_health(s), 503);
-    let (st, h) = get_admin(s, ADMIN, "/healthz");
+    let (st, h) = get_admin(s, ADMIN, "/readyz");
     assert_eq!(st, 503, "{h}");
+    assert!(h.to_string().contains("tokens"), "{h}");
+    assert_eq!(get_admin(s, ADMIN, "/healthz").0, 200);
     let (st, body) = get_admin(s, ADMIN, "/applications/farm/tokens");
     assert_eq!((st, body["error"].as_str()), (503, Some("unavailable")));
     let (st, _) = create_token(
