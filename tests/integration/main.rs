@@ -15,6 +15,7 @@ mod deploy;
 mod devices;
 mod full_disk;
 mod hostile;
+mod http2;
 mod http_ingest;
 mod ingest_limits;
 mod isolation;
