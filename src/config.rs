@@ -92,6 +92,17 @@ pub struct HttpConfig {
     pub auth_failure_rate_per_ip: u32,
     pub auth_failure_burst_per_ip: u32,
     pub ip_table_max: usize,
+    /// Largest request head: HTTP/1.1 request line and headers; HTTP/2
+    /// header list as RFC 9113 counts it.
+    pub max_header_bytes: usize,
+    /// false: HTTP/1.1 only (no h2c, TLS offers only `http/1.1`).
+    pub http2: bool,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 flow-control window of a connection (and of each stream):
+    /// the most request-body bytes one connection can have buffered that
+    /// no handler has read yet.
+    pub h2_window_bytes: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -360,6 +371,11 @@ pub enum LogFormat {
     Json,
 }
 
+/// The largest `http.max_header_bytes`: HTTP/1.1 heads are parsed in
+/// hyper's read buffer, which holds at most this much (8 KiB plus 100
+/// header lines of 4 KiB).
+pub const MAX_HEADER_BYTES: usize = 8192 + 4096 * 100;
+
 impl Default for Config {
     fn default() -> Self {
         toml_defaults()
@@ -503,6 +519,10 @@ impl Config {
         );
         positive("http.ip_table_max", self.http.ip_table_max);
         positive(
+            "http.h2_max_concurrent_streams",
+            self.http.h2_max_concurrent_streams as usize,
+        );
+        positive(
             "storage.write_buffer_bytes",
             self.storage.write_buffer_bytes,
         );
@@ -560,6 +580,17 @@ impl Config {
         }
         if self.http.max_body_bytes > u32::MAX as usize {
             p.push("`http.max_body_bytes` must be at most 4294967295".into());
+        }
+        if !(1024..=MAX_HEADER_BYTES).contains(&self.http.max_header_bytes) {
+            p.push(format!(
+                "`http.max_header_bytes` must be between 1024 and {MAX_HEADER_BYTES}"
+            ));
+        }
+        if !(65_535..=2_147_483_647).contains(&self.http.h2_window_bytes) {
+            p.push(
+                "`http.h2_window_bytes` must be between 65535 and 2147483647 (the HTTP/2 limits)"
+                    .into(),
+            );
         }
         if self.http.max_buffered_body_bytes < self.http.max_body_bytes {
             p.push(
@@ -821,6 +852,42 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.0.len(), 2, "{:?}", err.0);
+    }
+
+    #[test]
+    fn http_head_and_http2_limits_are_checked() {
+        let c = Config::default();
+        assert!(c.http.http2);
+        assert_eq!(
+            (c.http.max_header_bytes, c.http.h2_max_concurrent_streams),
+            (16384, 100)
+        );
+        let err = Config::load(
+            None,
+            &env(&[
+                ("SLUICE_HTTP__MAX_HEADER_BYTES", "1023"),
+                ("SLUICE_HTTP__H2_MAX_CONCURRENT_STREAMS", "0"),
+                ("SLUICE_HTTP__H2_WINDOW_BYTES", "65534"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        let all = err.0.join("\n");
+        assert_eq!(err.0.len(), 3, "{all}");
+        for key in [
+            "http.max_header_bytes",
+            "http.h2_max_concurrent_streams",
+            "http.h2_window_bytes",
+        ] {
+            assert!(all.contains(key), "{all}");
+        }
+        let err = Config::load(
+            None,
+            &env(&[("SLUICE_HTTP__MAX_HEADER_BYTES", "417793")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.0[0].contains("between 1024 and 417792"), "{:?}", err.0);
     }
 
     #[test]

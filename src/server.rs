@@ -17,7 +17,7 @@ use crate::config::{Config, Open};
 use crate::http::admin::{router, AdminApi};
 use crate::http::device::{DeviceApi, DeviceService};
 use crate::http::read::{router as read_router, ReadApi, WithPeer};
-use crate::http::serve::{serve, HttpLimits};
+use crate::http::serve::{serve, Http2Limits, HttpLimits};
 use crate::ip_limit::{IpConnections, IpLimiter};
 use crate::metrics::Metrics;
 use crate::mqtt;
@@ -174,6 +174,7 @@ pub async fn run(
         true => Some(crate::tls::Acceptors::load(
             &config.tls.cert,
             &config.tls.key,
+            config.http.http2,
         )?),
         false => None,
     };
@@ -300,6 +301,13 @@ pub async fn run(
             HttpLimits {
                 max_connections: config.http.max_connections,
                 header_read_timeout: config.http.header_read_timeout,
+                max_header_bytes: Some(config.http.max_header_bytes),
+                http2: config.http.http2.then_some(Http2Limits {
+                    max_concurrent_streams: config.http.h2_max_concurrent_streams,
+                    // At most MAX_HEADER_BYTES (`Config::validate`).
+                    max_header_list_bytes: config.http.max_header_bytes as u32,
+                    window_bytes: config.http.h2_window_bytes,
+                }),
                 per_ip: IpConnections::new(config.http.max_connections_per_ip),
                 refused: metrics.http_connections_refused.clone(),
             },
@@ -334,6 +342,9 @@ pub async fn run(
         HttpLimits {
             max_connections: config.admin.max_connections,
             header_read_timeout: config.http.header_read_timeout,
+            // The admin listener keeps hyper's defaults and HTTP/1.1 only.
+            max_header_bytes: None,
+            http2: None,
             // The admin listener is the operator's (loopback by default):
             // no per-address limit.
             per_ip: IpConnections::new(0),

@@ -85,7 +85,8 @@ pub struct Acceptors {
 }
 
 impl Acceptors {
-    pub fn load(cert: &Path, key: &Path) -> Result<Acceptors, TlsError> {
+    /// `http2`: whether the HTTPS listener offers HTTP/2 (ALPN `h2`).
+    pub fn load(cert: &Path, key: &Path, http2: bool) -> Result<Acceptors, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let pair = Certificate::read(cert, key, &provider)?;
         let certificate = Arc::new(Certificate {
@@ -104,7 +105,14 @@ impl Acceptors {
             // No ALPN for MQTT: most device stacks send none, and some send
             // vendor names; insisting on one would refuse them.
             mqtt: build(&[])?,
-            http: build(&[b"http/1.1"])?,
+            // `h2` first: the server's order wins, so a client offering
+            // both gets HTTP/2; one offering only `http/1.1` (or no ALPN
+            // at all) gets HTTP/1.1.
+            http: if http2 {
+                build(&[b"h2", b"http/1.1"])?
+            } else {
+                build(&[b"http/1.1"])?
+            },
             certificate,
         })
     }
@@ -132,7 +140,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (cert_a, key_a, der_a) = pair(dir.path(), "a");
         let (cert_b, key_b, der_b) = pair(dir.path(), "b");
-        let a = Acceptors::load(&cert_a, &key_a).unwrap();
+        let a = Acceptors::load(&cert_a, &key_a, true).unwrap();
         assert_eq!(served(&a), der_a);
         a.certificate.reload(&cert_b, &key_b).unwrap();
         assert_eq!(served(&a), der_b);
@@ -148,5 +156,17 @@ mod tests {
             .reload(&dir.path().join("missing"), &key_a)
             .is_err());
         assert_eq!(served(&a), der_b);
+    }
+
+    #[test]
+    fn https_offers_h2_only_with_http2_on_and_mqtt_offers_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, _) = pair(dir.path(), "a");
+        let alpn = |a: &TlsAcceptor| a.config().alpn_protocols.clone();
+        let on = Acceptors::load(&cert, &key, true).unwrap();
+        assert_eq!(alpn(&on.http), [b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert!(alpn(&on.mqtt).is_empty());
+        let off = Acceptors::load(&cert, &key, false).unwrap();
+        assert_eq!(alpn(&off.http), [b"http/1.1".to_vec()]);
     }
 }

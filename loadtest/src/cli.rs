@@ -33,7 +33,9 @@ pub struct Cli {
 pub enum Command {
     /// Publish state over MQTT 3.1.1 or 5, QoS 0 or 1.
     Mqtt(MqttArgs),
-    /// POST state over HTTP/1.1 keep-alive connections (one request in flight per connection).
+    /// POST state over HTTP/1.1 keep-alive connections (one request in
+    /// flight per connection), or over HTTP/2 (--h2, several streams per
+    /// connection).
     Http(HttpArgs),
     /// Measure the JetStream engine's ceiling for cluster mode: publish
     /// straight to a replicated stream (atomic batches, pipelined
@@ -248,6 +250,17 @@ pub struct HttpArgs {
     )]
     pub path: String,
 
+    /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
+    #[arg(long, help_heading = "HTTP")]
+    pub h2: bool,
+
+    /// With --h2: senders per connection, each with one request in flight,
+    /// so every connection carries this many concurrent streams. Devices,
+    /// tokens and the rate are per sender: --connections × --streams
+    /// senders in all.
+    #[arg(long, default_value_t = 1, requires = "h2", value_parser = clap::value_parser!(u32).range(1..), help_heading = "HTTP")]
+    pub streams: u32,
+
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -342,6 +355,13 @@ pub struct CommonArgs {
     /// Concurrent admin API requests while provisioning and verifying.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Credentials")]
     pub admin_concurrency: u32,
+
+    /// Process id of the broker under test (on this machine): its CPU time
+    /// (user + system, all threads, from /proc/PID/stat) over the timed
+    /// phase is reported, as cores and as µs per acknowledged message
+    /// (per sent message when nothing is acknowledged, e.g. QoS 0).
+    #[arg(long, value_name = "PID", help_heading = "Output")]
+    pub broker_pid: Option<u32>,
 
     /// Also write the summary as JSON to this file.
     #[arg(long, value_name = "FILE", help_heading = "Output")]

@@ -1,16 +1,17 @@
-//! The HTTP driver: one hyper HTTP/1.1 connection per connection
-//! (`client::conn::http1`, the cheapest hyper client: no pool), keep-alive,
-//! one request in flight. Success is `200`; any other status is counted by
-//! status code and the connection goes on.
+//! The HTTP driver: hyper's connection-level clients (`client::conn`, the
+//! cheapest: no pool). HTTP/1.1: keep-alive, one request in flight per
+//! connection. HTTP/2 (`--h2`, h2c with prior knowledge): `--streams`
+//! senders share each connection, each with one request in flight, so a
+//! connection carries that many concurrent streams. Success is `200`; any
+//! other status is counted by status code and the sender goes on.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
-use hyper::{Method, Request, Uri};
-use hyper_util::rt::TokioIo;
+use hyper::{Method, Request, Response, Uri};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use crate::mqtt::connect_error_kind;
@@ -25,6 +26,10 @@ pub struct HttpConfig {
     /// `Host` header value.
     pub host: HeaderValue,
     pub timeout: Duration,
+    /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
+    pub h2: bool,
+    /// HTTP/2: senders (concurrent streams) per connection; 1 for HTTP/1.1.
+    pub streams: u32,
 }
 
 impl HttpConfig {
@@ -50,6 +55,8 @@ impl HttpConfig {
             addr,
             host: HeaderValue::from_str(authority)?,
             timeout,
+            h2: false,
+            streams: 1,
         })
     }
 }
@@ -61,18 +68,49 @@ pub struct Target {
     pub auth: Option<HeaderValue>,
 }
 
-pub struct Connected {
-    sender: SendRequest<Full<Bytes>>,
+/// An open connection.
+pub enum Connected {
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Http2(H2Sender),
 }
 
-pub async fn connect(cfg: &HttpConfig) -> Result<Connected, String> {
+/// The handle of an HTTP/2 connection; the senders of one connection each
+/// hold a clone.
+pub type H2Sender = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+impl Connected {
+    async fn ready(&mut self) -> Result<(), hyper::Error> {
+        match self {
+            Connected::Http1(s) => s.ready().await,
+            Connected::Http2(s) => s.ready().await,
+        }
+    }
+
+    async fn send(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<hyper::body::Incoming>, hyper::Error> {
+        match self {
+            Connected::Http1(s) => s.send_request(req).await,
+            Connected::Http2(s) => s.send_request(req).await,
+        }
+    }
+}
+
+async fn tcp(cfg: &HttpConfig) -> Result<TokioIo<TcpStream>, String> {
     let stream = match tokio::time::timeout(cfg.timeout, TcpStream::connect(&cfg.addr)).await {
         Err(_) => return Err("connect_timeout".into()),
         Ok(Err(e)) => return Err(connect_error_kind(&e).into()),
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
-    let handshake = hyper::client::conn::http1::handshake(TokioIo::new(stream));
+    Ok(TokioIo::new(stream))
+}
+
+/// Opens an HTTP/2 connection with prior knowledge.
+pub async fn connect_h2(cfg: &HttpConfig) -> Result<H2Sender, String> {
+    let io = tcp(cfg).await?;
+    let handshake = hyper::client::conn::http2::handshake(TokioExecutor::new(), io);
     let (sender, conn) = match tokio::time::timeout(cfg.timeout, handshake).await {
         Err(_) => return Err("connect_timeout".into()),
         Ok(Err(_)) => return Err("connect_failed".into()),
@@ -81,7 +119,22 @@ pub async fn connect(cfg: &HttpConfig) -> Result<Connected, String> {
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    Ok(Connected { sender })
+    Ok(sender)
+}
+
+/// Opens an HTTP/1.1 connection.
+pub async fn connect(cfg: &HttpConfig) -> Result<Connected, String> {
+    let io = tcp(cfg).await?;
+    let handshake = hyper::client::conn::http1::handshake(io);
+    let (sender, conn) = match tokio::time::timeout(cfg.timeout, handshake).await {
+        Err(_) => return Err("connect_timeout".into()),
+        Ok(Err(_)) => return Err("connect_failed".into()),
+        Ok(Ok(x)) => x,
+    };
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(Connected::Http1(sender))
 }
 
 fn error_kind(e: &hyper::Error) -> &'static str {
@@ -108,7 +161,8 @@ pub async fn run_conn(
     mut sched: ConnSchedule,
     targets: &[Target],
 ) -> ConnOutcome {
-    let mut sender = connected.sender;
+    let mut sender = connected;
+    let h2 = matches!(sender, Connected::Http2(_));
     let ctype = HeaderValue::from_static("application/json");
     let mut body = Vec::with_capacity(sh.payload_size + 64);
     let mut seq = 0u64;
@@ -128,7 +182,10 @@ pub async fn run_conn(
         *req.method_mut() = Method::POST;
         *req.uri_mut() = target.path.clone();
         let h = req.headers_mut();
-        h.insert(HOST, cfg.host.clone());
+        // HTTP/2 names the host in `:authority`, from the URI.
+        if !h2 {
+            h.insert(HOST, cfg.host.clone());
+        }
         h.insert(CONTENT_TYPE, ctype.clone());
         if let Some(a) = &target.auth {
             h.insert(AUTHORIZATION, a.clone());
@@ -149,17 +206,21 @@ pub async fn run_conn(
             }
         }
         sh.stats.sent(step, 1);
+        let sent_at = Instant::now();
         let exchange = async {
-            let resp = sender.send_request(req).await?;
+            let resp = sender.send(req).await?;
             let status = resp.status().as_u16();
             resp.into_body().collect().await?;
             Ok::<u16, hyper::Error>(status)
         };
         match tokio::time::timeout(cfg.timeout, exchange).await {
             Ok(Ok(200)) => {
-                let lat = Instant::now().saturating_duration_since(intended);
-                let lat = lat.as_micros().min(u128::from(u64::MAX)) as u64;
-                sh.stats.acked(step, shard, &[lat]);
+                let now = Instant::now();
+                let us = |d: Duration| d.as_micros().min(u128::from(u64::MAX)) as u64;
+                sh.stats
+                    .acked(step, shard, &[us(now.saturating_duration_since(intended))]);
+                sh.stats
+                    .served(shard, &[us(now.saturating_duration_since(sent_at))]);
                 acked.set(this);
             }
             Ok(Ok(status)) => sh.stats.failed(step, &format!("http_{status}"), 1),

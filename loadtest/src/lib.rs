@@ -27,4 +27,5 @@ pub mod run;
 pub mod schedule;
 pub mod stats;
 pub mod stream_probe;
+pub mod timer;
 pub mod verify;

@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use crate::run::{ConnOutcome, Shared};
 use crate::schedule::{ConnSchedule, Slot};
 use crate::stats::Bits;
+use crate::timer::Timer;
 
 /// Stop encoding when this much is waiting to be written.
 const OUT_HIGH_WATER: usize = 64 * 1024;
@@ -263,6 +264,8 @@ pub fn decode_incoming(buf: &mut BytesMut, v5: bool) -> Result<Option<Incoming>,
 
 struct InFlight {
     intended: Instant,
+    /// When it was encoded for the socket (it goes out in the same write).
+    sent: Instant,
     seq: u64,
     step: usize,
 }
@@ -307,6 +310,7 @@ pub async fn run_conn(
     let mut seq = 0u64;
     let mut acked = Bits::default();
     let mut lat: Vec<u64> = Vec::with_capacity(window.max(16));
+    let mut served: Vec<u64> = Vec::with_capacity(window.max(16));
     let mut lat_step = 0usize;
     let mut lags: Vec<u64> = Vec::with_capacity(64);
     let now = Instant::now();
@@ -314,8 +318,7 @@ pub async fn run_conn(
     let mut last_write = now;
     let ka = cfg.keep_alive;
     let far = now + Duration::from_secs(86_400 * 365);
-    let sleep = tokio::time::sleep_until(far.into());
-    tokio::pin!(sleep);
+    let mut timer = Timer::new(far);
     let per_conn = topics.len() as u64;
 
     let end: Result<(), String> = loop {
@@ -354,6 +357,7 @@ pub async fn run_conn(
                 }
                 slots[next_slot] = Some(InFlight {
                     intended,
+                    sent: now,
                     seq,
                     step,
                 });
@@ -392,7 +396,7 @@ pub async fn run_conn(
             }
             deadline = deadline.min(last_write + ka);
         }
-        sleep.as_mut().reset(deadline.into());
+        timer.reset(deadline);
         tokio::select! {
             biased;
             r = rd.read_buf(&mut inbuf) => {
@@ -425,6 +429,7 @@ pub async fn run_conn(
                                 }
                                 lat_step = f.step;
                                 lat.push(micros(now.saturating_duration_since(f.intended)));
+                                served.push(micros(now.saturating_duration_since(f.sent)));
                                 acked.set(f.seq);
                             } else {
                                 sh.stats.failed(f.step, &format!("puback_0x{reason:02x}"), 1);
@@ -445,6 +450,10 @@ pub async fn run_conn(
                     sh.stats.acked(lat_step, shard, &lat);
                     lat.clear();
                 }
+                if !served.is_empty() {
+                    sh.stats.served(shard, &served);
+                    served.clear();
+                }
                 if let Some(kind) = failure {
                     break Err(kind);
                 }
@@ -463,7 +472,7 @@ pub async fn run_conn(
                     }
                 }
             }
-            () = &mut sleep => {
+            () = timer.wait() => {
                 let now = Instant::now();
                 if inflight > 0 && now >= last_ack + sh.timeout {
                     break Err("ack_timeout".into());

@@ -91,9 +91,33 @@ pub struct ClientCpu {
     pub us_per_message: f64,
 }
 
+/// CPU used by the broker (`--broker-pid`) during the timed phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct BrokerCpu {
+    pub pid: u32,
+    pub user_seconds: f64,
+    pub system_seconds: f64,
+    /// CPU seconds per wall second.
+    pub cores: f64,
+    /// CPU µs per message counted in `per`.
+    pub us_per_message: f64,
+    /// `acked`, or `sent` when nothing is acknowledged (QoS 0).
+    pub per: String,
+}
+
 /// User and system CPU seconds of this process so far (Linux).
 pub fn cpu_seconds() -> Option<(f64, f64)> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    proc_cpu_seconds("self")
+}
+
+/// User and system CPU seconds of process `pid` so far, all its threads
+/// (Linux).
+pub fn pid_cpu_seconds(pid: u32) -> Option<(f64, f64)> {
+    proc_cpu_seconds(&pid.to_string())
+}
+
+fn proc_cpu_seconds(pid: &str) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are
     // fields 14 and 15 of the whole line, in clock ticks (100 Hz on Linux).
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -122,8 +146,14 @@ pub struct Summary {
     /// Paced runs: how late the client sent messages after their scheduled
     /// time (timer resolution ~1 ms, or a full window). Part of `latency`.
     pub send_lag: Option<Latency>,
+    /// From the moment each message was handed to its connection to its
+    /// acknowledgement: the server and the network alone.
+    pub server_latency: Option<Latency>,
     pub errors: Errors,
     pub client_cpu: Option<ClientCpu>,
+    pub broker_cpu: Option<BrokerCpu>,
+    /// HTTP/2: concurrent streams (senders) per connection.
+    pub streams_per_connection: u32,
     pub stopped_early: bool,
     pub verify: Option<VerifyReport>,
     pub verify_error: Option<String>,
@@ -197,11 +227,14 @@ impl Summary {
             },
             latency: Latency::from_histogram(&stats.histogram()),
             send_lag: Latency::from_histogram(&stats.lag_histogram()),
+            server_latency: Latency::from_histogram(&stats.served_histogram()),
             errors: Errors {
                 total: stats.errors_total(),
                 by_kind: stats.errors(),
             },
             client_cpu: None,
+            broker_cpu: None,
+            streams_per_connection: 1,
             stopped_early: false,
             verify: None,
             verify_error: None,
@@ -225,6 +258,28 @@ impl Summary {
                 0.0
             },
             us_per_message: (user + system) * 1e6 / msgs,
+        });
+    }
+
+    /// Sets `broker_cpu` from the broker's CPU seconds during the timed
+    /// phase.
+    pub fn set_broker_cpu(&mut self, pid: u32, user: f64, system: f64) {
+        let (n, per) = if self.messages.acked > 0 {
+            (self.messages.acked, "acked")
+        } else {
+            (self.messages.sent, "sent")
+        };
+        self.broker_cpu = Some(BrokerCpu {
+            pid,
+            user_seconds: user,
+            system_seconds: system,
+            cores: if self.duration_seconds > 0.0 {
+                (user + system) / self.duration_seconds
+            } else {
+                0.0
+            },
+            us_per_message: (user + system) * 1e6 / n.max(1) as f64,
+            per: per.into(),
         });
     }
 
@@ -287,11 +342,17 @@ impl Summary {
             "loadtest {} {} ({}, run {})",
             self.protocol, self.target, self.mode, self.run
         );
+        let streams = u64::from(self.streams_per_connection.max(1));
         let _ = writeln!(
             s,
-            "  load         {} connections × {} device(s), {}-byte messages, {}",
+            "  load         {} connections × {}{} device(s), {}-byte messages, {}",
             self.connections.requested,
-            self.devices / self.connections.requested.max(1),
+            if streams > 1 {
+                format!("{streams} streams × ")
+            } else {
+                String::new()
+            },
+            self.devices / (self.connections.requested * streams).max(1),
             self.payload_bytes,
             if self.throughput.target_rate > 0.0 {
                 format!("target {} msg/s", fmt_rate(self.throughput.target_rate))
@@ -365,6 +426,17 @@ impl Summary {
                 fmt_ms(l.max_ms)
             );
         }
+        if let Some(l) = &self.server_latency {
+            let _ = writeln!(
+                s,
+                "  server ms    p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (sent → acknowledged: server and network alone)",
+                fmt_ms(l.p50_ms),
+                fmt_ms(l.p90_ms),
+                fmt_ms(l.p99_ms),
+                fmt_ms(l.p999_ms),
+                fmt_ms(l.max_ms)
+            );
+        }
         let kinds: Vec<String> = self
             .errors
             .by_kind
@@ -386,6 +458,18 @@ impl Summary {
                 s,
                 "  client cpu   {:.2} s user + {:.2} s sys ({:.2} cores, {:.1} µs/msg)",
                 cpu.user_seconds, cpu.system_seconds, cpu.cores, cpu.us_per_message
+            );
+        }
+        if let Some(cpu) = &self.broker_cpu {
+            let _ = writeln!(
+                s,
+                "  broker cpu   {:.2} s user + {:.2} s sys ({:.2} cores, {:.1} µs/msg {}, pid {})",
+                cpu.user_seconds,
+                cpu.system_seconds,
+                cpu.cores,
+                cpu.us_per_message,
+                cpu.per,
+                cpu.pid
             );
         }
         if let Some(r) = &self.ramp {

@@ -143,12 +143,23 @@ fn plan(cli: Cli, run: &str) -> Result<Plan> {
             }
         }
         Command::Http(h) => {
-            let cfg = HttpConfig::from_url(&h.url, h.common.timeout)?;
+            let mut cfg = HttpConfig::from_url(&h.url, h.common.timeout)?;
+            cfg.h2 = h.h2;
+            cfg.streams = if h.h2 { h.streams } else { 1 };
+            let mode = if h.h2 {
+                format!(
+                    "HTTP/2 prior knowledge (h2c), {} stream{} per connection, 1 request in flight per stream",
+                    cfg.streams,
+                    if cfg.streams == 1 { "" } else { "s" }
+                )
+            } else {
+                "HTTP/1.1 keep-alive, 1 request in flight per connection".into()
+            };
             Plan {
                 target: h.url.clone(),
                 driver: Driver::Http(cfg),
                 protocol: "http",
-                mode: "HTTP/1.1 keep-alive, 1 request in flight per connection".into(),
+                mode,
                 template: h.path,
                 common: h.common,
             }
@@ -228,6 +239,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     };
 
     eprintln!("loadtest run {run}: {} {}", plan.protocol, plan.target);
+    // Senders: one per connection, except HTTP/2's streams, each of which
+    // is a sender with its own devices, schedule and outcome.
+    let streams = match &plan.driver {
+        Driver::Http(cfg) => cfg.streams.max(1),
+        Driver::Mqtt(..) => 1,
+    };
+    let conns = c.connections;
+    let Some(senders) = conns.checked_mul(streams) else {
+        bail!("--connections × --streams is too large");
+    };
     let unit = match plan.driver {
         Driver::Mqtt(..) => TokenUnit::PerConnection,
         Driver::Http(_) => TokenUnit::PerDevice,
@@ -235,7 +256,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let fleet = fleet::build(FleetSpec {
         app: &c.app,
         run: &run,
-        connections: c.connections,
+        connections: senders,
         per_conn: c.devices_per_connection,
         device_prefix: &c.device_prefix,
         token: c.token.as_deref(),
@@ -248,6 +269,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     .await?;
     eprintln!("credentials: {}", fleet.source);
     let targets = build_targets(&plan, &c, &fleet)?;
+    // HTTP/2: the connection the senders of one connection index share,
+    // opened by whichever of them gets there first.
+    let shared_conns: Arc<Vec<tokio::sync::OnceCell<Result<http::H2Sender, String>>>> =
+        Arc::new((0..conns).map(|_| tokio::sync::OnceCell::new()).collect());
 
     let stop = Arc::new(AtomicBool::new(false));
     let sh = Arc::new(Shared {
@@ -278,21 +303,23 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let (start_tx, start_rx) = tokio::sync::watch::channel(None::<Instant>);
     let sem = Arc::new(tokio::sync::Semaphore::new(c.connect_concurrency as usize));
     let (connected_tx, mut connected_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let conns = c.connections;
     let connect_started = Instant::now();
     let mut set = tokio::task::JoinSet::new();
-    for conn in 0..conns {
-        let (sh, driver, targets, fleet, sem, steps) = (
+    for conn in 0..senders {
+        let (sh, driver, targets, fleet, sem, steps, shared_conns) = (
             sh.clone(),
             driver.clone(),
             targets.clone(),
             fleet.clone(),
             sem.clone(),
             steps.clone(),
+            shared_conns.clone(),
         );
         let mut start_rx = start_rx.clone();
         let connected_tx = connected_tx.clone();
-        let quota = total.map(|t| schedule::quota(t, conns, conn));
+        let quota = total.map(|t| schedule::quota(t, senders, conn));
+        // The sender that counts its connection in the summary.
+        let first_of_conn = conn % streams == 0;
         set.spawn(async move {
             let password = fleet.conn_tokens[conn as usize].as_deref();
             let permit = sem.acquire().await.expect("semaphore open");
@@ -305,16 +332,23 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         .await
                         .map(|c| Conn::Rumqttc(Box::new(c)))
                 }
+                Driver::Http(cfg) if cfg.h2 => shared_conns[(conn / streams) as usize]
+                    .get_or_init(|| http::connect_h2(cfg))
+                    .await
+                    .clone()
+                    .map(|s| Conn::Http(http::Connected::Http2(s))),
                 Driver::Http(cfg) => http::connect(cfg).await.map(Conn::Http),
             };
             drop(permit);
-            match &connected {
-                Ok(_) => sh.stats.connected.fetch_add(1, Ordering::Relaxed),
-                Err(kind) => {
-                    sh.stats.error(kind, 1);
-                    sh.stats.connect_failed.fetch_add(1, Ordering::Relaxed)
-                }
-            };
+            if first_of_conn {
+                match &connected {
+                    Ok(_) => sh.stats.connected.fetch_add(1, Ordering::Relaxed),
+                    Err(kind) => {
+                        sh.stats.error(kind, 1);
+                        sh.stats.connect_failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
             let _ = connected_tx.send(());
             let connected = match connected {
                 Ok(x) => x,
@@ -335,7 +369,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             };
             tokio::time::sleep_until(start.into()).await;
-            let sched = ConnSchedule::new(conn, conns, start, steps, quota, sh.stop.clone());
+            let sched = ConnSchedule::new(conn, senders, start, steps, quota, sh.stop.clone());
             let per = fleet.per_conn as usize;
             let range = conn as usize * per..(conn as usize + 1) * per;
             match (&*driver, connected, &*targets) {
@@ -358,7 +392,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     drop(connected_tx);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut reported = 0u32;
-    while reported < conns {
+    while reported < senders {
         tokio::select! {
             r = connected_rx.recv() => match r {
                 Some(()) => reported += 1,
@@ -366,7 +400,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             },
             _ = tick.tick() => {
                 let failed = sh.stats.connect_failed.load(Ordering::Relaxed);
-                bar.set_message(format!("connecting {reported}/{conns} ({failed} failed)"));
+                bar.set_message(format!("connecting {reported}/{senders} ({failed} failed)"));
             }
         }
     }
@@ -391,19 +425,23 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     let cpu_before = report::cpu_seconds();
+    let broker_before = c.broker_pid.and_then(report::pid_cpu_seconds);
+    if let (Some(pid), None) = (c.broker_pid, broker_before) {
+        eprintln!("loadtest: cannot read /proc/{pid}/stat: no broker CPU in this run");
+    }
     let _ = start_tx.send(Some(start));
     let controller = if c.ramp.ramp && connected > 0 {
         Some(tokio::spawn(ramp::control(
             sh.clone(),
             steps.clone(),
             start,
-            conns,
+            senders,
             c.ramp.p99_max,
         )))
     } else {
         None
     };
-    let mut outcomes: Vec<ConnOutcome> = Vec::with_capacity(conns as usize);
+    let mut outcomes: Vec<ConnOutcome> = Vec::with_capacity(senders as usize);
     let mut live = report::Live::new(start);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
@@ -423,6 +461,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     }
     let end = Instant::now();
     let cpu_after = report::cpu_seconds();
+    let broker_after = c.broker_pid.and_then(report::pid_cpu_seconds);
     bar.finish_and_clear();
     let evaluated = match controller {
         Some(h) => h.await.unwrap_or(0),
@@ -446,12 +485,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     summary.credentials = fleet.source.clone();
     summary.template = plan.template.clone();
     summary.stopped_early = stop.load(Ordering::Relaxed) && !c.ramp.ramp;
+    summary.streams_per_connection = streams;
+    summary.devices = u64::from(senders) * u64::from(c.devices_per_connection);
     if let (Some((u0, s0)), Some((u1, s1))) = (cpu_before, cpu_after) {
         summary.set_cpu(u1 - u0, s1 - s0);
     }
+    if let (Some(pid), Some((u0, s0)), Some((u1, s1))) = (c.broker_pid, broker_before, broker_after)
+    {
+        summary.set_broker_cpu(pid, u1 - u0, s1 - s0);
+    }
 
     if c.ramp.ramp {
-        let results = ramp::results(&sh.stats, &steps, evaluated, conns, c.ramp.p99_max);
+        let results = ramp::results(&sh.stats, &steps, evaluated, senders, c.ramp.p99_max);
         let r = ramp::summarize(results, c.ramp.p99_max);
         match crate::plot::ramp_svg(&c.ramp.plot, &r) {
             Ok(()) => summary.plot = Some(c.ramp.plot.display().to_string()),
@@ -544,10 +589,14 @@ fn build_targets(plan: &Plan, c: &CommonArgs, fleet: &Fleet) -> Result<Targets> 
                 .map(|d| fill(template, &c.app, d).into_bytes())
                 .collect(),
         ),
-        Driver::Http(_) => {
+        Driver::Http(cfg) => {
             let mut v = Vec::with_capacity(fleet.devices.len());
             for (k, d) in fleet.devices.iter().enumerate() {
-                let path = fill(template, &c.app, d);
+                let mut path = fill(template, &c.app, d);
+                // HTTP/2 requests carry scheme and authority.
+                if cfg.h2 {
+                    path = format!("http://{}{path}", cfg.host.to_str().unwrap_or_default());
+                }
                 let path: hyper::Uri = path
                     .parse()
                     .with_context(|| format!("bad request path {path:?}"))?;

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::timer::Timer;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
     /// Total msg/s over all connections; 0 = unpaced.
@@ -35,7 +37,6 @@ pub enum Slot {
 }
 
 /// One connection's view of the plan.
-#[derive(Debug)]
 pub struct ConnSchedule {
     conn: f64,
     conns: f64,
@@ -47,6 +48,8 @@ pub struct ConnSchedule {
     /// Messages this connection may still send (`None`: unbounded).
     remaining: Option<u64>,
     stop: Arc<AtomicBool>,
+    /// Made at the first paced wait (an unpaced run needs none).
+    timer: Option<Timer>,
 }
 
 impl ConnSchedule {
@@ -67,6 +70,7 @@ impl ConnSchedule {
             i: 0,
             remaining: quota,
             stop,
+            timer: None,
         }
     }
 
@@ -114,7 +118,9 @@ impl ConnSchedule {
             Slot::Done => return None,
             Slot::At(t, s) => {
                 if t > now {
-                    tokio::time::sleep_until(t.into()).await;
+                    let timer = self.timer.get_or_insert_with(|| Timer::new(t));
+                    timer.reset(t);
+                    timer.wait().await;
                 }
                 let lag = Instant::now().saturating_duration_since(t).as_micros() as u64;
                 (t, s, Some(lag))

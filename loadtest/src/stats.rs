@@ -59,6 +59,10 @@ pub struct Stats {
     /// socket after its scheduled time (µs). Large values mean the client
     /// (or a full in-flight window) held messages back.
     lag: Vec<Mutex<Histogram<u64>>>,
+    /// Acknowledged messages: from the moment the client handed each to
+    /// its connection to its acknowledgement (µs): the server and the
+    /// network alone, without the client's own send lag.
+    served: Vec<Mutex<Histogram<u64>>>,
     errors: Mutex<BTreeMap<String, u64>>,
     errors_total: AtomicU64,
 }
@@ -70,6 +74,7 @@ impl Stats {
             connected: AtomicU64::new(0),
             connect_failed: AtomicU64::new(0),
             lag: (0..SHARDS).map(|_| Mutex::new(new_histogram())).collect(),
+            served: (0..SHARDS).map(|_| Mutex::new(new_histogram())).collect(),
             errors: Mutex::new(BTreeMap::new()),
             errors_total: AtomicU64::new(0),
         }
@@ -118,6 +123,21 @@ impl Stats {
         if !lags_us.is_empty() {
             record_all(&mut self.lag[shard % SHARDS].lock().unwrap(), lags_us);
         }
+    }
+
+    /// Records send → acknowledgement times (µs).
+    pub fn served(&self, shard: usize, us: &[u64]) {
+        if !us.is_empty() {
+            record_all(&mut self.served[shard % SHARDS].lock().unwrap(), us);
+        }
+    }
+
+    pub fn served_histogram(&self) -> Histogram<u64> {
+        let mut h = new_histogram();
+        for s in &self.served {
+            h.add(&*s.lock().unwrap()).expect("auto-resizing histogram");
+        }
+        h
     }
 
     pub fn lag_histogram(&self) -> Histogram<u64> {

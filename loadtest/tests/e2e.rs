@@ -90,6 +90,7 @@ fn mqtt_5_paced_with_several_devices_per_connection_verifies() {
     assert_verified(&r, 1500);
     assert_eq!(r.u("/verify/devices"), 6);
     assert_eq!(r.u("/send_lag/count"), 1500, "paced runs measure send lag");
+    assert_eq!(r.u("/server_latency/count"), 1500, "{}", r.show());
     // Paced at 3000/s, 1500 messages take about half a second.
     let secs = r.json["duration_seconds"].as_f64().unwrap();
     assert!((0.45..10.0).contains(&secs), "{secs}");
@@ -107,6 +108,62 @@ fn http_counts_and_verify() {
     assert_clean(&r, 1000);
     assert_verified(&r, 1000);
     assert!(r.stdout.contains("latency ms   p50"), "{}", r.show());
+}
+
+#[test]
+fn http2_streams_share_connections_verify_and_broker_cpu_is_reported() {
+    let s = Server::start();
+    let pid = s.pid().to_string();
+    let r = loadtest(
+        &[
+            "http",
+            &s.http,
+            "--admin",
+            &s.admin,
+            "--h2",
+            "-c",
+            "2",
+            "--streams",
+            "4",
+            "-n",
+            "2000",
+            "--verify",
+            "--broker-pid",
+            &pid,
+        ],
+        LIMIT,
+    );
+    assert_clean(&r, 2000);
+    assert_verified(&r, 2000);
+    // Two connections, four senders (streams) on each, a device each.
+    assert_eq!(r.u("/connections/connected"), 2, "{}", r.show());
+    assert_eq!(r.u("/streams_per_connection"), 4, "{}", r.show());
+    assert_eq!(r.u("/devices"), 8, "{}", r.show());
+    assert_eq!(r.u("/verify/devices"), 8, "{}", r.show());
+    assert!(r.json["mode"].as_str().unwrap().contains("HTTP/2"));
+    // The broker worked for it: its CPU over the run, per acked message.
+    let cpu = &r.json["broker_cpu"];
+    assert_eq!(
+        cpu["pid"].as_u64(),
+        Some(u64::from(s.pid())),
+        "{}",
+        r.show()
+    );
+    assert_eq!(cpu["per"], "acked", "{}", r.show());
+    assert!(
+        cpu["us_per_message"].as_f64().unwrap() > 0.0,
+        "{}",
+        r.show()
+    );
+    assert!(r.stdout.contains("broker cpu"), "{}", r.show());
+    // Server latency (send → 200) is counted for every acknowledged
+    // request and is never above the latency from the scheduled time.
+    assert_eq!(r.u("/server_latency/count"), 2000, "{}", r.show());
+    let (server, total) = (
+        r.json["server_latency"]["max_ms"].as_f64().unwrap(),
+        r.json["latency"]["max_ms"].as_f64().unwrap(),
+    );
+    assert!(server <= total, "{}", r.show());
 }
 
 #[test]
@@ -351,6 +408,7 @@ fn help_documents_every_option() {
         "--max-errors",
         "--verify",
         "--no-progress",
+        "--broker-pid",
         "--ramp",
         "--ramp-start",
         "--ramp-step",
@@ -373,7 +431,7 @@ fn help_documents_every_option() {
         assert!(mqtt.contains(opt), "mqtt --help lacks {opt}");
     }
     let http = help(&["http", "--help"]);
-    for opt in common.iter().chain(&["--path"]) {
+    for opt in common.iter().chain(&["--path", "--h2", "--streams"]) {
         assert!(http.contains(opt), "http --help lacks {opt}");
     }
 }

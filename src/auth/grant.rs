@@ -14,21 +14,18 @@ pub enum Devices {
     /// `["*"]`: every device of the application.
     All,
     /// Sorted and de-duplicated, so membership is a binary search.
-    Only(Box<[Box<str>]>),
+    Only(DeviceList),
 }
 
 impl Devices {
     pub fn only<I: IntoIterator<Item = String>>(ids: I) -> Devices {
-        let mut v: Vec<Box<str>> = ids.into_iter().map(String::into_boxed_str).collect();
-        v.sort_unstable();
-        v.dedup();
-        Devices::Only(v.into_boxed_slice())
+        Devices::Only(DeviceList::new(ids))
     }
 
     pub fn contains(&self, device: &str) -> bool {
         match self {
             Devices::All => true,
-            Devices::Only(list) => list.binary_search_by(|d| (**d).cmp(device)).is_ok(),
+            Devices::Only(list) => list.contains(device),
         }
     }
 
@@ -52,8 +49,87 @@ impl Devices {
     pub fn to_list(&self) -> Vec<String> {
         match self {
             Devices::All => vec!["*".to_string()],
-            Devices::Only(l) => l.iter().map(|d| d.to_string()).collect(),
+            Devices::Only(l) => l.iter().map(str::to_string).collect(),
         }
+    }
+}
+
+/// Device ids, sorted and de-duplicated, in one allocation: the count, the
+/// end offset of each id, then the ids' bytes back to back (all u32,
+/// little-endian). The hot path's device check is a binary search that
+/// touches this one block (a cache line or two for a few devices) instead
+/// of one separately allocated string per probe.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DeviceList(Box<[u8]>);
+
+impl DeviceList {
+    fn new<I: IntoIterator<Item = String>>(ids: I) -> DeviceList {
+        let mut v: Vec<String> = ids.into_iter().collect();
+        v.sort_unstable();
+        v.dedup();
+        let bytes: usize = v.iter().map(String::len).sum();
+        let mut buf = Vec::with_capacity(4 + 4 * v.len() + bytes);
+        buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        let mut end = 0u32;
+        for id in &v {
+            // Ids are at most 64 bytes and lists at most
+            // `tokens.max_devices_per_token` long: far below u32::MAX.
+            end = end.saturating_add(id.len() as u32);
+            buf.extend_from_slice(&end.to_le_bytes());
+        }
+        for id in &v {
+            buf.extend_from_slice(id.as_bytes());
+        }
+        DeviceList(buf.into_boxed_slice())
+    }
+
+    fn word(&self, i: usize) -> usize {
+        let at = 4 * i;
+        self.0
+            .get(at..at + 4)
+            .map_or(0, |w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]) as usize)
+    }
+
+    pub fn len(&self) -> usize {
+        self.word(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes of id `i` (`i < len`).
+    fn id(&self, i: usize) -> &[u8] {
+        let base = 4 + 4 * self.len();
+        let start = if i == 0 { 0 } else { self.word(i) };
+        let end = self.word(i + 1);
+        self.0.get(base + start..base + end).unwrap_or_default()
+    }
+
+    pub fn contains(&self, device: &str) -> bool {
+        let want = device.as_bytes();
+        let (mut lo, mut hi) = (0, self.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.id(mid).cmp(want) {
+                std::cmp::Ordering::Equal => return true,
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+            }
+        }
+        false
+    }
+
+    /// The ids in order. Each was a `String` when the list was built, so
+    /// the bytes are UTF-8.
+    pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {
+        (0..self.len()).map(|i| std::str::from_utf8(self.id(i)).unwrap_or_default())
+    }
+}
+
+impl std::fmt::Debug for DeviceList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
     }
 }
 
@@ -62,7 +138,7 @@ impl Serialize for Devices {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
             Devices::All => ["*"].serialize(s),
-            Devices::Only(l) => l.serialize(s),
+            Devices::Only(l) => s.collect_seq(l.iter()),
         }
     }
 }
@@ -140,6 +216,26 @@ mod tests {
         assert_eq!(two.to_list(), vec!["a", "b"]);
         assert_eq!(two.listed(), Some(2));
         assert_eq!(all.listed(), None);
+        assert_eq!(format!("{two:?}"), r#"Only(["a", "b"])"#);
+    }
+
+    #[test]
+    fn device_list_membership_is_exact() {
+        let ids: Vec<String> = (0..300).map(|i| format!("dev-{}", i * 7)).collect();
+        let d = Devices::only(ids.iter().rev().cloned());
+        assert_eq!(d.listed(), Some(300));
+        for i in 0..2100 {
+            let id = format!("dev-{i}");
+            assert_eq!(d.contains(&id), i % 7 == 0, "{id}");
+        }
+        // Prefixes, extensions and the empty string are other ids.
+        for other in ["", "dev-", "dev-7x", "dev-70 ", "dev-0070", "d"] {
+            assert!(!d.contains(other), "{other:?}");
+        }
+        let one = Devices::only(["x".to_string()]);
+        assert!(one.contains("x") && !one.contains("y") && !one.contains("xx"));
+        assert_eq!(d.to_list().len(), 300);
+        assert_eq!(Devices::only(ids.clone()), d, "order does not matter");
     }
 
     #[test]

@@ -38,8 +38,9 @@ struct Node {
 #[derive(Default)]
 struct Tree {
     nodes: HashMap<Box<str>, Node>,
-    /// Tokens per application, for `tokens.max_per_application`.
-    per_app: HashMap<Box<str>, usize>,
+    /// Tokens per application, for `tokens.max_per_application`. Its keys
+    /// are also the one copy of each application id its tokens share.
+    per_app: HashMap<Arc<str>, usize>,
 }
 
 pub struct Registry {
@@ -260,9 +261,13 @@ impl Registry {
             None => None,
         };
         let id: Box<str> = t.id.into_boxed_str();
+        let app: Arc<str> = match tree.per_app.get_key_value(t.app.as_str()) {
+            Some((app, _)) => app.clone(),
+            None => t.app.into(),
+        };
         let entry = Arc::new(TokenEntry::new(
             id.clone(),
-            t.app.into_boxed_str(),
+            app,
             t.scopes,
             t.devices,
             t.expires_at,

@@ -1,7 +1,7 @@
 //! One token as the hot path sees it: what it may do and whether it (and
 //! every ancestor) is still usable.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,16 +21,47 @@ pub enum Denied {
     Forbidden,
 }
 
+/// Bumped after every status change of any token (deactivation,
+/// re-activation, deletion): it tags each entry's cached chain verdict
+/// (see [`TokenEntry::usable`]), so one change invalidates every cached
+/// verdict at once. Status changes come at admin rate, checks at message
+/// rate, so the verdict is almost always cached. One counter for the
+/// process rather than per registry: a change elsewhere only costs a
+/// recomputation, never a wrong verdict.
+static STATUS_EPOCH: AtomicU64 = AtomicU64::new(1);
+
 /// The immutable grant of a token plus its revocable status.
+///
+/// Laid out for the hot path: everything a check reads (the cached chain
+/// verdict, the chain's expiry, last use, application, devices, status,
+/// scopes) sits in the first cache line, which is the entry's own (the
+/// `Arc` counts are in the line before it); the rest is read by admin
+/// operations and rate limiting.
 #[derive(Debug)]
+#[repr(C, align(64))]
 pub struct TokenEntry {
-    pub id: Box<str>,
+    /// `epoch << 1 | usable`: whether every ancestor (and this token) was
+    /// active when [`STATUS_EPOCH`] was `epoch`. Tag 0 never matches.
+    chain_verdict: AtomicU64,
+    /// Earliest expiry along the chain (`i64::MAX`: none). Expiries never
+    /// change, so it is computed once.
+    chain_expires_at: i64,
+    /// Last use, epoch ms, 0 for never. Written at most once a second per
+    /// token and persisted in batches by the token service.
+    last_used: AtomicI64,
     /// Application the token belongs to; empty for the root admin token.
-    pub app: Box<str>,
+    /// Shared by the application's tokens (the registry interns it), so
+    /// comparing it reads a line every check of that application keeps hot.
+    pub app: Arc<str>,
+    pub devices: Devices,
+    status: AtomicU8,
     /// The root admin token may do everything in every application.
     pub root: bool,
     pub scopes: Scopes,
-    pub devices: Devices,
+    /// Set when `last_used` changed since the last flush, so each token is
+    /// queued for flushing at most once per flush.
+    dirty: AtomicBool,
+    pub id: Box<str>,
     /// Epoch milliseconds after which the token is unusable.
     pub expires_at: Option<i64>,
     pub rate_limit: Option<RateLimit>,
@@ -39,20 +70,13 @@ pub struct TokenEntry {
     limiter: Option<Limiter>,
     /// The token that minted this one; its usability bounds ours.
     pub parent: Option<Arc<TokenEntry>>,
-    status: AtomicU8,
-    /// Last use, epoch ms, 0 for never. Written at most once a second per
-    /// token and persisted in batches by the token service.
-    last_used: AtomicI64,
-    /// Set when `last_used` changed since the last flush, so each token is
-    /// queued for flushing at most once per flush.
-    dirty: AtomicBool,
 }
 
 impl TokenEntry {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: Box<str>,
-        app: Box<str>,
+        app: Arc<str>,
         scopes: Scopes,
         devices: Devices,
         expires_at: Option<i64>,
@@ -61,19 +85,23 @@ impl TokenEntry {
         status: Status,
         last_used: i64,
     ) -> TokenEntry {
+        let own = expires_at.unwrap_or(i64::MAX);
+        let chain_expires_at = parent.as_ref().map_or(own, |p| own.min(p.chain_expires_at));
         TokenEntry {
-            id,
+            chain_verdict: AtomicU64::new(0),
+            chain_expires_at,
+            last_used: AtomicI64::new(last_used),
             app,
+            devices,
+            status: AtomicU8::new(status as u8),
             root: false,
             scopes,
-            devices,
+            dirty: AtomicBool::new(false),
+            id,
             expires_at,
             rate_limit,
             limiter: rate_limit.map(Limiter::new),
             parent,
-            status: AtomicU8::new(status as u8),
-            last_used: AtomicI64::new(last_used),
-            dirty: AtomicBool::new(false),
         }
     }
 
@@ -97,20 +125,40 @@ impl TokenEntry {
         Status::from_u8(self.status.load(Ordering::Acquire))
     }
 
+    /// Changes this token's own status; every cached chain verdict is
+    /// stale from then on.
     pub(crate) fn set_status(&self, s: Status) {
         self.status.store(s as u8, Ordering::Release);
+        STATUS_EPOCH.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Usable only while this token and every ancestor are active and
-    /// unexpired. Walking the chain (a few pointer hops) is what makes
-    /// revoking a parent take effect for its whole subtree at once.
+    /// unexpired, derived on every check: the expiry from the precomputed
+    /// chain expiry, the statuses from the chain walk's verdict cached for
+    /// the current [`STATUS_EPOCH`]. A status change bumps the epoch after
+    /// storing the status, and the epoch is read before the walk, so a
+    /// verdict tagged with the current epoch saw every change before it:
+    /// revoking a parent takes effect for its whole subtree at once.
     pub fn usable(&self, now_ms: i64) -> bool {
+        if now_ms >= self.chain_expires_at {
+            return false;
+        }
+        let epoch = STATUS_EPOCH.load(Ordering::Acquire);
+        let cached = self.chain_verdict.load(Ordering::Relaxed);
+        if cached >> 1 == epoch {
+            return cached & 1 == 1;
+        }
+        let active = self.chain_active();
+        self.chain_verdict
+            .store(epoch << 1 | u64::from(active), Ordering::Relaxed);
+        active
+    }
+
+    /// Whether this token and every ancestor are active now.
+    fn chain_active(&self) -> bool {
         let mut t = self;
         loop {
             if t.status.load(Ordering::Acquire) != Status::Active as u8 {
-                return false;
-            }
-            if matches!(t.expires_at, Some(exp) if now_ms >= exp) {
                 return false;
             }
             match &t.parent {
@@ -122,17 +170,7 @@ impl TokenEntry {
 
     /// Earliest expiry along the chain, for sessions that must end then.
     pub fn chain_expiry(&self) -> Option<i64> {
-        let mut t = self;
-        let mut min: Option<i64> = None;
-        loop {
-            if let Some(e) = t.expires_at {
-                min = Some(min.map_or(e, |m| m.min(e)));
-            }
-            match &t.parent {
-                Some(p) => t = p,
-                None => return min,
-            }
-        }
+        (self.chain_expires_at != i64::MAX).then_some(self.chain_expires_at)
     }
 
     /// Whether the grant covers `scope` in `app` (and `device`, if given).
@@ -316,6 +354,50 @@ mod tests {
         assert!(c.descends_from(&a));
         assert!(!a.descends_from(&c));
         assert!(!a.descends_from(&a));
+    }
+
+    #[test]
+    fn a_cached_verdict_never_outlives_a_status_change() {
+        let a = tok(None, None);
+        let b = tok(Some(a.clone()), None);
+        let c = tok(Some(b.clone()), None);
+        let stop = Arc::new(AtomicBool::new(false));
+        // Another reader keeps caching verdicts of `c` while it changes.
+        let racer = {
+            let (c, stop) = (c.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::black_box(c.usable(0));
+                }
+            })
+        };
+        for round in 0..200 {
+            assert!(c.usable(0), "round {round}: active again");
+            let revoker = {
+                let (b, a) = (b.clone(), a.clone());
+                std::thread::spawn(move || {
+                    if round % 2 == 0 {
+                        b.set_status(Status::Inactive);
+                    } else {
+                        a.set_status(Status::Inactive);
+                    }
+                })
+            };
+            revoker.join().unwrap();
+            // Whatever the racer cached, a check after the change sees it.
+            assert!(!c.usable(0), "round {round}: revoked");
+            assert!(!b.usable(0), "round {round}");
+            b.set_status(Status::Active);
+            a.set_status(Status::Active);
+        }
+        stop.store(true, Ordering::Relaxed);
+        racer.join().unwrap();
+        assert!(c.usable(0));
+        // The chain's expiry needs no walk either.
+        let d = tok(Some(c.clone()), Some(700));
+        assert_eq!(d.chain_expiry(), Some(700));
+        assert!(d.usable(699) && !d.usable(700));
+        assert_eq!(c.chain_expiry(), None);
     }
 
     #[test]

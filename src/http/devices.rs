@@ -85,7 +85,7 @@ fn list(
     };
     // A limited token lists only its own devices, in the order a full
     // listing has (by key), looked up directly rather than scanned for.
-    let mut wanted: Vec<&str> = ids.iter().map(|d| &**d).collect();
+    let mut wanted: Vec<&str> = ids.iter().collect();
     wanted.sort_by_cached_key(|d| device_key(app, d));
     if let Some(c) = cursor {
         let from = device_key(app, c);

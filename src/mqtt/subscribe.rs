@@ -167,7 +167,7 @@ impl Session<'_> {
                 let spec = FeedSpec {
                     hub: ctx.hub.clone(),
                     store: ctx.store.clone(),
-                    app: self.grant.app.clone(),
+                    app: self.grant.app.as_ref().into(),
                     grant: self.grant.clone(),
                     start: Start::Next(start),
                     bounds: ReadBounds {

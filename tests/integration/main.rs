@@ -16,6 +16,7 @@ mod deploy;
 mod devices;
 mod full_disk;
 mod hostile;
+mod http2;
 mod http_ingest;
 mod ingest_limits;
 mod isolation;

@@ -402,7 +402,7 @@ fn from_devices(d: &Devices) -> Result<MDevices, TestCaseError> {
             for name in list.iter() {
                 let i = DEVICES[..LISTED_DEVICES]
                     .iter()
-                    .position(|d| **d == **name)
+                    .position(|d| **d == *name)
                     .ok_or_else(|| TestCaseError::fail(format!("granted unknown device {name}")))?;
                 m |= 1 << i;
             }

@@ -1,15 +1,17 @@
 //! The baseline for HTTP comparisons: a bare hyper 1.x server that reads
 //! the request body and answers 204, with no auth, parsing or storage.
-//! `bare_hyper 127.0.0.1:0` prints `listening http ADDR` like Sluice.
+//! HTTP/1.1, and HTTP/2 with prior knowledge (h2c) on the same port
+//! (hyper-util's auto builder). `bare_hyper 127.0.0.1:0` prints
+//! `listening http ADDR` like Sluice.
 
 use std::convert::Infallible;
 
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 
 async fn handle(req: Request<hyper::body::Incoming>) -> Result<Response<Empty<Bytes>>, Infallible> {
     // Read the whole body, as a real endpoint must before answering.
@@ -33,7 +35,7 @@ fn main() -> anyhow::Result<()> {
             let (stream, _) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
             tokio::spawn(async move {
-                let _ = http1::Builder::new()
+                let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service_fn(handle))
                     .await;
             });
