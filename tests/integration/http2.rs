@@ -195,7 +195,7 @@ fn h2c_and_http1_share_the_port_with_the_same_answers() {
                 "payload_too_large",
             ),
             (
-                request(path, Some(&t), None, Method::GET, full("")),
+                request(path, Some(&t), None, Method::PUT, full("")),
                 405,
                 "method_not_allowed",
             ),
