@@ -117,6 +117,7 @@ fn copy_parsed(p: &ParsedStates) -> ParsedStates {
         states: p.states.clone(),
         composite: p.composite.clone(),
         names: p.names.clone(),
+        received_ms: p.received_ms,
     }
 }
 
@@ -219,7 +220,10 @@ fn run_raw(store: &Store, pool: &[Msg], iters: u64, seq: &mut u64, composite: bo
         j = (j + n) % pool.len();
         if composite {
             let requests = batch.map(|m| (&m.device[..], &m.body[..], &m.parsed));
-            *seq = Records::add(store, &mut b, *seq, requests, &mut scratch).unwrap();
+            let added =
+                Records::add(store, &mut b, Records::numbered(*seq, requests), &mut scratch)
+                    .unwrap();
+            *seq += added as u64;
         } else {
             for m in batch {
                 for s in &m.parsed.states {

@@ -513,16 +513,15 @@ impl Worker {
             .filter(|(_, r)| r.is_none())
             .map(|(req, _)| (&req.device[..], &req.body[..], &req.parsed));
         let mut cb = self.store.batch(Records::capacity(size));
-        let seq = Records::add(
+        let stored = Records::add(
             &self.store,
             &mut cb,
-            self.next_seq,
-            admitted,
+            Records::numbered(self.next_seq, admitted),
             &mut self.scratch,
         )?;
-        let stored = (seq - self.next_seq) as usize;
-        self.store.commit(cb, seq)?;
-        self.next_seq = seq;
+        let next_seq = self.next_seq + stored as u64;
+        self.store.commit(cb, next_seq)?;
+        self.next_seq = next_seq;
         Ok(stored)
     }
 }
@@ -537,10 +536,16 @@ impl Records {
         size.bytes + size.messages * 80 + 64
     }
 
-    /// Adds every state of `requests` (each a device key, a body and the
-    /// body's parse; sequence numbers from `seq` on) and one composite
-    /// merge per device to `cb`; returns the next unused sequence number.
-    /// `scratch` is a reusable buffer.
+    /// Adds every state of `requests` and one composite merge per device
+    /// to `cb`; returns how many states it added. `scratch` is a reusable
+    /// buffer.
+    ///
+    /// Each request names the sequence number of its first state; the
+    /// others follow it consecutively. The writer numbers a batch from its
+    /// own counter ([`Records::numbered`]); the cluster materializer gives
+    /// each state its stream sequence, which is not contiguous across
+    /// requests. Sequence numbers must never repeat for a device at one
+    /// time (they order states of the same millisecond).
     ///
     /// Composite operands are concatenated per device, in request order.
     /// Concatenated operands fold exactly like separate ones (entries are
@@ -550,21 +555,27 @@ impl Records {
     pub fn add<'a>(
         store: &Store,
         cb: &mut CommitBatch,
-        mut seq: u64,
-        requests: impl Iterator<Item = (&'a [u8], &'a [u8], &'a ParsedStates)>,
+        requests: impl Iterator<Item = Numbered<'a>>,
         scratch: &mut Vec<u8>,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<usize, StoreError> {
         let mut composites: HashMap<&[u8], Vec<&[u8]>> = HashMap::new();
-        for (device, body, parsed) in requests {
-            for s in &parsed.states {
+        let mut added = 0;
+        for Numbered {
+            seq,
+            device,
+            body,
+            parsed,
+        } in requests
+        {
+            for (i, s) in parsed.states.iter().enumerate() {
                 let data = &body[s.data.start as usize..s.data.end as usize];
                 let at = Position {
                     time_ms: s.time_ms,
-                    seq,
+                    seq: seq + i as u64,
                 };
                 store.put_state(cb, device, at, data)?;
-                seq += 1;
             }
+            added += parsed.states.len();
             if !parsed.composite.is_empty() {
                 composites
                     .entry(device)
@@ -583,8 +594,37 @@ impl Records {
                 store.merge_composite(cb, device, scratch)?;
             }
         }
-        Ok(seq)
+        Ok(added)
     }
+
+    /// Numbers `requests` (device key, body, parse) consecutively from
+    /// `first`, as the writer does.
+    pub fn numbered<'a>(
+        first: u64,
+        requests: impl Iterator<Item = (&'a [u8], &'a [u8], &'a ParsedStates)>,
+    ) -> impl Iterator<Item = Numbered<'a>> {
+        requests.scan(first, |next, (device, body, parsed)| {
+            let seq = *next;
+            *next += parsed.states.len() as u64;
+            Some(Numbered {
+                seq,
+                device,
+                body,
+                parsed,
+            })
+        })
+    }
+}
+
+/// One request for [`Records::add`]: its states are numbered `seq`,
+/// `seq + 1`, ...
+pub struct Numbered<'a> {
+    pub seq: u64,
+    /// The device's key prefix (`store::device_key`).
+    pub device: &'a [u8],
+    /// The body `parsed` holds spans into.
+    pub body: &'a [u8],
+    pub parsed: &'a ParsedStates,
 }
 
 #[cfg(test)]
