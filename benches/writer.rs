@@ -51,7 +51,7 @@ use sluice::state::{self, ParsedStates, Shape};
 use sluice::store::{device_key, DeviceKey, Position, Store};
 use sluice::writer::attributes::AttributeLimit;
 use sluice::writer::{
-    BatchPolicy, CommitError, Completion, EnqueueError, Health, IngestQueue, Records, Size,
+    BatchPolicy, CommitError, Committed, Completion, EnqueueError, Health, IngestQueue, Records, Size,
     WriteRequest, Writer, WriterConfig,
 };
 use tokio::sync::oneshot;
@@ -64,7 +64,7 @@ const RAW_BATCH: u64 = 1_000;
 const PRODUCERS: usize = 4;
 const WINDOW: usize = 256;
 
-type Done = oneshot::Receiver<Result<(), CommitError>>;
+type Done = oneshot::Receiver<Result<Committed, CommitError>>;
 
 struct Msg {
     device: DeviceKey,

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod backup;
 pub mod client;
 pub mod cluster;
+pub mod cluster_metrics;
 pub mod composite;
 pub mod config;
 pub mod http;

@@ -328,6 +328,20 @@ impl Publisher {
         })
     }
 
+    /// Settles batch number `batch` (of `n` messages) after
+    /// [`PublishError::Unknown`] without sending it again: only its fence
+    /// is published, so the answer is `Ok` (it was stored, at these
+    /// sequences), [`PublishError::NotStored`] (it never will be), or
+    /// `Unknown` again (NATS still does not answer; call again, while the
+    /// stream's duplicate window still covers the batch's last attempt).
+    pub async fn settle(&self, batch: u64, n: u64) -> Result<Stored, PublishError> {
+        if n == 0 {
+            return Err(PublishError::Empty);
+        }
+        self.fence(&self.dedupe_id(batch), n, "not settled yet".into())
+            .await
+    }
+
     /// The `Nats-Msg-Id` that batch number `batch` carries on its first
     /// message (and its fence).
     pub fn dedupe_id(&self, batch: u64) -> String {

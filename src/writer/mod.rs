@@ -7,8 +7,13 @@
 //! source (HTTP, MQTT) → [`IngestQueue`] → writer thread → `Store::commit`
 //! → completions (oneshot per HTTP request, a [`CommitSink`] per MQTT
 //! session).
+//!
+//! In cluster mode the writer thread hands each batch to the stream
+//! backend (`cluster.rs`) instead of the store: completions come when the
+//! ingest stream has stored the batch.
 
 pub mod attributes;
+pub mod cluster;
 pub mod health;
 pub mod policy;
 mod wal_sync;
@@ -44,6 +49,23 @@ pub enum CommitError {
     /// than `storage.max_attributes_per_device`.
     #[error("the device would have more than {limit} attributes")]
     TooManyAttributes { limit: usize },
+    /// Cluster mode: the ingest stream did not store the batch (nor ever
+    /// will).
+    #[error("the cluster's ingest stream did not store the batch")]
+    Stream,
+    /// Cluster mode: whether the ingest stream stored the batch could not
+    /// be learned within its duplicate window.
+    #[error("the cluster's ingest stream did not confirm whether it stored the batch")]
+    StreamUnknown,
+}
+
+/// What a stored request is told.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// Cluster mode: the ingest stream's sequence of the request's last
+    /// state (a read with `minSeq` at or below it sees the request on any
+    /// broker). `None` standalone.
+    pub seq: Option<u64>,
 }
 
 /// Why a request was not queued.
@@ -64,7 +86,7 @@ pub enum EnqueueError {
 /// How the writer reports the outcome of a request.
 pub enum Completion {
     /// An HTTP request waiting for its response.
-    Request(oneshot::Sender<Result<(), CommitError>>),
+    Request(oneshot::Sender<Result<Committed, CommitError>>),
     /// A request of a connection that collects its outcomes itself (an
     /// MQTT session writing PUBACKs); `tag` identifies the request there.
     Sink { sink: Arc<dyn CommitSink>, tag: u16 },
@@ -104,14 +126,14 @@ impl WriteRequest {
         }
     }
 
-    fn complete(self, r: Result<(), CommitError>, wake: &mut Vec<Arc<dyn CommitSink>>) {
+    fn complete(self, r: Result<Committed, CommitError>, wake: &mut Vec<Arc<dyn CommitSink>>) {
         match self.done {
             Completion::Request(tx) => {
                 // The client may have gone away; nothing to tell then.
                 let _ = tx.send(r);
             }
             Completion::Sink { sink, tag } => {
-                if sink.record(tag, r) {
+                if sink.record(tag, r.map(|_| ())) {
                     wake.push(sink);
                 }
             }
@@ -244,11 +266,40 @@ impl Drop for ExitFlag {
 }
 
 impl Writer {
+    /// Starts the writer of a standalone broker: batches go to `store`.
     pub fn start(
         store: Store,
         config: WriterConfig,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
+    ) -> Result<Writer, StoreError> {
+        Self::start_to(store, config, metrics, health, None)
+    }
+
+    /// Starts the writer of a cluster-mode broker: batches go to the ingest
+    /// stream through `sink`, at most [`cluster::MAX_BATCH_MESSAGES`]
+    /// states each whatever `batch.max_messages` says; `store` is only read
+    /// (attribute names of the read model).
+    pub fn start_clustered(
+        store: Store,
+        mut config: WriterConfig,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        sink: cluster::StreamSink,
+    ) -> Result<Writer, StoreError> {
+        config.policy.max_messages = config
+            .policy
+            .max_messages
+            .min(cluster::MAX_BATCH_MESSAGES);
+        Self::start_to(store, config, metrics, health, Some(sink))
+    }
+
+    fn start_to(
+        store: Store,
+        config: WriterConfig,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        stream: Option<cluster::StreamSink>,
     ) -> Result<Writer, StoreError> {
         let (tx, rx) = crossbeam_channel::bounded(config.queue_capacity);
         let queued_bytes = Arc::new(AtomicUsize::new(0));
@@ -276,6 +327,7 @@ impl Writer {
             next_seq,
             scratch: Vec::new(),
             refused: Vec::new(),
+            stream,
         };
         let (exit_tx, exited) = watch::channel(false);
         let thread = std::thread::Builder::new()
@@ -357,6 +409,8 @@ struct Worker {
     /// Per request of the current batch, why it is refused regardless of
     /// the commit (reused between batches).
     refused: Vec<Option<CommitError>>,
+    /// Cluster mode: batches go to the ingest stream instead of `store`.
+    stream: Option<cluster::StreamSink>,
 }
 
 impl Worker {
@@ -415,9 +469,53 @@ impl Worker {
                 Ordering::AcqRel,
             );
             self.space.notify_waiters();
-            self.commit(&mut batch, size, &mut wake);
+            if self.stream.is_some() {
+                self.publish(&mut batch, &mut wake);
+            } else {
+                self.commit(&mut batch, size, &mut wake);
+            }
+        }
+        if let Some(stream) = self.stream.take() {
+            stream.finish();
         }
         self.store.sync_wal()
+    }
+
+    /// Cluster mode: applies the attribute limit and hands the batch to the
+    /// stream backend, which answers its requests once the stream has
+    /// stored it (or not).
+    fn publish(&mut self, batch: &mut Vec<WriteRequest>, wake: &mut Vec<Arc<dyn CommitSink>>) {
+        if self.stream.as_ref().is_some_and(|s| s.take_forget()) {
+            self.attributes.forget();
+        }
+        if let Err(e) = self.check_attributes(batch) {
+            // The read model could not be read: the batch is refused as a
+            // standalone broker refuses a failed commit (health is the
+            // stream's to report here; nothing was written).
+            self.metrics.commit_errors.inc();
+            self.attributes.forget();
+            tracing::error!(error = %e, requests = batch.len(), "cannot read attribute names from the read model; refusing the batch");
+            for (req, _) in batch.drain(..).zip(self.refused.drain(..)) {
+                req.complete(Err(CommitError::Storage), wake);
+            }
+            for sink in wake.drain(..) {
+                sink.wake();
+            }
+            return;
+        }
+        self.count_refusals();
+        let requests = std::mem::take(batch);
+        let refused = std::mem::take(&mut self.refused);
+        if let Some(stream) = self.stream.as_mut() {
+            stream.hand_off(requests, refused);
+        }
+    }
+
+    fn count_refusals(&self) {
+        let refused = self.refused.iter().filter(|r| r.is_some()).count();
+        if refused > 0 {
+            self.metrics.attribute_limit_refusals.inc_by(refused as u64);
+        }
     }
 
     fn commit(
@@ -429,10 +527,7 @@ impl Worker {
         let started = Instant::now();
         let result = self.check_and_write(batch, size);
         let elapsed = started.elapsed();
-        let refused = self.refused.iter().filter(|r| r.is_some()).count();
-        if refused > 0 {
-            self.metrics.attribute_limit_refusals.inc_by(refused as u64);
-        }
+        self.count_refusals();
         let outcome = match result {
             Ok(stored) => {
                 self.metrics.batches.inc();
@@ -440,7 +535,7 @@ impl Worker {
                 self.metrics.batch_messages.observe(stored as f64);
                 self.metrics.commit_seconds.observe(elapsed.as_secs_f64());
                 self.recovered();
-                Ok(())
+                Ok(Committed::default())
             }
             Err(e) => {
                 self.failed(&e, batch.len());
@@ -477,6 +572,10 @@ impl Worker {
     /// While commits fail and no request comes, an empty commit (only the
     /// sequence number) tells when storage works again.
     fn probe(&mut self) {
+        if self.stream.is_some() {
+            // Cluster mode: the materializer owns the store's writes.
+            return;
+        }
         let cb = self.store.batch(64);
         match self.store.commit(cb, self.next_seq) {
             Ok(()) => self.recovered(),
@@ -486,10 +585,10 @@ impl Worker {
         }
     }
 
-    /// Applies the attribute limit to each request, writes the others as
-    /// one batch, and returns how many states were stored. Fills
-    /// `self.refused` with one entry per request.
-    fn check_and_write(&mut self, batch: &[WriteRequest], size: Size) -> Result<usize, StoreError> {
+    /// Applies the attribute limit to each request: fills `self.refused`
+    /// with one entry per request (on an error, `None` for each, since the
+    /// caller fails the batch as a whole).
+    fn check_attributes(&mut self, batch: &[WriteRequest]) -> Result<(), StoreError> {
         self.refused.clear();
         for req in batch {
             let refused = match self
@@ -499,14 +598,21 @@ impl Worker {
                 Ok(Verdict::Fits) => None,
                 Ok(Verdict::TooMany { limit }) => Some(CommitError::TooManyAttributes { limit }),
                 Err(e) => {
-                    // The batch fails as a whole; `commit` answers every
-                    // request, so `refused` must cover them all.
+                    self.refused.clear();
                     self.refused.resize(batch.len(), None);
                     return Err(e);
                 }
             };
             self.refused.push(refused);
         }
+        Ok(())
+    }
+
+    /// Applies the attribute limit to each request, writes the others as
+    /// one batch, and returns how many states were stored. Fills
+    /// `self.refused` with one entry per request.
+    fn check_and_write(&mut self, batch: &[WriteRequest], size: Size) -> Result<usize, StoreError> {
+        self.check_attributes(batch)?;
         let admitted = batch
             .iter()
             .zip(&self.refused)
@@ -733,7 +839,7 @@ mod tests {
             rxs.push(rx);
         }
         for rx in rxs {
-            assert_eq!(rx.blocking_recv().unwrap(), Ok(()));
+            assert_eq!(rx.blocking_recv().unwrap(), Ok(Committed::default()));
         }
         let sink = Arc::new(Recorded::default());
         q.try_enqueue(request(
@@ -891,7 +997,8 @@ mod tests {
             .map(|rx| rx.blocking_recv().unwrap())
             .collect();
         let too_many = Err(CommitError::TooManyAttributes { limit: 3 });
-        assert_eq!(outcomes, vec![Ok(()), too_many, Ok(()), Ok(()), too_many]);
+        let ok = Ok(Committed::default());
+        assert_eq!(outcomes, vec![ok, too_many, ok, ok, too_many]);
         w.stop().unwrap();
         let v = store.composite(&device_key("a", "d")).unwrap().unwrap();
         assert_eq!(
@@ -934,7 +1041,7 @@ mod tests {
         w.queue()
             .try_enqueue(request(r#"{"data":{"x":1}}"#, Completion::Request(tx)))
             .unwrap();
-        assert_eq!(rx.blocking_recv().unwrap(), Ok(()));
+        assert_eq!(rx.blocking_recv().unwrap(), Ok(Committed::default()));
         std::thread::sleep(Duration::from_millis(50));
         w.stop().unwrap();
         assert_eq!(store.load_seq().unwrap(), 1);
