@@ -51,8 +51,8 @@ use sluice::state::{self, ParsedStates, Shape};
 use sluice::store::{device_key, DeviceKey, Position, Store};
 use sluice::writer::attributes::AttributeLimit;
 use sluice::writer::{
-    BatchPolicy, CommitError, Committed, Completion, EnqueueError, Health, IngestQueue, Records, Size,
-    WriteRequest, Writer, WriterConfig,
+    BatchPolicy, CommitError, Committed, Completion, EnqueueError, Health, IngestQueue, Records,
+    Size, WriteRequest, Writer, WriterConfig,
 };
 use tokio::sync::oneshot;
 
@@ -220,9 +220,13 @@ fn run_raw(store: &Store, pool: &[Msg], iters: u64, seq: &mut u64, composite: bo
         j = (j + n) % pool.len();
         if composite {
             let requests = batch.map(|m| (&m.device[..], &m.body[..], &m.parsed));
-            let added =
-                Records::add(store, &mut b, Records::numbered(*seq, requests), &mut scratch)
-                    .unwrap();
+            let added = Records::add(
+                store,
+                &mut b,
+                Records::numbered(*seq, requests),
+                &mut scratch,
+            )
+            .unwrap();
             *seq += added as u64;
         } else {
             for m in batch {

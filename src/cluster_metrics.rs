@@ -31,7 +31,8 @@ pub struct ClusterMetrics {
     pub materialize_skipped: Counter,
     /// Stream sequence of the last state applied to the read model.
     pub applied_seq: Gauge,
-    /// States in the stream this broker has not applied yet.
+    /// Stream sequences from the last state applied to the newest state in
+    /// the stream (0: caught up; the rare fences in between count too).
     pub lag: Gauge,
 }
 
@@ -94,7 +95,7 @@ impl ClusterMetrics {
         );
         registry.register(
             "sluice_cluster_materialize_lag_messages",
-            "States in the ingest stream this broker's read model has not applied yet",
+            "Stream sequences from the last state this broker's read model applied to the newest state in the ingest stream (0: caught up)",
             m.lag.clone(),
         );
         m

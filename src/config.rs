@@ -231,6 +231,8 @@ pub struct ClusterConfig {
     pub publish_retry_after: Duration,
     pub max_batches_in_flight: usize,
     pub follow_batch: usize,
+    #[serde(with = "human_duration")]
+    pub min_seq_timeout: Duration,
 }
 
 impl ClusterConfig {
@@ -272,6 +274,7 @@ impl ClusterConfig {
             ("cluster.barrier_timeout", self.barrier_timeout),
             ("cluster.publish_timeout", self.publish_timeout),
             ("cluster.publish_retry_after", self.publish_retry_after),
+            ("cluster.min_seq_timeout", self.min_seq_timeout),
         ] {
             if d.is_zero() {
                 p.push(format!("`{name}` must be greater than 0"));

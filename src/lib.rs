@@ -14,6 +14,7 @@ pub mod http;
 pub mod ids;
 pub mod ip_limit;
 pub mod logging;
+pub mod materialize;
 pub mod metrics;
 pub mod mqtt;
 pub mod reload;

@@ -13,11 +13,15 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin_token;
 use crate::auth::Registry;
+use crate::cluster_metrics::ClusterMetrics;
 use crate::config::{Config, Open};
 use crate::http::admin::{router, AdminApi};
 use crate::http::device::{DeviceApi, DeviceService};
 use crate::http::serve::{serve, HttpLimits};
 use crate::ip_limit::{IpConnections, IpLimiter};
+use crate::materialize::applied::ReadModel;
+use crate::materialize::status::IngestView;
+use crate::materialize::{Materializer, MaterializerSpec};
 use crate::metrics::Metrics;
 use crate::mqtt;
 use crate::store::{Store, StoreError};
@@ -47,6 +51,10 @@ pub enum ServeError {
     Tls(#[from] crate::tls::TlsError),
     #[error("internal: {0}")]
     Internal(String),
+    /// Cluster mode could not start: NATS, the ingest stream or the read
+    /// model refused.
+    #[error("cluster mode: {0}")]
+    Cluster(String),
     /// The writer thread ended while serving: nothing would drain the
     /// queue, so the process exits (non-zero) rather than accept requests
     /// it can never answer.
@@ -200,14 +208,39 @@ pub async fn run(
 
     let mut metrics = Metrics::new();
     let mqtt_metrics = mqtt::MqttMetrics::register(metrics.registry_mut());
+    let cluster_metrics = config
+        .cluster
+        .enabled()
+        .then(|| ClusterMetrics::register(metrics.registry_mut()));
     let metrics = Arc::new(metrics);
     let health = Arc::new(Health::default());
-    let writer = Writer::start(
-        store.clone(),
-        WriterConfig::new(&config),
-        metrics.clone(),
-        health.clone(),
-    )?;
+    let (writer, ingest) = match cluster_metrics {
+        None => (
+            Writer::start(
+                store.clone(),
+                WriterConfig::new(&config),
+                metrics.clone(),
+                health.clone(),
+            )?,
+            None,
+        ),
+        Some(cm) => {
+            let (sink, ingest) =
+                ClusterIngest::start(&config, &store, metrics.clone(), cm, health.clone()).await?;
+            let writer = Writer::start_clustered(
+                store.clone(),
+                WriterConfig::new(&config),
+                metrics.clone(),
+                health.clone(),
+                sink,
+            )?;
+            (writer, Some(ingest))
+        }
+    };
+    let (read_model, ingest_view, materializer) = match ingest {
+        None => (ReadModel::Local, None, None),
+        Some(i) => (i.read_model, Some(i.view), i.materializer),
+    };
     let queue = writer.queue();
     let writer_exited = writer.exited();
 
@@ -260,6 +293,8 @@ pub async fn run(
             backups: crate::backup::Backups::new(store.clone(), &data_dir.join("db")),
             health: health.clone(),
             max_response_bytes: config.admin.max_response_bytes,
+            read_model,
+            ingest_view,
         }),
         config.admin.max_body_bytes,
     ));
@@ -350,12 +385,140 @@ pub async fn run(
     tokio::task::spawn_blocking(move || writer.stop())
         .await
         .map_err(|e| ServeError::Internal(e.to_string()))??;
+    if let Some(m) = materializer {
+        m.stop().await;
+    }
     if let Err(e) = tokens.flush_last_used().await {
         tracing::warn!(error = %e, "final lastUsedAt flush failed");
     }
     let _ = std::fs::remove_file(data_dir.join("listening"));
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Cluster mode's ingest: the NATS connection, the ingest stream (created
+/// or checked), the writer's stream sink and, unless
+/// `cluster.materialize = false`, the materializer building this broker's
+/// read model from the stream.
+struct ClusterIngest {
+    read_model: ReadModel,
+    view: IngestView,
+    materializer: Option<Materializer>,
+}
+
+impl ClusterIngest {
+    async fn start(
+        config: &Config,
+        store: &Store,
+        metrics: Arc<Metrics>,
+        cluster_metrics: ClusterMetrics,
+        health: Arc<Health>,
+    ) -> Result<(crate::writer::cluster::StreamSink, ClusterIngest), ServeError> {
+        use crate::cluster::publish::{Publisher, PublisherSpec};
+        use crate::cluster::stream::{ensure, StreamSpec};
+        use crate::writer::cluster::{settle_window, StreamSink};
+        let c = &config.cluster;
+        let failed = |e: &dyn std::fmt::Display| ServeError::Cluster(e.to_string());
+        let node_id =
+            crate::cluster::node_id::load_or_generate(&config.storage.data_dir, &c.node_id)
+                .map_err(|e| failed(&e))?;
+        let names = crate::cluster::Names::new(&c.prefix);
+        tracing::info!(node = %node_id, urls = ?c.nats_urls, "cluster mode: connecting to NATS");
+        let nats = crate::cluster::connect(c, &node_id)
+            .await
+            .map_err(|e| failed(&e))?;
+        let deadline = tokio::time::Instant::now() + c.connect_timeout;
+        ensure(
+            &nats,
+            &StreamSpec {
+                names: names.clone(),
+                replicas: c.replicas,
+                duplicate_window: c.duplicate_window,
+                max_age: c.max_age,
+            },
+            deadline,
+        )
+        .await
+        .map_err(|e| failed(&e))?;
+        if config.batch.max_messages > crate::writer::cluster::MAX_BATCH_MESSAGES {
+            tracing::info!(
+                configured = config.batch.max_messages,
+                used = crate::writer::cluster::MAX_BATCH_MESSAGES,
+                "cluster mode: batch.max_messages clamped to the atomic batch limit"
+            );
+        }
+        let publisher = Publisher::new(
+            &nats,
+            PublisherSpec {
+                names: names.clone(),
+                node_id: node_id.clone(),
+                publish_timeout: c.publish_timeout,
+                retry_after: c.publish_retry_after,
+                max_in_flight: c.max_batches_in_flight,
+            },
+        )
+        .map_err(|e| failed(&e))?;
+        let sink = StreamSink::start(
+            publisher,
+            crate::writer::cluster::StreamSpec {
+                names: names.clone(),
+                max_in_flight: c.max_batches_in_flight,
+                settle_window: settle_window(
+                    c.duplicate_window,
+                    c.publish_timeout,
+                    c.publish_retry_after,
+                ),
+            },
+            cluster_metrics.clone(),
+            health,
+        );
+        let (read_model, materializer) = if c.materialize {
+            let next = crate::materialize::prepare(store, &nats, &names)
+                .await
+                .map_err(|e| failed(&e))?;
+            let (m, applied) = Materializer::start(
+                &nats,
+                MaterializerSpec {
+                    names: names.clone(),
+                    node_id: node_id.clone(),
+                    batch: c.follow_batch,
+                    heartbeat: c.heartbeat,
+                },
+                store.clone(),
+                next,
+                metrics,
+                cluster_metrics,
+            );
+            tracing::info!(
+                from = next,
+                "cluster mode: read model follows the ingest stream"
+            );
+            (
+                ReadModel::Materialized {
+                    applied,
+                    wait: c.min_seq_timeout,
+                },
+                Some(m),
+            )
+        } else {
+            tracing::info!(
+                "cluster mode: ingest only (cluster.materialize = false), no read model"
+            );
+            (ReadModel::Absent, None)
+        };
+        Ok((
+            sink,
+            ClusterIngest {
+                read_model,
+                view: IngestView {
+                    nats,
+                    names,
+                    node_id,
+                },
+                materializer,
+            },
+        ))
+    }
 }
 
 /// Prints `listening <name> <addr>` per listener and writes the same lines

@@ -662,8 +662,12 @@ mod tests {
         assert_eq!(el.len(), p.states.len());
         // Each element parses alone to the same state.
         for (r, s) in el.iter().zip(&p.states) {
-            let alone = parse(&body.as_bytes()[r.start as usize..r.end as usize], Shape::One, 7)
-                .unwrap();
+            let alone = parse(
+                &body.as_bytes()[r.start as usize..r.end as usize],
+                Shape::One,
+                7,
+            )
+            .unwrap();
             assert_eq!(alone.states[0].time_ms, s.time_ms);
         }
         assert!(array_elements(br#"{"data":{"a":1}}"#).is_none());

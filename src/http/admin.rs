@@ -14,6 +14,8 @@ use axum::Router;
 use crate::auth::{Denied, Scope, TokenEntry};
 use crate::composite;
 use crate::ids::is_valid_id;
+use crate::materialize::applied::{parse_min_seq, NotReady, ReadModel};
+use crate::materialize::status::IngestView;
 use crate::metrics::Metrics;
 use crate::secret::parse_bearer;
 use crate::store::{device_key, HistoryQuery, Order, Position, Store};
@@ -35,6 +37,11 @@ pub struct AdminApi {
     pub health: Arc<Health>,
     /// Bound on one history page's data (`admin.max_response_bytes`).
     pub max_response_bytes: usize,
+    /// What history and composite-state reads see (and `minSeq` waits
+    /// for); see `materialize::applied`.
+    pub read_model: ReadModel,
+    /// Cluster mode: `GET /cluster/ingest`.
+    pub ingest_view: Option<IngestView>,
 }
 
 /// An error as the API shows it: a status and a stable code.
@@ -48,6 +55,33 @@ pub enum ApiError {
     PayloadTooLarge,
     MethodNotAllowed,
     Internal,
+    /// Cluster mode, ingest-only broker: no history or composite state here.
+    NoReadModel,
+    /// Cluster mode: `minSeq` was not applied within `cluster.min_seq_timeout`.
+    NotCaughtUp {
+        applied: u64,
+        wanted: u64,
+        waited: std::time::Duration,
+    },
+    /// Cluster mode: NATS did not answer.
+    Unavailable(String),
+}
+
+impl From<NotReady> for ApiError {
+    fn from(n: NotReady) -> Self {
+        match n {
+            NotReady::Absent => ApiError::NoReadModel,
+            NotReady::Behind {
+                applied,
+                wanted,
+                waited,
+            } => ApiError::NotCaughtUp {
+                applied,
+                wanted,
+                waited,
+            },
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -84,6 +118,31 @@ impl IntoResponse for ApiError {
             ApiError::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 serde_json::json!({"error": "internal"}),
+            ),
+            ApiError::NoReadModel => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"error": "no_read_model", "detail": "this broker is ingest-only (cluster.materialize = false) and keeps no history or composite state; read from a broker that materializes"}),
+            ),
+            ApiError::NotCaughtUp {
+                applied,
+                wanted,
+                waited,
+            } => {
+                let body = serde_json::json!({
+                    "error": "not_caught_up",
+                    "detail": format!("this broker has applied the ingest stream up to sequence {applied}; minSeq {wanted} was not reached within {waited:?}"),
+                    "applied": applied,
+                });
+                let mut r = (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+                r.headers_mut().insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from_static("1"),
+                );
+                return r;
+            }
+            ApiError::Unavailable(d) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"error": "unavailable", "detail": d}),
             ),
         };
         (status, axum::Json(body)).into_response()
@@ -134,6 +193,7 @@ pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
         .route("/metrics", get(metrics))
         .route("/whoami", get(whoami))
         .route("/backup", axum::routing::post(super::backup::backup))
+        .route("/cluster/ingest", get(cluster_ingest))
         .route(
             "/applications/{app}/tokens",
             get(list_tokens).post(create_token),
@@ -304,10 +364,38 @@ async fn delete_token(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// `GET /cluster/ingest` (root only): this broker's position in the
+/// ingest stream and the stream's newest state, read now.
+async fn cluster_ingest(State(api): Api, headers: HeaderMap) -> Result<Response, ApiError> {
+    if !api.caller(&headers)?.root {
+        return Err(ApiError::Forbidden);
+    }
+    let Some(view) = &api.ingest_view else {
+        return Err(ApiError::NotFound);
+    };
+    let status = view
+        .status(&api.read_model)
+        .await
+        .map_err(ApiError::Unavailable)?;
+    Ok(axum::Json(status).into_response())
+}
+
+/// `minSeq` of a read, if given.
+fn min_seq(params: &HashMap<String, String>) -> Result<Option<u64>, ApiError> {
+    params
+        .get("minSeq")
+        .map(|v| parse_min_seq(v))
+        .transpose()
+        .map_err(ApiError::BadRequest)
+}
+
 /// Parses the history query string into a store query.
 pub fn history_query(params: &HashMap<String, String>) -> Result<HistoryQuery, String> {
     for k in params.keys() {
-        if !matches!(k.as_str(), "start" | "end" | "limit" | "order" | "cursor") {
+        if !matches!(
+            k.as_str(),
+            "start" | "end" | "limit" | "order" | "cursor" | "minSeq"
+        ) {
             return Err(format!("unknown query parameter {k:?}"));
         }
     }
@@ -363,6 +451,7 @@ async fn history(
     api.authorize(&headers, &app, Some(&device), Scope::GetState)?;
     let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let q = history_query(&params).map_err(ApiError::BadRequest)?;
+    api.read_model.ready(min_seq(&params)?).await?;
     let store = api.store.clone();
     let key = device_key(&app, &device);
     let max_bytes = api.max_response_bytes;
@@ -408,10 +497,13 @@ async fn history(
 async fn composite_state(
     State(api): Api,
     ids: PathOf<(String, String)>,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (app, device) = path(ids)?;
     api.authorize(&headers, &app, Some(&device), Scope::GetState)?;
+    let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    api.read_model.ready(min_seq(&params)?).await?;
     let store = api.store.clone();
     let key = device_key(&app, &device);
     let value = tokio::task::spawn_blocking(move || store.composite(&key))

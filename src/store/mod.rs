@@ -10,7 +10,11 @@
 //!   only); `u/{id}` → lastUsedAt (i64 BE), kept apart so the periodic
 //!   flush rewrites 8 bytes, not the record.
 //! - `meta`: `seq` → next state sequence number (u64 BE), written in every
-//!   state batch so sequence numbers stay unique across restarts.
+//!   state batch so sequence numbers stay unique across restarts. In
+//!   cluster mode states are numbered by the ingest stream and `seq` is
+//!   the last applied stream sequence + 1, so a restarted materializer
+//!   resumes exactly; `read_model_of` → the name of that stream, so a data
+//!   directory is never fed from two sources.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -28,6 +32,7 @@ const CF_COMPOSITE: &str = "composite";
 const CF_TOKENS: &str = "tokens";
 const CF_META: &str = "meta";
 const SEQ_KEY: &[u8] = b"seq";
+const READ_MODEL_KEY: &[u8] = b"read_model_of";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -215,6 +220,24 @@ impl Store {
                 Ok(u64::from_be_bytes(b))
             }
         }
+    }
+
+    /// Cluster mode: the ingest stream this store is a read model of, if it
+    /// was ever one.
+    pub fn read_model_of(&self) -> Result<Option<String>, StoreError> {
+        match self.db.get_pinned_cf(self.cf(CF_META)?, READ_MODEL_KEY)? {
+            None => Ok(None),
+            Some(v) => String::from_utf8(v.to_vec())
+                .map(Some)
+                .map_err(|_| StoreError::Corrupt("meta/read_model_of".into())),
+        }
+    }
+
+    /// Records that this store is the read model of `stream` (fsynced).
+    pub fn set_read_model_of(&self, stream: &str) -> Result<(), StoreError> {
+        let mut wb = WriteBatch::default();
+        wb.put_cf(self.cf(CF_META)?, READ_MODEL_KEY, stream.as_bytes());
+        self.write_sync(wb)
     }
 
     pub fn batch(&self, capacity_bytes: usize) -> CommitBatch {
@@ -548,6 +571,21 @@ mod tests {
             vec![("h".into(), 4, "3".into()), ("t".into(), 5, "1".into())]
         );
         assert_eq!(store.composite(&device_key("app", "x")).unwrap(), None);
+    }
+
+    #[test]
+    fn read_model_marker_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), SyncMode::None).unwrap();
+            assert_eq!(store.read_model_of().unwrap(), None);
+            store.set_read_model_of("SLUICE_STATE").unwrap();
+        }
+        let store = Store::open(dir.path(), SyncMode::None).unwrap();
+        assert_eq!(
+            store.read_model_of().unwrap().as_deref(),
+            Some("SLUICE_STATE")
+        );
     }
 
     #[test]

@@ -77,7 +77,11 @@ pub struct StreamSpec {
 
 /// [`StreamSpec::settle_window`] for a stream's duplicate window and the
 /// publisher's timings.
-pub fn settle_window(duplicate_window: Duration, publish_timeout: Duration, retry_after: Duration) -> Duration {
+pub fn settle_window(
+    duplicate_window: Duration,
+    publish_timeout: Duration,
+    retry_after: Duration,
+) -> Duration {
     duplicate_window
         .saturating_sub(publish_timeout)
         .saturating_sub(retry_after.max(Duration::from_secs(1)))
@@ -165,7 +169,12 @@ struct PublishTask {
 type Outcome = Result<Option<Stored>, CommitError>;
 
 impl PublishTask {
-    async fn run(self, mut rx: mpsc::Receiver<Handoff>, in_flight: usize, done: oneshot::Sender<()>) {
+    async fn run(
+        self,
+        mut rx: mpsc::Receiver<Handoff>,
+        in_flight: usize,
+        done: oneshot::Sender<()>,
+    ) {
         let task = Arc::new(self);
         let batches = futures_util::stream::poll_fn(|cx| rx.poll_recv(cx));
         // `buffered` publishes up to `in_flight` batches at once and yields

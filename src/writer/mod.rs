@@ -287,10 +287,7 @@ impl Writer {
         health: Arc<Health>,
         sink: cluster::StreamSink,
     ) -> Result<Writer, StoreError> {
-        config.policy.max_messages = config
-            .policy
-            .max_messages
-            .min(cluster::MAX_BATCH_MESSAGES);
+        config.policy.max_messages = config.policy.max_messages.min(cluster::MAX_BATCH_MESSAGES);
         Self::start_to(store, config, metrics, health, Some(sink))
     }
 

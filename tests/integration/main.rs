@@ -7,6 +7,7 @@ mod common;
 mod backup;
 mod bad_input;
 mod cli;
+mod cluster_ingest;
 mod console;
 mod crash;
 mod deploy;

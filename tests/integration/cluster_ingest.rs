@@ -1,0 +1,265 @@
+//! Cluster mode's ingest log with the real binary on a real 3-node NATS
+//! cluster: acknowledgements after the stream stored the state, the stream
+//! sequence in the answer, read-your-writes with `minSeq`, the original
+//! JSON on the stream, ingest-only brokers, refusals while NATS is away
+//! (and nothing refused stored later), and a broker's read model resuming
+//! exactly after kill -9.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sluice::cluster::publish::{received_ms, token_id};
+use sluice::cluster::Names;
+
+use crate::common::*;
+use crate::nats::NatsCluster;
+
+/// A broker in cluster mode on `nats` with stream prefix `prefix`, with
+/// short timings so failures show quickly.
+pub fn cluster_env(nats: &NatsCluster, prefix: &str) -> Vec<(String, String)> {
+    let urls: Vec<String> = nats.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    vec![
+        (
+            "SLUICE_CLUSTER__NATS_URLS".into(),
+            format!("[{}]", urls.join(",")),
+        ),
+        ("SLUICE_CLUSTER__PREFIX".into(), prefix.into()),
+        ("SLUICE_CLUSTER__CONNECT_TIMEOUT".into(), "30s".into()),
+        ("SLUICE_CLUSTER__HEARTBEAT".into(), "250ms".into()),
+        ("SLUICE_CLUSTER__STALE_AFTER".into(), "1s".into()),
+        ("SLUICE_CLUSTER__PUBLISH_TIMEOUT".into(), "3s".into()),
+        ("SLUICE_CLUSTER__PUBLISH_RETRY_AFTER".into(), "1s".into()),
+        ("SLUICE_CLUSTER__MIN_SEQ_TIMEOUT".into(), "20s".into()),
+    ]
+}
+
+pub fn start_broker(dir: &std::path::Path, env: &[(String, String)]) -> Server {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Server::start_in(dir, &env)
+}
+
+fn with(mut env: Vec<(String, String)>, k: &str, v: &str) -> Vec<(String, String)> {
+    env.push((k.into(), v.into()));
+    env
+}
+
+/// `GET /cluster/ingest` of a broker.
+pub fn ingest_status(s: &Server) -> Value {
+    let (st, v) = get_admin(s, ADMIN, "/cluster/ingest");
+    assert_eq!(st, 200, "{v}");
+    v
+}
+
+/// Every stream message (subject, payload, headers) from the start.
+async fn stream_messages(
+    nats: &NatsCluster,
+    prefix: &str,
+) -> Vec<(String, String, Option<i64>, Option<String>)> {
+    let names = Names::new(prefix);
+    let client = crate::nats::connect(nats.urls(), prefix, "test-reader").await;
+    let stream = client.js.get_stream(names.state_stream()).await.unwrap();
+    let last = stream.cached_info().state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        let Ok(m) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        out.push((
+            m.subject.to_string(),
+            String::from_utf8(m.payload.to_vec()).unwrap(),
+            received_ms(Some(&m.headers)),
+            token_id(Some(&m.headers)).map(String::from),
+        ));
+    }
+    out
+}
+
+fn seq_of(v: &Value) -> u64 {
+    v["seq"].as_u64().unwrap_or_else(|| panic!("no seq in {v}"))
+}
+
+#[test]
+fn states_go_through_the_stream_and_read_back_with_min_seq() {
+    let nats = NatsCluster::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_broker(dir.path(), &cluster_env(&nats, "rt"));
+    let (tid, t) = mint(
+        &s,
+        ADMIN,
+        "farm.eu",
+        json!({"name": "b", "scope": ["device.sendState", "device.getState"]}),
+    );
+
+    let before = sluice::timefmt::now_ms();
+    let (st, one) = post_state(&s, &t, "farm.eu", "pump.1", r#"{"data":{"flow":1.5}}"#);
+    assert_eq!(st, 200, "{one}");
+    assert_eq!(one["accepted"], 1);
+    let array = " [ {\"data\":{\"flow\":2},\"time\":1000} ,\n{ \"data\" : {\"on\":true} } ] ";
+    let (st, two) = post_state(&s, &t, "farm.eu", "pump.1", array);
+    assert_eq!(st, 200, "{two}");
+    assert_eq!(two["accepted"], 2);
+    let (s1, s2) = (seq_of(&one), seq_of(&two));
+    assert!(
+        s2 >= s1 + 2,
+        "the array's last state comes after: {s1} {s2}"
+    );
+
+    // Read-your-writes: with minSeq the read waits for the read model.
+    let (st, page) = get_admin(
+        &s,
+        &t,
+        &format!("/applications/farm.eu/devices/pump.1/state?order=asc&minSeq={s2}"),
+    );
+    assert_eq!(st, 200, "{page}");
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3, "{page}");
+    assert_eq!(items[0]["time"], 1000);
+    assert_eq!(items[0]["data"], json!({"flow": 2}));
+    // A state without a time got its receive time on the accepting broker.
+    let t1 = items[1]["time"].as_i64().unwrap();
+    assert!(t1 >= before && t1 <= sluice::timefmt::now_ms(), "{t1}");
+    assert_eq!(history_raw_data(&s, &t, "farm.eu", "pump.1").len(), 3);
+    let (st, comp) = get_admin(
+        &s,
+        &t,
+        &format!("/applications/farm.eu/devices/pump.1/compositeState?minSeq={s2}"),
+    );
+    assert_eq!(st, 200);
+    assert_eq!(comp["flow"]["value"], 1.5);
+    assert_eq!(comp["on"]["value"], true);
+
+    // On the stream: one message per state, the exact text the device
+    // sent for it, the receive time and the token id in headers, ids with
+    // dots escaped in the subject.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let messages = rt.block_on(stream_messages(&nats, "rt"));
+    let states: Vec<_> = messages
+        .iter()
+        .filter(|m| m.0.starts_with("rt.state."))
+        .collect();
+    assert_eq!(states.len(), 3, "{messages:?}");
+    for m in &states {
+        assert_eq!(m.0, "rt.state.farm%2Eeu.pump%2E1");
+        assert_eq!(m.3.as_deref(), Some(tid.as_str()));
+        let rx = m.2.expect("receive time header");
+        assert!(rx >= before, "{rx}");
+    }
+    assert_eq!(states[0].1, r#"{"data":{"flow":1.5}}"#);
+    assert_eq!(states[1].1, r#"{"data":{"flow":2},"time":1000}"#);
+    assert_eq!(states[2].1, r#"{ "data" : {"on":true} }"#);
+    // States without a time read back with the receive time they carry.
+    assert_eq!(
+        Some(t1),
+        states[0].2,
+        "the read model uses the header's time"
+    );
+    assert_eq!(items[2]["time"].as_i64(), states[2].2);
+    assert_eq!(items[2]["data"], json!({"on": true}));
+
+    // MQTT: the PUBACK comes after the stream stored it; the read model
+    // catches up to the stream's newest state.
+    let opts = {
+        let mut o = rumqttc::MqttOptions::new(
+            "c1",
+            s.mqtt.split(':').next().unwrap(),
+            s.mqtt.rsplit(':').next().unwrap().parse().unwrap(),
+        );
+        o.set_credentials("u", t.clone());
+        o
+    };
+    let (client, mut conn) = rumqttc::Client::new(opts, 10);
+    client
+        .publish(
+            "applications/farm.eu/devices/pump.2/state",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            r#"{"data":{"x":7}}"#,
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for ev in conn.iter() {
+        assert!(Instant::now() < deadline, "no PUBACK");
+        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = ev {
+            break;
+        }
+    }
+    let status = ingest_status(&s);
+    let last = status["streamLast"].as_u64().unwrap();
+    assert!(last > s2, "{status}");
+    let (st, page) = get_admin(
+        &s,
+        &t,
+        &format!("/applications/farm.eu/devices/pump.2/state?minSeq={last}"),
+    );
+    assert_eq!(st, 200);
+    assert_eq!(page["items"][0]["data"], json!({"x": 7}));
+    let status = ingest_status(&s);
+    assert_eq!(status["applied"], last, "{status}");
+    assert_eq!(status["lag"], 0, "{status}");
+    assert_eq!(status["materialize"], true);
+
+    // minSeq beyond anything stored: a bounded wait, then a clear answer.
+    let (st, v) = get_admin(
+        &s,
+        &t,
+        &format!(
+            "/applications/farm.eu/devices/pump.2/state?minSeq={}",
+            last + 1000
+        ),
+    );
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (503, Some("not_caught_up")),
+        "{v}"
+    );
+    assert_eq!(v["applied"], last);
+    let (st, _) = get_admin(
+        &s,
+        &t,
+        "/applications/farm.eu/devices/pump.2/state?minSeq=x",
+    );
+    assert_eq!(st, 400);
+    let metrics = metrics_text(&s);
+    for name in [
+        "sluice_cluster_messages_published_total 4",
+        "sluice_cluster_materialized_messages_total 4",
+        "sluice_cluster_materialize_lag_messages 0",
+    ] {
+        assert!(metrics.contains(name), "{name} in\n{metrics}");
+    }
+}
+
+#[test]
+fn an_ingest_only_broker_acknowledges_but_keeps_no_read_model() {
+    let nats = NatsCluster::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_broker(
+        dir.path(),
+        &with(
+            cluster_env(&nats, "edge"),
+            "SLUICE_CLUSTER__MATERIALIZE",
+            "false",
+        ),
+    );
+    let (_, t) = mint(
+        &s,
+        ADMIN,
+        "a",
+        json!({"name": "b", "scope": ["device.sendState", "device.getState"]}),
+    );
+    let (st, v) = post_state(&s, &t, "a", "d", r#"{"data":{"x":1}}"#);
+    assert_eq!(st, 200, "{v}");
+    let seq = seq_of(&v);
+    for path in ["state", "compositeState"] {
+        let (st, v) = get_admin(&s, &t, &format!("/applications/a/devices/d/{path}"));
+        assert_eq!(
+            (st, v["error"].as_str()),
+            (503, Some("no_read_model")),
+            "{v}"
+        );
+    }
+    let status = ingest_status(&s);
+    assert_eq!(status["materialize"], false);
+    assert_eq!(status["streamLast"], seq);
+    assert!(status.get("applied").is_none(), "{status}");
+}
