@@ -316,12 +316,44 @@ impl Admin {
             .ok_or_else(|| anyhow!("POST {url}: no \"token\" in the answer"))
     }
 
-    /// One page of a device's history, oldest first, as raw JSON text.
+    /// Cluster mode: the stream sequence of the ingest stream's newest
+    /// state, read now by the broker (`GET /cluster/ingest`); `None` from
+    /// a standalone broker (404).
+    pub async fn stream_last(&self) -> Result<Option<u64>> {
+        let url = format!("{}/cluster/ingest", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let text = resp.text().await.with_context(|| format!("GET {url}"))?;
+        if !status.is_success() {
+            bail!("GET {url}: {status}: {text}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("GET {url}: unparseable answer {text:?}"))?;
+        v.get("streamLast")
+            .and_then(|n| n.as_u64())
+            .map(Some)
+            .ok_or_else(|| anyhow!("GET {url}: no \"streamLast\" in {text}"))
+    }
+
+    /// One page of a device's history, oldest first, as raw JSON text;
+    /// with `min_seq`, once the broker's read model holds that stream
+    /// sequence (a 503 not_caught_up is retried until `deadline`).
     pub async fn state_page(
         &self,
         app: &str,
         device: &str,
         cursor: Option<&str>,
+        min_seq: Option<u64>,
+        deadline: tokio::time::Instant,
     ) -> Result<String> {
         let mut url = reqwest::Url::parse(&format!(
             "{}/applications/{app}/devices/{device}/state",
@@ -333,20 +365,30 @@ impl Admin {
             if let Some(c) = cursor {
                 q.append_pair("cursor", c);
             }
+            if let Some(s) = min_seq {
+                q.append_pair("minSeq", &s.to_string());
+            }
         }
-        let resp = self
-            .http
-            .get(url.clone())
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("GET {url}"))?;
-        let status = resp.status();
-        let text = resp.text().await.with_context(|| format!("GET {url}"))?;
-        if !status.is_success() {
-            bail!("GET {url}: {status}: {text}");
+        loop {
+            let resp = self
+                .http
+                .get(url.clone())
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .with_context(|| format!("GET {url}"))?;
+            let status = resp.status();
+            let text = resp.text().await.with_context(|| format!("GET {url}"))?;
+            if status.is_success() {
+                return Ok(text);
+            }
+            let behind = status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+                && text.contains("\"not_caught_up\"");
+            if !behind || tokio::time::Instant::now() >= deadline {
+                bail!("GET {url}: {status}: {text}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        Ok(text)
     }
 }
 

@@ -44,9 +44,16 @@ pub struct ConnOutcome {
     pub acked: Bits,
 }
 
+/// The protocol and one configuration per target address; connection i
+/// uses configuration i mod N.
 enum Driver {
-    Mqtt(MqttConfig, MqttClientImpl),
-    Http(HttpConfig),
+    Mqtt(Vec<MqttConfig>, MqttClientImpl),
+    Http(Vec<HttpConfig>),
+}
+
+/// The configuration of connection `conn`.
+fn pick<T>(cfgs: &[T], conn: u32) -> &T {
+    &cfgs[conn as usize % cfgs.len()]
 }
 
 enum Targets {
@@ -100,7 +107,7 @@ fn plan(cli: Cli, run: &str) -> Result<Plan> {
                 bail!("--mqtt-client rumqttc supports --mqtt-version 3.1.1 only");
             }
             let cfg = MqttConfig {
-                addr: mqtt::strip_scheme(&m.addr).to_string(),
+                addr: String::new(),
                 v5: m.version == MqttVersion::V5,
                 qos: m.qos,
                 window: if m.qos == 1 { m.inflight } else { 1 },
@@ -128,9 +135,21 @@ fn plan(cli: Cli, run: &str) -> Result<Plan> {
                 },
                 if m.nagle { ", Nagle on" } else { "" }
             );
+            let cfgs: Vec<MqttConfig> = m
+                .addrs
+                .iter()
+                .map(|a| MqttConfig {
+                    addr: mqtt::strip_scheme(a).to_string(),
+                    ..cfg.clone()
+                })
+                .collect();
             Plan {
-                target: cfg.addr.clone(),
-                driver: Driver::Mqtt(cfg, m.client),
+                target: cfgs
+                    .iter()
+                    .map(|c| c.addr.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                driver: Driver::Mqtt(cfgs, m.client),
                 protocol: "mqtt",
                 mode,
                 template: m.topic,
@@ -138,10 +157,14 @@ fn plan(cli: Cli, run: &str) -> Result<Plan> {
             }
         }
         Command::Http(h) => {
-            let cfg = HttpConfig::from_url(&h.url, h.common.timeout)?;
+            let cfgs = h
+                .urls
+                .iter()
+                .map(|u| HttpConfig::from_url(u, h.common.timeout))
+                .collect::<Result<Vec<_>>>()?;
             Plan {
-                target: h.url.clone(),
-                driver: Driver::Http(cfg),
+                target: h.urls.join(","),
+                driver: Driver::Http(cfgs),
                 protocol: "http",
                 mode: "HTTP/1.1 keep-alive, 1 request in flight per connection".into(),
                 template: h.path,
@@ -288,15 +311,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let password = fleet.conn_tokens[conn as usize].as_deref();
             let permit = sem.acquire().await.expect("semaphore open");
             let connected = match &*driver {
-                Driver::Mqtt(cfg, MqttClientImpl::Native) => {
-                    mqtt::connect(cfg, conn, password).await.map(Conn::Mqtt)
+                Driver::Mqtt(cfgs, MqttClientImpl::Native) => {
+                    mqtt::connect(pick(cfgs, conn), conn, password)
+                        .await
+                        .map(Conn::Mqtt)
                 }
-                Driver::Mqtt(cfg, MqttClientImpl::Rumqttc) => {
-                    mqtt_rumqttc::connect(cfg, conn, password)
+                Driver::Mqtt(cfgs, MqttClientImpl::Rumqttc) => {
+                    mqtt_rumqttc::connect(pick(cfgs, conn), conn, password)
                         .await
                         .map(|c| Conn::Rumqttc(Box::new(c)))
                 }
-                Driver::Http(cfg) => http::connect(cfg).await.map(Conn::Http),
+                Driver::Http(cfgs) => http::connect(pick(cfgs, conn)).await.map(Conn::Http),
             };
             drop(permit);
             match &connected {
@@ -330,14 +355,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let per = fleet.per_conn as usize;
             let range = conn as usize * per..(conn as usize + 1) * per;
             match (&*driver, connected, &*targets) {
-                (Driver::Mqtt(cfg, _), Conn::Mqtt(x), Targets::Topics(t)) => {
-                    mqtt::run_conn(&sh, cfg, conn, x, sched, &t[range]).await
+                (Driver::Mqtt(cfgs, _), Conn::Mqtt(x), Targets::Topics(t)) => {
+                    mqtt::run_conn(&sh, pick(cfgs, conn), conn, x, sched, &t[range]).await
                 }
-                (Driver::Mqtt(cfg, _), Conn::Rumqttc(x), Targets::Topics(t)) => {
-                    mqtt_rumqttc::run_conn(&sh, cfg, conn, *x, sched, &t[range]).await
+                (Driver::Mqtt(cfgs, _), Conn::Rumqttc(x), Targets::Topics(t)) => {
+                    mqtt_rumqttc::run_conn(&sh, pick(cfgs, conn), conn, *x, sched, &t[range]).await
                 }
-                (Driver::Http(cfg), Conn::Http(x), Targets::Http(t)) => {
-                    http::run_conn(&sh, cfg, conn, x, sched, &t[range]).await
+                (Driver::Http(cfgs), Conn::Http(x), Targets::Http(t)) => {
+                    http::run_conn(&sh, pick(cfgs, conn), conn, x, sched, &t[range]).await
                 }
                 _ => unreachable!("driver, connection and targets match"),
             }
@@ -438,8 +463,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 
     if c.verify {
         let admin = admin.as_ref().expect("checked: --verify has --admin");
+        let via = match (&c.verify_via, &c.admin_token) {
+            (Some(url), Some(tok)) => Admin::new(url, tok, c.timeout)?,
+            _ => admin.clone(),
+        };
         let res = verify::run(
-            admin,
+            &via,
+            c.verify_timeout,
             &c.app,
             &fleet,
             &sh.payload,

@@ -8,6 +8,13 @@
 //! is compared with the exact bytes that message had. Items of other runs
 //! are counted and ignored; stored messages that were never acknowledged
 //! (QoS 0, or an ack lost with its connection) are allowed and counted.
+//!
+//! In cluster mode any broker can verify: it is first asked for the
+//! ingest stream's newest state (`GET /cluster/ingest`), taken after every
+//! acknowledgement arrived, and every page is then read with that as
+//! `minSeq`, so the broker answers once its read model holds everything
+//! acknowledged anywhere (retried while it answers 503 not_caught_up, up
+//! to `--verify-timeout`).
 
 use std::sync::Arc;
 
@@ -120,6 +127,7 @@ fn scan_page(
 
 pub async fn run(
     admin: &Admin,
+    timeout: std::time::Duration,
     app: &str,
     fleet: &Arc<Fleet>,
     payload: &Payload,
@@ -127,6 +135,11 @@ pub async fn run(
     concurrency: usize,
 ) -> Result<VerifyReport> {
     let devices = fleet.distinct_devices();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let min_seq = admin
+        .stream_last()
+        .await
+        .context("asking the broker for the ingest stream's newest state")?;
     let scans = {
         let (admin, app, fleet, payload) = (
             Arc::new(admin.clone()),
@@ -148,7 +161,9 @@ pub async fn run(
                 let mut scan = DeviceScan::default();
                 let mut cursor: Option<String> = None;
                 loop {
-                    let text = admin.state_page(&app, device, cursor.as_deref()).await?;
+                    let text = admin
+                        .state_page(&app, device, cursor.as_deref(), min_seq, deadline)
+                        .await?;
                     cursor = scan_page(&text, device, payload.run(), &payload, &fleet, &mut scan)
                         .with_context(|| format!("device {device}"))?;
                     if cursor.is_none() {
