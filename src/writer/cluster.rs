@@ -2,10 +2,15 @@
 //! RocksDB: the writer thread checks it (attribute limit) and hands it to
 //! a task that publishes it to the ingest stream as one atomic batch (one
 //! message per state, see `cluster::publish`), several batches in flight.
-//! Requests are answered when the stream has acknowledged their batch,
-//! batch after batch in hand-off order, so every connection's answers keep
-//! their publish order. The broker's read model is built from the stream
-//! by the materializer, like every other broker's.
+//! Requests are answered when the stream has acknowledged their batch.
+//! Batches are written to the stream one after the other in hand-off order
+//! (`Publisher` sends them whole, in order), while their acknowledgements
+//! are awaited together and answered as they come: a batch whose outcome
+//! takes long to learn holds back only its own requests, never the
+//! refusal of the ones behind it. An MQTT session still sends its PUBACKs
+//! in publish order (`mqtt::acks` matches outcomes by packet id and holds
+//! back later ones). The broker's read model is built from the stream by
+//! the materializer, like every other broker's.
 //!
 //! Outcomes (the caller rules of `Publisher::publish_batch`):
 //! - stored: each request is told the stream sequence of its last state;
@@ -177,8 +182,9 @@ impl PublishTask {
     ) {
         let task = Arc::new(self);
         let batches = futures_util::stream::poll_fn(|cx| rx.poll_recv(cx));
-        // `buffered` publishes up to `in_flight` batches at once and yields
-        // their outcomes in hand-off order.
+        // Up to `in_flight` batches at once, each answered when it is done.
+        // Their futures start in hand-off order and the publisher's slots
+        // and send lock are FIFO, so they reach the stream in that order.
         let mut outcomes = batches
             .map(|h| {
                 let task = task.clone();
@@ -188,7 +194,7 @@ impl PublishTask {
                     (h, ends, outcome)
                 }
             })
-            .buffered(in_flight.max(1));
+            .buffer_unordered(in_flight.max(1));
         while let Some((h, ends, outcome)) = outcomes.next().await {
             task.answer(h, &ends, outcome);
         }

@@ -263,3 +263,77 @@ fn an_ingest_only_broker_acknowledges_but_keeps_no_read_model() {
     assert_eq!(status["streamLast"], seq);
     assert!(status.get("applied").is_none(), "{status}");
 }
+
+/// One MQTT session publishing fast, so its publishes span several
+/// batches in flight at once: the stream (and so every read model) holds
+/// them in publish order, and every PUBACK comes back.
+#[test]
+fn a_sessions_states_keep_their_order_across_batches_in_flight() {
+    let nats = NatsCluster::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_broker(dir.path(), &cluster_env(&nats, "ord"));
+    let (_, t) = mint(
+        &s,
+        ADMIN,
+        "a",
+        json!({"name": "b", "scope": ["device.sendState", "device.getState"]}),
+    );
+    const N: usize = 3000;
+    let port: u16 = s.mqtt.rsplit(':').next().unwrap().parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let acked = rt.block_on(async {
+        let mut o = rumqttc::MqttOptions::new("ord", "127.0.0.1", port);
+        o.set_credentials("u", &t);
+        o.set_inflight(100);
+        let (c, mut ev) = rumqttc::AsyncClient::new(o, 200);
+        tokio::spawn(async move {
+            for i in 0..N {
+                c.publish(
+                    "applications/a/devices/d/state",
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    format!(r#"{{"data":{{"i":{i}}}}}"#),
+                )
+                .await
+                .unwrap();
+            }
+        });
+        let mut acked = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while acked < N {
+            match tokio::time::timeout_at(deadline, ev.poll()).await {
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => acked += 1,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("connection failed: {e}"),
+                Err(_) => panic!("only {acked} PUBACKs"),
+            }
+        }
+        acked
+    });
+    assert_eq!(acked, N);
+    let messages = rt.block_on(stream_messages(&nats, "ord"));
+    let order: Vec<u64> = messages
+        .iter()
+        .map(|m| serde_json::from_str::<Value>(&m.1).unwrap()["data"]["i"].as_u64().unwrap())
+        .collect();
+    assert_eq!(order, (0..N as u64).collect::<Vec<_>>(), "stream order");
+    let last = ingest_status(&s)["streamLast"].as_u64().unwrap();
+    let (st, _) = get_admin(
+        &s,
+        ADMIN,
+        &format!("/applications/a/devices/d/state?minSeq={last}&limit=1"),
+    );
+    assert_eq!(st, 200);
+    let read: Vec<u64> = history_all(&s, ADMIN, "a", "d")
+        .iter()
+        .map(|i| i["data"]["i"].as_u64().unwrap())
+        .collect();
+    assert_eq!(read, (0..N as u64).collect::<Vec<_>>(), "read-model order");
+    let batches = metrics_text(&s)
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_cluster_batches_published_total "))
+        .unwrap()
+        .parse::<u64>()
+        .unwrap();
+    assert!(batches > 1, "one batch only: the test shows nothing");
+}

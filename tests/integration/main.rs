@@ -8,6 +8,7 @@ mod backup;
 mod bad_input;
 mod cli;
 mod cluster_ingest;
+mod cluster_ingest_chaos;
 mod console;
 mod crash;
 mod deploy;

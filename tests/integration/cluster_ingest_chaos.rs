@@ -1,0 +1,220 @@
+//! Cluster-mode ingest under failures, driven by the real `loadtest
+//! --verify` against real brokers on a real 3-node NATS cluster: while
+//! load runs, (a) the ingest stream's leader node is killed with SIGKILL,
+//! (b) a broker is killed with SIGKILL and restarted, (c) all of NATS is
+//! stopped and started again. In every round nothing acknowledged is lost
+//! or stored twice (`loadtest --verify`, read back through another broker
+//! with `minSeq`), and afterwards every broker's read model holds the same
+//! content (a digest of each device's history).
+//!
+//! The default suite runs one round of each; the long run is
+//! `cargo test --test integration cluster_chaos_many -- --ignored --nocapture`
+//! (5 rounds of each). `loadtest` must be built beside `sluice` (`cargo
+//! test --workspace` or `cargo build -p loadtest` does it).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::cluster_ingest::{cluster_env, ingest_status, start_broker};
+use crate::common::*;
+use crate::nats::{leader_of, NatsCluster};
+
+/// The `loadtest` binary next to `sluice`.
+fn loadtest_bin() -> PathBuf {
+    let bin = std::path::Path::new(bin()).with_file_name("loadtest");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p loadtest` (`cargo test --workspace` does)",
+        bin.display()
+    );
+    bin
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chaos {
+    /// SIGKILL the stream leader's NATS node, start it again.
+    LeaderKill,
+    /// SIGKILL the broker taking the load, start it again.
+    BrokerKill,
+    /// Stop every NATS node, start them again.
+    NatsRestart,
+}
+
+/// Brokers on one NATS cluster: `brokers[0]` takes the load, the others
+/// only materialize (until brokers share tokens, load goes to one).
+struct Rig {
+    nats: NatsCluster,
+    prefix: String,
+    dirs: Vec<tempfile::TempDir>,
+    brokers: Vec<Server>,
+}
+
+impl Rig {
+    fn start(prefix: &str, brokers: usize) -> Rig {
+        let nats = NatsCluster::start(3);
+        let dirs: Vec<_> = (0..brokers).map(|_| tempfile::tempdir().unwrap()).collect();
+        let env = cluster_env(&nats, prefix);
+        let brokers = dirs.iter().map(|d| start_broker(d.path(), &env)).collect();
+        Rig {
+            nats,
+            prefix: prefix.into(),
+            dirs,
+            brokers,
+        }
+    }
+
+    fn restart_broker(&mut self, i: usize) {
+        let env = cluster_env(&self.nats, &self.prefix);
+        self.brokers[i] = start_broker(self.dirs[i].path(), &env);
+    }
+}
+
+/// Runs loadtest (MQTT 5, QoS 1) against broker 0 for `secs` seconds in a
+/// thread; the summary JSON comes back from the join handle.
+fn spawn_load(rig: &Rig, round: u32, secs: u64) -> std::thread::JoinHandle<Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("summary.json");
+    let mut cmd = Command::new(loadtest_bin());
+    cmd.arg("mqtt")
+        .arg(&rig.brokers[0].mqtt)
+        .args(["--admin", &rig.brokers[0].admin_url("")])
+        .args(["--verify-via", &rig.brokers[1].admin_url("")])
+        .args(["--verify", "--verify-timeout", "120s"])
+        .args(["-c", "16", "-r", "2000", "-d", &format!("{secs}s")])
+        .args(["-s", "150", "--inflight", "50", "--timeout", "20s"])
+        .args(["--device-prefix", &format!("r{round}-")])
+        .args(["--app", "chaos", "--max-errors", "100000000", "--no-progress"])
+        .arg("--json")
+        .arg(&json)
+        .env("SLUICE_ADMIN_TOKEN", ADMIN);
+    std::thread::spawn(move || {
+        let out = cmd.output().expect("run loadtest");
+        let text = std::fs::read_to_string(&json).unwrap_or_else(|_| {
+            panic!(
+                "loadtest wrote no summary:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        let _keep = dir;
+        let v: Value = serde_json::from_str(&text).unwrap();
+        eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+        v
+    })
+}
+
+/// A digest of every device's history of round `round` on broker `s`,
+/// read once its read model holds the stream's newest state.
+fn digest(s: &Server, round: u32, devices: usize, stream_last: u64) -> String {
+    let mut all = String::new();
+    for d in 0..devices {
+        let device = format!("r{round}-{d}");
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path = format!(
+                "/applications/chaos/devices/{device}/state?order=asc&limit=10000&minSeq={stream_last}"
+            );
+            if let Some(c) = &cursor {
+                path.push_str(&format!("&cursor={c}"));
+            }
+            let (st, page) = get_admin(s, ADMIN, &path);
+            assert_eq!(st, 200, "{page}");
+            for item in page["items"].as_array().unwrap() {
+                all.push_str(&format!("{device} {} {}\n", item["time"], item["data"]));
+            }
+            match page["next"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => break,
+            }
+        }
+    }
+    all
+}
+
+fn chaos_round(rig: &mut Rig, round: u32, chaos: Chaos) {
+    let load = spawn_load(rig, round, 8);
+    std::thread::sleep(Duration::from_millis(2500 + u64::from(round % 4) * 300));
+    match chaos {
+        Chaos::LeaderKill => {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let stream = format!("{}_STATE", rig.prefix.to_uppercase());
+            let leader = rt.block_on(async {
+                let nats = crate::nats::connect(rig.nats.urls(), &rig.prefix, "chaos").await;
+                leader_of(&nats, &stream).await
+            });
+            let i = rig.nats.index_of(&leader);
+            rig.nats.kill(i);
+            std::thread::sleep(Duration::from_secs(2));
+            rig.nats.restart(i);
+        }
+        Chaos::BrokerKill => {
+            unsafe_kill(rig.brokers[0].child.as_ref().unwrap().id(), "KILL");
+            let _ = rig.brokers[0].wait_exit();
+            std::thread::sleep(Duration::from_millis(500));
+            rig.restart_broker(0);
+        }
+        Chaos::NatsRestart => {
+            rig.nats.stop_all();
+            std::thread::sleep(Duration::from_secs(2));
+            rig.nats.start_all();
+        }
+    }
+    let summary = load.join().unwrap();
+    let v = &summary["verify"];
+    assert!(
+        v.is_object(),
+        "{chaos:?} round {round}: no verification: {}",
+        summary["verify_error"]
+    );
+    eprintln!("{chaos:?} round {round}: messages {} verify {v}", summary["messages"]);
+    assert!(v["acked"].as_u64().unwrap() > 0, "{chaos:?}: nothing acked");
+    assert_eq!(v["missing"], 0, "{chaos:?} round {round}: acknowledged states lost: {v}");
+    assert_eq!(v["duplicates"], 0, "{chaos:?} round {round}: stored twice: {v}");
+    assert_eq!(v["mismatched"], 0, "{chaos:?} round {round}: altered: {v}");
+
+    // Every broker's read model holds the same content.
+    let last = ingest_status(&rig.brokers[1])["streamLast"].as_u64().unwrap();
+    let digests: Vec<String> = rig
+        .brokers
+        .iter()
+        .map(|s| digest(s, round, 16, last))
+        .collect();
+    assert!(!digests[0].is_empty());
+    for (i, d) in digests.iter().enumerate().skip(1) {
+        assert!(
+            d == &digests[0],
+            "{chaos:?} round {round}: broker {i}'s read model differs from broker 0's"
+        );
+    }
+}
+
+fn run_chaos(rounds: u32) {
+    let started = Instant::now();
+    let mut rig = Rig::start("chaos", 3);
+    let mut round = 0;
+    for chaos in [Chaos::LeaderKill, Chaos::BrokerKill, Chaos::NatsRestart] {
+        for _ in 0..rounds {
+            round += 1;
+            chaos_round(&mut rig, round, chaos);
+        }
+    }
+    eprintln!(
+        "{} chaos rounds in {:.0} s",
+        round,
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn cluster_chaos_few() {
+    run_chaos(1);
+}
+
+#[test]
+#[ignore = "long: 15 chaos rounds; run with --ignored"]
+fn cluster_chaos_many() {
+    run_chaos(5);
+}
