@@ -193,7 +193,10 @@ mod tests {
         acks.sink().record(1, Ok(()));
         acks.collect();
         assert!(!acks.write_ready(&mut codec, &mut out));
-        assert_eq!(&out[..], b"\x40\x02\x00\x01\x40\x02\x00\x02\x40\x02\x00\x03");
+        assert_eq!(
+            &out[..],
+            b"\x40\x02\x00\x01\x40\x02\x00\x02\x40\x02\x00\x03"
+        );
         assert!(acks.is_settled());
     }
 }

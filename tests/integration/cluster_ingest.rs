@@ -314,7 +314,11 @@ fn a_sessions_states_keep_their_order_across_batches_in_flight() {
     let messages = rt.block_on(stream_messages(&nats, "ord"));
     let order: Vec<u64> = messages
         .iter()
-        .map(|m| serde_json::from_str::<Value>(&m.1).unwrap()["data"]["i"].as_u64().unwrap())
+        .map(|m| {
+            serde_json::from_str::<Value>(&m.1).unwrap()["data"]["i"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(order, (0..N as u64).collect::<Vec<_>>(), "stream order");
     let last = ingest_status(&s)["streamLast"].as_u64().unwrap();
@@ -336,4 +340,71 @@ fn a_sessions_states_keep_their_order_across_batches_in_flight() {
         .parse::<u64>()
         .unwrap();
     assert!(batches > 1, "one batch only: the test shows nothing");
+}
+
+/// With every NATS node down, requests are refused (503) rather than held,
+/// health says why, and nothing refused shows up once NATS is back.
+#[test]
+fn refused_while_nats_is_away_and_never_stored_later() {
+    let mut nats = NatsCluster::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_broker(dir.path(), &cluster_env(&nats, "away"));
+    let (_, t) = mint(
+        &s,
+        ADMIN,
+        "a",
+        json!({"name": "b", "scope": ["device.sendState", "device.getState"]}),
+    );
+    let (st, v) = post_state(&s, &t, "a", "d", r#"{"data":{"tag":"before"}}"#);
+    assert_eq!(st, 200, "{v}");
+
+    nats.stop_all();
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..5 {
+        let (st, v) = post_state(
+            &s,
+            &t,
+            "a",
+            "d",
+            &format!(r#"{{"data":{{"tag":"down-{i}"}}}}"#),
+        );
+        assert_eq!((st, v["error"].as_str()), (503, Some("unavailable")), "{v}");
+    }
+    let health = client().get(s.http_url("/healthz")).send().unwrap();
+    assert_eq!(health.status().as_u16(), 503);
+    assert!(health.text().unwrap().contains("ingest stream"));
+
+    nats.start_all();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let seq = loop {
+        assert!(Instant::now() < deadline, "ingest did not resume");
+        let (st, v) = post_state(&s, &t, "a", "d", r#"{"data":{"tag":"after"}}"#);
+        if st == 200 {
+            break seq_of(&v);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let (st, page) = get_admin(
+        &s,
+        &t,
+        &format!("/applications/a/devices/d/state?order=asc&minSeq={seq}"),
+    );
+    assert_eq!(st, 200);
+    let tags: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["data"]["tag"].as_str().unwrap())
+        .collect();
+    assert_eq!(tags.first(), Some(&"before"));
+    assert_eq!(tags.last(), Some(&"after"));
+    assert!(!tags.iter().any(|t| t.starts_with("down")), "{tags:?}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let messages = rt.block_on(stream_messages(&nats, "away"));
+    assert!(
+        !messages.iter().any(|m| m.1.contains("down-")),
+        "{messages:?}"
+    );
+    let health = client().get(s.http_url("/healthz")).send().unwrap();
+    assert_eq!(health.status().as_u16(), 200);
 }
