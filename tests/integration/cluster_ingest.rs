@@ -408,3 +408,84 @@ fn refused_while_nats_is_away_and_never_stored_later() {
     let health = client().get(s.http_url("/healthz")).send().unwrap();
     assert_eq!(health.status().as_u16(), 200);
 }
+
+/// `examples/consumer.rs`, the documented downstream consumer: reads one
+/// application's states with a durable consumer, resumes after a restart
+/// right after what it acknowledged, and sees only its application.
+#[test]
+fn the_example_consumer_reads_one_application_and_resumes() {
+    let consumer = std::path::Path::new(bin())
+        .parent()
+        .unwrap()
+        .join("examples/consumer");
+    assert!(
+        consumer.exists(),
+        "{} is missing: `cargo test` builds the examples (or `cargo build --example consumer`)",
+        consumer.display()
+    );
+    let nats = NatsCluster::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_broker(dir.path(), &cluster_env(&nats, "down"));
+    let mut tokens = std::collections::HashMap::new();
+    for app in ["farm.eu", "other"] {
+        let (_, t) = mint(
+            &s,
+            ADMIN,
+            app,
+            json!({"name": "b", "scope": ["device.sendState"]}),
+        );
+        tokens.insert(app, t);
+    }
+    let post = |app: &str, i: usize| {
+        let (st, v) = post_state(
+            &s,
+            &tokens[app],
+            app,
+            "pump.1",
+            &format!(r#"{{"data":{{"i":{i}}}}}"#),
+        );
+        assert_eq!(st, 200, "{v}");
+    };
+    for i in 0..5 {
+        post("farm.eu", i);
+        post("other", i);
+    }
+    let run = |max: u64| -> Vec<Value> {
+        let out = std::process::Command::new(&consumer)
+            .args([
+                "--nats",
+                &nats.url(1),
+                "--prefix",
+                "down",
+                "--app",
+                "farm.eu",
+            ])
+            .args(["--durable", "export", "--max", &max.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let i = |v: &Value| v["state"]["data"]["i"].as_u64().unwrap();
+    let first = run(3);
+    assert_eq!(first.iter().map(i).collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(first[0]["app"], "farm.eu");
+    assert_eq!(first[0]["device"], "pump.1");
+    assert_eq!(first[0]["state"], json!({"data": {"i": 0}}));
+    assert!(first[0]["receivedMs"].as_i64().unwrap() > 0);
+    // Restarted: it goes on after what it acknowledged.
+    let second = run(2);
+    assert_eq!(second.iter().map(i).collect::<Vec<_>>(), [3, 4]);
+    post("farm.eu", 5);
+    let third = run(1);
+    assert_eq!(third.iter().map(i).collect::<Vec<_>>(), [5]);
+    assert!(third[0]["seq"].as_u64() > second[1]["seq"].as_u64());
+}
