@@ -373,6 +373,15 @@ impl Publisher {
         })
     }
 
+    /// Whether the stream answers now (its leader serves a read): how a
+    /// broker whose publishes failed learns, without traffic, that the
+    /// stream is back.
+    pub async fn reachable(&self) -> bool {
+        super::stream::last_state_seq(&self.nats, &self.spec.names)
+            .await
+            .is_ok()
+    }
+
     /// Settles batch number `batch` (of `n` messages) after
     /// [`PublishError::Unknown`] without sending it again: only its fence
     /// is published, so the answer is `Ok` (it was stored, at these

@@ -41,6 +41,9 @@ use crate::cluster_metrics::ClusterMetrics;
 /// writer's batch policy is capped at this in cluster mode.
 pub const MAX_BATCH_MESSAGES: usize = crate::cluster::publish::MAX_BATCH;
 
+/// While publishes fail, how often the stream is probed.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
 /// One batch on its way from the writer thread to the stream.
 pub(super) struct Handoff {
     number: u64,
@@ -195,8 +198,23 @@ impl PublishTask {
                 }
             })
             .buffer_unordered(in_flight.max(1));
-        while let Some((h, ends, outcome)) = outcomes.next().await {
-            task.answer(h, &ends, outcome);
+        // While publishes fail and no new batch comes to show otherwise,
+        // the stream is probed, so health turns good again by itself (a
+        // load balancer that stopped sending on 503 would never send the
+        // batch that shows it).
+        let mut probe = tokio::time::interval(PROBE_EVERY);
+        loop {
+            tokio::select! {
+                next = outcomes.next() => match next {
+                    Some((h, ends, outcome)) => task.answer(h, &ends, outcome),
+                    None => break,
+                },
+                _ = probe.tick(), if task.health.is_failing(Failure::Stream) => {
+                    if task.publisher.reachable().await && task.health.recover(Failure::Stream) {
+                        tracing::warn!("the ingest stream answers again");
+                    }
+                }
+            }
         }
         let _ = done.send(());
     }
