@@ -294,6 +294,12 @@ impl ClusterConfig {
                     .into(),
             );
         }
+        if !self.max_age.is_zero() && self.duplicate_window > self.max_age {
+            p.push(
+                "`cluster.duplicate_window` must not exceed `cluster.max_age` (NATS refuses such a stream)"
+                    .into(),
+            );
+        }
         if !(1..=50).contains(&self.max_batches_in_flight) {
             p.push("`cluster.max_batches_in_flight` must be between 1 and 50".into());
         }
@@ -798,6 +804,7 @@ mod tests {
                 ("SLUICE_CLUSTER__STALE_AFTER", "1s"),
                 ("SLUICE_CLUSTER__DUPLICATE_WINDOW", "10s"),
                 ("SLUICE_CLUSTER__MAX_BATCHES_IN_FLIGHT", "51"),
+                ("SLUICE_CLUSTER__MAX_AGE", "5s"),
             ]),
             &Overrides::default(),
         )
@@ -812,6 +819,7 @@ mod tests {
             "stale_after",
             "duplicate_window",
             "max_batches_in_flight",
+            "max_age",
         ] {
             assert!(all.contains(&format!("cluster.{key}")), "{key}: {all}");
         }

@@ -96,7 +96,7 @@ stop_sluice() {
   SL_ADMIN=""
 }
 cluster_env() { # prefix
-  echo SLUICE_CLUSTER__NATS_URLS="$NATS_URLS" SLUICE_CLUSTER__PREFIX="$1" SLUICE_CLUSTER__MAX_AGE=60s
+  echo SLUICE_CLUSTER__NATS_URLS="$NATS_URLS" SLUICE_CLUSTER__PREFIX="$1" SLUICE_CLUSTER__MAX_AGE=5m
 }
 
 # "<acked msg/s> <p50 ms> <p99 ms>" from a loadtest --json file.
