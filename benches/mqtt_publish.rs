@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sluice::auth::{Devices, NewToken, Registry, Scope, Scopes, Status};
+use sluice::auth::{Devices, Registry, Scope, Scopes, Status, TokenRecord};
 use sluice::config::SyncMode;
 use sluice::metrics::Metrics;
 use sluice::mqtt::{check_publish, Codec, Incoming};
@@ -52,7 +52,7 @@ fn wire(n: usize) -> (BytesMut, BytesMut) {
 fn bench(c: &mut Criterion) {
     let registry = Registry::new();
     registry
-        .insert(NewToken {
+        .insert(TokenRecord {
             id: "t".into(),
             app: "app".into(),
             name: "bench".into(),
@@ -60,9 +60,10 @@ fn bench(c: &mut Criterion) {
             devices: Devices::All,
             expires_at: None,
             status: Status::Active,
+            deactivated_by: None,
             parent_id: None,
             created_at: 0,
-            last_used: 0,
+            last_used: None,
             rate_limit: None,
             hash: TokenHash::of(SECRET.as_bytes()),
         })

@@ -5,6 +5,12 @@
 //!   the map probe + chain walk + grant test can be read off as the rest.
 //! - `authorize`: single-thread hits (mixed depths, depth-3 only, one hot
 //!   token) and misses (unknown secrets), over a 10,000-token registry.
+//! - `rate_admit`: the whole per-request check of the HTTP path
+//!   (`with_grant`: hash, probe, chain walk, grant test; then
+//!   `TokenEntry::admit`) for a depth-4 token of which 0 to 4 levels carry
+//!   a rate limit, so the cost added per limited level (one atomic
+//!   compare-and-swap each) can be read off in one run; and `admit` alone
+//!   on the same tokens, where the hash no longer hides it.
 //! - `authorize_concurrent`: reader threads doing hits through one shared
 //!   harness: one reader alone, two readers alone, two readers while a third
 //!   thread keeps minting, revoking/reactivating and removing tokens (paced
@@ -25,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ring::rand::SystemRandom;
-use sluice::auth::{Devices, NewToken, Registry, Scope, Scopes, Status};
+use sluice::auth::{Devices, RateLimit, Registry, Scope, Scopes, Status, TokenRecord};
 use sluice::secret::{TokenHash, TokenSecret};
 
 const APPS: usize = 10;
@@ -59,8 +65,8 @@ fn new_token(
     devices: Devices,
     parent: Option<String>,
     hash: TokenHash,
-) -> NewToken {
-    NewToken {
+) -> TokenRecord {
+    TokenRecord {
         id,
         app: app.to_string(),
         name: "bench".to_string(),
@@ -68,9 +74,10 @@ fn new_token(
         devices,
         expires_at: Some(NOW_MS + 86_400_000),
         status: Status::Active,
+        deactivated_by: None,
         parent_id: parent,
         created_at: NOW_MS - 1000,
-        last_used: 0,
+        last_used: None,
         rate_limit: None,
         hash,
     }
@@ -271,6 +278,85 @@ fn bench_single(c: &mut Criterion, f: &Fixture) {
     g.finish();
 }
 
+/// Depth of the chains in `rate_admit`.
+const RATE_DEPTH: usize = 4;
+
+/// One chain of `RATE_DEPTH` tokens per number of limited levels (0 to
+/// `RATE_DEPTH`, the limited ones at the bottom, as a child of a limited
+/// parent must be limited); returns each chain's bottom secret.
+fn rate_chains(registry: &Registry) -> Vec<Vec<u8>> {
+    let rng = SystemRandom::new();
+    let all = Scopes::of(&[Scope::AllApplication]);
+    // One message costs 1 ns and the burst is ~4 s of them: with the clock
+    // advanced 1 ns per check, no level ever refuses.
+    let limit = RateLimit {
+        per_second: 1_000_000_000,
+        burst: u32::MAX,
+    };
+    (0..=RATE_DEPTH)
+        .map(|limited| {
+            let mut parent = None;
+            let mut s = Vec::new();
+            for level in 0..RATE_DEPTH {
+                let id = format!("rate-{limited}-{level}");
+                s = secret(&rng);
+                let mut t = new_token(
+                    id.clone(),
+                    "app-rate",
+                    all,
+                    Devices::All,
+                    parent.take(),
+                    TokenHash::of(&s),
+                );
+                t.rate_limit = (level >= RATE_DEPTH - limited).then_some(limit);
+                registry.insert(t).unwrap();
+                parent = Some(id);
+            }
+            s
+        })
+        .collect()
+}
+
+fn bench_rate(c: &mut Criterion, f: &Fixture) {
+    let chains = rate_chains(&f.registry);
+    let mut g = c.benchmark_group("rate_admit");
+    g.throughput(Throughput::Elements(1));
+    for (limited, secret) in chains.iter().enumerate() {
+        let mut now_ns = 0u64;
+        let mut refused = 0u64;
+        g.bench_function(format!("depth4_limited_levels_{limited}"), |b| {
+            b.iter(|| {
+                now_ns += 1;
+                let r = f.registry.with_grant(black_box(secret), NOW_MS, |g| {
+                    g.permits("app-rate", Some("dev"), Scope::SendState)
+                        && g.admit(1, now_ns).is_ok()
+                });
+                refused += u64::from(!matches!(black_box(r), Ok(true)));
+            })
+        });
+        assert_eq!(
+            refused, 0,
+            "a check with {limited} limited levels was refused"
+        );
+    }
+    for (limited, secret) in chains.iter().enumerate() {
+        let entry = f.registry.authenticate(secret, NOW_MS).unwrap();
+        let mut now_ns = 1u64 << 40;
+        let mut refused = 0u64;
+        g.bench_function(format!("admit_only_limited_levels_{limited}"), |b| {
+            b.iter(|| {
+                now_ns += 1;
+                refused += u64::from(black_box(&entry).admit(1, now_ns).is_err());
+            })
+        });
+        assert_eq!(
+            refused, 0,
+            "admit with {limited} limited levels was refused"
+        );
+    }
+    g.finish();
+}
+
 /// How hard the admin thread works while readers check.
 #[derive(Clone, Copy)]
 enum Admin {
@@ -295,7 +381,7 @@ fn admin_loop(f: &Fixture, stop: &AtomicBool, next_id: &AtomicU64, pace: Admin, 
         let spare = &f.spare_ids[k % f.spare_ids.len()];
         if k.is_multiple_of(2) {
             let id = format!("new-{:010}", next_id.fetch_add(1, Ordering::Relaxed));
-            let app = f.registry.view(spare).map(|v| v.app).unwrap_or_default();
+            let app = f.registry.record(spare).map(|v| v.app).unwrap_or_default();
             let s = secret(&rng);
             f.registry
                 .insert(new_token(
@@ -319,7 +405,7 @@ fn admin_loop(f: &Fixture, stop: &AtomicBool, next_id: &AtomicU64, pace: Admin, 
             } else {
                 Status::Active
             };
-            f.registry.set_status(spare, status);
+            f.registry.set_status(spare, status, None);
         }
         k += 1;
         done += 1;
@@ -331,7 +417,7 @@ fn admin_loop(f: &Fixture, stop: &AtomicBool, next_id: &AtomicU64, pace: Admin, 
         f.registry.remove_subtree(&id);
     }
     for id in &f.spare_ids {
-        f.registry.set_status(id, Status::Active);
+        f.registry.set_status(id, Status::Active, None);
     }
     ops.fetch_add(done, Ordering::Relaxed);
 }
@@ -490,6 +576,7 @@ fn process_cpu() -> Duration {
 fn benches(c: &mut Criterion) {
     let f = build();
     bench_single(c, &f);
+    bench_rate(c, &f);
     bench_concurrent(c, &f);
 }
 

@@ -170,7 +170,13 @@ pub fn restore(from: &Path, data_dir: &Path) -> Result<Restored, BackupError> {
             let store = Store::open(&db, SyncMode::Always)?;
             let next_seq = store.load_seq()?;
             let registry = Arc::new(Registry::new());
-            TokenService::load(store, registry.clone(), usize::MAX)?;
+            // Restore checks the tokens load; limits are for new mints only.
+            let unbounded = crate::tokens::TokenLimits {
+                max_devices: usize::MAX,
+                max_per_application: usize::MAX,
+                max_chain_depth: usize::MAX,
+            };
+            TokenService::load(store, registry.clone(), unbounded)?;
             Ok(Restored {
                 data_dir: data_dir.to_path_buf(),
                 backup: manifest,

@@ -133,6 +133,8 @@ pub struct TokensConfig {
     #[serde(with = "human_duration")]
     pub last_used_flush: Duration,
     pub max_devices_per_token: usize,
+    pub max_per_application: usize,
+    pub max_chain_depth: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -474,6 +476,11 @@ impl Config {
             "tokens.max_devices_per_token",
             self.tokens.max_devices_per_token,
         );
+        positive(
+            "tokens.max_per_application",
+            self.tokens.max_per_application,
+        );
+        positive("tokens.max_chain_depth", self.tokens.max_chain_depth);
         if self.storage.sync == SyncMode::Interval && self.storage.sync_interval_ms == 0 {
             p.push(
                 "`storage.sync_interval_ms` must be greater than 0 with `storage.sync = \"interval\"`"

@@ -256,30 +256,36 @@ async fn reload_on_hangup(
 }
 
 /// Resolves on the first SIGINT or SIGTERM; a second one exits at once.
-async fn shutdown_signal() {
+/// The handlers are installed when this is called, not when the future is
+/// first polled, so a signal that arrives as soon as the listeners are
+/// announced still drains instead of killing the process.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
+    let handlers = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) else {
-        // Without signal handlers the broker still runs; it just cannot
-        // drain on a signal.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("signal received; send another to exit immediately");
-    tokio::spawn(async move {
+    );
+    async move {
+        let (Ok(mut int), Ok(mut term)) = handlers else {
+            // Without signal handlers the broker still runs; it just cannot
+            // drain on a signal.
+            std::future::pending::<()>().await;
+            return;
+        };
         tokio::select! {
             _ = int.recv() => {}
             _ = term.recv() => {}
         }
-        tracing::warn!("second signal: exiting without draining");
-        std::process::exit(130);
-    });
+        tracing::info!("signal received; send another to exit immediately");
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            tracing::warn!("second signal: exiting without draining");
+            std::process::exit(130);
+        });
+    }
 }
 
 fn admin_url(args: &AdminArgs) -> String {
@@ -303,7 +309,11 @@ fn client(args: &AdminArgs) -> anyhow::Result<AdminClient> {
         .context(
         "no admin token: set SLUICE_ADMIN_TOKEN or point --data-dir at the broker's data directory",
     )?;
-    Ok(AdminClient::new(&admin_url(args), &token))
+    Ok(AdminClient::new(
+        &admin_url(args),
+        &token,
+        std::time::Duration::from_secs(30),
+    )?)
 }
 
 fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {

@@ -25,7 +25,7 @@ use crate::materialize::{Materializer, MaterializerSpec};
 use crate::metrics::Metrics;
 use crate::mqtt;
 use crate::store::{Store, StoreError};
-use crate::tokens::{TokenError, TokenService};
+use crate::tokens::{TokenError, TokenLimits, TokenService};
 use crate::writer::{Health, Writer, WriterConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -202,7 +202,7 @@ pub async fn run(
     let tokens = Arc::new(TokenService::load(
         store.clone(),
         registry.clone(),
-        config.tokens.max_devices_per_token,
+        TokenLimits::from(&config.tokens),
     )?);
     tracing::info!(tokens = registry.len(), "token cache loaded");
 

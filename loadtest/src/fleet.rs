@@ -1,15 +1,16 @@
 //! Devices and their credentials: provisioned through Sluice's admin API
-//! as a user would, read from a tokens file, one shared token, or none.
-//! Also the small admin API client that `verify` reads through.
+//! (with the broker crate's own client, `sluice::client`) as a user would,
+//! read from a tokens file, one shared token, or none.
 
 use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
+use sluice::client::AdminClient;
 
 /// Who holds a token when loadtest provisions them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +61,7 @@ pub struct FleetSpec<'a> {
     pub token: Option<&'a str>,
     pub tokens_file: Option<&'a Path>,
     pub no_provision: bool,
-    pub admin: Option<&'a Admin>,
+    pub admin: Option<&'a AdminClient>,
     pub unit: TokenUnit,
     pub concurrency: usize,
 }
@@ -137,7 +138,7 @@ pub async fn build(spec: FleetSpec<'_>) -> Result<Fleet> {
                 (admin.clone(), app.clone(), run.clone(), groups.clone());
             async move {
                 let name = format!("loadtest-{run}-{}", groups[u][0]);
-                admin.create_token(&app, &name, &groups[u]).await
+                device_token(&admin, &app, &name, &groups[u]).await
             }
         }
     })
@@ -249,147 +250,21 @@ where
         .collect())
 }
 
-/// A minimal client of Sluice's admin API.
-#[derive(Clone)]
-pub struct Admin {
-    base: String,
-    token: String,
-    http: reqwest::Client,
-}
-
-impl std::fmt::Debug for Admin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Admin")
-            .field("base", &self.base)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Admin {
-    /// `base` like `http://127.0.0.1:9090` (a bare `HOST:PORT` gets http://).
-    pub fn new(base: &str, token: &str, timeout: Duration) -> Result<Admin> {
-        let base = base.trim_end_matches('/');
-        let base = if base.contains("://") {
-            base.to_string()
-        } else {
-            format!("http://{base}")
-        };
-        reqwest::Url::parse(&base).with_context(|| format!("bad --admin URL {base:?}"))?;
-        let http = reqwest::Client::builder()
-            .timeout(timeout.max(Duration::from_secs(30)))
-            .build()
-            .context("building the HTTP client")?;
-        Ok(Admin {
-            base,
-            token: token.to_string(),
-            http,
-        })
-    }
-
-    pub fn base(&self) -> &str {
-        &self.base
-    }
-
-    /// Creates a token of scope `device.sendState` for `devices`; returns
-    /// its secret.
-    pub async fn create_token(&self, app: &str, name: &str, devices: &[String]) -> Result<String> {
-        let url = format!("{}/applications/{app}/tokens", self.base);
-        let body = json!({"name": name, "scope": ["device.sendState"], "devices": devices});
-        let resp = self
-            .http
-            .post(&url)
-            .bearer_auth(&self.token)
-            .json(&body)
-            .send()
-            .await
-            .with_context(|| format!("POST {url}"))?;
-        let status = resp.status();
-        let text = resp.text().await.with_context(|| format!("POST {url}"))?;
-        if !status.is_success() {
-            bail!("POST {url}: {status}: {text}");
-        }
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("POST {url}: unparseable answer {text:?}"))?;
-        v.get("token")
-            .and_then(|t| t.as_str())
-            .map(str::to_string)
-            .ok_or_else(|| anyhow!("POST {url}: no \"token\" in the answer"))
-    }
-
-    /// Cluster mode: the stream sequence of the ingest stream's newest
-    /// state, read now by the broker (`GET /cluster/ingest`); `None` from
-    /// a standalone broker (404).
-    pub async fn stream_last(&self) -> Result<Option<u64>> {
-        let url = format!("{}/cluster/ingest", self.base);
-        let resp = self
-            .http
-            .get(&url)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("GET {url}"))?;
-        let status = resp.status();
-        if status == reqwest::StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
-        let text = resp.text().await.with_context(|| format!("GET {url}"))?;
-        if !status.is_success() {
-            bail!("GET {url}: {status}: {text}");
-        }
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("GET {url}: unparseable answer {text:?}"))?;
-        v.get("streamLast")
-            .and_then(|n| n.as_u64())
-            .map(Some)
-            .ok_or_else(|| anyhow!("GET {url}: no \"streamLast\" in {text}"))
-    }
-
-    /// One page of a device's history, oldest first, as raw JSON text;
-    /// with `min_seq`, once the broker's read model holds that stream
-    /// sequence (a 503 not_caught_up is retried until `deadline`).
-    pub async fn state_page(
-        &self,
-        app: &str,
-        device: &str,
-        cursor: Option<&str>,
-        min_seq: Option<u64>,
-        deadline: tokio::time::Instant,
-    ) -> Result<String> {
-        let mut url = reqwest::Url::parse(&format!(
-            "{}/applications/{app}/devices/{device}/state",
-            self.base
-        ))?;
-        {
-            let mut q = url.query_pairs_mut();
-            q.append_pair("order", "asc").append_pair("limit", "10000");
-            if let Some(c) = cursor {
-                q.append_pair("cursor", c);
-            }
-            if let Some(s) = min_seq {
-                q.append_pair("minSeq", &s.to_string());
-            }
-        }
-        loop {
-            let resp = self
-                .http
-                .get(url.clone())
-                .bearer_auth(&self.token)
-                .send()
-                .await
-                .with_context(|| format!("GET {url}"))?;
-            let status = resp.status();
-            let text = resp.text().await.with_context(|| format!("GET {url}"))?;
-            if status.is_success() {
-                return Ok(text);
-            }
-            let behind = status == reqwest::StatusCode::SERVICE_UNAVAILABLE
-                && text.contains("\"not_caught_up\"");
-            if !behind || tokio::time::Instant::now() >= deadline {
-                bail!("GET {url}: {status}: {text}");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+/// Creates a token of scope `device.sendState` for `devices`; returns its
+/// secret.
+async fn device_token(
+    admin: &AdminClient,
+    app: &str,
+    name: &str,
+    devices: &[String],
+) -> Result<String> {
+    let body = json!({"name": name, "scope": ["device.sendState"], "devices": devices});
+    let created = admin.create_token(app, &body).await?;
+    created
+        .get("token")
+        .and_then(|t| t.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("no \"token\" in the admin API's answer {created}"))
 }
 
 #[cfg(test)]

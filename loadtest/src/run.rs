@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use hyper::header::HeaderValue;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use sluice::client::AdminClient;
 
 use crate::cli::{Cli, Command, CommonArgs, MqttClientImpl, MqttVersion};
-use crate::fleet::{self, Admin, Fleet, FleetSpec, TokenUnit};
+use crate::fleet::{self, Fleet, FleetSpec, TokenUnit};
 use crate::http::{self, HttpConfig};
 use crate::mqtt::{self, MqttConfig};
 use crate::mqtt_rumqttc;
@@ -207,7 +208,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let needs_admin = c.verify
         || (c.token.is_none() && c.tokens_file.is_none() && !c.no_provision && c.admin.is_some());
     let admin = match (&c.admin, &c.admin_token) {
-        (Some(url), Some(tok)) => Some(Admin::new(url, tok, c.timeout)?),
+        (Some(url), Some(tok)) => Some(AdminClient::new(
+            url,
+            tok,
+            c.timeout.max(Duration::from_secs(30)),
+        )?),
         (Some(_), None) if needs_admin => {
             bail!("--admin needs the admin token: set SLUICE_ADMIN_TOKEN or --admin-token")
         }
@@ -464,7 +469,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     if c.verify {
         let admin = admin.as_ref().expect("checked: --verify has --admin");
         let via = match (&c.verify_via, &c.admin_token) {
-            (Some(url), Some(tok)) => Admin::new(url, tok, c.timeout)?,
+            (Some(url), Some(tok)) => {
+                AdminClient::new(url, tok, c.timeout.max(Duration::from_secs(30)))?
+            }
             _ => admin.clone(),
         };
         let res = verify::run(

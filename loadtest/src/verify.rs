@@ -21,8 +21,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use sluice::client::{AdminClient, ClientError};
 
-use crate::fleet::{parallel, Admin, Fleet};
+use crate::fleet::{parallel, Fleet};
 use crate::payload::{Payload, Probe};
 use crate::run::ConnOutcome;
 use crate::stats::Bits;
@@ -126,7 +127,7 @@ fn scan_page(
 }
 
 pub async fn run(
-    admin: &Admin,
+    admin: &AdminClient,
     timeout: std::time::Duration,
     app: &str,
     fleet: &Arc<Fleet>,
@@ -137,9 +138,15 @@ pub async fn run(
     let devices = fleet.distinct_devices();
     let deadline = tokio::time::Instant::now() + timeout;
     let min_seq = admin
-        .stream_last()
+        .ingest_status()
         .await
-        .context("asking the broker for the ingest stream's newest state")?;
+        .context("asking the broker for the ingest stream's newest state")?
+        .map(|v| {
+            v["streamLast"]
+                .as_u64()
+                .ok_or_else(|| anyhow::anyhow!("no streamLast in {v}"))
+        })
+        .transpose()?;
     let scans = {
         let (admin, app, fleet, payload) = (
             Arc::new(admin.clone()),
@@ -161,9 +168,8 @@ pub async fn run(
                 let mut scan = DeviceScan::default();
                 let mut cursor: Option<String> = None;
                 loop {
-                    let text = admin
-                        .state_page(&app, device, cursor.as_deref(), min_seq, deadline)
-                        .await?;
+                    let text =
+                        page(&admin, &app, device, cursor.as_deref(), min_seq, deadline).await?;
                     cursor = scan_page(&text, device, payload.run(), &payload, &fleet, &mut scan)
                         .with_context(|| format!("device {device}"))?;
                     if cursor.is_none() {
@@ -181,6 +187,28 @@ pub async fn run(
         outcomes,
         scans,
     ))
+}
+
+/// A history page; while a cluster broker's read model has not reached
+/// `min_seq` (503 not_caught_up), asked again until `deadline`.
+async fn page(
+    admin: &AdminClient,
+    app: &str,
+    device: &str,
+    cursor: Option<&str>,
+    min_seq: Option<u64>,
+    deadline: tokio::time::Instant,
+) -> Result<String> {
+    loop {
+        match admin.state_page(app, device, cursor, min_seq).await {
+            Err(ClientError::Api {
+                status: 503, body, ..
+            }) if body.contains("\"not_caught_up\"") && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            other => return Ok(other?),
+        }
+    }
 }
 
 fn tally(

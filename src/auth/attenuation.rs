@@ -1,7 +1,8 @@
 //! The rule no peer has: a child token never exceeds the token that mints it.
 
+use super::grant::{Devices, RateLimit};
 use super::scope::Scopes;
-use super::token::{Devices, RateLimit, TokenEntry};
+use super::token::TokenEntry;
 
 /// What a caller asked the new token to be. `None` means "not given".
 #[derive(Clone, Debug)]
@@ -84,7 +85,7 @@ pub fn attenuate(minter: &TokenEntry, app: &str, req: Requested) -> Result<Grant
 #[cfg(test)]
 mod tests {
     use super::super::scope::Scope;
-    use super::super::token::Status;
+    use super::super::status::Status;
     use super::*;
     use std::sync::Arc;
 

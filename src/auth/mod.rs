@@ -1,15 +1,22 @@
 //! Authentication and authorization. This module does no IO: it is the
-//! in-memory token set, the hot-path check and the attenuation rule, so it
-//! can be tested and fuzzed alone. Persistence lives in `tokens`.
+//! in-memory token set, the hot-path check, the attenuation rule and the
+//! revocation authority, so it can be tested and fuzzed alone. Persistence
+//! lives in `tokens`.
 
 pub mod attenuation;
+pub mod grant;
 pub mod rate;
+pub mod record;
 pub mod registry;
 pub mod scope;
+pub mod status;
 pub mod token;
 
 pub use attenuation::{attenuate, Exceeds, Granted, Requested};
+pub use grant::{Devices, RateLimit};
 pub use rate::{monotonic_ns, Limiter};
-pub use registry::{NewToken, Registry, RegistryError, TokenView};
+pub use record::TokenRecord;
+pub use registry::{Registry, RegistryError};
 pub use scope::{Scope, Scopes};
-pub use token::{Denied, Devices, RateLimit, Status, TokenEntry};
+pub use status::{status_change, AuthorityError, Revoker, Status};
+pub use token::{Denied, TokenEntry};

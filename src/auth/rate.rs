@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::token::RateLimit;
+use super::grant::RateLimit;
 
 /// Nanoseconds on a monotonic clock (wall-clock jumps do not refill or
 /// drain buckets).
@@ -61,6 +61,14 @@ impl Limiter {
 }
 
 impl Limiter {
+    /// Gives back `n` messages taken by a [`Limiter::take`] that succeeded
+    /// (a request refused further on). `tat` only grows by what takes add,
+    /// so subtracting what one take added cannot wrap.
+    pub fn refund(&self, n: u32) {
+        self.tat
+            .fetch_sub(self.interval.saturating_mul(u64::from(n)), Ordering::AcqRel);
+    }
+
     /// How long until one more message would fit, without taking it.
     pub fn wait(&self, now: u64) -> Duration {
         let next = self

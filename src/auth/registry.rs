@@ -9,43 +9,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
-use super::scope::{Scope, Scopes};
-use super::token::{Denied, Devices, RateLimit, Status, TokenEntry};
+use super::record::TokenRecord;
+use super::scope::Scope;
+use super::status::{Revoker, Status};
+use super::token::{Denied, TokenEntry};
 use crate::secret::{PrehashedState, TokenHash};
-
-/// Everything known about a token, as a consistent copy.
-#[derive(Clone, Debug)]
-pub struct TokenView {
-    pub id: String,
-    pub app: String,
-    pub name: String,
-    pub scopes: Scopes,
-    pub devices: Devices,
-    pub expires_at: Option<i64>,
-    pub status: Status,
-    pub parent_id: Option<String>,
-    pub created_at: i64,
-    pub last_used: Option<i64>,
-    pub rate_limit: Option<RateLimit>,
-    pub hash: TokenHash,
-}
-
-/// A token about to be added (after it has been persisted).
-#[derive(Debug)]
-pub struct NewToken {
-    pub id: String,
-    pub app: String,
-    pub name: String,
-    pub scopes: Scopes,
-    pub devices: Devices,
-    pub expires_at: Option<i64>,
-    pub status: Status,
-    pub parent_id: Option<String>,
-    pub created_at: i64,
-    pub last_used: i64,
-    pub rate_limit: Option<RateLimit>,
-    pub hash: TokenHash,
-}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegistryError {
@@ -55,17 +23,22 @@ pub enum RegistryError {
     MissingParent(String),
 }
 
+/// What the admin side keeps beside the grant (the grant itself lives in
+/// the entry, once).
 struct Node {
     entry: Arc<TokenEntry>,
     name: String,
     created_at: i64,
     hash: TokenHash,
+    deactivated_by: Option<Revoker>,
     children: Vec<Box<str>>,
 }
 
 #[derive(Default)]
 struct Tree {
     nodes: HashMap<Box<str>, Node>,
+    /// Tokens per application, for `tokens.max_per_application`.
+    per_app: HashMap<Box<str>, usize>,
 }
 
 pub struct Registry {
@@ -73,10 +46,14 @@ pub struct Registry {
     by_hash: papaya::HashMap<TokenHash, Arc<TokenEntry>, PrehashedState>,
     /// Admin side: ids, names, children. Only admin operations lock it.
     tree: Mutex<Tree>,
-    /// Bumped whenever a token stops being usable by an admin action, so
-    /// long-lived sessions re-check their grant at once. A watch keeps only
-    /// the latest value, so it can never fill up.
-    revocations: watch::Sender<u64>,
+    /// Per application, bumped whenever one of its tokens stops being
+    /// usable by an admin action, so that application's long-lived sessions
+    /// re-check their grants at once, and no other application's sessions
+    /// are woken by it. A watch keeps only the latest value, so it can never
+    /// fill up; entries without subscribers are swept (see
+    /// `subscribe_revocations`), so the map is bounded by the applications
+    /// with live sessions. Locked only on connect and on revocation.
+    revocations: Mutex<HashMap<Box<str>, watch::Sender<u64>>>,
     /// Tokens whose lastUsedAt changed since the last flush. Each token is
     /// queued at most once per flush (see `TokenEntry::touch`), so this is
     /// bounded by the number of tokens.
@@ -98,7 +75,7 @@ impl Registry {
                 .hasher(PrehashedState::default())
                 .build(),
             tree: Mutex::new(Tree::default()),
-            revocations: watch::Sender::new(0),
+            revocations: Mutex::new(HashMap::new()),
             used_tx,
             used_rx,
         }
@@ -184,8 +161,42 @@ impl Registry {
         used
     }
 
-    pub fn subscribe_revocations(&self) -> watch::Receiver<u64> {
-        self.revocations.subscribe()
+    /// Puts back tokens taken by [`Registry::take_used`] whose lastUsedAt
+    /// could not be persisted, so the next flush writes them (unless a use
+    /// in between queued them already).
+    pub fn requeue_used(&self, used: Vec<Arc<TokenEntry>>) {
+        for e in used {
+            if e.mark_dirty() {
+                let _ = self.used_tx.send(e);
+            }
+        }
+    }
+
+    /// Changes whenever a token of `app` stops being usable.
+    pub fn subscribe_revocations(&self, app: &str) -> watch::Receiver<u64> {
+        let mut map = self.revocations.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = map.get(app) {
+            return tx.subscribe();
+        }
+        // Amortised sweep: each time the map reaches a power of two, drop
+        // the applications nobody listens to any more.
+        if map.len() >= 64 && map.len().is_power_of_two() {
+            map.retain(|_, tx| tx.receiver_count() > 0);
+        }
+        let (tx, rx) = watch::channel(0);
+        map.insert(app.into(), tx);
+        rx
+    }
+
+    fn revoked_in(&self, app: &str) {
+        let mut map = self.revocations.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = map.get(app) {
+            if tx.receiver_count() == 0 {
+                map.remove(app);
+            } else {
+                tx.send_modify(|v| *v += 1);
+            }
+        }
     }
 
     /// Number of application tokens resident (the root is not counted).
@@ -197,7 +208,14 @@ impl Registry {
         self.len() == 0
     }
 
-    pub fn insert(&self, t: NewToken) -> Result<Arc<TokenEntry>, RegistryError> {
+    /// Number of tokens resident in `app`.
+    pub fn count(&self, app: &str) -> usize {
+        self.tree().per_app.get(app).copied().unwrap_or(0)
+    }
+
+    /// Adds a token (after it has been persisted). Its parent must be
+    /// resident: the registry never holds an orphan.
+    pub fn insert(&self, t: TokenRecord) -> Result<Arc<TokenEntry>, RegistryError> {
         let mut tree = self.tree();
         if tree.nodes.contains_key(t.id.as_str()) {
             return Err(RegistryError::Duplicate(t.id));
@@ -222,13 +240,14 @@ impl Registry {
             t.rate_limit,
             parent,
             t.status,
-            t.last_used,
+            t.last_used.unwrap_or(0),
         ));
         if let Some(pid) = &t.parent_id {
             if let Some(p) = tree.nodes.get_mut(pid.as_str()) {
                 p.children.push(id.clone());
             }
         }
+        *tree.per_app.entry(entry.app.clone()).or_insert(0) += 1;
         tree.nodes.insert(
             id,
             Node {
@@ -236,6 +255,7 @@ impl Registry {
                 name: t.name,
                 created_at: t.created_at,
                 hash: t.hash,
+                deactivated_by: t.deactivated_by,
                 children: Vec::new(),
             },
         );
@@ -247,20 +267,20 @@ impl Registry {
         self.tree().nodes.get(id).map(|n| n.entry.clone())
     }
 
-    pub fn view(&self, id: &str) -> Option<TokenView> {
+    pub fn record(&self, id: &str) -> Option<TokenRecord> {
         let tree = self.tree();
-        tree.nodes.get(id).map(view_of)
+        tree.nodes.get(id).map(record_of)
     }
 
     /// Tokens of `app`, oldest first; for a non-root caller only its
     /// descendants.
-    pub fn list(&self, app: &str, caller: &TokenEntry) -> Vec<TokenView> {
+    pub fn list(&self, app: &str, caller: &TokenEntry) -> Vec<TokenRecord> {
         let tree = self.tree();
-        let mut out: Vec<TokenView> = tree
+        let mut out: Vec<TokenRecord> = tree
             .nodes
             .values()
             .filter(|n| *n.entry.app == *app && (caller.root || n.entry.descends_from(caller)))
-            .map(view_of)
+            .map(record_of)
             .collect();
         out.sort_by(|a, b| {
             a.created_at
@@ -270,29 +290,37 @@ impl Registry {
         out
     }
 
-    /// Changes a token's own status. Deactivation takes effect for the
-    /// whole subtree at once because usability is derived along the chain.
-    /// Deletion is not a status change: use [`Registry::remove_subtree`].
-    pub fn set_status(&self, id: &str, status: Status) -> Option<TokenView> {
+    /// Changes a token's own status and records who deactivated it (see
+    /// `auth::status_change` for who may). Deactivation takes effect for
+    /// the whole subtree at once because usability is derived along the
+    /// chain. Deletion is not a status change: use
+    /// [`Registry::remove_subtree`].
+    pub fn set_status(
+        &self,
+        id: &str,
+        status: Status,
+        deactivated_by: Option<Revoker>,
+    ) -> Option<TokenRecord> {
         if status == Status::Deleted {
             return None;
         }
-        let tree = self.tree();
-        let node = tree.nodes.get(id)?;
+        let mut tree = self.tree();
+        let node = tree.nodes.get_mut(id)?;
         node.entry.set_status(status);
-        let view = view_of(node);
+        node.deactivated_by = deactivated_by;
+        let view = record_of(node);
         drop(tree);
         if status != Status::Active {
-            self.revocations.send_modify(|v| *v += 1);
+            self.revoked_in(&view.app);
         }
         Some(view)
     }
 
-    pub fn set_name(&self, id: &str, name: String) -> Option<TokenView> {
+    pub fn set_name(&self, id: &str, name: String) -> Option<TokenRecord> {
         let mut tree = self.tree();
         let node = tree.nodes.get_mut(id)?;
         node.name = name;
-        Some(view_of(node))
+        Some(record_of(node))
     }
 
     /// Ids of `id` and all its descendants, parents before children.
@@ -306,11 +334,18 @@ impl Registry {
     pub fn remove_subtree(&self, id: &str) -> Vec<String> {
         let mut tree = self.tree();
         let ids = subtree_ids(&tree, id);
+        let app = tree.nodes.get(id).map(|n| n.entry.app.clone());
         let map = self.by_hash.pin();
         for tid in &ids {
             if let Some(node) = tree.nodes.remove(tid.as_str()) {
                 node.entry.set_status(Status::Deleted);
                 map.remove(&node.hash);
+                if let Some(n) = tree.per_app.get_mut(&node.entry.app) {
+                    *n -= 1;
+                    if *n == 0 {
+                        tree.per_app.remove(&node.entry.app);
+                    }
+                }
                 if let Some(p) = &node.entry.parent {
                     if let Some(pn) = tree.nodes.get_mut(&*p.id) {
                         pn.children.retain(|c| **c != **tid);
@@ -319,8 +354,8 @@ impl Registry {
             }
         }
         drop(tree);
-        if !ids.is_empty() {
-            self.revocations.send_modify(|v| *v += 1);
+        if let Some(app) = app {
+            self.revoked_in(&app);
         }
         ids
     }
@@ -341,10 +376,10 @@ fn subtree_ids(tree: &Tree, id: &str) -> Vec<String> {
     out
 }
 
-fn view_of(n: &Node) -> TokenView {
+fn record_of(n: &Node) -> TokenRecord {
     let e = &n.entry;
     let last = e.last_used();
-    TokenView {
+    TokenRecord {
         id: e.id.to_string(),
         app: e.app.to_string(),
         name: n.name.clone(),
@@ -352,10 +387,65 @@ fn view_of(n: &Node) -> TokenView {
         devices: e.devices.clone(),
         expires_at: e.expires_at,
         status: e.status(),
+        deactivated_by: n.deactivated_by.clone(),
         parent_id: e.parent.as_ref().map(|p| p.id.to_string()),
         created_at: n.created_at,
-        last_used: (last > 0).then_some(last),
         rate_limit: e.rate_limit,
         hash: n.hash,
+        last_used: (last > 0).then_some(last),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::grant::Devices;
+    use super::super::scope::Scopes;
+    use super::*;
+
+    fn record(id: &str, app: &str) -> TokenRecord {
+        TokenRecord {
+            id: id.into(),
+            app: app.into(),
+            name: "n".into(),
+            scopes: Scopes::of(&[Scope::SendState]),
+            devices: Devices::All,
+            expires_at: None,
+            status: Status::Active,
+            deactivated_by: None,
+            parent_id: None,
+            created_at: 0,
+            rate_limit: None,
+            hash: TokenHash::of(id.as_bytes()),
+            last_used: None,
+        }
+    }
+
+    #[test]
+    fn a_revocation_wakes_only_its_own_application() {
+        let r = Registry::new();
+        r.insert(record("a1", "a")).unwrap();
+        r.insert(record("a2", "a")).unwrap();
+        r.insert(record("b1", "b")).unwrap();
+        r.insert(record("b2", "b")).unwrap();
+        let mut in_a = r.subscribe_revocations("a");
+        let mut in_b = r.subscribe_revocations("b");
+        r.set_status("a1", Status::Inactive, Some(Revoker::Root));
+        assert!(in_a.has_changed().unwrap());
+        assert!(!in_b.has_changed().unwrap());
+        in_a.mark_unchanged();
+        r.remove_subtree("b1");
+        assert!(!in_a.has_changed().unwrap());
+        assert!(in_b.has_changed().unwrap());
+        // Re-activation is not a revocation.
+        in_b.mark_unchanged();
+        r.set_status("a1", Status::Active, None);
+        assert!(!in_a.has_changed().unwrap());
+        // An application nobody listens to any more is forgotten at its
+        // next revocation.
+        drop(in_b);
+        r.set_status("b2", Status::Inactive, Some(Revoker::Root));
+        let apps = r.revocations.lock().unwrap().len();
+        assert_eq!(apps, 1);
+        assert!(!in_a.has_changed().unwrap());
     }
 }

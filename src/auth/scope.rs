@@ -2,6 +2,9 @@
 
 use std::fmt;
 
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Scopes(u8);
 
@@ -84,6 +87,34 @@ impl fmt::Debug for Scopes {
     }
 }
 
+/// A list of scope names, in the order of the table in the contract.
+impl Serialize for Scopes {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter().map(Scope::name))
+    }
+}
+
+/// A non-empty list of known scope names (a token without a scope could do
+/// nothing, and is always a mistake).
+impl<'de> Deserialize<'de> for Scopes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Scopes, D::Error> {
+        let names = Vec::<String>::deserialize(d)?;
+        if names.is_empty() {
+            return Err(D::Error::custom("`scope` must list at least one scope"));
+        }
+        let mut list = Vec::with_capacity(names.len());
+        for n in &names {
+            list.push(Scope::parse(n).ok_or_else(|| {
+                D::Error::custom(format_args!(
+                    "unknown scope {:?}",
+                    n.chars().take(64).collect::<String>()
+                ))
+            })?);
+        }
+        Ok(Scopes::of(&list))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,5 +134,18 @@ mod tests {
         assert_eq!(Scope::parse("device.getState"), Some(Scope::GetState));
         assert_eq!(Scope::parse("device.*"), None);
         assert_eq!(mint.names(), vec!["device.sendState", "token.create"]);
+    }
+
+    #[test]
+    fn json_form() {
+        let s: Scopes = serde_json::from_str(r#"["token.create","device.sendState"]"#).unwrap();
+        assert_eq!(
+            serde_json::to_string(&s).unwrap(),
+            r#"["device.sendState","token.create"]"#
+        );
+        for (bad, want) in [("[]", "at least one"), (r#"["root"]"#, "unknown scope")] {
+            let e = serde_json::from_str::<Scopes>(bad).unwrap_err().to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
     }
 }

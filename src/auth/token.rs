@@ -3,95 +3,12 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::sync::Arc;
-
 use std::time::Duration;
 
+use super::grant::{Devices, RateLimit};
 use super::rate::Limiter;
 use super::scope::{Scope, Scopes};
-
-/// Own status of a token. Usability is derived from the whole chain.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-#[repr(u8)]
-pub enum Status {
-    Active = 0,
-    Inactive = 1,
-    /// Deleted tokens are gone from every map; live holders of an `Arc`
-    /// (an MQTT session, an in-flight request) see this and stop.
-    Deleted = 2,
-}
-
-impl Status {
-    fn from_u8(v: u8) -> Status {
-        match v {
-            0 => Status::Active,
-            1 => Status::Inactive,
-            _ => Status::Deleted,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Status::Active => "active",
-            Status::Inactive => "inactive",
-            Status::Deleted => "deleted",
-        }
-    }
-}
-
-/// The devices a token covers.
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub enum Devices {
-    /// `["*"]`: every device of the application.
-    All,
-    /// Sorted and de-duplicated, so membership is a binary search.
-    Only(Box<[Box<str>]>),
-}
-
-impl Devices {
-    pub fn only<I: IntoIterator<Item = String>>(ids: I) -> Devices {
-        let mut v: Vec<Box<str>> = ids.into_iter().map(String::into_boxed_str).collect();
-        v.sort_unstable();
-        v.dedup();
-        Devices::Only(v.into_boxed_slice())
-    }
-
-    pub fn contains(&self, device: &str) -> bool {
-        match self {
-            Devices::All => true,
-            Devices::Only(list) => list.binary_search_by(|d| (**d).cmp(device)).is_ok(),
-        }
-    }
-
-    /// Whether every device covered by `self` is covered by `parent`.
-    pub fn within(&self, parent: &Devices) -> bool {
-        match (self, parent) {
-            (_, Devices::All) => true,
-            (Devices::All, Devices::Only(_)) => false,
-            (Devices::Only(c), Devices::Only(_)) => c.iter().all(|d| parent.contains(d)),
-        }
-    }
-
-    pub fn to_list(&self) -> Vec<String> {
-        match self {
-            Devices::All => vec!["*".to_string()],
-            Devices::Only(l) => l.iter().map(|d| d.to_string()).collect(),
-        }
-    }
-}
-
-/// Messages per second with a burst allowance.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct RateLimit {
-    pub per_second: u32,
-    pub burst: u32,
-}
-
-impl RateLimit {
-    pub fn within(&self, parent: &RateLimit) -> bool {
-        self.per_second <= parent.per_second && self.burst <= parent.burst
-    }
-}
+use super::status::Status;
 
 /// Why a credential was refused.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
@@ -161,20 +78,19 @@ impl TokenEntry {
     }
 
     pub fn new_root() -> TokenEntry {
-        TokenEntry {
-            root: true,
-            ..TokenEntry::new(
-                "root".into(),
-                "".into(),
-                Scopes::of(&[Scope::AllApplication]),
-                Devices::All,
-                None,
-                None,
-                None,
-                Status::Active,
-                0,
-            )
-        }
+        let mut root = TokenEntry::new(
+            "root".into(),
+            "".into(),
+            Scopes::of(&[Scope::AllApplication]),
+            Devices::All,
+            None,
+            None,
+            None,
+            Status::Active,
+            0,
+        );
+        root.root = true;
+        root
     }
 
     pub fn status(&self) -> Status {
@@ -246,13 +162,68 @@ impl TokenEntry {
         Ok(())
     }
 
-    /// Charges `n` messages to the token's rate limit, if it has one;
-    /// `Err` carries how long until they would be admitted.
+    /// Charges `n` messages to this token's rate limit and to that of every
+    /// limited ancestor, so a subtree as a whole never exceeds any
+    /// ancestor's limit however many children it mints. One atomic
+    /// operation per limited level; when a level refuses, the levels below
+    /// it that were already charged are refunded, so a refused request
+    /// costs nothing. `Err` carries how long until the refusing level would
+    /// admit them.
     pub fn admit(&self, n: u32, now_ns: u64) -> Result<(), Duration> {
-        match &self.limiter {
-            None => Ok(()),
-            Some(l) => l.take(n, now_ns),
+        let mut level = Some(self);
+        while let Some(t) = level {
+            if let Some(l) = &t.limiter {
+                if let Err(wait) = l.take(n, now_ns) {
+                    self.refund_below(t, n);
+                    return Err(wait);
+                }
+            }
+            level = t.parent.as_deref();
         }
+        Ok(())
+    }
+
+    /// Gives `n` messages back to every limited level from `self` up to,
+    /// not including, `stop` (an ancestor, or `self` for none).
+    /// Gives back `n` messages admitted by [`TokenEntry::admit`] to every
+    /// limited level, for messages that were then not stored (the queue
+    /// was full, the commit failed): a refusal must not spend the budget.
+    pub fn refund(&self, n: u32) {
+        let mut level = Some(self);
+        while let Some(t) = level {
+            if let Some(l) = &t.limiter {
+                l.refund(n);
+            }
+            level = t.parent.as_deref();
+        }
+    }
+
+    fn refund_below(&self, stop: &TokenEntry, n: u32) {
+        let mut t = self;
+        while !std::ptr::eq(t, stop) {
+            if let Some(l) = &t.limiter {
+                l.refund(n);
+            }
+            match &t.parent {
+                Some(p) => t = p,
+                None => return,
+            }
+        }
+    }
+
+    /// Tokens in the chain from the root admin token down to this one: 1
+    /// for a token the root minted, 0 for the root itself.
+    pub fn depth(&self) -> usize {
+        if self.root {
+            return 0;
+        }
+        let mut n = 1;
+        let mut t = self.parent.as_deref();
+        while let Some(p) = t {
+            n += 1;
+            t = p.parent.as_deref();
+        }
+        n
     }
 
     /// Whether `self` is a strict descendant of `ancestor`.
@@ -281,9 +252,32 @@ impl TokenEntry {
         !self.dirty.load(Ordering::Relaxed) && !self.dirty.swap(true, Ordering::AcqRel)
     }
 
+    /// Marks the token dirty again; true when it was clean, and the caller
+    /// should queue it.
+    pub(crate) fn mark_dirty(&self) -> bool {
+        !self.dirty.swap(true, Ordering::AcqRel)
+    }
+
     /// Called by the flusher before it reads `last_used`.
     pub(crate) fn clear_dirty(&self) {
         self.dirty.store(false, Ordering::Release);
+    }
+}
+
+/// Unlinks the chain above iteratively: dropping the last holder of a deep
+/// chain would otherwise recurse once per level and could overflow the
+/// stack of whichever thread dropped it (a chain stored by a version that
+/// did not bound `tokens.max_chain_depth`).
+impl Drop for TokenEntry {
+    fn drop(&mut self) {
+        let mut next = self.parent.take();
+        while let Some(p) = next {
+            next = match Arc::try_unwrap(p) {
+                Ok(mut parent) => parent.parent.take(),
+                // Still held elsewhere: nothing more is freed here.
+                Err(_) => None,
+            };
+        }
     }
 }
 
@@ -339,15 +333,85 @@ mod tests {
         assert!(root.permits("anything", Some("x"), Scope::TokenRevoke));
     }
 
+    fn limited(parent: Option<Arc<TokenEntry>>, per_second: u32, burst: u32) -> Arc<TokenEntry> {
+        Arc::new(TokenEntry::new(
+            "l".into(),
+            "app".into(),
+            Scopes::of(&[Scope::SendState]),
+            Devices::All,
+            None,
+            Some(RateLimit { per_second, burst }),
+            parent,
+            Status::Active,
+            0,
+        ))
+    }
+
     #[test]
-    fn devices_subset() {
-        let all = Devices::All;
-        let two = Devices::only(["b".to_string(), "a".to_string(), "a".to_string()]);
-        let one = Devices::only(["a".to_string()]);
-        assert!(one.within(&two));
-        assert!(!two.within(&one));
-        assert!(two.within(&all));
-        assert!(!all.within(&two));
-        assert_eq!(two.to_list(), vec!["a", "b"]);
+    fn a_subtree_is_held_to_every_ancestors_limit() {
+        const MS: u64 = 1_000_000;
+        let t0 = 10_000 * MS;
+        let root = limited(None, 50, 5);
+        let p = tok(Some(root.clone()), None);
+        let kids: Vec<_> = (0..3).map(|_| limited(Some(p.clone()), 10, 2)).collect();
+        // Five messages across three children empty the grandparent's
+        // bucket although no child's own bucket is empty; the unlimited
+        // level in between is skipped.
+        for k in [0, 0, 1, 1, 2] {
+            assert_eq!(kids[k].admit(1, t0), Ok(()));
+        }
+        // Refusals at the top cost the child nothing, however many.
+        for _ in 0..100 {
+            assert_eq!(kids[2].admit(1, t0), Err(Duration::from_millis(20)));
+        }
+        assert_eq!(p.admit(1, t0), Err(Duration::from_millis(20)));
+        // 20 ms later the grandparent has room for one again, and the
+        // child still has the one message of its own burst it never spent.
+        assert_eq!(kids[2].admit(1, t0 + 20 * MS), Ok(()));
+        // Its own bucket now refuses first, and the grandparent is refunded.
+        assert_eq!(
+            kids[2].admit(1, t0 + 40 * MS),
+            Err(Duration::from_millis(60))
+        );
+        assert_eq!(kids[0].admit(1, t0 + 100 * MS), Ok(()));
+        // An unlimited chain admits anything.
+        assert_eq!(tok(None, None).admit(u32::MAX, 0), Ok(()));
+    }
+
+    #[test]
+    fn a_refund_gives_back_every_level() {
+        const MS: u64 = 1_000_000;
+        let t0 = 10_000 * MS;
+        let root = limited(None, 10, 3);
+        let kid = limited(Some(root.clone()), 10, 3);
+        assert_eq!(kid.admit(3, t0), Ok(()));
+        assert!(kid.admit(1, t0).is_err());
+        assert!(root.admit(1, t0).is_err());
+        // The three were not stored after all: both buckets get them back.
+        kid.refund(3);
+        assert_eq!(root.admit(1, t0), Ok(()));
+        assert_eq!(kid.admit(2, t0), Ok(()));
+        assert!(kid.admit(1, t0).is_err());
+    }
+
+    #[test]
+    fn a_deep_chain_drops_without_recursion() {
+        let mut t: Option<Arc<TokenEntry>> = None;
+        for _ in 0..200_000 {
+            t = Some(tok(t.take(), None));
+        }
+        let t = t.unwrap();
+        assert_eq!(t.depth(), 200_000);
+        assert!(t.usable(0));
+        drop(t);
+        let a = tok(None, None);
+        let b = tok(Some(a.clone()), None);
+        assert_eq!(
+            (TokenEntry::new_root().depth(), a.depth(), b.depth()),
+            (0, 1, 2)
+        );
+        drop(b);
+        // The parent survives its child while held elsewhere.
+        assert!(a.usable(0));
     }
 }

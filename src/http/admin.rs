@@ -49,6 +49,8 @@ pub struct AdminApi {
 pub enum ApiError {
     Unauthorized,
     Forbidden,
+    /// 403 with the reason the caller may not make this change.
+    ForbiddenBecause(String),
     NotFound,
     ExceedsParent(String),
     BadRequest(String),
@@ -94,6 +96,10 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden => (
                 StatusCode::FORBIDDEN,
                 serde_json::json!({"error": "forbidden"}),
+            ),
+            ApiError::ForbiddenBecause(d) => (
+                StatusCode::FORBIDDEN,
+                serde_json::json!({"error": "forbidden", "detail": d}),
             ),
             ApiError::NotFound => (
                 StatusCode::NOT_FOUND,
@@ -155,12 +161,13 @@ impl From<TokenError> for ApiError {
             TokenError::Unauthorized => ApiError::Unauthorized,
             TokenError::NotFound => ApiError::NotFound,
             TokenError::ExceedsParent(x) => ApiError::ExceedsParent(x.to_string()),
+            TokenError::Forbidden(x) => ApiError::ForbiddenBecause(x.to_string()),
             TokenError::BadRequest(d) => ApiError::BadRequest(d),
             TokenError::Store(e) => {
                 tracing::error!(error = %e, "token store failed");
                 ApiError::Internal
             }
-            TokenError::Internal(e) => {
+            e @ (TokenError::Internal(_) | TokenError::Unreadable { .. }) => {
                 tracing::error!(error = %e, "token operation failed");
                 ApiError::Internal
             }
@@ -298,7 +305,7 @@ async fn whoami(State(api): Api, headers: HeaderMap) -> Result<Response, ApiErro
     let view = api
         .tokens
         .registry()
-        .view(&caller.id)
+        .record(&caller.id)
         .ok_or(ApiError::Unauthorized)?;
     Ok(
         axum::Json(serde_json::json!({"root": false, "token": TokenJson::of(&view)}))
@@ -315,9 +322,13 @@ async fn create_token(
     let app = path(app)?;
     let body = body(raw)?;
     let caller = api.authorize(&headers, &app, None, Scope::TokenCreate)?;
-    let req = parse_create(&body, api.tokens.max_devices()).map_err(ApiError::BadRequest)?;
-    let created = api.tokens.create(&caller, &app, req).await?;
-    Ok((StatusCode::CREATED, axum::Json(created)).into_response())
+    let req = parse_create(&body, api.tokens.limits().max_devices).map_err(ApiError::BadRequest)?;
+    let (record, secret) = api.tokens.create(caller, app, req).await?;
+    let json = TokenJson {
+        record: &record,
+        secret: Some(secret.expose()),
+    };
+    Ok((StatusCode::CREATED, axum::Json(json)).into_response())
 }
 
 async fn list_tokens(
@@ -327,7 +338,9 @@ async fn list_tokens(
 ) -> Result<Response, ApiError> {
     let app = path(app)?;
     let caller = api.authorize(&headers, &app, None, Scope::TokenRead)?;
-    Ok(axum::Json(api.tokens.list(&caller, &app)).into_response())
+    let records = api.tokens.list(&caller, &app);
+    let list: Vec<TokenJson> = records.iter().map(TokenJson::of).collect();
+    Ok(axum::Json(list).into_response())
 }
 
 async fn get_token(
@@ -337,7 +350,8 @@ async fn get_token(
 ) -> Result<Response, ApiError> {
     let (app, id) = path(ids)?;
     let caller = api.authorize(&headers, &app, None, Scope::TokenRead)?;
-    Ok(axum::Json(api.tokens.get(&caller, &app, &id)?).into_response())
+    let record = api.tokens.get(&caller, &app, &id)?;
+    Ok(axum::Json(TokenJson::of(&record)).into_response())
 }
 
 async fn update_token(
@@ -350,7 +364,8 @@ async fn update_token(
     let body = body(raw)?;
     let caller = api.authorize(&headers, &app, None, Scope::TokenRevoke)?;
     let upd = parse_update(&body).map_err(ApiError::BadRequest)?;
-    Ok(axum::Json(api.tokens.update(&caller, &app, &id, upd).await?).into_response())
+    let record = api.tokens.update(caller, app, id, upd).await?;
+    Ok(axum::Json(TokenJson::of(&record)).into_response())
 }
 
 async fn delete_token(
@@ -360,7 +375,7 @@ async fn delete_token(
 ) -> Result<Response, ApiError> {
     let (app, id) = path(ids)?;
     let caller = api.authorize(&headers, &app, None, Scope::TokenRevoke)?;
-    api.tokens.delete(&caller, &app, &id).await?;
+    api.tokens.delete(caller, app, id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

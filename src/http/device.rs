@@ -266,7 +266,12 @@ impl DeviceApi {
         drop(reserved);
         match queued {
             Ok(()) => {}
-            Err(EnqueueError::Full(_)) | Err(EnqueueError::Closed) => return overloaded(),
+            Err(EnqueueError::Full(req)) => {
+                // Refused, so the rate budget it was charged goes back.
+                req.grant.refund(accepted as u32);
+                return overloaded();
+            }
+            Err(EnqueueError::Closed) => return overloaded(),
             Err(EnqueueError::Revoked) => {
                 tracing::debug!("state request refused: token revoked while its body was read");
                 return fixed(401, UNAUTHORIZED);

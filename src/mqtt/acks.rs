@@ -138,21 +138,23 @@ impl Pubacks {
             self.committing = self.committing.saturating_sub(1);
             a.reason = Some(match r {
                 Ok(()) => AckReason::Success,
+                // A quota of the device's, not a failure of the broker's.
+                Err(CommitError::TooManyAttributes { .. }) => AckReason::QuotaExceeded,
                 Err(_) => AckReason::Failed,
             });
         }
     }
 
     /// Encodes every PUBACK that is now in order into `out`. Returns true
-    /// when a 3.1.1 publish failed: 3.1.1 cannot report that, so the
-    /// connection must close (the client resends after reconnecting).
+    /// when a 3.1.1 publish was not stored: 3.1.1 cannot report that, so
+    /// the connection must close (the client resends after reconnecting).
     pub(super) fn write_ready(&mut self, codec: &mut Codec, out: &mut BytesMut) -> bool {
         let mut close = false;
         while let Some(a) = self.pending.front() {
             let Some(reason) = a.reason else { break };
             let id = a.packet_id;
             self.pending.pop_front();
-            if reason == AckReason::Failed && !codec.is_v5() {
+            if reason != AckReason::Success && !codec.is_v5() {
                 close = true;
                 continue;
             }

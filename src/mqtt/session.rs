@@ -187,7 +187,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         stop,
         hard_stop,
         kicked: registration.kicked(),
-        revocations: ctx.registry.subscribe_revocations(),
+        revocations: ctx.registry.subscribe_revocations(&grant.app),
         expiry,
     };
     let mut s = Session {

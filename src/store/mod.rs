@@ -413,13 +413,17 @@ impl Store {
             let (k, v) = item?;
             match k.split_first() {
                 Some((b't', rest)) => records.push((rest.to_vec(), v.to_vec())),
-                Some((b'u', rest)) => {
-                    let b: [u8; 8] = v
-                        .as_ref()
-                        .try_into()
-                        .map_err(|_| StoreError::Corrupt("token lastUsedAt".into()))?;
-                    last_used.insert(rest.to_vec(), i64::from_be_bytes(b));
-                }
+                Some((b'u', rest)) => match <[u8; 8]>::try_from(v.as_ref()) {
+                    Ok(b) => {
+                        last_used.insert(rest.to_vec(), i64::from_be_bytes(b));
+                    }
+                    // lastUsedAt is advisory: a damaged one reads as
+                    // "never used" rather than stopping the broker.
+                    Err(_) => tracing::warn!(
+                        token = %String::from_utf8_lossy(rest),
+                        "damaged lastUsedAt ignored"
+                    ),
+                },
                 _ => {}
             }
         }
@@ -602,6 +606,13 @@ mod tests {
         assert_eq!(
             store.load_tokens().unwrap(),
             vec![(b"{\"id\":\"a\"}".to_vec(), 77)]
+        );
+        // A damaged lastUsedAt reads as never used instead of failing.
+        let cf = store.cf(CF_TOKENS).unwrap();
+        store.db.put_cf(cf, token_key(b'u', "a"), b"bad").unwrap();
+        assert_eq!(
+            store.load_tokens().unwrap(),
+            vec![(b"{\"id\":\"a\"}".to_vec(), 0)]
         );
     }
 }

@@ -127,6 +127,10 @@ impl WriteRequest {
     }
 
     fn complete(self, r: Result<Committed, CommitError>, wake: &mut Vec<Arc<dyn CommitSink>>) {
+        if r.is_err() {
+            // Not stored: the rate budget it was charged goes back.
+            self.grant.refund(self.parsed.states.len() as u32);
+        }
         match self.done {
             Completion::Request(tx) => {
                 // The client may have gone away; nothing to tell then.

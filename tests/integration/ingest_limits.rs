@@ -194,10 +194,7 @@ fn attributes_per_device_are_limited_on_http_and_mqtt_across_restarts() {
         }
         assert_eq!(
             reasons,
-            vec![
-                p5::PubAckReason::UnspecifiedError,
-                p5::PubAckReason::Success
-            ]
+            vec![p5::PubAckReason::QuotaExceeded, p5::PubAckReason::Success]
         );
 
         // MQTT 3.1.1 cannot refuse a publish: the connection is closed.

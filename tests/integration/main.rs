@@ -4,6 +4,7 @@
 
 mod common;
 
+mod admin_cancel;
 mod backup;
 mod bad_input;
 mod cli;

@@ -29,19 +29,24 @@ pub struct NatsCluster {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `k` distinct free ports. All listeners are held until every port is
+/// chosen: binding and dropping one at a time can hand out the same port
+/// twice, and two nodes on one route port make the cluster refuse to start.
+fn free_ports(k: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..k)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 impl NatsCluster {
     /// Starts `n` clustered nodes and waits until each serves JetStream.
     pub fn start(n: usize) -> NatsCluster {
         let dir = tempfile::tempdir().unwrap();
-        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let ports = free_ports(3 * n);
+        let cluster_ports: Vec<u16> = ports[..n].to_vec();
         let routes: Vec<String> = cluster_ports
             .iter()
             .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
@@ -49,8 +54,8 @@ impl NatsCluster {
         let mut nodes = Vec::new();
         for (i, cluster_port) in cluster_ports.iter().enumerate() {
             let name = format!("n{i}");
-            let client_port = free_port();
-            let monitor_port = free_port();
+            let client_port = ports[n + 2 * i];
+            let monitor_port = ports[n + 2 * i + 1];
             let store = dir.path().join(&name);
             let config = dir.path().join(format!("{name}.conf"));
             std::fs::write(

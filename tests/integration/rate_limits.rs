@@ -155,3 +155,135 @@ fn mqtt_rate_limit_per_version() {
     });
     assert_eq!(history_all(&s, ADMIN, "app", "d").len(), 3);
 }
+
+/// Issue 8, item 5: a message is charged to its token's bucket and to every
+/// limited ancestor's, so children minted at their parent's rate cannot
+/// together send more than the parent may.
+#[test]
+fn children_together_are_held_to_their_parents_limit() {
+    let s = Server::start();
+    let (_, parent) = mint(
+        &s,
+        ADMIN,
+        "app",
+        json!({"name": "p", "scope": ["device.sendState", "token.create"],
+               "rateLimit": {"perSecond": 1, "burst": 5}}),
+    );
+    // Each child may send at the parent's full rate on its own.
+    let kids: Vec<String> = (0..3)
+        .map(|i| {
+            mint(
+                &s,
+                &parent,
+                "app",
+                json!({"name": format!("k{i}"), "scope": ["device.sendState"],
+                       "rateLimit": {"perSecond": 1, "burst": 5}}),
+            )
+            .1
+        })
+        .collect();
+    let port: u16 = s.mqtt.rsplit(':').next().unwrap().parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // The MQTT child connects first, so that what follows takes well
+        // under the parent's one-second refill.
+        let mut o = rumqttc::v5::MqttOptions::new("kid2", "127.0.0.1", port);
+        o.set_credentials("u", &kids[2]);
+        let (c, mut ev) = rumqttc::v5::AsyncClient::new(o, 10);
+        loop {
+            if let rumqttc::v5::Event::Incoming(p5::Packet::ConnAck(_)) = ev.poll().await.unwrap() {
+                break;
+            }
+        }
+        // The first child spends the parent's whole burst...
+        let c0 = reqwest::Client::new();
+        let post = |t: &str| {
+            c0.post(s.http_url("/applications/app/devices/d/state"))
+                .bearer_auth(t)
+                .body(OK)
+                .send()
+        };
+        for _ in 0..5 {
+            assert_eq!(post(&kids[0]).await.unwrap().status().as_u16(), 200);
+        }
+        // ...so its siblings, with full buckets of their own, are refused.
+        let r = post(&kids[1]).await.unwrap();
+        assert_eq!(r.status().as_u16(), 429);
+        assert!(r.headers().contains_key("retry-after"));
+        c.publish(
+            "applications/app/devices/d/state",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            OK,
+        )
+        .await
+        .unwrap();
+        let reason = loop {
+            if let rumqttc::v5::Event::Incoming(p5::Packet::PubAck(a)) = ev.poll().await.unwrap() {
+                break a.reason;
+            }
+        };
+        assert_eq!(reason, p5::PubAckReason::QuotaExceeded);
+    });
+    assert_eq!(history_all(&s, ADMIN, "app", "d").len(), 5);
+
+    // Offered far above the limit for 2 s by four children at once, the
+    // subtree's accepted rate is the parent's ~20/s, not 4 × 20/s.
+    let (_, parent) = mint(
+        &s,
+        ADMIN,
+        "app",
+        json!({"name": "p2", "scope": ["device.sendState", "token.create"],
+               "rateLimit": {"perSecond": 20, "burst": 5}}),
+    );
+    let kids: Vec<String> = (0..4)
+        .map(|i| {
+            // Left open, the limit is inherited: each child alone 20/s.
+            mint(
+                &s,
+                &parent,
+                "app",
+                json!({"name": format!("q{i}"), "scope": ["device.sendState"]}),
+            )
+            .1
+        })
+        .collect();
+    let started = Instant::now();
+    let counts: Vec<(u32, u32)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = kids
+            .iter()
+            .map(|t| {
+                let url = s.http_url("/applications/app/devices/e/state");
+                sc.spawn(move || {
+                    let c = client();
+                    let (mut ok, mut limited) = (0, 0);
+                    while started.elapsed() < Duration::from_secs(2) {
+                        match c
+                            .post(&url)
+                            .bearer_auth(t)
+                            .body(OK)
+                            .send()
+                            .unwrap()
+                            .status()
+                            .as_u16()
+                        {
+                            200 => ok += 1,
+                            429 => limited += 1,
+                            other => panic!("unexpected {other}"),
+                        }
+                    }
+                    (ok, limited)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let secs = started.elapsed().as_secs_f64();
+    let ok: u32 = counts.iter().map(|c| c.0).sum();
+    eprintln!("parent 20/s burst 5, four children at 20/s each: {ok} accepted in {secs:.2}s, per child {counts:?}");
+    // burst (5) + 20/s × 2 s = 45, give or take scheduling; four
+    // independent buckets would have allowed about 180.
+    assert!((40..=50).contains(&ok), "{ok} accepted");
+    assert!(counts.iter().all(|c| c.1 > 0), "{counts:?}");
+    assert_eq!(history_all(&s, ADMIN, "app", "e").len() as u32, ok);
+}

@@ -203,7 +203,12 @@ fn scenario(format: &str) -> String {
     // Debug output of the types that hold secrets.
     let generated =
         sluice::secret::TokenSecret::generate(&ring::rand::SystemRandom::new()).unwrap();
-    let admin_client = sluice::client::AdminClient::new("http://127.0.0.1:1", &child);
+    let admin_client = sluice::client::AdminClient::new(
+        "http://127.0.0.1:1",
+        &child,
+        std::time::Duration::from_secs(1),
+    )
+    .unwrap();
     let dbg = format!("{generated:?} {admin_client:?}");
     assert!(!dbg.contains(&generated.expose()[3..]));
     assert!(!dbg.contains(&child[3..]));

@@ -1,12 +1,17 @@
 //! Property test of the attenuation and cascade rules ("Identifiers and
-//! tokens" in the contract): random token trees built by random
-//! mint/deactivate/reactivate/delete/use sequences, checking that no token
-//! ever does more than every one of its ancestors allows.
+//! tokens" in the contract), the revocation authority and hierarchical
+//! rate limits (issue 8, items 4 and 5): random token trees built by random
+//! mint/deactivate/reactivate/delete/use/send sequences, checking that no
+//! token ever does more than every one of its ancestors allows, that only a
+//! deactivating token or one above it re-activates, and that no subtree
+//! ever sends more than any limited ancestor's rate.
 //!
-//! It drives the real in-memory `Registry` and the pure `attenuate` the way
-//! `TokenService` does (no IO), and compares every answer with a small,
+//! It drives the real in-memory `Registry`, the pure `attenuate` and
+//! `status_change` and `TokenEntry::admit` the way `TokenService` and the
+//! listeners do (no IO), and compares every answer with a small,
 //! independent model kept in plain structs below. The model does not reuse
-//! the crate's scope bit set, device set or usability walk.
+//! the crate's scope bit set, device set, usability walk, authority rule or
+//! rate bucket (it keeps a plain token bucket of nanosecond credit).
 
 use std::sync::Arc;
 
@@ -15,8 +20,8 @@ use proptest::sample::Index;
 use proptest::test_runner::TestCaseError;
 
 use sluice::auth::{
-    attenuate, Denied, Devices, Exceeds, Granted, NewToken, RateLimit, Registry, RegistryError,
-    Requested, Scope, Scopes, Status, TokenEntry,
+    attenuate, status_change, Denied, Devices, Exceeds, Granted, RateLimit, Registry,
+    RegistryError, Requested, Revoker, Scope, Scopes, Status, TokenEntry, TokenRecord,
 };
 use sluice::secret::TokenHash;
 
@@ -93,6 +98,53 @@ enum MStatus {
     Inactive,
 }
 
+/// Who deactivated a token, in model terms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MBy {
+    Root,
+    Token(usize),
+}
+
+/// A token bucket of nanosecond credit: `per_second` messages a second
+/// means one message costs `1e9 / per_second` whole nanoseconds, and the
+/// bucket holds `burst` messages' worth.
+#[derive(Clone, Copy, Debug)]
+struct MBucket {
+    cost: u64,
+    cap: u64,
+    credit: u64,
+    at: u64,
+}
+
+impl MBucket {
+    fn new((per_second, burst): (u32, u32)) -> MBucket {
+        let cost = 1_000_000_000 / u64::from(per_second);
+        MBucket {
+            cost,
+            cap: cost * u64::from(burst),
+            credit: cost * u64::from(burst),
+            at: 0,
+        }
+    }
+
+    fn refill(&mut self, now: u64) {
+        self.credit = self.cap.min(self.credit + (now - self.at));
+        self.at = now;
+    }
+
+    fn has(&self, n: u32) -> bool {
+        self.credit >= self.cost * u64::from(n)
+    }
+}
+
+/// An admitted send: when, how many messages, and the token's chain.
+#[derive(Debug)]
+struct Sent {
+    at: u64,
+    n: u32,
+    chain: Vec<usize>,
+}
+
 #[derive(Debug)]
 struct MToken {
     id: String,
@@ -100,14 +152,18 @@ struct MToken {
     app: &'static str,
     grant: MGrant,
     status: MStatus,
+    /// Set while inactive.
+    deactivated_by: Option<MBy>,
     /// Model index of the minter; `None` when the root minted it.
     parent: Option<usize>,
     deleted: bool,
+    bucket: Option<MBucket>,
 }
 
 #[derive(Default)]
 struct Model {
     tokens: Vec<MToken>,
+    sent: Vec<Sent>,
 }
 
 impl Model {
@@ -247,6 +303,61 @@ impl Model {
     }
 }
 
+impl Model {
+    /// Whether `caller` (`None`: the root) is the token that deactivated
+    /// `i`, or above it.
+    fn may_reactivate(&self, caller: Option<usize>, i: usize) -> bool {
+        match (caller, self.tokens[i].deactivated_by) {
+            (None, _) => true,
+            (Some(c), Some(MBy::Token(d))) => c == d || self.descends_from(d, c),
+            (Some(_), _) => false,
+        }
+    }
+
+    /// What a status change by `caller` must do: `Err` when refused, else
+    /// the deactivator afterwards.
+    fn expected_status(
+        &self,
+        caller: Option<usize>,
+        i: usize,
+        active: bool,
+    ) -> Result<Option<MBy>, ()> {
+        let by = || caller.map_or(MBy::Root, MBy::Token);
+        let t = &self.tokens[i];
+        match (active, t.status) {
+            (true, MStatus::Active) => Ok(None),
+            (true, MStatus::Inactive) if self.may_reactivate(caller, i) => Ok(None),
+            (true, MStatus::Inactive) => Err(()),
+            (false, MStatus::Active) => Ok(Some(by())),
+            (false, MStatus::Inactive) if self.may_reactivate(caller, i) => Ok(Some(by())),
+            (false, MStatus::Inactive) => Ok(t.deactivated_by),
+        }
+    }
+
+    /// Whether `n` messages from token `i` are admitted at `now`: only if
+    /// every limited level of its chain has the credit. Charges all of
+    /// them, or none.
+    fn send(&mut self, i: usize, n: u32, now: u64) -> bool {
+        let chain = self.chain(i);
+        for &j in &chain {
+            if let Some(b) = &mut self.tokens[j].bucket {
+                b.refill(now);
+            }
+        }
+        let fits = chain
+            .iter()
+            .all(|&j| self.tokens[j].bucket.is_none_or(|b| b.has(n)));
+        if fits {
+            for &j in &chain {
+                if let Some(b) = &mut self.tokens[j].bucket {
+                    b.credit -= b.cost * u64::from(n);
+                }
+            }
+        }
+        fits
+    }
+}
+
 /// A mint request in model terms.
 #[derive(Clone, Copy, Debug)]
 struct MRequest {
@@ -351,6 +462,16 @@ enum Op {
     SetStatus {
         target: Index,
         active: bool,
+        /// `None`: the root; else one of the target's ancestors.
+        caller: Option<Index>,
+    },
+    Send {
+        target: Index,
+        /// Pick the target among the four newest tokens, which are often
+        /// parent, children and siblings: they share buckets.
+        recent: bool,
+        /// Messages in one request (an HTTP array costs its length).
+        n: u32,
     },
     Delete {
         target: Index,
@@ -395,8 +516,21 @@ fn op_strategy() -> impl Strategy<Value = Op> {
                 active,
             },
         );
-    let set_status = (any::<Index>(), prop::bool::weighted(0.6))
-        .prop_map(|(target, active)| Op::SetStatus { target, active });
+    let set_status = (
+        any::<Index>(),
+        prop::bool::weighted(0.6),
+        prop::option::weighted(0.7, any::<Index>()),
+    )
+        .prop_map(|(target, active, caller)| Op::SetStatus {
+            target,
+            active,
+            caller,
+        });
+    let send = (any::<Index>(), any::<bool>(), 1u32..5).prop_map(|(target, recent, n)| Op::Send {
+        target,
+        recent,
+        n,
+    });
     let delete = any::<Index>().prop_map(|target| Op::Delete { target });
     let use_ = (
         prop::option::weighted(0.95, any::<Index>()),
@@ -415,10 +549,11 @@ fn op_strategy() -> impl Strategy<Value = Op> {
     let advance = (0i64..60).prop_map(|ms| Op::AdvanceClock { ms });
     prop_oneof![
         6 => mint,
-        2 => set_status,
+        5 => set_status,
         1 => delete,
         6 => use_,
-        1 => advance,
+        6 => send,
+        2 => advance,
     ]
 }
 
@@ -436,6 +571,11 @@ struct World {
     refusals: usize,
     /// Outcomes of `Use`: allowed, forbidden, unauthorized.
     uses: [usize; 3],
+    /// Re-activations refused for lack of authority.
+    status_refusals: usize,
+    /// Outcomes of `Send`: admitted, refused by the token's own limit,
+    /// refused only by an ancestor's.
+    sends: [usize; 3],
 }
 
 impl World {
@@ -451,6 +591,15 @@ impl World {
             next_id: 0,
             refusals: 0,
             uses: [0; 3],
+            status_refusals: 0,
+            sends: [0; 3],
+        }
+    }
+
+    fn revoker(&self, by: MBy) -> Revoker {
+        match by {
+            MBy::Root => Revoker::Root,
+            MBy::Token(j) => Revoker::Token(self.model.tokens[j].id.as_str().into()),
         }
     }
 
@@ -531,23 +680,103 @@ impl World {
                 let req = self.request(m, *scopes, *devices, *expires_in, *rate, *fit);
                 self.mint(m, app, req, *active)
             }
-            Op::SetStatus { target, active } => {
-                let Some(i) = self.pick(target) else {
-                    return Ok(());
+            Op::SetStatus {
+                target,
+                active,
+                caller,
+            } => {
+                // Re-activations aim at inactive tokens, where the
+                // authority rule has something to decide.
+                let inactive: Vec<usize> = (0..self.model.tokens.len())
+                    .filter(|&j| {
+                        let t = &self.model.tokens[j];
+                        !t.deleted && t.status == MStatus::Inactive
+                    })
+                    .collect();
+                let i = match (*active, inactive.is_empty()) {
+                    (true, false) => inactive[target.index(inactive.len())],
+                    _ => match self.pick(target) {
+                        Some(i) => i,
+                        None => return Ok(()),
+                    },
                 };
                 let (status, mstatus) = if *active {
                     (Status::Active, MStatus::Active)
                 } else {
                     (Status::Inactive, MStatus::Inactive)
                 };
-                let view = self.registry.set_status(&self.model.tokens[i].id, status);
+                let id = self.model.tokens[i].id.clone();
                 if self.model.tokens[i].deleted {
-                    prop_assert!(view.is_none(), "set_status revived deleted token {}", i);
-                } else {
-                    let view = view.ok_or_else(|| TestCaseError::fail("live token unknown"))?;
-                    prop_assert_eq!(view.status, status);
-                    self.model.tokens[i].status = mstatus;
+                    prop_assert!(
+                        self.registry.set_status(&id, status, None).is_none(),
+                        "set_status revived deleted token {}",
+                        i
+                    );
+                    return Ok(());
                 }
+                // The caller: the root, or one of the target's ancestors
+                // (the only tokens the admin API lets see it).
+                let ancestors = self.model.ancestors(i);
+                // Re-activations come from low in the chain (the parent or
+                // grandparent), deactivations from anywhere in it.
+                let reach = if *active {
+                    ancestors.len().min(2)
+                } else {
+                    ancestors.len()
+                };
+                let caller = match caller {
+                    Some(ix) if reach > 0 => Some(ancestors[ix.index(reach)]),
+                    _ => None,
+                };
+                let caller_entry =
+                    caller.map_or_else(|| self.root.clone(), |c| self.entries[c].clone());
+                // What `TokenService::update` does under its change lock.
+                let record = self
+                    .registry
+                    .record(&id)
+                    .ok_or_else(|| TestCaseError::fail("live token unknown"))?;
+                let deactivator = match &record.deactivated_by {
+                    Some(Revoker::Token(d)) => self.registry.entry(d),
+                    _ => None,
+                };
+                let got = status_change(
+                    &caller_entry,
+                    record.status,
+                    record.deactivated_by.as_ref(),
+                    deactivator.as_deref(),
+                    status,
+                );
+                let by = match (got, self.model.expected_status(caller, i, *active)) {
+                    (Err(_), Err(())) => {
+                        self.status_refusals += 1;
+                        return Ok(());
+                    }
+                    (Ok(by), Ok(want)) => {
+                        prop_assert_eq!(
+                            &by,
+                            &want.map(|w| self.revoker(w)),
+                            "deactivator of {} after {:?} set it active={}",
+                            i,
+                            caller,
+                            active
+                        );
+                        self.model.tokens[i].deactivated_by = want;
+                        by
+                    }
+                    (got, want) => {
+                        return Err(TestCaseError::fail(format!(
+                            "token {i} (deactivated by {:?}) set active={active} by {caller:?}: \
+                             got {got:?}, model {want:?}",
+                            self.model.tokens[i].deactivated_by
+                        )))
+                    }
+                };
+                let view = self
+                    .registry
+                    .set_status(&id, status, by)
+                    .ok_or_else(|| TestCaseError::fail("live token unknown"))?;
+                prop_assert_eq!(view.status, status);
+                self.model.tokens[i].status = mstatus;
                 let now = self.clock;
                 if !*active {
                     // The whole subtree stops at once.
@@ -686,6 +915,70 @@ impl World {
                 );
                 Ok(())
             }
+            Op::Send { target, recent, n } => {
+                let len = self.model.tokens.len();
+                let i = match len {
+                    0 => return Ok(()),
+                    _ if *recent => len - 1 - target.index(len.min(4)),
+                    _ => target.index(len),
+                };
+                // The listeners charge only a usable token's messages.
+                if !self.model.usable(i, self.clock) {
+                    return Ok(());
+                }
+                let now = (self.clock - START_MS) as u64 * 1_000_000;
+                let own_room = self.model.tokens[i].bucket.is_none_or(|mut b| {
+                    b.refill(now);
+                    b.has(*n)
+                });
+                let want = self.model.send(i, *n, now);
+                let got = self.entries[i].admit(*n, now);
+                prop_assert_eq!(
+                    got.is_ok(),
+                    want,
+                    "admit({}) by token {} at {} ns",
+                    n,
+                    i,
+                    now
+                );
+                if let Err(wait) = got {
+                    prop_assert!(wait > std::time::Duration::ZERO);
+                    self.sends[if own_room { 2 } else { 1 }] += 1;
+                    return Ok(());
+                }
+                self.sends[0] += 1;
+                // The headline property, stated on its own: over every
+                // window ending now, no limited token's subtree has sent
+                // more than its burst plus its rate for the window.
+                let chain = self.model.chain(i);
+                self.model.sent.push(Sent {
+                    at: now,
+                    n: *n,
+                    chain: chain.clone(),
+                });
+                for &a in &chain {
+                    let Some(b) = self.model.tokens[a].bucket else {
+                        continue;
+                    };
+                    let sub: Vec<&Sent> = self
+                        .model
+                        .sent
+                        .iter()
+                        .filter(|s| s.chain.contains(&a))
+                        .collect();
+                    for (k, first) in sub.iter().enumerate() {
+                        let total: u64 = sub[k..].iter().map(|s| u64::from(s.n)).sum();
+                        prop_assert!(
+                            total * b.cost <= b.cap + (now - first.at),
+                            "the subtree of {} sent {} messages in {} ns",
+                            a,
+                            total,
+                            now - first.at
+                        );
+                    }
+                }
+                Ok(())
+            }
             Op::AdvanceClock { ms } => {
                 self.clock += ms;
                 Ok(())
@@ -790,7 +1083,7 @@ impl World {
         } else {
             Status::Inactive
         };
-        let inserted = self.registry.insert(NewToken {
+        let inserted = self.registry.insert(TokenRecord {
             id: id.clone(),
             app: app.to_string(),
             name: id.clone(),
@@ -798,9 +1091,11 @@ impl World {
             devices: granted.devices.clone(),
             expires_at: granted.expires_at,
             status,
+            // As `TokenService::create`: created inactive, by its minter.
+            deactivated_by: (!active).then(|| Revoker::of(&minter_entry)),
             parent_id: minter.map(|m| self.model.tokens[m].id.clone()),
             created_at: self.clock,
-            last_used: 0,
+            last_used: None,
             rate_limit: granted.rate_limit,
             hash: TokenHash::of(secret.as_bytes()),
         });
@@ -827,8 +1122,10 @@ impl World {
             } else {
                 MStatus::Inactive
             },
+            deactivated_by: (!active).then_some(minter.map_or(MBy::Root, MBy::Token)),
             parent: minter,
             deleted: false,
+            bucket: grant.rate.map(MBucket::new),
         });
         Ok(())
     }
@@ -852,7 +1149,7 @@ impl World {
             }
             if t.deleted {
                 prop_assert!(self.registry.entry(&t.id).is_none(), "{} resident", i);
-                prop_assert!(self.registry.view(&t.id).is_none());
+                prop_assert!(self.registry.record(&t.id).is_none());
                 prop_assert_eq!(self.entries[i].status(), Status::Deleted);
                 prop_assert!(!self.entries[i].usable(now));
                 continue;
@@ -869,6 +1166,17 @@ impl World {
                 MStatus::Inactive => Status::Inactive,
             };
             prop_assert_eq!(e.status(), want_status);
+            let record = self
+                .registry
+                .record(&t.id)
+                .ok_or_else(|| TestCaseError::fail(format!("live token {i} has no record")))?;
+            prop_assert_eq!(record.status, want_status);
+            prop_assert_eq!(
+                record.deactivated_by,
+                t.deactivated_by.map(|b| self.revoker(b)),
+                "deactivator of {}",
+                i
+            );
             prop_assert_eq!(e.chain_expiry(), self.model.chain_expiry(i));
             prop_assert_eq!(
                 e.parent.as_ref().map(|p| p.id.to_string()),
@@ -929,7 +1237,7 @@ fn generator_builds_deep_trees() {
     );
     let strategy = prop::collection::vec(op_strategy(), 40..60);
     let (mut max_depth, mut refusals, mut deleted, mut minted) = (0, 0, 0, 0);
-    let mut uses = [0; 3];
+    let (mut uses, mut sends, mut status_refusals) = ([0; 3], [0; 3], 0);
     for _ in 0..64 {
         let ops = strategy.new_tree(&mut runner).unwrap().current();
         let w = run(&ops).unwrap();
@@ -938,6 +1246,10 @@ fn generator_builds_deep_trees() {
         for (u, n) in uses.iter_mut().zip(w.uses) {
             *u += n;
         }
+        for (u, n) in sends.iter_mut().zip(w.sends) {
+            *u += n;
+        }
+        status_refusals += w.status_refusals;
         deleted += w.model.tokens.iter().filter(|t| t.deleted).count();
         for i in 0..w.model.tokens.len() {
             max_depth = max_depth.max(w.model.chain(i).len());
@@ -950,5 +1262,13 @@ fn generator_builds_deep_trees() {
     assert!(
         uses.iter().all(|&n| n >= 50),
         "use outcomes (allowed, forbidden, unauthorized) {uses:?}"
+    );
+    assert!(
+        sends[0] >= 100 && sends[1] >= 15 && sends[2] >= 10,
+        "send outcomes (admitted, own limit, only an ancestor's limit) {sends:?}"
+    );
+    assert!(
+        status_refusals >= 10,
+        "authority refusals {status_refusals}"
     );
 }

@@ -268,10 +268,18 @@ fn cascade_through_three_generations() {
     assert_eq!(post_state(&s, &g1, "app", "d", OK).0, 200);
     assert_eq!(post_state(&s, &g2, "app", "d", OK).0, 401);
     assert_eq!(post_state(&s, &g3, "app", "d", OK).0, 401);
-    // A minter may revoke its descendants, not its ancestors.
-    let (st, _) = patch_token(&s, &g1, "app", &g2_id, json!({"status": "active"}));
-    assert_eq!(st, 200);
+    // g1 cannot undo the root's revocation of g2...
+    let (st, v) = patch_token(&s, &g1, "app", &g2_id, json!({"status": "active"}));
+    assert_eq!((st, error_of(&v)), (403, "forbidden"), "{v}");
+    // ...but it may revoke and restore its descendants itself.
+    patch_token(&s, ADMIN, "app", &g2_id, json!({"status": "active"}));
+    let (st, v) = patch_token(&s, &g1, "app", &g2_id, json!({"status": "inactive"}));
+    assert_eq!((st, &v["deactivatedBy"]), (200, &json!(g1_id)));
+    assert_eq!(post_state(&s, &g3, "app", "d", OK).0, 401);
+    let (st, v) = patch_token(&s, &g1, "app", &g2_id, json!({"status": "active"}));
+    assert_eq!((st, &v["deactivatedBy"]), (200, &Value::Null));
     assert_eq!(post_state(&s, &g3, "app", "d", OK).0, 200);
+    // A minter may revoke its descendants, not its ancestors.
     let (st, _) = patch_token(&s, &g2, "app", &g1_id, json!({"status": "inactive"}));
     assert_eq!(st, 404);
     let (st, v) = patch_token(&s, &g3, "app", &g3_id, json!({"status": "inactive"}));
@@ -367,4 +375,228 @@ fn state_reads_need_get_state_for_that_device() {
         let (st, v) = get_admin(&s, &r1, &format!("/applications/app/devices/d1/state?{q}"));
         assert_eq!((st, error_of(&v)), (400, "bad_request"), "{q}: {v}");
     }
+}
+
+#[test]
+fn only_the_deactivating_token_or_one_above_reactivates() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start_in(dir.path(), &[]);
+    let all = [
+        "device.sendState",
+        "token.create",
+        "token.revoke",
+        "token.read",
+    ];
+    let (a_id, a) = mint(&s, ADMIN, "app", json!({"name": "a", "scope": all}));
+    let (b_id, b) = mint(&s, &a, "app", json!({"name": "b", "scope": all}));
+    let (c_id, c) = mint(
+        &s,
+        &b,
+        "app",
+        json!({"name": "c", "scope": ["device.sendState"]}),
+    );
+    let (d_id, _) = mint(
+        &s,
+        &b,
+        "app",
+        json!({"name": "d", "scope": ["device.sendState"]}),
+    );
+    let rec =
+        |s: &Server, id: &str| get_admin(s, ADMIN, &format!("/applications/app/tokens/{id}")).1;
+    assert_eq!(rec(&s, &c_id)["deactivatedBy"], Value::Null);
+
+    // a deactivates c; b, below a, cannot undo it, not even by renaming and
+    // re-activating in one call, and re-deactivating does not take it over.
+    let (st, v) = patch_token(&s, &a, "app", &c_id, json!({"status": "inactive"}));
+    assert_eq!((st, &v["deactivatedBy"]), (200, &json!(a_id)));
+    let (st, v) = patch_token(
+        &s,
+        &b,
+        "app",
+        &c_id,
+        json!({"status": "active", "name": "sneaky"}),
+    );
+    assert_eq!((st, error_of(&v)), (403, "forbidden"), "{v}");
+    assert!(v["detail"].as_str().unwrap().contains(&a_id), "{v}");
+    assert_eq!(
+        patch_token(&s, &b, "app", &c_id, json!({"status": "inactive"})).0,
+        200
+    );
+    let r = rec(&s, &c_id);
+    assert_eq!(
+        (&r["status"], &r["deactivatedBy"], &r["name"]),
+        (&json!("inactive"), &json!(a_id), &json!("c"))
+    );
+    assert_eq!(post_state(&s, &c, "app", "dev", OK).0, 401);
+
+    // It holds across a restart: the deactivator is stored.
+    assert_eq!(s.stop(), Some(0));
+    let mut s = Server::start_in(dir.path(), &[]);
+    assert_eq!(
+        patch_token(&s, &b, "app", &c_id, json!({"status": "active"})).0,
+        403
+    );
+    let (st, v) = patch_token(&s, &a, "app", &c_id, json!({"status": "active"}));
+    assert_eq!((st, &v["deactivatedBy"]), (200, &Value::Null));
+    assert_eq!(post_state(&s, &c, "app", "dev", OK).0, 200);
+
+    // The root's deactivation binds every application token.
+    let (_, v) = patch_token(&s, ADMIN, "app", &d_id, json!({"status": "inactive"}));
+    assert_eq!(v["deactivatedBy"], "root");
+    for t in [&a, &b] {
+        let (st, v) = patch_token(&s, t, "app", &d_id, json!({"status": "active"}));
+        assert_eq!((st, error_of(&v)), (403, "forbidden"), "{v}");
+        assert!(v["detail"].as_str().unwrap().contains("root"), "{v}");
+    }
+    assert_eq!(
+        patch_token(&s, ADMIN, "app", &d_id, json!({"status": "active"})).0,
+        200
+    );
+
+    // A token above the deactivator may re-activate; so may the root.
+    let (_, v) = patch_token(&s, &b, "app", &d_id, json!({"status": "inactive"}));
+    assert_eq!(v["deactivatedBy"], json!(b_id));
+    assert_eq!(
+        patch_token(&s, &a, "app", &d_id, json!({"status": "active"})).0,
+        200
+    );
+    patch_token(&s, &b, "app", &d_id, json!({"status": "inactive"}));
+    assert_eq!(
+        patch_token(&s, ADMIN, "app", &d_id, json!({"status": "active"})).0,
+        200
+    );
+
+    // Created inactive: deactivated by its minter, which may activate it.
+    let (st, v) = create_token(
+        &s,
+        &b,
+        "app",
+        json!({"name": "later", "scope": ["device.sendState"], "status": "inactive"}),
+    );
+    assert_eq!((st, &v["deactivatedBy"]), (201, &json!(b_id)));
+    let later = v["id"].as_str().unwrap();
+    assert_eq!(
+        patch_token(&s, &b, "app", later, json!({"status": "active"})).0,
+        200
+    );
+    assert_eq!(s.stop(), Some(0));
+}
+
+#[test]
+fn tokens_per_application_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("SLUICE_TOKENS__MAX_PER_APPLICATION", "3")];
+    let mut s = Server::start_in(dir.path(), &env);
+    let (m_id, m) = mint(
+        &s,
+        ADMIN,
+        "app",
+        json!({"name": "m", "scope": ["device.sendState", "token.create"]}),
+    );
+    mint(
+        &s,
+        &m,
+        "app",
+        json!({"name": "c1", "scope": ["device.sendState"]}),
+    );
+    mint(
+        &s,
+        ADMIN,
+        "app",
+        json!({"name": "c2", "scope": ["device.sendState"]}),
+    );
+    for caller in [ADMIN, m.as_str()] {
+        let (st, v) = create_token(
+            &s,
+            caller,
+            "app",
+            json!({"name": "one-too-many", "scope": ["device.sendState"]}),
+        );
+        assert_eq!((st, error_of(&v)), (400, "bad_request"), "{v}");
+        let detail = v["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("tokens.max_per_application") && detail.contains('3'),
+            "{detail}"
+        );
+    }
+    // Another application has its own count.
+    mint(
+        &s,
+        ADMIN,
+        "other",
+        json!({"name": "o", "scope": ["device.sendState"]}),
+    );
+    // Nothing of a refused create was stored, in memory or on disk.
+    assert_eq!(
+        get_admin(&s, ADMIN, "/applications/app/tokens")
+            .1
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(s.stop(), Some(0));
+    let s = Server::start_in(dir.path(), &env);
+    let (_, list) = get_admin(&s, ADMIN, "/applications/app/tokens");
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(!names.contains(&"one-too-many"));
+    // Deleting makes room again (the minter's subtree is two tokens).
+    assert_eq!(delete_token(&s, ADMIN, "app", &m_id), 204);
+    mint(
+        &s,
+        ADMIN,
+        "app",
+        json!({"name": "n1", "scope": ["device.sendState"]}),
+    );
+    mint(
+        &s,
+        ADMIN,
+        "app",
+        json!({"name": "n2", "scope": ["device.sendState"]}),
+    );
+    assert_eq!(
+        create_token(
+            &s,
+            ADMIN,
+            "app",
+            json!({"name": "n3", "scope": ["device.sendState"]})
+        )
+        .0,
+        400
+    );
+}
+
+#[test]
+fn chains_of_minted_tokens_are_bounded() {
+    let s = Server::start_with(&[("SLUICE_TOKENS__MAX_CHAIN_DEPTH", "3")]);
+    let scope = json!(["device.sendState", "token.create"]);
+    let (_, d1) = mint(&s, ADMIN, "app", json!({"name": "d1", "scope": scope}));
+    let (_, d2) = mint(&s, &d1, "app", json!({"name": "d2", "scope": scope}));
+    let (_, d3) = mint(&s, &d2, "app", json!({"name": "d3", "scope": scope}));
+    let (st, v) = create_token(&s, &d3, "app", json!({"name": "d4", "scope": scope}));
+    assert_eq!((st, error_of(&v)), (400, "bad_request"), "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("tokens.max_chain_depth"),
+        "{v}"
+    );
+    assert_eq!(
+        get_admin(&s, ADMIN, "/applications/app/tokens")
+            .1
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    // Siblings higher up are still fine.
+    mint(&s, &d2, "app", json!({"name": "d3b", "scope": scope}));
+    assert_eq!(post_state(&s, &d3, "app", "dev", OK).0, 200);
 }
