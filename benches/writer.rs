@@ -24,7 +24,15 @@
 //! - `writer_4prod_parse_inline`: as above but producers parse each body
 //!   in the timed loop, as the listeners do.
 //!
-//! Then, outside criterion, "paired rounds": the raw baseline and the three
+//! Then, outside criterion, "statistics rounds": `Records::add` (history,
+//! composite state and one device-statistics merge per device per batch)
+//! against the same records without the statistics merge, built by hand
+//! here the way `Records::add` built them before the device list existed
+//! (1,000-message batches over 100 devices, 9 rounds of 200,000 messages,
+//! alternating, fresh stores): the cost of the device list on the
+//! writer's hot path, as a ratio of rates.
+//!
+//! Then "paired rounds": the raw baseline and the three
 //! writer variants take turns (150,000 messages each, 9 rounds, rotating
 //! order, each on its own fresh store) and the per-round writer/raw rate
 //! ratios are printed with process CPU per message. On a shared 2-core
@@ -223,7 +231,7 @@ fn run_raw(store: &Store, pool: &[Msg], iters: u64, seq: &mut u64, composite: bo
             let added = Records::add(
                 store,
                 &mut b,
-                Records::numbered(*seq, requests),
+                Records::numbered(*seq, NOW_MS as u64, requests),
                 &mut scratch,
             )
             .unwrap();
@@ -318,6 +326,7 @@ fn bench_ingest(c: &mut Criterion) {
     }
     g.finish();
 
+    statistics_rounds(&pool);
     paired_rounds(&pool);
 
     // The attribute limit's share of the writer's per-request work: one
@@ -361,6 +370,108 @@ fn bench_ingest(c: &mut Criterion) {
         })
     });
     g.finish();
+}
+
+/// As `run_raw` with composite state, but without the device-statistics
+/// merge: history and one composite merge per device per batch, exactly
+/// as `Records::add` wrote them before the device list.
+fn run_raw_without_stats(store: &Store, pool: &[Msg], iters: u64, seq: &mut u64) -> Duration {
+    let mut scratch = Vec::new();
+    let t0 = Instant::now();
+    let mut left = iters;
+    let mut j = 0;
+    while left > 0 {
+        let n = left.min(RAW_BATCH) as usize;
+        left -= n as u64;
+        let size = Size {
+            messages: n,
+            bytes: n * (BODY_LEN + 100),
+        };
+        let mut b = store.batch(Records::capacity(size));
+        let mut composites: std::collections::HashMap<&[u8], Vec<&[u8]>> = Default::default();
+        for k in 0..n {
+            let m = &pool[(j + k + 1) % pool.len()];
+            for s in &m.parsed.states {
+                let data = &m.body[s.data.start as usize..s.data.end as usize];
+                let at = Position {
+                    time_ms: s.time_ms,
+                    seq: *seq,
+                };
+                store.put_state(&mut b, &m.device, at, data).unwrap();
+                *seq += 1;
+            }
+            composites
+                .entry(&m.device[..])
+                .or_default()
+                .push(&m.parsed.composite);
+        }
+        j = (j + n) % pool.len();
+        for (device, operands) in composites {
+            if let [one] = operands.as_slice() {
+                store.merge_composite(&mut b, device, one).unwrap();
+            } else {
+                scratch.clear();
+                for op in operands {
+                    scratch.extend_from_slice(op);
+                }
+                store.merge_composite(&mut b, device, &scratch).unwrap();
+            }
+        }
+        store.commit(b, *seq).unwrap();
+    }
+    t0.elapsed()
+}
+
+/// `Records::add` with and without the device-statistics merge, in
+/// alternating rounds on fresh stores; prints rates and the per-round
+/// ratio.
+fn statistics_rounds(pool: &[Msg]) {
+    const ROUNDS: usize = 9;
+    const PER_ROUND: u64 = 200_000;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let with = Store::open(dirs[0].path(), SyncMode::None).unwrap();
+    let without = Store::open(dirs[1].path(), SyncMode::None).unwrap();
+    let (mut seq_with, mut seq_without) = (0, 0);
+    let (mut wall_with, mut wall_without) = (Duration::ZERO, Duration::ZERO);
+    let mut ratios = vec![];
+    for round in 0..ROUNDS {
+        let mut run = |first: bool| {
+            if first {
+                let t = run_raw(&with, pool, PER_ROUND, &mut seq_with, true);
+                wall_with += t;
+                t
+            } else {
+                let t = run_raw_without_stats(&without, pool, PER_ROUND, &mut seq_without);
+                wall_without += t;
+                t
+            }
+        };
+        let (a, b) = if round % 2 == 0 {
+            let a = run(true);
+            (a, run(false))
+        } else {
+            let b = run(false);
+            (run(true), b)
+        };
+        // Same message count: the ratio of rates is the inverse ratio of times.
+        ratios.push(b.as_secs_f64() / a.as_secs_f64());
+    }
+    let msgs = (ROUNDS as u64 * PER_ROUND) as f64;
+    let shown: Vec<String> = ratios.iter().map(|x| format!("{x:.2}")).collect();
+    ratios.sort_by(f64::total_cmp);
+    eprintln!("statistics rounds ({ROUNDS} x {PER_ROUND} msgs each, alternating):");
+    eprintln!(
+        "  Records::add (with device statistics) {:>7.0} msgs/s; without {:>7.0} msgs/s",
+        msgs / wall_with.as_secs_f64(),
+        msgs / wall_without.as_secs_f64()
+    );
+    eprintln!(
+        "  with / without rate per round: median {:.3}, min {:.3}, max {:.3} [{}]",
+        ratios[ROUNDS / 2],
+        ratios[0],
+        ratios[ROUNDS - 1],
+        shown.join(" ")
+    );
 }
 
 /// Process CPU time (user + system, all threads) from `/proc/self/stat`.

@@ -154,6 +154,12 @@ impl AdminClient {
         Ok(())
     }
 
+    /// `GET /cluster`: the broker's view of the cluster (root token).
+    pub async fn cluster_status(&self) -> Result<Value, ClientError> {
+        let url = format!("{}/cluster", self.base);
+        self.send_json("GET", self.http.get(&url), &url).await
+    }
+
     /// `POST /backup`: the broker writes a backup into `to`, a directory
     /// on the broker's machine.
     pub async fn backup(&self, to: &str) -> Result<Value, ClientError> {

@@ -61,6 +61,15 @@ pub struct StorageConfig {
     /// recently used devices first) to enforce the limit above without
     /// reading storage on every request.
     pub attribute_cache_names: usize,
+    /// How long history is kept unless an application overrides it.
+    pub retention: crate::store::Retention,
+    /// With any finite retention, the longest before expired history's
+    /// space is reclaimed.
+    #[serde(with = "human_duration")]
+    pub retention_reclaim_interval: Duration,
+    pub compression: crate::store::Compression,
+    pub block_cache_bytes: usize,
+    pub write_buffer_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -351,6 +360,8 @@ pub struct Overrides {
     pub mqtts_listen: Option<String>,
     pub data_dir: Option<String>,
     pub admin_allow_public: bool,
+    /// `--cluster URL[,URL…]`: `cluster.nats_urls`.
+    pub cluster: Option<Vec<String>>,
 }
 
 /// Every problem found while loading, one line each.
@@ -468,6 +479,10 @@ impl Config {
             self.storage.max_attributes_per_device,
         );
         positive("http.ip_table_max", self.http.ip_table_max);
+        positive(
+            "storage.write_buffer_bytes",
+            self.storage.write_buffer_bytes,
+        );
         positive("batch.max_messages", self.batch.max_messages);
         positive("batch.max_bytes", self.batch.max_bytes);
         positive("batch.queue_capacity", self.batch.queue_capacity);
@@ -522,6 +537,9 @@ impl Config {
         }
         if self.tls.cert.as_os_str().is_empty() != self.tls.key.as_os_str().is_empty() {
             p.push("`tls.cert` and `tls.key` must be set together (or both left empty)".into());
+        }
+        if self.storage.retention_reclaim_interval < Duration::from_secs(60) {
+            p.push("`storage.retention_reclaim_interval` must be at least 1m".into());
         }
         if self.storage.data_dir.as_os_str().is_empty() {
             p.push("`storage.data_dir` must not be empty".into());
@@ -589,6 +607,9 @@ fn overrides_provider(o: &Overrides) -> Named {
     }
     if o.admin_allow_public {
         insert_path(&mut dict, "admin.allow_public", Value::from(true));
+    }
+    if let Some(urls) = &o.cluster {
+        insert_path(&mut dict, "cluster.nats_urls", Value::from(urls.clone()));
     }
     Named {
         name: "command-line flag",
@@ -800,6 +821,17 @@ mod tests {
         )
         .unwrap();
         assert!(ok.cluster.enabled());
+        // --cluster wins over the environment.
+        let flagged = Config::load(
+            None,
+            &env(&[("SLUICE_CLUSTER__NATS_URLS", "[\"nats://127.0.0.1:4222\"]")]),
+            &Overrides {
+                cluster: Some(vec!["nats://a:1".into(), "nats://b:2".into()]),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(flagged.cluster.nats_urls, ["nats://a:1", "nats://b:2"]);
         let err = Config::load(
             None,
             &env(&[

@@ -36,6 +36,8 @@ pub mod metrics;
 #[cfg(feature = "server")]
 pub mod mqtt;
 #[cfg(feature = "server")]
+pub mod readiness;
+#[cfg(feature = "server")]
 pub mod reload;
 #[cfg(feature = "server")]
 pub mod secret;

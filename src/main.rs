@@ -44,6 +44,10 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Cluster mode: this broker's view of the cluster, and moving a
+    /// standalone broker's tokens into the cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Restore a backup into a new data directory, then check that the
     /// store opens and its tokens load. Refuses a non-empty directory.
     Restore {
@@ -75,6 +79,36 @@ struct ServeArgs {
     /// Allow the admin listener on a non-loopback address.
     #[arg(long)]
     admin_allow_public: bool,
+    /// Cluster mode: NATS server URL(s), comma-separated (sets
+    /// cluster.nats_urls). One is enough; the others are learnt from it.
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+    cluster: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Print a running broker's view of the cluster (GET /cluster): every
+    /// broker, the token-bucket revision it has applied, its last
+    /// heartbeat, and whether it is stale.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Copy a standalone broker's tokens into the cluster's token bucket,
+    /// ids, hashes and tree intact; refuses (and copies nothing) if the
+    /// bucket holds any of their ids. Stop that broker first.
+    Import {
+        /// The standalone broker's data directory.
+        #[arg(long, value_name = "DIR")]
+        from_data_dir: PathBuf,
+        /// Config file with the [cluster] section (NATS URLs, credentials,
+        /// TLS, prefix, replicas); environment variables apply as for serve.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// NATS server URL(s), comma-separated (sets cluster.nats_urls).
+        #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+        cluster: Vec<String>,
+    },
 }
 
 #[derive(Parser)]
@@ -135,6 +169,12 @@ fn main() -> ExitCode {
         Command::Token(cmd) => token(cmd),
         Command::Backup { to, admin } => backup(&to, &admin),
         Command::Restore { from, data_dir } => restore(&from, &data_dir),
+        Command::Cluster(ClusterCommand::Status { admin }) => cluster_status(&admin),
+        Command::Cluster(ClusterCommand::Import {
+            from_data_dir,
+            config,
+            cluster,
+        }) => cluster_import(&from_data_dir, config.as_deref(), cluster),
     };
     match result {
         Ok(code) => code,
@@ -153,6 +193,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         mqtts_listen: args.mqtts_listen,
         data_dir: args.data_dir,
         admin_allow_public: args.admin_allow_public,
+        cluster: (!args.cluster.is_empty()).then_some(args.cluster),
     };
     let env: Vec<(String, String)> = std::env::vars().collect();
     let admin_token = std::env::var("SLUICE_ADMIN_TOKEN")
@@ -406,5 +447,64 @@ fn restore(from: &Path, data_dir: &Path) -> anyhow::Result<ExitCode> {
         data_dir.display(),
         data_dir.display()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cluster_status(admin: &AdminArgs) -> anyhow::Result<ExitCode> {
+    let client = client(admin)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match runtime.block_on(client.cluster_status()) {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            if let sluice::client::ClientError::Api { body, .. } = &e {
+                println!("{body}");
+            }
+            bail!(e)
+        }
+    }
+}
+
+fn cluster_import(
+    from: &Path,
+    config_file: Option<&Path>,
+    urls: Vec<String>,
+) -> anyhow::Result<ExitCode> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let overrides = Overrides {
+        cluster: (!urls.is_empty()).then_some(urls),
+        ..Default::default()
+    };
+    let config = Config::load(config_file, &env, &overrides)?;
+    if !config.cluster.enabled() {
+        bail!("no NATS server: pass --cluster URL or set cluster.nats_urls");
+    }
+    let db = from.join("db");
+    if !db.is_dir() {
+        bail!("{} holds no store (no db directory)", from.display());
+    }
+    let store =
+        sluice::store::Store::open(&db, sluice::config::SyncMode::None).with_context(|| {
+            format!(
+                "opening {} (is a broker still running on it?)",
+                db.display()
+            )
+        })?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let imported = runtime.block_on(async {
+        let nats = sluice::cluster::connect(&config.cluster, "sluice-import").await?;
+        let spec =
+            sluice::tokens::PlaneConfig::new(&config.cluster, "sluice-import".into()).bucket();
+        let deadline = tokio::time::Instant::now() + config.cluster.connect_timeout;
+        let bucket = sluice::cluster::kv::Kv::open(&nats, &spec, deadline).await?;
+        anyhow::Ok(sluice::tokens::import(&store, &bucket).await?)
+    })?;
+    println!("{}", serde_json::to_string_pretty(&imported)?);
     Ok(ExitCode::SUCCESS)
 }

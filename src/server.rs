@@ -24,8 +24,9 @@ use crate::materialize::status::IngestView;
 use crate::materialize::{Materializer, MaterializerSpec};
 use crate::metrics::Metrics;
 use crate::mqtt;
-use crate::store::{Store, StoreError};
-use crate::tokens::{TokenError, TokenLimits, TokenService};
+use crate::readiness::{Readiness, TokenView};
+use crate::store::{Store, StoreError, StoreOptions};
+use crate::tokens::{Plane, PlaneConfig, PlaneMetrics, TokenError, TokenLimits, TokenService};
 use crate::writer::{Health, Writer, WriterConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +50,10 @@ pub enum ServeError {
     AdminToken(#[from] admin_token::AdminTokenError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    NodeId(#[from] crate::cluster::node_id::NodeIdError),
+    #[error(transparent)]
+    ClusterConnect(#[from] crate::cluster::connect::ConnectError),
     #[error("internal: {0}")]
     Internal(String),
     /// Cluster mode could not start: NATS, the ingest stream or the read
@@ -192,29 +197,36 @@ pub async fn run(
 
     let store = {
         let dir = data_dir.join("db");
-        let sync = config.storage.sync;
-        tokio::task::spawn_blocking(move || Store::open(&dir, sync))
+        let options = StoreOptions::new(&config.storage);
+        tokio::task::spawn_blocking(move || Store::open_with(&dir, &options))
             .await
             .map_err(|e| ServeError::Internal(e.to_string()))??
     };
     let registry = Arc::new(Registry::new());
     registry.set_root(root_hash);
-    let tokens = Arc::new(TokenService::load(
-        store.clone(),
-        registry.clone(),
-        TokenLimits::from(&config.tokens),
-    )?);
+    let mut metrics = Metrics::new();
+    let limits = TokenLimits::from(&config.tokens);
+    // One NATS connection per broker, shared by the token plane and the
+    // ingest log.
+    let link = match config.cluster.enabled() {
+        true => Some(ClusterLink::connect(&config, &data_dir).await?),
+        false => None,
+    };
+    let tokens = Arc::new(match &link {
+        None => TokenService::load(store.clone(), registry.clone(), limits)?,
+        Some(link) => {
+            cluster_tokens(&config, link, &store, &registry, limits, &mut metrics).await?
+        }
+    });
     tracing::info!(tokens = registry.len(), "token cache loaded");
 
-    let mut metrics = Metrics::new();
     let mqtt_metrics = mqtt::MqttMetrics::register(metrics.registry_mut());
-    let cluster_metrics = config
-        .cluster
-        .enabled()
-        .then(|| ClusterMetrics::register(metrics.registry_mut()));
+    let cluster_metrics = link
+        .as_ref()
+        .map(|_| ClusterMetrics::register(metrics.registry_mut()));
     let metrics = Arc::new(metrics);
     let health = Arc::new(Health::default());
-    let (writer, ingest) = match cluster_metrics {
+    let (writer, ingest) = match link.zip(cluster_metrics) {
         None => (
             Writer::start(
                 store.clone(),
@@ -224,9 +236,10 @@ pub async fn run(
             )?,
             None,
         ),
-        Some(cm) => {
+        Some((link, cm)) => {
             let (sink, ingest) =
-                ClusterIngest::start(&config, &store, metrics.clone(), cm, health.clone()).await?;
+                ClusterIngest::start(&config, link, &store, metrics.clone(), cm, health.clone())
+                    .await?;
             let writer = Writer::start_clustered(
                 store.clone(),
                 WriterConfig::new(&config),
@@ -249,11 +262,24 @@ pub async fn run(
     let tasks = TaskTracker::new();
     let grace = config.shutdown.grace;
 
+    let mut readiness = Readiness::standalone(
+        store.clone(),
+        health.clone(),
+        writer.exit_flag(),
+        stop.clone(),
+    );
+    if config.cluster.enabled() {
+        readiness.add(TokenView {
+            registry: registry.clone(),
+        });
+    }
+    let readiness = Arc::new(readiness);
+
     let device = Arc::new(DeviceApi {
         registry: registry.clone(),
         queue: queue.clone(),
         metrics: metrics.clone(),
-        health: health.clone(),
+        readiness: readiness.clone(),
         auth_failures: IpLimiter::new(
             config.http.auth_failure_rate_per_ip,
             config.http.auth_failure_burst_per_ip,
@@ -291,7 +317,7 @@ pub async fn run(
             metrics: metrics.clone(),
             queue: queue.clone(),
             backups: crate::backup::Backups::new(store.clone(), &data_dir.join("db")),
-            health: health.clone(),
+            readiness,
             max_response_bytes: config.admin.max_response_bytes,
             read_model,
             ingest_view,
@@ -381,6 +407,7 @@ pub async fn run(
     tasks.close();
     tasks.wait().await;
     let _ = flusher.await;
+    tokens.leave().await;
     tracing::info!("committing the last batch");
     tokio::task::spawn_blocking(move || writer.stop())
         .await
@@ -396,6 +423,57 @@ pub async fn run(
     Ok(())
 }
 
+/// Cluster mode's connection to NATS, and this broker's name on it.
+struct ClusterLink {
+    node_id: String,
+    nats: crate::cluster::Nats,
+}
+
+impl ClusterLink {
+    async fn connect(config: &Config, data_dir: &Path) -> Result<ClusterLink, ServeError> {
+        let node_id = crate::cluster::node_id::load_or_generate(data_dir, &config.cluster.node_id)?;
+        tracing::info!(node = %node_id, urls = ?config.cluster.nats_urls, "cluster mode: connecting to NATS");
+        let nats = crate::cluster::connect(&config.cluster, &node_id).await?;
+        Ok(ClusterLink { node_id, nats })
+    }
+}
+
+/// The token service of a broker in cluster mode: the tokens come from the
+/// cluster's bucket; the local store keeps only this broker's lastUsedAt
+/// (that of tokens no longer in the bucket is dropped).
+async fn cluster_tokens(
+    config: &Config,
+    link: &ClusterLink,
+    store: &Store,
+    registry: &Arc<Registry>,
+    limits: TokenLimits,
+    metrics: &mut Metrics,
+) -> Result<TokenService, ServeError> {
+    let last_used: std::collections::HashMap<String, i64> =
+        store.load_last_used()?.into_iter().collect();
+    let plane = Plane::start(
+        &link.nats,
+        PlaneConfig::new(&config.cluster, link.node_id.clone()),
+        registry.clone(),
+        last_used.clone(),
+        PlaneMetrics::register(metrics.registry_mut()),
+    )
+    .await?;
+    let gone: Vec<String> = last_used
+        .into_keys()
+        .filter(|id| registry.entry(id).is_none())
+        .collect();
+    if !gone.is_empty() {
+        store.delete_tokens(&gone)?;
+    }
+    Ok(TokenService::clustered(
+        store.clone(),
+        registry.clone(),
+        limits,
+        plane,
+    ))
+}
+
 /// Cluster mode's ingest: the NATS connection, the ingest stream (created
 /// or checked), the writer's stream sink and, unless
 /// `cluster.materialize = false`, the materializer building this broker's
@@ -409,6 +487,7 @@ struct ClusterIngest {
 impl ClusterIngest {
     async fn start(
         config: &Config,
+        link: ClusterLink,
         store: &Store,
         metrics: Arc<Metrics>,
         cluster_metrics: ClusterMetrics,
@@ -419,14 +498,8 @@ impl ClusterIngest {
         use crate::writer::cluster::{settle_window, StreamSink};
         let c = &config.cluster;
         let failed = |e: &dyn std::fmt::Display| ServeError::Cluster(e.to_string());
-        let node_id =
-            crate::cluster::node_id::load_or_generate(&config.storage.data_dir, &c.node_id)
-                .map_err(|e| failed(&e))?;
+        let ClusterLink { node_id, nats } = link;
         let names = crate::cluster::Names::new(&c.prefix);
-        tracing::info!(node = %node_id, urls = ?c.nats_urls, "cluster mode: connecting to NATS");
-        let nats = crate::cluster::connect(c, &node_id)
-            .await
-            .map_err(|e| failed(&e))?;
         let deadline = tokio::time::Instant::now() + c.connect_timeout;
         ensure(
             &nats,

@@ -137,8 +137,7 @@ pub async fn run(
 ) -> Result<VerifyReport> {
     let devices = fleet.distinct_devices();
     let deadline = tokio::time::Instant::now() + timeout;
-    let min_seq = admin
-        .ingest_status()
+    let min_seq = ingest_status(admin, deadline)
         .await
         .context("asking the broker for the ingest stream's newest state")?
         .map(|v| {
@@ -189,8 +188,26 @@ pub async fn run(
     ))
 }
 
+/// `GET /cluster/ingest`, asked again until `deadline` while the broker
+/// answers 503 (NATS not reachable yet, e.g. just after a restart).
+async fn ingest_status(
+    admin: &AdminClient,
+    deadline: tokio::time::Instant,
+) -> Result<Option<serde_json::Value>, ClientError> {
+    loop {
+        match admin.ingest_status().await {
+            Err(ClientError::Api { status: 503, .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// A history page; while a cluster broker's read model has not reached
-/// `min_seq` (503 not_caught_up), asked again until `deadline`.
+/// `min_seq` (503 not_caught_up), or it cannot serve yet (503 unavailable:
+/// its view of the cluster's tokens is stale after a NATS restart), asked
+/// again until `deadline`.
 async fn page(
     admin: &AdminClient,
     app: &str,
@@ -201,9 +218,7 @@ async fn page(
 ) -> Result<String> {
     loop {
         match admin.state_page(app, device, cursor, min_seq).await {
-            Err(ClientError::Api {
-                status: 503, body, ..
-            }) if body.contains("\"not_caught_up\"") && tokio::time::Instant::now() < deadline => {
+            Err(ClientError::Api { status: 503, .. }) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
             other => return Ok(other?),

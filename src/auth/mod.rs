@@ -14,7 +14,7 @@ pub mod token;
 
 pub use attenuation::{attenuate, Exceeds, Granted, Requested};
 pub use grant::{Devices, RateLimit};
-pub use rate::{monotonic_ns, Limiter};
+pub use rate::{monotonic_ns, monotonic_ns_of, Limiter};
 pub use record::TokenRecord;
 pub use registry::{Registry, RegistryError};
 pub use scope::{Scope, Scopes};

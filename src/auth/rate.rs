@@ -10,9 +10,17 @@ use super::grant::RateLimit;
 /// Nanoseconds on a monotonic clock (wall-clock jumps do not refill or
 /// drain buckets).
 pub fn monotonic_ns() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
+
+/// [`monotonic_ns`] of an earlier instant (0 for one before the clock's
+/// start).
+pub fn monotonic_ns_of(at: Instant) -> u64 {
+    at.saturating_duration_since(*START.get_or_init(Instant::now))
+        .as_nanos() as u64
+}
+
+static START: OnceLock<Instant> = OnceLock::new();
 
 /// A bucket of `burst` messages refilled at `per_second`.
 #[derive(Debug)]

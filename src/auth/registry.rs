@@ -5,6 +5,7 @@
 //! cost one hash and one map probe, never a storage read.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
@@ -59,6 +60,16 @@ pub struct Registry {
     /// bounded by the number of tokens.
     used_tx: crossbeam_channel::Sender<Arc<TokenEntry>>,
     used_rx: crossbeam_channel::Receiver<Arc<TokenEntry>>,
+    /// Until when (in [`monotonic_ns`](super::monotonic_ns)) this set of
+    /// tokens may be trusted. Standalone, forever. In cluster mode the
+    /// token plane's follower keeps pushing it forward while it follows
+    /// the token bucket (`tokens::follow`); once it has passed, the
+    /// listeners refuse every new connection and request instead of
+    /// trusting a cache that may have missed a revocation. A deadline
+    /// rather than a flag, so a broker that stops running for a while (a
+    /// paused VM) is stale the moment it runs again, before any of its
+    /// timers fire. Not read by the token check itself.
+    trusted_until: AtomicU64,
 }
 
 impl Default for Registry {
@@ -78,7 +89,25 @@ impl Registry {
             revocations: Mutex::new(HashMap::new()),
             used_tx,
             used_rx,
+            trusted_until: AtomicU64::new(u64::MAX),
         }
+    }
+
+    /// Whether the resident tokens may be trusted at `now_ns` (on
+    /// [`monotonic_ns`](super::monotonic_ns)); see `trusted_until`.
+    pub fn trusted(&self, now_ns: u64) -> bool {
+        now_ns < self.trusted_until.load(Ordering::Acquire)
+    }
+
+    /// Trusts the resident tokens until `until_ns`; 0 distrusts them at
+    /// once.
+    pub fn trust_until(&self, until_ns: u64) {
+        self.trusted_until.store(until_ns, Ordering::Release);
+    }
+
+    /// Until when the resident tokens are trusted.
+    pub fn trusted_until(&self) -> u64 {
+        self.trusted_until.load(Ordering::Acquire)
     }
 
     fn tree(&self) -> MutexGuard<'_, Tree> {
@@ -401,6 +430,7 @@ mod tests {
     use super::super::grant::Devices;
     use super::super::scope::Scopes;
     use super::*;
+    use crate::auth::monotonic_ns_of;
 
     fn record(id: &str, app: &str) -> TokenRecord {
         TokenRecord {
@@ -447,5 +477,30 @@ mod tests {
         let apps = r.revocations.lock().unwrap().len();
         assert_eq!(apps, 1);
         assert!(!in_a.has_changed().unwrap());
+    }
+
+    #[test]
+    fn trust_is_a_deadline() {
+        let r = Registry::new();
+        // Standalone: trusted for ever.
+        assert!(r.trusted(u64::MAX - 1));
+        r.trust_until(0);
+        assert!(!r.trusted(0));
+        r.trust_until(1_000);
+        assert!(r.trusted(999));
+        assert!(!r.trusted(1_000));
+        assert_eq!(r.trusted_until(), 1_000);
+    }
+
+    #[test]
+    fn monotonic_instants_map_onto_the_clock() {
+        // The clock starts at its first reading.
+        crate::auth::monotonic_ns();
+        let before = std::time::Instant::now();
+        let now = crate::auth::monotonic_ns();
+        let later = before + std::time::Duration::from_millis(5);
+        assert!(monotonic_ns_of(before) <= now);
+        assert!(monotonic_ns_of(later) > monotonic_ns_of(before));
+        assert_eq!(monotonic_ns_of(later) - monotonic_ns_of(before), 5_000_000);
     }
 }

@@ -79,6 +79,8 @@ pub enum Change {
     Delete {
         key: String,
         revision: u64,
+        /// When the stream stored it (server clock), Unix milliseconds.
+        stored_ms: i64,
     },
 }
 
@@ -190,6 +192,20 @@ impl Kv {
         })
     }
 
+    /// The bucket's newest revision, from its leader: a watch that has
+    /// applied it has seen every write acknowledged before this call.
+    pub async fn revision(&self) -> Result<u64, KvError> {
+        Ok(self
+            .nats
+            .js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| KvError::Unavailable(e.to_string()))?
+            .cached_info()
+            .state
+            .last_sequence)
+    }
+
     /// Every live key and the revision they are consistent at.
     pub async fn snapshot(&self) -> Result<Snapshot, KvError> {
         let unavailable = |e: String| KvError::Unavailable(e);
@@ -261,6 +277,7 @@ impl Kv {
         )
         .await?;
         Ok(Watch {
+            pending: reader.initial_pending(),
             reader,
             key_prefix: self.key_prefix.clone(),
         })
@@ -388,9 +405,31 @@ impl Kv {
 pub struct Watch {
     reader: Reader,
     key_prefix: String,
+    /// Changes still to come after the last one returned, as the server
+    /// counted when it sent it.
+    pending: u64,
 }
 
 impl Watch {
+    /// Changes that were waiting when the watch was opened: once that many
+    /// (or a change with nothing [`pending`](Watch::pending) after it) have
+    /// been read, the watch has caught up with the bucket as it was then.
+    pub fn initial_pending(&self) -> u64 {
+        self.reader.initial_pending()
+    }
+
+    /// When the bucket's server was last heard from (see
+    /// [`Reader::last_heard`]).
+    pub fn last_heard(&self) -> Instant {
+        self.reader.last_heard()
+    }
+
+    /// Changes still to come after the last one [`next`](Watch::next)
+    /// returned (0 when it was the newest).
+    pub fn pending(&self) -> u64 {
+        self.pending
+    }
+
     /// The next change. An error means the view is lost and this watch is
     /// finished.
     pub async fn next(&mut self) -> Result<Change, KvError> {
@@ -399,10 +438,12 @@ impl Watch {
             let Some(key) = record.subject.strip_prefix(self.key_prefix.as_str()) else {
                 continue;
             };
+            self.pending = record.pending;
             return Ok(if is_delete(record.headers.as_ref()) {
                 Change::Delete {
                     key: key.to_string(),
                     revision: record.seq,
+                    stored_ms: record.stored_ms,
                 }
             } else {
                 Change::Put(Entry {

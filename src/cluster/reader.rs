@@ -78,6 +78,11 @@ pub struct Reader {
     client: async_nats::Client,
     /// Longest silence tolerated: two idle heartbeats.
     silence: Duration,
+    /// When the server was last heard from (a message, a heartbeat, a flow
+    /// control request). Silence is measured from here, not from the
+    /// start of a `next` call, so a caller that drops `next` (a `select!`
+    /// with a timer) cannot keep a dead reader looking alive.
+    last_heard: tokio::time::Instant,
     /// Consumer sequence of the last delivered message.
     consumer_seq: u64,
     /// Messages pending when the consumer was created.
@@ -125,6 +130,7 @@ impl Reader {
             subscriber,
             client: nats.client.clone(),
             silence: heartbeat * 2,
+            last_heard: tokio::time::Instant::now(),
             consumer_seq: 0,
             initial_pending: consumer.cached_info().num_pending,
             failed: false,
@@ -137,8 +143,17 @@ impl Reader {
         self.initial_pending
     }
 
+    /// When the server was last heard from: while [`Reader::next`] has not
+    /// failed, the view was live then, and at most one silence (two
+    /// heartbeats) ago.
+    pub fn last_heard(&self) -> tokio::time::Instant {
+        self.last_heard
+    }
+
     /// The next message in order. After an error the reader is finished and
-    /// every later call returns [`ReaderError::Closed`].
+    /// every later call returns [`ReaderError::Closed`]. Cancel-safe: a
+    /// dropped call loses no message and does not extend the silence
+    /// allowed.
     pub async fn next(&mut self) -> Result<Record, ReaderError> {
         if self.failed {
             return Err(ReaderError::Closed);
@@ -152,11 +167,13 @@ impl Reader {
 
     async fn next_inner(&mut self) -> Result<Record, ReaderError> {
         loop {
-            let message = match tokio::time::timeout(self.silence, self.subscriber.next()).await {
+            let deadline = self.last_heard + self.silence;
+            let message = match tokio::time::timeout_at(deadline, self.subscriber.next()).await {
                 Err(_) => return Err(ReaderError::Silent(self.silence)),
                 Ok(None) => return Err(ReaderError::Closed),
                 Ok(Some(m)) => m,
             };
+            self.last_heard = tokio::time::Instant::now();
             match message.status {
                 Some(StatusCode::IDLE_HEARTBEAT) => {
                     if let Some(reply) = message.reply {

@@ -15,7 +15,10 @@
 //! the node TTL (`stale_after + heartbeat`): by then it has had no view of
 //! the token bucket for `stale_after` and refuses all requests itself, so
 //! dropping it cannot let a revoked token through. While this broker's own
-//! view of the registry is lost, no barrier succeeds.
+//! view of the registry is lost, no barrier succeeds; and a barrier decides
+//! only once that view has caught up with the registry bucket as it was
+//! when the barrier started, so a broker that has just joined is not
+//! missed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -100,6 +103,9 @@ struct Shared {
     changed: watch::Sender<u64>,
     /// Whether the registry watch is live. Barriers fail while it is not.
     live: watch::Sender<bool>,
+    /// The registry bucket's revision `nodes` reflects (see
+    /// `Registry::wait_applied`).
+    seen: AtomicU64,
 }
 
 impl Shared {
@@ -128,12 +134,19 @@ pub struct Registry {
     shared: Arc<Shared>,
     kv: Kv,
     nats: Nats,
-    tasks: Vec<JoinHandle<()>>,
+    /// Heartbeat and followers; aborted when the registry is dropped or
+    /// leaves.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             t.abort();
         }
     }
@@ -169,6 +182,7 @@ impl Registry {
             applied: AtomicU64::new(applied),
             changed,
             live,
+            seen: AtomicU64::new(0),
         });
         let subscriber = nats.client.subscribe(spec.names.applied_subject()).await?;
         // This broker is a member from the start, before its first
@@ -186,7 +200,7 @@ impl Registry {
             shared,
             kv,
             nats: nats.clone(),
-            tasks,
+            tasks: Mutex::new(tasks),
         })
     }
 
@@ -236,12 +250,28 @@ impl Registry {
 
     /// Waits until every live broker has applied `revision`, at most
     /// `timeout`; otherwise names those that had not.
+    ///
+    /// It first reads the registry bucket's newest revision and decides
+    /// only once this broker's view has reached it: a broker that joined
+    /// (and was acknowledged in the bucket) before the caller stored
+    /// `revision` is waited for even if this broker had not heard of it
+    /// yet.
     pub async fn wait_applied(&self, revision: u64, timeout: Duration) -> Result<(), BarrierError> {
         let deadline = Instant::now() + timeout;
         let mut changed = self.shared.changed.subscribe();
+        // Unknown while the bucket does not answer (NATS down, a leader
+        // election): asked again on every turn.
+        let mut members: Option<u64> = None;
         loop {
+            if members.is_none() {
+                members = match tokio::time::timeout_at(deadline, self.kv.revision()).await {
+                    Ok(Ok(r)) => Some(r),
+                    _ => None,
+                };
+            }
             let now = Instant::now();
-            let live = *self.shared.live.borrow();
+            let live = *self.shared.live.borrow()
+                && members.is_some_and(|m| self.shared.seen.load(Ordering::Acquire) >= m);
             let (laggards, next_expiry) = self.laggards(revision, now);
             if live && laggards.is_empty() {
                 return Ok(());
@@ -253,8 +283,12 @@ impl Registry {
                     BarrierError::ViewLost
                 });
             }
-            // Wake on news, when a laggard's TTL runs out, or at the end.
-            let wake = next_expiry.map_or(deadline, |t| t.min(deadline));
+            // Wake on news, when a laggard's TTL runs out, or at the end
+            // (soon, to ask again, while the registry's revision is unknown).
+            let mut wake = next_expiry.map_or(deadline, |t| t.min(deadline));
+            if members.is_none() {
+                wake = wake.min(now + Duration::from_millis(200));
+            }
             changed.borrow_and_update();
             let _ = tokio::time::timeout_at(wake, changed.changed()).await;
         }
@@ -280,8 +314,9 @@ impl Registry {
 
     /// Leaves the cluster on a clean shutdown: stops heartbeating and
     /// removes this broker's entry, so barriers stop waiting for it at once.
-    pub async fn leave(mut self) -> Result<(), RegistryError> {
-        for t in self.tasks.drain(..) {
+    pub async fn leave(&self) -> Result<(), RegistryError> {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
             t.abort();
         }
         self.kv.remove(&self.shared.spec.node_id).await?;
@@ -336,10 +371,13 @@ async fn follow_once(kv: &Kv, shared: &Shared) -> Result<(), KvError> {
             shared.record(&e.key, b.applied, instant_of(e.stored_ms));
         }
     }
+    shared.seen.store(snapshot.revision, Ordering::Release);
     shared.live.send_replace(true);
     shared.changed.send_modify(|v| *v += 1);
     loop {
-        match watch.next().await? {
+        let change = watch.next().await?;
+        shared.seen.store(change.revision(), Ordering::Release);
+        match change {
             Change::Put(e) => {
                 if let Ok(b) = serde_json::from_slice::<Beat>(&e.value) {
                     shared.record(&e.key, b.applied, Instant::now());

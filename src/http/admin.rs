@@ -1,4 +1,5 @@
-//! The admin HTTP API: token management, state read-back, metrics, health.
+//! The admin HTTP API: token management, state read-back, devices,
+//! retention, metrics, liveness and readiness.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,10 +9,10 @@ use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get};
 use axum::Router;
 
-use crate::auth::{Denied, Scope, TokenEntry};
+use crate::auth::{monotonic_ns, Denied, Scope, TokenEntry};
 use crate::composite;
 use crate::ids::is_valid_id;
 use crate::materialize::applied::{parse_min_seq, NotReady, ReadModel};
@@ -20,8 +21,8 @@ use crate::metrics::Metrics;
 use crate::secret::parse_bearer;
 use crate::store::{device_key, HistoryQuery, Order, Position, Store};
 use crate::timefmt::{self, now_ms};
-use crate::tokens::{parse_create, parse_update, TokenError, TokenJson, TokenService};
-use crate::writer::{Health, IngestQueue};
+use crate::tokens::{parse_create, parse_update, TokenError, TokenJson, TokenService, STALE};
+use crate::writer::IngestQueue;
 
 /// Default and largest page of history.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -34,7 +35,8 @@ pub struct AdminApi {
     pub queue: Arc<IngestQueue>,
     /// `POST /backup` (see `http::backup`).
     pub backups: Arc<crate::backup::Backups>,
-    pub health: Arc<Health>,
+    /// `/readyz`, with the detail behind each failure.
+    pub readiness: Arc<crate::readiness::Readiness>,
     /// Bound on one history page's data (`admin.max_response_bytes`).
     pub max_response_bytes: usize,
     /// What history and composite-state reads see (and `minSeq` waits
@@ -65,8 +67,14 @@ pub enum ApiError {
         wanted: u64,
         waited: std::time::Duration,
     },
-    /// Cluster mode: NATS did not answer.
+    /// 503 with `Retry-After` and the reason: the broker is shutting down
+    /// (or its writer stopped), or in cluster mode NATS did not answer or
+    /// this broker's view of the token bucket is stale.
     Unavailable(String),
+    /// 409: cluster mode, and other brokers kept changing the token.
+    Conflict,
+    /// 501: an operation a broker in cluster mode does not do (yet).
+    NotInClusterMode(&'static str),
 }
 
 impl From<NotReady> for ApiError {
@@ -146,10 +154,22 @@ impl IntoResponse for ApiError {
                 );
                 return r;
             }
-            ApiError::Unavailable(d) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                serde_json::json!({"error": "unavailable", "detail": d}),
+            ApiError::NotInClusterMode(d) => (
+                StatusCode::NOT_IMPLEMENTED,
+                serde_json::json!({"error": "not_in_cluster_mode", "detail": d}),
             ),
+            ApiError::Conflict => (
+                StatusCode::CONFLICT,
+                serde_json::json!({"error": "conflict", "detail": "the token was changed on other brokers at the same time, repeatedly; try again"}),
+            ),
+            ApiError::Unavailable(d) => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(axum::http::header::RETRY_AFTER, "1")],
+                    axum::Json(serde_json::json!({"error": "unavailable", "detail": d})),
+                )
+                    .into_response()
+            }
         };
         (status, axum::Json(body)).into_response()
     }
@@ -167,7 +187,14 @@ impl From<TokenError> for ApiError {
                 tracing::error!(error = %e, "token store failed");
                 ApiError::Internal
             }
-            e @ (TokenError::Internal(_) | TokenError::Unreadable { .. }) => {
+            TokenError::Unavailable(d) => {
+                tracing::warn!(detail = %d, "token change refused: the cluster's token bucket is unavailable");
+                ApiError::Unavailable(format!("the cluster's token bucket is unavailable: {d}"))
+            }
+            TokenError::Conflict => ApiError::Conflict,
+            e @ (TokenError::Internal(_)
+            | TokenError::Unreadable { .. }
+            | TokenError::Cluster(_)) => {
                 tracing::error!(error = %e, "token operation failed");
                 ApiError::Internal
             }
@@ -175,19 +202,19 @@ impl From<TokenError> for ApiError {
     }
 }
 
-type Api = State<Arc<AdminApi>>;
+pub(super) type Api = State<Arc<AdminApi>>;
 
 /// Path parameters, with a malformed path answered as a JSON 400.
-type PathOf<T> = Result<Path<T>, PathRejection>;
+pub(super) type PathOf<T> = Result<Path<T>, PathRejection>;
 /// A request body, with an oversized one answered as a JSON 413.
-type BodyOf = Result<Bytes, BytesRejection>;
+pub(super) type BodyOf = Result<Bytes, BytesRejection>;
 
-fn path<T>(p: PathOf<T>) -> Result<T, ApiError> {
+pub(super) fn path<T>(p: PathOf<T>) -> Result<T, ApiError> {
     p.map(|Path(t)| t)
         .map_err(|e| ApiError::BadRequest(e.body_text()))
 }
 
-fn body(b: BodyOf) -> Result<Bytes, ApiError> {
+pub(super) fn body(b: BodyOf) -> Result<Bytes, ApiError> {
     b.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
         _ => ApiError::BadRequest(e.body_text()),
@@ -197,9 +224,11 @@ fn body(b: BodyOf) -> Result<Bytes, ApiError> {
 pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/whoami", get(whoami))
         .route("/backup", axum::routing::post(super::backup::backup))
+        .route("/cluster", get(super::cluster::status))
         .route("/cluster/ingest", get(cluster_ingest))
         .route(
             "/applications/{app}/tokens",
@@ -208,6 +237,22 @@ pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
         .route(
             "/applications/{app}/tokens/{id}",
             get(get_token).patch(update_token).delete(delete_token),
+        )
+        .route(
+            "/applications/{app}",
+            delete(super::devices::delete_application),
+        )
+        .route(
+            "/applications/{app}/devices",
+            get(super::devices::list_devices),
+        )
+        .route(
+            "/applications/{app}/devices/{device}",
+            delete(super::devices::delete_device),
+        )
+        .route(
+            "/applications/{app}/retention",
+            get(super::retention::get_retention).put(super::retention::put_retention),
         )
         .route("/applications/{app}/devices/{device}/state", get(history))
         .route(
@@ -222,8 +267,20 @@ pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
 }
 
 impl AdminApi {
-    /// The usable token the request is made with.
+    /// The usable token the request is made with. In cluster mode, while
+    /// this broker's view of the token bucket is stale, nobody: the admin
+    /// API fails closed like the device listeners.
     pub(crate) fn caller(&self, headers: &HeaderMap) -> Result<Arc<TokenEntry>, ApiError> {
+        if !self.tokens.registry().trusted(monotonic_ns()) {
+            return Err(ApiError::Unavailable(STALE.into()));
+        }
+        self.authenticated(headers)
+    }
+
+    /// The usable token the request is made with, stale view or not; for
+    /// what only the root token (which is this broker's own, never from
+    /// the bucket) may do.
+    pub(crate) fn authenticated(&self, headers: &HeaderMap) -> Result<Arc<TokenEntry>, ApiError> {
         let cred = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|h| parse_bearer(h.as_bytes()))
@@ -235,7 +292,7 @@ impl AdminApi {
     }
 
     /// Authenticates the caller and checks `scope` in `app` (and `device`).
-    fn authorize(
+    pub(crate) fn authorize(
         &self,
         headers: &HeaderMap,
         app: &str,
@@ -261,21 +318,21 @@ impl AdminApi {
     }
 }
 
-/// As the device listener's `/healthz`, plus the error behind a failure
+/// Liveness: 200 while the process answers (see `/readyz`).
+async fn healthz() -> Response {
+    axum::Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+/// As the device listener's `/readyz`, plus the error behind each failure
 /// (this listener is the operator's, so the detail may name paths).
-async fn healthz(State(api): Api) -> Response {
-    match api.health.failure() {
-        None => axum::Json(serde_json::json!({"status": "ok"})).into_response(),
-        Some(f) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({
-                "status": "unavailable",
-                "reason": f.reason(),
-                "detail": api.health.detail(f),
-            })),
-        )
-            .into_response(),
-    }
+async fn readyz(State(api): Api) -> Response {
+    let (status, body) = api.readiness.respond(true).await;
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }
 
 async fn metrics(State(api): Api) -> impl IntoResponse {
@@ -364,8 +421,14 @@ async fn update_token(
     let body = body(raw)?;
     let caller = api.authorize(&headers, &app, None, Scope::TokenRevoke)?;
     let upd = parse_update(&body).map_err(ApiError::BadRequest)?;
-    let record = api.tokens.update(caller, app, id, upd).await?;
-    Ok(axum::Json(TokenJson::of(&record)).into_response())
+    let done = api.tokens.update(caller, app, id, upd).await?;
+    if done.unconfirmed.is_empty() {
+        return Ok(axum::Json(TokenJson::of(&done.value)).into_response());
+    }
+    let mut body =
+        serde_json::to_value(TokenJson::of(&done.value)).map_err(|_| ApiError::Internal)?;
+    body["unconfirmed"] = serde_json::json!(done.unconfirmed);
+    Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
 }
 
 async fn delete_token(
@@ -375,14 +438,23 @@ async fn delete_token(
 ) -> Result<Response, ApiError> {
     let (app, id) = path(ids)?;
     let caller = api.authorize(&headers, &app, None, Scope::TokenRevoke)?;
-    api.tokens.delete(caller, app, id).await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    let done = api.tokens.delete(caller, app, id).await?;
+    if done.unconfirmed.is_empty() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({"unconfirmed": done.unconfirmed})),
+    )
+        .into_response())
 }
 
 /// `GET /cluster/ingest` (root only): this broker's position in the
 /// ingest stream and the stream's newest state, read now.
 async fn cluster_ingest(State(api): Api, headers: HeaderMap) -> Result<Response, ApiError> {
-    if !api.caller(&headers)?.root {
+    // As `GET /cluster`: answered while the token view is stale too (the
+    // root token is this broker's own).
+    if !api.authenticated(&headers)?.root {
         return Err(ApiError::Forbidden);
     }
     let Some(view) = &api.ingest_view else {
@@ -396,7 +468,7 @@ async fn cluster_ingest(State(api): Api, headers: HeaderMap) -> Result<Response,
 }
 
 /// `minSeq` of a read, if given.
-fn min_seq(params: &HashMap<String, String>) -> Result<Option<u64>, ApiError> {
+pub fn min_seq(params: &HashMap<String, String>) -> Result<Option<u64>, ApiError> {
     params
         .get("minSeq")
         .map(|v| parse_min_seq(v))

@@ -1,7 +1,8 @@
 //! The device-facing HTTP listener:
 //! `POST /applications/{app}/devices/{device}/state`.
 //!
-//! Order of checks (each stops at the first failure): route → hold-back
+//! Order of checks (each stops at the first failure): in cluster mode, a
+//! stale view of the cluster's tokens (503) → route → hold-back
 //! of an address with too many failed authentications → token (401) → ids
 //! (400) → permission (403) → body size (413) → content type (415) → room
 //! in the body buffer budget (503) → body (400) → rate limit (429) → token still usable (401) → queue (503) →
@@ -27,18 +28,21 @@ use crate::auth::{monotonic_ns, Denied, Registry, Scope};
 use crate::ids::{is_valid_id, state_path};
 use crate::ip_limit::IpLimiter;
 use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 use crate::secret::parse_bearer;
 use crate::state::{self, Shape};
 use crate::store::device_key;
 use crate::timefmt::now_ms;
-use crate::writer::{CommitError, Completion, EnqueueError, Health, IngestQueue, WriteRequest};
+use crate::tokens::STALE;
+use crate::writer::{CommitError, Completion, EnqueueError, IngestQueue, WriteRequest};
 
 /// Everything the device listener needs, shared by all its connections.
 pub struct DeviceApi {
     pub registry: Arc<Registry>,
     pub queue: Arc<IngestQueue>,
     pub metrics: Arc<Metrics>,
-    pub health: Arc<Health>,
+    /// `/readyz` (reasons only: this listener is public).
+    pub readiness: Arc<Readiness>,
     /// Failed authentications per address (`http.auth_failure_rate_per_ip`).
     pub auth_failures: IpLimiter,
     /// The longest an address over its failed-authentication budget is
@@ -125,23 +129,34 @@ fn unavailable() -> Response<Full<Bytes>> {
     r
 }
 
-/// `/healthz`: 200 while storage works, 503 with the reason while it does
-/// not (the admin listener adds the error behind it; this one is public).
-fn health_response(health: &Health) -> Response<Full<Bytes>> {
-    match health.failure() {
-        None => json(200, Bytes::from_static(b"{\"status\":\"ok\"}")),
-        Some(f) => json(
-            503,
-            serde_json::json!({"status": "unavailable", "reason": f.reason()}).to_string(),
-        ),
-    }
+/// `/healthz`: liveness only, 200 while the process answers; whether it
+/// should get traffic is `/readyz`.
+fn alive() -> Response<Full<Bytes>> {
+    json(200, Bytes::from_static(b"{\"status\":\"ok\"}"))
+}
+
+/// 503 while this broker's view of the cluster's tokens is stale (cluster
+/// mode): it cannot know whether a token was revoked meanwhile, so it
+/// refuses every request; another broker can serve it.
+fn stale() -> Response<Full<Bytes>> {
+    let mut r = error_with_detail(503, "unavailable", STALE);
+    r.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 impl DeviceApi {
     pub async fn handle(&self, req: Request<Incoming>, peer: IpAddr) -> Response<Full<Bytes>> {
         let path = req.uri().path();
         if path == "/healthz" {
-            return health_response(&self.health);
+            return alive();
+        }
+        if path == "/readyz" {
+            let (status, body) = self.readiness.respond(false).await;
+            return json(status, body);
+        }
+        if !self.registry.trusted(monotonic_ns()) {
+            return stale();
         }
         let Some((app, device)) = path.strip_prefix('/').and_then(state_path) else {
             return fixed(404, NOT_FOUND);

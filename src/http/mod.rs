@@ -2,6 +2,9 @@
 
 pub mod admin;
 pub mod backup;
+pub mod cluster;
 pub mod console;
 pub mod device;
+pub mod devices;
+pub mod retention;
 pub mod serve;

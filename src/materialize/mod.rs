@@ -184,6 +184,8 @@ struct Apply {
 /// One applicable state of a batch.
 struct Parsed {
     seq: u64,
+    /// The accepting broker's receive time (device statistics).
+    received_ms: u64,
     device: DeviceKey,
     record: usize,
     parsed: ParsedStates,
@@ -270,6 +272,7 @@ impl Apply {
         let mut cb = self.store.batch(Records::capacity(size));
         let requests = states.iter().map(|p| Numbered {
             seq: p.seq,
+            seen_ms: p.received_ms,
             device: &p.device,
             body: &records[p.record].payload,
             parsed: &p.parsed,
@@ -315,6 +318,7 @@ impl Apply {
         let parsed = state::parse(&r.payload, Shape::One, received).ok()?;
         Some(Parsed {
             seq: r.seq,
+            received_ms: received.max(0) as u64,
             device: key,
             record,
             parsed,

@@ -18,7 +18,7 @@ use super::proto::{Codec, ConnectInfo, ProtoError, Refusal};
 use super::session::{drain, say_goodbye};
 use super::takeover::Registration;
 use super::MqttContext;
-use crate::auth::{Scope, TokenEntry};
+use crate::auth::{monotonic_ns, Scope, TokenEntry};
 use crate::timefmt::now_ms;
 
 /// A connection whose CONNECT was accepted and answered.
@@ -135,6 +135,14 @@ pub(super) async fn handshake<'c, S: AsyncRead + AsyncWrite + Unpin>(
         tracing::debug!(?why, client = ?info.client_id, %peer, "MQTT CONNECT refused");
         codec.connack_refuse(&mut out, why);
         return refuse_now(stream, &mut out, ctx, ConnectOutcome::Unsupported).await;
+    }
+
+    // Cluster mode: a broker whose view of the cluster's tokens is stale
+    // cannot know whether this token was revoked; another broker can.
+    if !ctx.registry.trusted(monotonic_ns()) {
+        tracing::debug!(client = ?info.client_id, %peer, "MQTT CONNECT refused: token view stale");
+        codec.connack_refuse(&mut out, Refusal::Unavailable);
+        return refuse_now(stream, &mut out, ctx, ConnectOutcome::Unavailable).await;
     }
 
     // An address that spent its failed-authentication budget waits for it

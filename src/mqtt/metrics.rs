@@ -24,9 +24,11 @@ pub enum ConnectOutcome {
     /// MQTT 5 features Sluice refuses at CONNECT: enhanced authentication,
     /// a Will of QoS 2, a retained Will.
     Unsupported,
+    /// Cluster mode: this broker's view of the cluster's tokens is stale.
+    Unavailable,
 }
 
-const CONNECT_OUTCOMES: [(ConnectOutcome, &str); 10] = [
+const CONNECT_OUTCOMES: [(ConnectOutcome, &str); 11] = [
     (ConnectOutcome::Accepted, "accepted"),
     (ConnectOutcome::NotAuthorized, "not_authorized"),
     (ConnectOutcome::ServerBusy, "server_busy"),
@@ -37,6 +39,7 @@ const CONNECT_OUTCOMES: [(ConnectOutcome, &str); 10] = [
     (ConnectOutcome::UnsupportedVersion, "unsupported_version"),
     (ConnectOutcome::TooLarge, "too_large"),
     (ConnectOutcome::Unsupported, "unsupported_feature"),
+    (ConnectOutcome::Unavailable, "unavailable"),
 ];
 
 /// Outcome of a PUBLISH, as counted in metrics.
@@ -47,14 +50,17 @@ pub enum PublishOutcome {
     BadPayload,
     QuotaExceeded,
     QosUnsupported,
+    /// Cluster mode: this broker's view of the cluster's tokens is stale.
+    Unavailable,
 }
 
-const PUBLISH_OUTCOMES: [(PublishOutcome, &str); 5] = [
+const PUBLISH_OUTCOMES: [(PublishOutcome, &str); 6] = [
     (PublishOutcome::Accepted, "accepted"),
     (PublishOutcome::NotAuthorized, "not_authorized"),
     (PublishOutcome::BadPayload, "bad_payload"),
     (PublishOutcome::QuotaExceeded, "quota_exceeded"),
     (PublishOutcome::QosUnsupported, "qos_unsupported"),
+    (PublishOutcome::Unavailable, "unavailable"),
 ];
 
 /// MQTT metrics; every counter is resolved at start-up.

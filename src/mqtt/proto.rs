@@ -144,6 +144,9 @@ pub enum Refusal {
     RetainNotSupported,
     /// 5.0 reason 0x8C: enhanced authentication is not offered.
     BadAuthMethod,
+    /// 3.1.1 code 3 / 5.0 reason 0x88: cluster mode, and this broker's
+    /// view of the cluster's tokens is stale.
+    Unavailable,
 }
 
 /// PUBACK outcomes (only MQTT 5 can say anything but success).
@@ -177,6 +180,10 @@ pub enum Goodbye {
     ShuttingDown,
     TakenOver,
     KeepAliveTimeout,
+    /// 0x89, "server busy": cluster mode, and this broker's view of the
+    /// cluster's tokens is stale (0x88 "server unavailable" exists only
+    /// for CONNACK).
+    Unavailable,
 }
 
 impl Goodbye {
@@ -195,6 +202,7 @@ impl Goodbye {
             Goodbye::ShuttingDown => C::ServerShuttingDown,
             Goodbye::TakenOver => C::SessionTakenOver,
             Goodbye::KeepAliveTimeout => C::KeepAliveTimeout,
+            Goodbye::Unavailable => C::ServerBusy,
         }
     }
 }
@@ -515,7 +523,9 @@ impl Codec {
                 use v3::ConnectAckReason as R;
                 let code = match why {
                     Refusal::NotAuthorized => R::NotAuthorized,
-                    Refusal::ServerBusy | Refusal::RateLimited => R::ServiceUnavailable,
+                    Refusal::ServerBusy | Refusal::RateLimited | Refusal::Unavailable => {
+                        R::ServiceUnavailable
+                    }
                     Refusal::BadClientId => R::IdentifierRejected,
                     Refusal::UnsupportedVersion => R::UnacceptableProtocolVersion,
                     Refusal::PacketTooLarge
@@ -542,6 +552,7 @@ impl Codec {
                         Refusal::QosNotSupported => R::QosNotSupported,
                         Refusal::RetainNotSupported => R::RetainNotSupported,
                         Refusal::BadAuthMethod => R::BadAuthenticationMethod,
+                        Refusal::Unavailable => R::ServerUnavailable,
                     },
                     ..v5::ConnectAck::default()
                 };

@@ -1,5 +1,6 @@
 //! The per-publish hot path: PUBLISH → check (grant still usable, topic,
-//! payload) → rate limit → queue for the writer. A QoS 1 publish gets its
+//! payload) → token view fresh (cluster mode) → rate limit → queue for the
+//! writer. A QoS 1 publish gets its
 //! PUBACK only after its commit (`acks.rs`); a refused one gets the
 //! contract's answer at once.
 
@@ -82,7 +83,14 @@ impl Session<'_> {
                 );
             }
         };
-        if self.grant.admit(1, monotonic_ns()).is_err() {
+        let mono = monotonic_ns();
+        // Cluster mode: with a stale view of the cluster's tokens this
+        // broker cannot know whether the grant was revoked meanwhile.
+        if !self.ctx.registry.trusted(mono) {
+            m.publish(qos, PublishOutcome::Unavailable);
+            return self.refuse(qos, p.packet_id, AckReason::Failed, Goodbye::Unavailable);
+        }
+        if self.grant.admit(1, mono).is_err() {
             m.publish(qos, PublishOutcome::QuotaExceeded);
             self.ctx.shared_metrics.rate_limited(&self.grant.id);
             return self.refuse(

@@ -5,7 +5,10 @@
 //!   `data` object exactly as sent. Ids never contain `/`, so one device's
 //!   history is one contiguous key range ordered by time, and "device D
 //!   between t1 and t2, newest first" is a bounded reverse range scan.
+//!   Expired history is dropped by compaction (see `retention`).
 //! - `composite`: `{app}/{device}/` → merge value (see `composite`).
+//! - `devices`: `{app}/{device}/` → first seen, last seen, states stored
+//!   (merge value, see `devices`).
 //! - `tokens`: `t/{id}` → token record (JSON, with the secret's SHA-256
 //!   only); `u/{id}` → lastUsedAt (i64 BE), kept apart so the periodic
 //!   flush rewrites 8 bytes, not the record.
@@ -14,25 +17,36 @@
 //!   cluster mode states are numbered by the ingest stream and `seq` is
 //!   the last applied stream sequence + 1, so a restarted materializer
 //!   resumes exactly; `read_model_of` → the name of that stream, so a data
-//!   directory is never fed from two sources.
+//!   directory is never fed from two sources; `retention/{app}` → the
+//!   application's retention override; `remove/{app}` → an application removal in progress (its token ids).
+//!
+//! Every family keyed by `{app}/` is listed in `devices::app_keyed`, which
+//! removing an application covers; a family holding history with a time
+//! in its keys gets an expiry filter (`retention::TimedKeys`).
+
+mod db;
+pub mod devices;
+mod reclaim;
+pub mod retention;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use rocksdb::{
-    ColumnFamily, ColumnFamilyDescriptor, DBRawIteratorWithThreadMode, MergeOperands, Options,
-    ReadOptions, WriteBatch, WriteOptions, DB,
+    DBRawIteratorWithThreadMode, MergeOperands, ReadOptions, WriteBatch, WriteOptions, DB,
 };
 
 use crate::composite;
 use crate::config::SyncMode;
+use crate::timefmt::now_ms;
+pub use db::{Compression, StoreOptions};
+use db::{Db, Families};
+pub use devices::{DeviceEntry, DevicePage, DeviceStats};
+pub use retention::{AppRetention, Expiry, Retention};
 
-const CF_STATE: &str = "state";
-const CF_COMPOSITE: &str = "composite";
-const CF_TOKENS: &str = "tokens";
-const CF_META: &str = "meta";
 const SEQ_KEY: &[u8] = b"seq";
 const READ_MODEL_KEY: &[u8] = b"read_model_of";
+const RETENTION_PREFIX: &[u8] = b"retention/";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -49,14 +63,20 @@ pub enum StoreError {
 /// Shared handle to the database.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<DB>,
+    db: Arc<Db>,
     sync: SyncMode,
+    /// The retention in force; the expiry filter holds the same.
+    expiry: Arc<Expiry>,
+    /// `storage.retention_reclaim_interval`.
+    reclaim_interval: std::time::Duration,
+    /// Applications whose space is being reclaimed now (see `reclaim`).
+    reclaimer: Arc<reclaim::Reclaimer>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("path", &self.db.path())
+            .field("path", &self.db().path())
             .finish()
     }
 }
@@ -67,6 +87,14 @@ const MAX_DEVICE_KEY: usize = 2 * crate::ids::MAX_ID_LEN + 2;
 /// The key prefix of one device: `{app}/{device}/`. Its inline capacity
 /// holds the longest valid ids, so building one never allocates.
 pub type DeviceKey = smallvec::SmallVec<[u8; MAX_DEVICE_KEY]>;
+
+/// The key prefix of one application: `{app}/`.
+fn app_prefix(app: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(app.len() + 1);
+    k.extend_from_slice(app.as_bytes());
+    k.push(b'/');
+    k
+}
 
 pub fn device_key(app: &str, device: &str) -> DeviceKey {
     let mut k = DeviceKey::new();
@@ -170,31 +198,45 @@ fn merge_composite(_key: &[u8], existing: Option<&[u8]>, ops: &MergeOperands) ->
 }
 
 impl Store {
+    /// Opens (or creates) the store in `dir` with the default options of
+    /// `config/sluice.toml` but `sync`.
     pub fn open(dir: &Path, sync: SyncMode) -> Result<Store, StoreError> {
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.create_missing_column_families(true);
-        opts.set_max_background_jobs(2);
-        opts.set_keep_log_file_num(4);
-        let mut composite_opts = Options::default();
-        composite_opts.set_merge_operator_associative("sluice.composite.v1", merge_composite);
-        let cfs = vec![
-            ColumnFamilyDescriptor::new(CF_STATE, Options::default()),
-            ColumnFamilyDescriptor::new(CF_COMPOSITE, composite_opts),
-            ColumnFamilyDescriptor::new(CF_TOKENS, Options::default()),
-            ColumnFamilyDescriptor::new(CF_META, Options::default()),
-        ];
-        let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
-        Ok(Store {
-            db: Arc::new(db),
-            sync,
-        })
+        let mut o = StoreOptions::new(&crate::Config::default().storage);
+        o.sync = sync;
+        Store::open_with(dir, &o)
     }
 
-    fn cf(&self, name: &'static str) -> Result<&ColumnFamily, StoreError> {
-        self.db
-            .cf_handle(name)
-            .ok_or(StoreError::MissingColumnFamily(name))
+    /// Opens (or creates) the store, loads the retention overrides, and
+    /// finishes any application removal a crash interrupted.
+    pub fn open_with(dir: &Path, o: &StoreOptions) -> Result<Store, StoreError> {
+        let expiry = Arc::new(Expiry::new(o.retention));
+        let db = db::open(dir, o, expiry.clone())?;
+        let store = Store {
+            db: Arc::new(db),
+            sync: o.sync,
+            expiry,
+            reclaim_interval: o.reclaim_interval,
+            reclaimer: Arc::default(),
+        };
+        for (app, r) in store.load_retention()? {
+            store.expiry.set(&app, Some(r));
+        }
+        store.update_reclaim()?;
+        for app in store.finish_removals()? {
+            tracing::warn!(
+                app,
+                "finished removing an application interrupted by a stop"
+            );
+        }
+        Ok(store)
+    }
+
+    fn db(&self) -> &DB {
+        self.db.borrow_owner()
+    }
+
+    fn cfs(&self) -> &Families<'_> {
+        self.db.borrow_dependent()
     }
 
     fn write_opts(&self) -> WriteOptions {
@@ -210,7 +252,7 @@ impl Store {
 
     /// The next unused state sequence number.
     pub fn load_seq(&self) -> Result<u64, StoreError> {
-        match self.db.get_pinned_cf(self.cf(CF_META)?, SEQ_KEY)? {
+        match self.db().get_pinned_cf(self.cfs().meta, SEQ_KEY)? {
             None => Ok(0),
             Some(v) => {
                 let b: [u8; 8] = v
@@ -225,7 +267,7 @@ impl Store {
     /// Cluster mode: the ingest stream this store is a read model of, if it
     /// was ever one.
     pub fn read_model_of(&self) -> Result<Option<String>, StoreError> {
-        match self.db.get_pinned_cf(self.cf(CF_META)?, READ_MODEL_KEY)? {
+        match self.db().get_pinned_cf(self.cfs().meta, READ_MODEL_KEY)? {
             None => Ok(None),
             Some(v) => String::from_utf8(v.to_vec())
                 .map(Some)
@@ -236,7 +278,7 @@ impl Store {
     /// Records that this store is the read model of `stream` (fsynced).
     pub fn set_read_model_of(&self, stream: &str) -> Result<(), StoreError> {
         let mut wb = WriteBatch::default();
-        wb.put_cf(self.cf(CF_META)?, READ_MODEL_KEY, stream.as_bytes());
+        wb.put_cf(self.cfs().meta, READ_MODEL_KEY, stream.as_bytes());
         self.write_sync(wb)
     }
 
@@ -258,7 +300,7 @@ impl Store {
         b.key.clear();
         b.key.extend_from_slice(device);
         b.key.extend_from_slice(&at.bytes());
-        b.wb.put_cf(self.cf(CF_STATE)?, &b.key, data);
+        b.wb.put_cf(self.cfs().state, &b.key, data);
         Ok(())
     }
 
@@ -269,15 +311,27 @@ impl Store {
         device: &[u8],
         operand: &[u8],
     ) -> Result<(), StoreError> {
-        b.wb.merge_cf(self.cf(CF_COMPOSITE)?, device, operand);
+        b.wb.merge_cf(self.cfs().composite, device, operand);
+        Ok(())
+    }
+
+    /// Adds one statistics operand for a device: `stats.messages` states
+    /// stored in a batch, seen between its first and last times.
+    pub fn merge_device_stats(
+        &self,
+        b: &mut CommitBatch,
+        device: &[u8],
+        stats: &DeviceStats,
+    ) -> Result<(), StoreError> {
+        b.wb.merge_cf(self.cfs().devices, device, stats.encode());
         Ok(())
     }
 
     /// Writes the batch atomically with its WAL record (fsynced before it
     /// returns only with `storage.sync = "always"`), recording `next_seq`.
     pub fn commit(&self, mut b: CommitBatch, next_seq: u64) -> Result<(), StoreError> {
-        b.wb.put_cf(self.cf(CF_META)?, SEQ_KEY, next_seq.to_be_bytes());
-        self.db.write_opt(b.wb, &self.write_opts())?;
+        b.wb.put_cf(self.cfs().meta, SEQ_KEY, next_seq.to_be_bytes());
+        self.db().write_opt(b.wb, &self.write_opts())?;
         Ok(())
     }
 
@@ -285,7 +339,7 @@ impl Store {
     /// `storage.sync_interval_ms` with `storage.sync = "interval"`. Safe to
     /// call while the writer writes.
     pub fn sync_wal(&self) -> Result<(), StoreError> {
-        self.db.flush_wal(true)?;
+        self.db().flush_wal(true)?;
         Ok(())
     }
 
@@ -296,28 +350,36 @@ impl Store {
     /// hard-links the immutable table files when `dir` is on the same
     /// filesystem (copies them otherwise). Blocking.
     pub fn checkpoint(&self, dir: &Path) -> Result<(), StoreError> {
-        rocksdb::checkpoint::Checkpoint::new(&self.db)?.create_checkpoint(dir)?;
+        rocksdb::checkpoint::Checkpoint::new(self.db())?.create_checkpoint(dir)?;
         Ok(())
     }
 
     /// Reads one page of a device's history: at most `q.limit` items, and
     /// fewer if their data would exceed `max_bytes` (a page always holds at
     /// least one item, so every item can be read). `next` is set whenever
-    /// items are left.
+    /// items are left. History older than the application's retention is
+    /// never returned, whether or not compaction has dropped it yet.
     pub fn history(
         &self,
         device: &[u8],
         q: &HistoryQuery,
         max_bytes: usize,
     ) -> Result<HistoryPage, StoreError> {
-        let cf = self.cf(CF_STATE)?;
+        let app = device.split(|&b| b == b'/').next().unwrap_or_default();
+        let start_ms = q
+            .start_ms
+            .max(self.expiry.cutoff(app, now_ms().max(0) as u64));
+        if start_ms > q.end_ms {
+            return Ok(HistoryPage::default());
+        }
+        let cf = self.cfs().state;
         let key_at = |p: Position| {
             let mut k = device.to_vec();
             k.extend_from_slice(&p.bytes());
             k
         };
         let lower = key_at(Position {
-            time_ms: q.start_ms,
+            time_ms: start_ms,
             seq: 0,
         });
         // Exclusive upper bound just past the last possible key at end_ms.
@@ -332,7 +394,7 @@ impl Store {
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(lower.clone());
         ro.set_iterate_upper_bound(upper);
-        let mut it: DBRawIteratorWithThreadMode<'_, DB> = self.db.raw_iterator_cf_opt(cf, ro);
+        let mut it: DBRawIteratorWithThreadMode<'_, DB> = self.db().raw_iterator_cf_opt(cf, ro);
         match (q.order, q.cursor) {
             (Order::Asc, Some(c)) => it.seek(key_at(c)),
             (Order::Asc, None) => it.seek(&lower),
@@ -370,21 +432,21 @@ impl Store {
     /// The folded composite value of a device (see `composite`), if any.
     pub fn composite(&self, device: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
-            .db
-            .get_pinned_cf(self.cf(CF_COMPOSITE)?, device)?
+            .db()
+            .get_pinned_cf(self.cfs().composite, device)?
             .map(|v| v.to_vec()))
     }
 
     /// Stores (or replaces) a token record.
     pub fn put_token(&self, id: &str, record: &[u8]) -> Result<(), StoreError> {
         let mut wb = WriteBatch::default();
-        wb.put_cf(self.cf(CF_TOKENS)?, token_key(b't', id), record);
+        wb.put_cf(self.cfs().tokens, token_key(b't', id), record);
         self.write_sync(wb)
     }
 
     /// Deletes token records and their lastUsedAt in one atomic write.
     pub fn delete_tokens(&self, ids: &[String]) -> Result<(), StoreError> {
-        let cf = self.cf(CF_TOKENS)?;
+        let cf = self.cfs().tokens;
         let mut wb = WriteBatch::default();
         for id in ids {
             wb.delete_cf(cf, token_key(b't', id));
@@ -395,21 +457,21 @@ impl Store {
 
     /// Persists lastUsedAt values.
     pub fn put_last_used(&self, items: &[(String, i64)]) -> Result<(), StoreError> {
-        let cf = self.cf(CF_TOKENS)?;
+        let cf = self.cfs().tokens;
         let mut wb = WriteBatch::default();
         for (id, ms) in items {
             wb.put_cf(cf, token_key(b'u', id), ms.to_be_bytes());
         }
-        self.db.write_opt(wb, &self.write_opts())?;
+        self.db().write_opt(wb, &self.write_opts())?;
         Ok(())
     }
 
     /// All token records and their lastUsedAt (0 when never used).
     pub fn load_tokens(&self) -> Result<Vec<(Vec<u8>, i64)>, StoreError> {
-        let cf = self.cf(CF_TOKENS)?;
+        let cf = self.cfs().tokens;
         let mut records = Vec::new();
         let mut last_used = std::collections::HashMap::new();
-        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+        for item in self.db().iterator_cf(cf, rocksdb::IteratorMode::Start) {
             let (k, v) = item?;
             match k.split_first() {
                 Some((b't', rest)) => records.push((rest.to_vec(), v.to_vec())),
@@ -436,14 +498,111 @@ impl Store {
             .collect())
     }
 
+    /// Every stored lastUsedAt by token id, whether or not the token's
+    /// record is here too (in cluster mode the records live in the
+    /// cluster's bucket and only lastUsedAt, this broker's own, is local).
+    pub fn load_last_used(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let cf = self.cfs().tokens;
+        let mut out = Vec::new();
+        for item in self.db().prefix_iterator_cf(cf, b"u/") {
+            let (k, v) = item?;
+            let Some(id) = k.strip_prefix(b"u/") else {
+                break;
+            };
+            // lastUsedAt is advisory: a damaged one reads as "never used"
+            // rather than stopping the broker (as in `load_tokens`).
+            match (<[u8; 8]>::try_from(v.as_ref()), std::str::from_utf8(id)) {
+                (Ok(b), Ok(id)) => out.push((id.to_string(), i64::from_be_bytes(b))),
+                _ => tracing::warn!(
+                    token = %String::from_utf8_lossy(id),
+                    "damaged lastUsedAt ignored"
+                ),
+            }
+        }
+        Ok(out)
+    }
+
     /// Token changes are rare and must survive a machine crash as soon as
     /// the admin call returns: always fsynced.
     fn write_sync(&self, wb: WriteBatch) -> Result<(), StoreError> {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.db.write_opt(wb, &wo)?;
+        self.db().write_opt(wb, &wo)?;
         Ok(())
     }
+
+    /// The retention of `app`: its own and the one in force.
+    pub fn retention(&self, app: &str) -> AppRetention {
+        self.expiry.of(app)
+    }
+
+    /// Sets (`Some`) or clears (`None`: the default applies) the retention
+    /// override of `app`: fsynced first, then in force for reads at once
+    /// and for compactions starting from now on. With a finite retention
+    /// the application's range is compacted in the background, so what
+    /// just expired leaves the disk now rather than within
+    /// `storage.retention_reclaim_interval`.
+    pub fn set_retention(&self, app: &str, own: Option<Retention>) -> Result<(), StoreError> {
+        let mut wb = WriteBatch::default();
+        match own {
+            Some(r) => wb.put_cf(self.cfs().meta, retention_key(app), r.to_bytes()),
+            None => wb.delete_cf(self.cfs().meta, retention_key(app)),
+        }
+        self.write_sync(wb)?;
+        self.expiry.set(app, own);
+        self.update_reclaim()?;
+        if self.expiry.of(app).effective != Retention::Unlimited {
+            self.reclaim(app);
+        }
+        Ok(())
+    }
+
+    fn load_retention(&self) -> Result<Vec<(String, Retention)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db()
+            .prefix_iterator_cf(self.cfs().meta, RETENTION_PREFIX)
+        {
+            let (k, v) = item?;
+            let Some(app) = k.strip_prefix(RETENTION_PREFIX) else {
+                break;
+            };
+            let corrupt = || StoreError::Corrupt("retention override".into());
+            let app = String::from_utf8(app.to_vec()).map_err(|_| corrupt())?;
+            out.push((app, Retention::from_bytes(&v).ok_or_else(corrupt)?));
+        }
+        Ok(out)
+    }
+
+    /// Turns periodic compaction of history on (every
+    /// `reclaim_interval`) while anything can expire, and off otherwise:
+    /// without a finite retention it would rewrite every file for nothing.
+    fn update_reclaim(&self) -> Result<(), StoreError> {
+        let secs = match self.expiry.any() {
+            true => self.reclaim_interval.as_secs().max(1),
+            false => 0,
+        };
+        self.db().set_options_cf(
+            self.cfs().state,
+            &[("periodic_compaction_seconds", &secs.to_string())],
+        )?;
+        Ok(())
+    }
+
+    /// Whether RocksDB has stopped accepting writes (too much unflushed or
+    /// uncompacted data, or a background error), for readiness.
+    pub fn writes_stopped(&self) -> Result<bool, StoreError> {
+        Ok(self
+            .db()
+            .property_int_value(rocksdb::properties::IS_WRITE_STOPPED)?
+            .is_some_and(|v| v != 0))
+    }
+}
+
+fn retention_key(app: &str) -> Vec<u8> {
+    let mut k = RETENTION_PREFIX.to_vec();
+    k.extend_from_slice(app.as_bytes());
+    k
 }
 
 fn token_key(kind: u8, id: &str) -> Vec<u8> {
@@ -608,11 +767,28 @@ mod tests {
             vec![(b"{\"id\":\"a\"}".to_vec(), 77)]
         );
         // A damaged lastUsedAt reads as never used instead of failing.
-        let cf = store.cf(CF_TOKENS).unwrap();
-        store.db.put_cf(cf, token_key(b'u', "a"), b"bad").unwrap();
+        let cf = store.cfs().tokens;
+        store.db().put_cf(cf, token_key(b'u', "a"), b"bad").unwrap();
         assert_eq!(
             store.load_tokens().unwrap(),
             vec![(b"{\"id\":\"a\"}".to_vec(), 0)]
+        );
+    }
+
+    #[test]
+    fn last_used_alone_loads_without_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::None).unwrap();
+        // Cluster mode: lastUsedAt here, records elsewhere.
+        store
+            .put_last_used(&[("b".into(), 9), ("a".into(), 7)])
+            .unwrap();
+        store.put_token("z", b"{}").unwrap();
+        let cf = store.cfs().tokens;
+        store.db().put_cf(cf, token_key(b'u', "c"), b"bad").unwrap();
+        assert_eq!(
+            store.load_last_used().unwrap(),
+            vec![("a".to_string(), 7), ("b".to_string(), 9)]
         );
     }
 }

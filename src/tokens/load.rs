@@ -24,43 +24,75 @@ pub struct Loaded {
 pub fn load(store: &Store, registry: &Registry) -> Result<Loaded, TokenError> {
     let mut pending = Vec::new();
     for (index, (bytes, last_used)) in store.load_tokens()?.into_iter().enumerate() {
-        let mut r: TokenRecord =
-            serde_json::from_slice(&bytes).map_err(|e| TokenError::Unreadable {
-                index,
-                reason: e.to_string(),
-            })?;
+        let mut r = parse_record(&bytes, index)?;
         r.last_used = (last_used > 0).then_some(last_used);
-        // Records from before revocation had an authority: the safe reading
-        // is that the root deactivated them.
-        if r.status == Status::Inactive && r.deactivated_by.is_none() {
-            r.deactivated_by = Some(Revoker::Root);
-        }
-        pending.push(r);
+        pending.push((r, ()));
     }
+    let ordered = insert_in_order(pending, registry)?;
+    let loaded = Loaded {
+        tokens: ordered.inserted.len(),
+        orphans: ordered.orphans.into_iter().map(|(id, ())| id).collect(),
+    };
+    if !loaded.orphans.is_empty() {
+        store.delete_tokens(&loaded.orphans)?;
+    }
+    Ok(loaded)
+}
+
+/// A stored record (the `index`th read, for the error), as today's code
+/// reads it.
+pub(super) fn parse_record(bytes: &[u8], index: usize) -> Result<TokenRecord, TokenError> {
+    let mut r: TokenRecord = serde_json::from_slice(bytes).map_err(|e| TokenError::Unreadable {
+        index,
+        reason: e.to_string(),
+    })?;
+    // Records from before revocation had an authority: the safe reading
+    // is that the root deactivated them.
+    if r.status == Status::Inactive && r.deactivated_by.is_none() {
+        r.deactivated_by = Some(Revoker::Root);
+    }
+    Ok(r)
+}
+
+/// What [`insert_in_order`] did: ids with the caller's tags.
+pub(super) struct Ordered<T> {
+    /// Inserted, in insertion order (parents first).
+    pub inserted: Vec<(String, T)>,
+    /// Left out: their parent is neither resident nor among the records.
+    pub orphans: Vec<(String, T)>,
+}
+
+/// Inserts `pending` (each record with a tag of the caller's, e.g. its
+/// revision) into `registry`, each after its parent.
+pub(super) fn insert_in_order<T>(
+    mut pending: Vec<(TokenRecord, T)>,
+    registry: &Registry,
+) -> Result<Ordered<T>, TokenError> {
     // Insert in rounds: a token goes in once its parent is in. Parents are
     // always created first, but do not rely on clocks for it. What is left
     // when a round makes no progress has no parent to hang from (or hangs
     // in a cycle, which no API call can make): orphans.
-    let mut loaded = Loaded::default();
+    let mut inserted = Vec::with_capacity(pending.len());
     while !pending.is_empty() {
         let before = pending.len();
         let mut rest = Vec::new();
-        for r in pending {
+        for (r, tag) in pending {
             let ready = match &r.parent_id {
                 None => true,
                 Some(p) => registry.entry(p).is_some(),
             };
             if ready {
+                let id = r.id.clone();
                 registry
                     .insert(r)
                     .map_err(|e| TokenError::Internal(e.to_string()))?;
-                loaded.tokens += 1;
+                inserted.push((id, tag));
             } else {
-                rest.push(r);
+                rest.push((r, tag));
             }
         }
         if rest.len() == before {
-            for r in &rest {
+            for (r, _) in &rest {
                 tracing::warn!(
                     id = %r.id,
                     app = %r.app,
@@ -68,13 +100,15 @@ pub fn load(store: &Store, registry: &Registry) -> Result<Loaded, TokenError> {
                     "deleting stored token whose parent no longer exists"
                 );
             }
-            loaded.orphans = rest.into_iter().map(|r| r.id).collect();
-            store.delete_tokens(&loaded.orphans)?;
-            break;
+            let orphans = rest.into_iter().map(|(r, tag)| (r.id, tag)).collect();
+            return Ok(Ordered { inserted, orphans });
         }
         pending = rest;
     }
-    Ok(loaded)
+    Ok(Ordered {
+        inserted,
+        orphans: Vec::new(),
+    })
 }
 
 #[cfg(test)]

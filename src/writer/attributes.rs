@@ -111,6 +111,18 @@ impl AttributeLimit {
     pub fn forget(&mut self) {
         self.cache.clear();
     }
+
+    /// Forgets one device, whose composite state was removed.
+    pub fn forget_device(&mut self, device: &[u8]) {
+        self.cache.remove(device);
+    }
+
+    /// Forgets every device of `app`, whose data was removed.
+    pub fn forget_application(&mut self, app: &str) {
+        self.cache.retain(|device, _| {
+            !(device.starts_with(app.as_bytes()) && device.get(app.len()) == Some(&b'/'))
+        });
+    }
 }
 
 fn stored_names(store: &Store, device: &[u8]) -> Result<Names, StoreError> {

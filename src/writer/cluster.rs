@@ -18,11 +18,12 @@
 //!   request is answered with an error, and nothing of it is ever stored;
 //! - unknown (NATS stopped answering mid-publish and the fence could not
 //!   be confirmed either): the batch is settled by its fence alone, never
-//!   sent again, until the stream answers. If that takes longer than the
-//!   duplicate window allows (or the broker shuts down), its requests are
-//!   answered with an error although the batch may be stored; counted as
-//!   `unsettled` and logged. Devices resend, so at worst a state is stored
-//!   twice: never lost.
+//!   sent again, until the stream answers. If that takes longer than
+//!   [`settle_window`] (about two publish timeouts; or the broker shuts
+//!   down), its requests are answered with an error that says the batch
+//!   may be stored (HTTP 503 with that detail); counted as `unsettled` and
+//!   logged. Devices resend, so at worst a state is stored twice: never
+//!   lost, and no request is held for longer than a device waits.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -76,24 +77,29 @@ pub struct StreamSpec {
     pub names: Names,
     pub max_in_flight: usize,
     /// How long after its hand-off a batch with an unknown outcome is
-    /// still settled by fences before it is answered with an error: less
-    /// than the stream's duplicate window by a publish timeout and a fence,
-    /// so a settling fence is always still recognised as a duplicate of the
-    /// batch if the batch was stored (see [`settle_window`]).
+    /// still settled by fences before it is answered with an error: about
+    /// two publish timeouts, and always less than the stream's duplicate
+    /// window by a publish timeout and a fence, so a settling fence is
+    /// still recognised as a duplicate of the batch if the batch was stored
+    /// (see [`settle_window`]).
     pub settle_window: Duration,
 }
 
 /// [`StreamSpec::settle_window`] for a stream's duplicate window and the
-/// publisher's timings.
+/// publisher's timings: a publish timeout and a fence after the publish
+/// itself timed out (a request is never held much longer than a device
+/// waits for an answer), and in any case inside the duplicate window.
 pub fn settle_window(
     duplicate_window: Duration,
     publish_timeout: Duration,
     retry_after: Duration,
 ) -> Duration {
-    duplicate_window
+    let fence = retry_after.max(Duration::from_secs(1));
+    let recognised = duplicate_window
         .saturating_sub(publish_timeout)
-        .saturating_sub(retry_after.max(Duration::from_secs(1)))
-        .saturating_sub(Duration::from_secs(1))
+        .saturating_sub(fence)
+        .saturating_sub(Duration::from_secs(1));
+    recognised.min(publish_timeout * 2 + fence)
 }
 
 impl StreamSink {
@@ -395,6 +401,14 @@ fn split_device_key(key: &[u8]) -> Option<(&str, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settling_is_bounded_by_the_publish_timeout_and_the_duplicate_window() {
+        let s = Duration::from_secs;
+        assert_eq!(settle_window(s(120), s(5), s(1)), s(11));
+        assert_eq!(settle_window(s(12), s(5), s(1)), s(5));
+        assert_eq!(settle_window(s(120), s(3), s(2)), s(8));
+    }
 
     #[test]
     fn device_keys_split_into_their_ids() {

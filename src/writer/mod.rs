@@ -31,7 +31,7 @@ use crate::auth::TokenEntry;
 use crate::config::{Config, SyncMode};
 use crate::metrics::Metrics;
 use crate::state::ParsedStates;
-use crate::store::{CommitBatch, DeviceKey, Position, Store, StoreError};
+use crate::store::{CommitBatch, DeviceKey, DeviceStats, Position, Store, StoreError};
 use attributes::{AttributeLimit, Verdict};
 pub use health::{Failure, Health};
 pub use policy::{BatchPolicy, Size};
@@ -81,6 +81,28 @@ pub enum EnqueueError {
     /// request could be queued: it is refused like an unknown token.
     #[error("token no longer usable")]
     Revoked,
+}
+
+/// Why a removal was not done.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    #[error("writer stopped")]
+    Closed,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Data the writer removes in order with ingest: everything queued before
+/// the removal is committed first (and so removed with the rest), and
+/// anything queued after it is stored after it. The writer also forgets
+/// the attribute names it remembers for what it removed.
+#[derive(Debug)]
+pub enum Removal {
+    /// A device's history, composite state and statistics.
+    Device { app: String, device: String },
+    /// Everything of an application, and these tokens of it (see
+    /// `Store::remove_application`).
+    Application { app: String, tokens: Vec<String> },
 }
 
 /// How the writer reports the outcome of a request.
@@ -152,6 +174,8 @@ impl WriteRequest {
 #[allow(clippy::large_enum_variant)]
 enum Item {
     Write(WriteRequest),
+    /// An admin removal and the caller waiting for its commit.
+    Remove(Removal, oneshot::Sender<Result<(), StoreError>>),
     /// Sent once at shutdown, after the listeners have drained: commit
     /// what is queued and exit.
     Stop,
@@ -210,6 +234,28 @@ impl IngestQueue {
                 Err(EnqueueError::Closed)
             }
         }
+    }
+
+    /// Has the writer apply `r` after everything queued before it and
+    /// waits until that is committed (fsynced). With the queue full it
+    /// waits for room (on a blocking thread) rather than refuse an admin
+    /// operation.
+    pub async fn remove(&self, r: Removal) -> Result<(), RemoveError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(RemoveError::Closed);
+        }
+        let (done, outcome) = oneshot::channel();
+        let tx = self.tx.clone();
+        let sent = tokio::task::spawn_blocking(move || tx.send(Item::Remove(r, done)).is_ok())
+            .await
+            .map_err(|_| RemoveError::Closed)?;
+        if !sent {
+            return Err(RemoveError::Closed);
+        }
+        outcome
+            .await
+            .map_err(|_| RemoveError::Closed)?
+            .map_err(RemoveError::Store)
     }
 
     pub fn depth(&self) -> usize {
@@ -356,6 +402,11 @@ impl Writer {
         self.queue.clone()
     }
 
+    /// True once the writer thread has ended, for readiness.
+    pub fn exit_flag(&self) -> watch::Receiver<bool> {
+        self.exited.clone()
+    }
+
     /// Resolves when the writer thread has ended. Before [`Writer::stop`]
     /// that means it died: nothing will drain the queue again.
     pub fn exited(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -416,24 +467,20 @@ struct Worker {
 
 impl Worker {
     fn run(mut self) -> Result<(), StoreError> {
-        let mut carry: Option<WriteRequest> = None;
+        let mut carry: Option<Item> = None;
         let mut stopping = false;
         let mut batch: Vec<WriteRequest> = Vec::new();
         let mut wake: Vec<Arc<dyn CommitSink>> = Vec::new();
         loop {
-            let first = match carry.take() {
-                Some(r) => r,
+            let next = match carry.take() {
+                Some(item) => item,
                 None if stopping => match self.rx.try_recv() {
-                    Ok(Item::Write(r)) => r,
-                    _ => break,
+                    Ok(item) => item,
+                    Err(_) => break,
                 },
                 None if self.health.is_failing(Failure::Commit) => {
                     match self.rx.recv_timeout(PROBE_EVERY) {
-                        Ok(Item::Write(r)) => r,
-                        Ok(Item::Stop) => {
-                            stopping = true;
-                            continue;
-                        }
+                        Ok(item) => item,
                         Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                             self.probe();
                             continue;
@@ -442,13 +489,20 @@ impl Worker {
                     }
                 }
                 None => match self.rx.recv() {
-                    Ok(Item::Write(r)) => r,
-                    Ok(Item::Stop) => {
-                        stopping = true;
-                        continue;
-                    }
+                    Ok(item) => item,
                     Err(_) => break,
                 },
+            };
+            let first = match next {
+                Item::Write(r) => r,
+                Item::Remove(r, done) => {
+                    self.remove(r, done);
+                    continue;
+                }
+                Item::Stop => {
+                    stopping = true;
+                    continue;
+                }
             };
             let mut size = first.size();
             batch.push(first);
@@ -456,11 +510,16 @@ impl Worker {
                 match item {
                     Item::Write(r) => {
                         if !self.policy.admits(size, r.size()) {
-                            carry = Some(r);
+                            carry = Some(Item::Write(r));
                             break;
                         }
                         size = size + r.size();
                         batch.push(r);
+                    }
+                    // What came before the removal is committed first.
+                    Item::Remove(..) => {
+                        carry = Some(item);
+                        break;
                     }
                     Item::Stop => stopping = true,
                 }
@@ -570,6 +629,26 @@ impl Worker {
         }
     }
 
+    /// Applies an admin removal between two batches and answers it.
+    fn remove(&mut self, r: Removal, done: oneshot::Sender<Result<(), StoreError>>) {
+        let result = match &r {
+            Removal::Device { app, device } => {
+                self.attributes
+                    .forget_device(&crate::store::device_key(app, device));
+                self.store.remove_device(app, device)
+            }
+            Removal::Application { app, tokens } => {
+                self.attributes.forget_application(app);
+                self.store.remove_application(app, tokens)
+            }
+        };
+        if let Err(e) = &result {
+            tracing::error!(error = %e, removal = ?r, "removal failed");
+        }
+        // The caller may have stopped waiting; the removal is done anyway.
+        let _ = done.send(result);
+    }
+
     /// While commits fail and no request comes, an empty commit (only the
     /// sequence number) tells when storage works again.
     fn probe(&mut self) {
@@ -623,7 +702,11 @@ impl Worker {
         let stored = Records::add(
             &self.store,
             &mut cb,
-            Records::numbered(self.next_seq, admitted),
+            Records::numbered(
+                self.next_seq,
+                crate::timefmt::now_ms().max(0) as u64,
+                admitted,
+            ),
             &mut self.scratch,
         )?;
         let next_seq = self.next_seq + stored as u64;
@@ -643,9 +726,10 @@ impl Records {
         size.bytes + size.messages * 80 + 64
     }
 
-    /// Adds every state of `requests` and one composite merge per device
-    /// to `cb`; returns how many states it added. `scratch` is a reusable
-    /// buffer.
+    /// Adds every state of `requests`, one composite merge and one
+    /// statistics merge (states stored, seen at each request's `seen_ms`)
+    /// per device to `cb`; returns how many states it added. `scratch` is
+    /// a reusable buffer.
     ///
     /// Each request names the sequence number of its first state; the
     /// others follow it consecutively. The writer numbers a batch from its
@@ -658,17 +742,20 @@ impl Records {
     /// Concatenated operands fold exactly like separate ones (entries are
     /// applied in order, later wins on equal times), so each device gets
     /// one merge per batch instead of one per request: far fewer memtable
-    /// inserts when devices stream.
+    /// inserts when devices stream. The statistics ride on the same
+    /// per-device grouping, so the device list costs one small merge per
+    /// device per batch and no read.
     pub fn add<'a>(
         store: &Store,
         cb: &mut CommitBatch,
         requests: impl Iterator<Item = Numbered<'a>>,
         scratch: &mut Vec<u8>,
     ) -> Result<usize, StoreError> {
-        let mut composites: HashMap<&[u8], Vec<&[u8]>> = HashMap::new();
+        let mut devices: HashMap<&[u8], PerDevice<'_>> = HashMap::new();
         let mut added = 0;
         for Numbered {
             seq,
+            seen_ms,
             device,
             body,
             parsed,
@@ -683,38 +770,46 @@ impl Records {
                 store.put_state(cb, device, at, data)?;
             }
             added += parsed.states.len();
+            let d = devices.entry(device).or_insert_with(PerDevice::new);
+            d.stats.messages += parsed.states.len() as u64;
+            d.stats.first_seen_ms = d.stats.first_seen_ms.min(seen_ms);
+            d.stats.last_seen_ms = d.stats.last_seen_ms.max(seen_ms);
             if !parsed.composite.is_empty() {
-                composites
-                    .entry(device)
-                    .or_default()
-                    .push(&parsed.composite);
+                d.operands.push(&parsed.composite);
             }
         }
-        for (device, operands) in composites {
-            if let [one] = operands.as_slice() {
-                store.merge_composite(cb, device, one)?;
-            } else {
-                scratch.clear();
-                for op in operands {
-                    scratch.extend_from_slice(op);
+        for (device, d) in devices {
+            match d.operands.as_slice() {
+                [] => {}
+                [one] => store.merge_composite(cb, device, one)?,
+                more => {
+                    scratch.clear();
+                    for op in more {
+                        scratch.extend_from_slice(op);
+                    }
+                    store.merge_composite(cb, device, scratch)?;
                 }
-                store.merge_composite(cb, device, scratch)?;
+            }
+            if d.stats.messages > 0 {
+                store.merge_device_stats(cb, device, &d.stats)?;
             }
         }
         Ok(added)
     }
 
     /// Numbers `requests` (device key, body, parse) consecutively from
-    /// `first`, as the writer does.
+    /// `first`, all seen at `seen_ms`, as the writer does.
     pub fn numbered<'a>(
         first: u64,
+        seen_ms: u64,
         requests: impl Iterator<Item = (&'a [u8], &'a [u8], &'a ParsedStates)>,
     ) -> impl Iterator<Item = Numbered<'a>> {
-        requests.scan(first, |next, (device, body, parsed)| {
+        requests.scan(first, move |next, (device, body, parsed)| {
             let seq = *next;
             *next += parsed.states.len() as u64;
             Some(Numbered {
                 seq,
+                seen_ms,
                 device,
                 body,
                 parsed,
@@ -727,11 +822,36 @@ impl Records {
 /// `seq + 1`, ...
 pub struct Numbered<'a> {
     pub seq: u64,
+    /// When the request was received (epoch ms), for the device list's
+    /// statistics: the writer's commit time, or in cluster mode the
+    /// accepting broker's receive time, so every read model agrees.
+    pub seen_ms: u64,
     /// The device's key prefix (`store::device_key`).
     pub device: &'a [u8],
     /// The body `parsed` holds spans into.
     pub body: &'a [u8],
     pub parsed: &'a ParsedStates,
+}
+
+/// What one batch holds for one device.
+struct PerDevice<'a> {
+    /// Composite operands, in request order.
+    operands: Vec<&'a [u8]>,
+    /// States stored and the span of their `seen_ms`.
+    stats: DeviceStats,
+}
+
+impl PerDevice<'_> {
+    fn new() -> Self {
+        PerDevice {
+            operands: Vec::new(),
+            stats: DeviceStats {
+                first_seen_ms: u64::MAX,
+                last_seen_ms: 0,
+                messages: 0,
+            },
+        }
+    }
 }
 
 #[cfg(test)]

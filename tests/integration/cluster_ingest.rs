@@ -370,7 +370,7 @@ fn refused_while_nats_is_away_and_never_stored_later() {
         );
         assert_eq!((st, v["error"].as_str()), (503, Some("unavailable")), "{v}");
     }
-    let health = client().get(s.http_url("/healthz")).send().unwrap();
+    let health = client().get(s.http_url("/readyz")).send().unwrap();
     assert_eq!(health.status().as_u16(), 503);
     assert!(health.text().unwrap().contains("ingest stream"));
 
@@ -378,7 +378,7 @@ fn refused_while_nats_is_away_and_never_stored_later() {
     // Health turns good by itself, with no request to show it.
     let deadline = Instant::now() + Duration::from_secs(90);
     while client()
-        .get(s.http_url("/healthz"))
+        .get(s.http_url("/readyz"))
         .send()
         .unwrap()
         .status()
@@ -417,7 +417,7 @@ fn refused_while_nats_is_away_and_never_stored_later() {
         !messages.iter().any(|m| m.1.contains("down-")),
         "{messages:?}"
     );
-    let health = client().get(s.http_url("/healthz")).send().unwrap();
+    let health = client().get(s.http_url("/readyz")).send().unwrap();
     assert_eq!(health.status().as_u16(), 200);
 }
 

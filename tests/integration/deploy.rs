@@ -414,6 +414,17 @@ fn image_start_command_serves_as_its_non_root_user() {
             .unwrap(),
     );
     assert_eq!(st, 200);
+    let (st, v) = json_of(
+        client()
+            .get(format!("http://{admin_addr}/readyz"))
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(
+        (st, &v["status"]),
+        (200, &serde_json::json!("ready")),
+        "{v}"
+    );
     round_trip(&admin_addr, &on_loopback(&open["http"]), root.trim());
     // `docker exec <container> sluice token list --app farm --data-dir
     // /data`: the CLI finds the admin address and token in the volume.

@@ -1,9 +1,10 @@
 //! The writer cannot fail silently (issue 8, item 8): the broker's RocksDB
 //! lives on a small tmpfs that the test fills. While writes fail, every
 //! request is answered with an error (HTTP 503 `unavailable`, MQTT 5 PUBACK
-//! 0x80), `/healthz` says so on both listeners, and nothing unstored is
+//! 0x80), `/readyz` says so on both listeners (while `/healthz`, liveness,
+//! stays 200: restarting would not free the disk), and nothing unstored is
 //! acknowledged. Once space is freed, ingest recovers by itself (RocksDB
-//! resumes once it has a write buffer's worth of space, 64 MiB, and the
+//! resumes once it has a write buffer's worth of space, `storage.write_buffer_bytes`, and the
 //! writer's probe notices), and everything acknowledged survives a restart.
 //!
 //! Needs root (to mount a tmpfs); elsewhere it is skipped with the reason.
@@ -143,7 +144,7 @@ fn a_full_disk_is_answered_with_errors_and_ingest_recovers_by_itself() {
         (st, v)
     };
     assert_eq!(post("before".into(), &mut acked, &mut sent).0, 200);
-    assert_eq!(health(&s.http_url("/healthz")).0, 200);
+    assert_eq!(health(&s.http_url("/readyz")).0, 200);
 
     fill(&db.join("filler"));
     // Space RocksDB had reserved ahead (a preallocated WAL) may still take
@@ -168,39 +169,54 @@ fn a_full_disk_is_answered_with_errors_and_ingest_recovers_by_itself() {
     );
     sent.insert("mqtt-down".into());
 
-    let (st, v) = health(&s.http_url("/healthz"));
+    let storage_check = |v: &Value| {
+        v["checks"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["name"] == "storage"))
+            .cloned()
+            .unwrap_or_else(|| panic!("no storage check: {v}"))
+    };
+    let (st, v) = health(&s.http_url("/readyz"));
     assert_eq!(st, 503, "{v}");
-    assert_eq!(v["status"], "unavailable");
-    assert!(v["reason"].as_str().unwrap().contains("storage"), "{v}");
+    assert_eq!(v["status"], "unready");
+    let check = storage_check(&v);
+    assert_eq!(check["ok"], false, "{v}");
+    assert!(check["reason"].as_str().unwrap().contains("storage"), "{v}");
     assert!(
-        v.get("detail").is_none(),
+        check.get("detail").is_none(),
         "no machine details on the device port: {v}"
     );
-    let (st, v) = health(&s.admin_url("/healthz"));
+    let (st, v) = health(&s.admin_url("/readyz"));
     assert_eq!(st, 503, "{v}");
     assert!(
-        v["detail"].as_str().unwrap().contains("No space left"),
+        storage_check(&v)["detail"]
+            .as_str()
+            .unwrap()
+            .contains("No space left"),
         "{v}"
     );
+    // Liveness is not readiness: the process is fine, the disk is not.
+    assert_eq!(health(&s.http_url("/healthz")).0, 200);
+    assert_eq!(health(&s.admin_url("/healthz")).0, 200);
     let metrics = metrics_text(&s);
     assert!(
         !metrics.contains("sluice_commit_errors_total 0"),
         "{metrics}"
     );
 
-    // Free the space: health recovers without any request (the writer
+    // Free the space: readiness recovers without any request (the writer
     // probes), then ingest works again on both listeners.
     std::fs::remove_file(db.join("filler")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while health(&s.admin_url("/healthz")).0 != 200 {
+    while health(&s.admin_url("/readyz")).0 != 200 {
         assert!(
             Instant::now() < deadline,
-            "not healthy again 60 s after space was freed: {}",
+            "not ready again 60 s after space was freed: {}",
             s.stderr()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(health(&s.http_url("/healthz")).0, 200);
+    assert_eq!(health(&s.http_url("/readyz")).0, 200);
     assert_eq!(post("after".into(), &mut acked, &mut sent).0, 200);
     assert_eq!(
         mqtt5_publish(&s, &t, r#"{"data":{"id":"mqtt-after"}}"#),

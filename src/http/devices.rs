@@ -1,0 +1,306 @@
+//! Devices on the admin listener:
+//! - `GET /applications/{app}/devices?limit=&cursor=` (`device.getState`):
+//!   every device that has stored state, with when it was first and last
+//!   seen and how many states it stored, in pages; a token limited to some
+//!   devices sees only those.
+//! - `DELETE /applications/{app}/devices/{device}` (`all.Application` for
+//!   that device): its history, composite state and statistics.
+//! - `DELETE /applications/{app}`: everything of the application, its
+//!   tokens included. Only the root token, or a token of the application
+//!   minted by root with `all.Application` over every device, may do it: a
+//!   token minted by another never removes its ancestors.
+//!
+//! Both deletions are durable (fsynced) before they answer 204, go through
+//! the writer so they are ordered with ingest, and run in their own task:
+//! they finish the same way whether or not the client waits.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use super::admin::{min_seq, path, AdminApi, Api, ApiError, PathOf, DEFAULT_LIMIT, MAX_LIMIT};
+use crate::auth::{Devices, Scope};
+use crate::ids::is_valid_id;
+use crate::materialize::applied::ReadModel;
+use crate::store::{device_key, DeviceEntry, DevicePage, Store, StoreError};
+use crate::timefmt::format_rfc3339;
+use crate::writer::{Removal, RemoveError};
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DeviceJson {
+    device: String,
+    first_seen_at: String,
+    last_seen_at: String,
+    messages: u64,
+}
+
+#[derive(Serialize)]
+struct PageJson {
+    items: Vec<DeviceJson>,
+    /// The device the next page starts at (pass back as `cursor`).
+    next: Option<String>,
+}
+
+fn page_query(params: &HashMap<String, String>) -> Result<(usize, Option<String>), String> {
+    for k in params.keys() {
+        if !matches!(k.as_str(), "limit" | "cursor" | "minSeq") {
+            return Err(format!("unknown query parameter {k:?}"));
+        }
+    }
+    let limit = match params.get("limit") {
+        None => DEFAULT_LIMIT,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
+            _ => return Err(format!("`limit` must be an integer from 1 to {MAX_LIMIT}")),
+        },
+    };
+    let cursor = match params.get("cursor") {
+        Some(c) if !is_valid_id(c) => {
+            return Err("`cursor` is not a cursor returned as `next`".into())
+        }
+        c => c.cloned(),
+    };
+    Ok((limit, cursor))
+}
+
+/// One page of the devices of `app` that `devices` covers, from `cursor`.
+fn list(
+    store: &Store,
+    app: &str,
+    devices: &Devices,
+    limit: usize,
+    cursor: Option<&str>,
+) -> Result<DevicePage, StoreError> {
+    let Devices::Only(ids) = devices else {
+        return store.devices(app, cursor, limit);
+    };
+    // A limited token lists only its own devices, in the order a full
+    // listing has (by key), looked up directly rather than scanned for.
+    let mut wanted: Vec<&str> = ids.iter().map(|d| &**d).collect();
+    wanted.sort_by_cached_key(|d| device_key(app, d));
+    if let Some(c) = cursor {
+        let from = device_key(app, c);
+        wanted.retain(|d| device_key(app, d) >= from);
+    }
+    let mut page = DevicePage::default();
+    for chunk in wanted.chunks(limit + 1) {
+        for entry in store.device_stats(app, chunk)? {
+            if page.items.len() == limit {
+                page.next = Some(entry.device);
+                return Ok(page);
+            }
+            page.items.push(entry);
+        }
+    }
+    Ok(page)
+}
+
+pub async fn list_devices(
+    State(api): Api,
+    app: PathOf<String>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let app = path(app)?;
+    let caller = api.authorize(&headers, &app, None, Scope::GetState)?;
+    let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let (limit, cursor) = page_query(&params).map_err(ApiError::BadRequest)?;
+    api.read_model.ready(min_seq(&params)?).await?;
+    let store = api.store.clone();
+    let page = tokio::task::spawn_blocking(move || {
+        list(&store, &app, &caller.devices, limit, cursor.as_deref())
+    })
+    .await
+    .map_err(|_| ApiError::Internal)?
+    .map_err(|e| {
+        tracing::error!(error = %e, "device list read failed");
+        ApiError::Internal
+    })?;
+    let items = page
+        .items
+        .into_iter()
+        .map(|DeviceEntry { device, stats }| DeviceJson {
+            device,
+            first_seen_at: format_rfc3339(stats.first_seen_ms as i64),
+            last_seen_at: format_rfc3339(stats.last_seen_ms as i64),
+            messages: stats.messages,
+        })
+        .collect();
+    Ok(axum::Json(PageJson {
+        items,
+        next: page.next,
+    })
+    .into_response())
+}
+
+/// In cluster mode every broker's read model is built from the ingest
+/// stream, so a removal applied to one broker's store alone would make the
+/// brokers disagree (and the stream would still hold the data). Until
+/// removals travel through the stream, they are refused there.
+fn refuse_in_cluster_mode(api: &AdminApi) -> Result<(), ApiError> {
+    match api.read_model {
+        ReadModel::Local => Ok(()),
+        ReadModel::Materialized { .. } | ReadModel::Absent => Err(ApiError::NotInClusterMode(
+            "removing devices or applications is not supported in cluster mode yet: the states stay in the ingest stream and in every broker's read model",
+        )),
+    }
+}
+
+fn removal_failed(e: RemoveError) -> ApiError {
+    match e {
+        RemoveError::Closed => ApiError::Unavailable("the broker is shutting down".into()),
+        RemoveError::Store(_) => ApiError::Internal,
+    }
+}
+
+pub async fn delete_device(
+    State(api): Api,
+    ids: PathOf<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (app, device) = path(ids)?;
+    api.authorize(&headers, &app, Some(&device), Scope::AllApplication)?;
+    refuse_in_cluster_mode(&api)?;
+    let queue = api.queue.clone();
+    // Spawned so it completes even if the client goes away meanwhile.
+    let task = tokio::spawn(async move {
+        let result = queue
+            .remove(Removal::Device {
+                app: app.clone(),
+                device: device.clone(),
+            })
+            .await;
+        match &result {
+            Ok(()) => tracing::info!(app, device, "device removed"),
+            Err(e) => tracing::warn!(app, device, error = %e, "device removal failed"),
+        }
+        result
+    });
+    task.await
+        .map_err(|_| ApiError::Internal)?
+        .map_err(removal_failed)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub async fn delete_application(
+    State(api): Api,
+    app: PathOf<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let app = path(app)?;
+    let caller = api.caller(&headers)?;
+    if !is_valid_id(&app) {
+        return Err(ApiError::BadRequest(
+            "application ids must be 1-64 characters of A-Z a-z 0-9 _ . -".into(),
+        ));
+    }
+    let owner = *caller.app == *app
+        && caller.parent.is_none()
+        && caller.scopes.contains(Scope::AllApplication)
+        && caller.devices == Devices::All;
+    if !(caller.root || owner) {
+        return Err(ApiError::Forbidden);
+    }
+    refuse_in_cluster_mode(&api)?;
+    let task = tokio::spawn(remove_application(api.clone(), caller, app));
+    task.await.map_err(|_| ApiError::Internal)??;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Both halves of an application removal (see
+/// `TokenService::begin_application_removal`), run to the end in their own
+/// task.
+async fn remove_application(
+    api: Arc<AdminApi>,
+    caller: Arc<crate::auth::TokenEntry>,
+    app: String,
+) -> Result<(), ApiError> {
+    let tokens = api
+        .tokens
+        .begin_application_removal(caller, app.clone())
+        .await?;
+    let n = tokens.len();
+    let result = api
+        .queue
+        .remove(Removal::Application {
+            app: app.clone(),
+            tokens,
+        })
+        .await;
+    match &result {
+        Ok(()) => tracing::info!(app, tokens = n, "application removed"),
+        // The intent record stays: the removal finishes at the next start.
+        Err(e) => {
+            tracing::error!(app, error = %e, "application removal failed; it is finished at the next start")
+        }
+    }
+    result.map_err(removal_failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn page_params() {
+        assert_eq!(page_query(&params(&[])), Ok((DEFAULT_LIMIT, None)));
+        assert_eq!(
+            page_query(&params(&[("limit", "5"), ("cursor", "d-1")])),
+            Ok((5, Some("d-1".into())))
+        );
+        for bad in [
+            vec![("limit", "0")],
+            vec![("limit", "10001")],
+            vec![("cursor", "a/b")],
+            vec![("order", "asc")],
+        ] {
+            assert!(page_query(&params(&bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_limited_token_pages_through_its_own_devices_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), crate::config::SyncMode::None).unwrap();
+        let mut b = store.batch(256);
+        for d in ["a", "b", "c", "d", "e"] {
+            store
+                .merge_device_stats(
+                    &mut b,
+                    &device_key("app", d),
+                    &crate::store::DeviceStats {
+                        first_seen_ms: 5,
+                        last_seen_ms: 5,
+                        messages: 1,
+                    },
+                )
+                .unwrap();
+        }
+        store.commit(b, 0).unwrap();
+        let mine = Devices::only(["e", "c", "a", "never-sent", "b"].map(String::from));
+        let mut seen = vec![];
+        let mut cursor = None;
+        loop {
+            let page = list(&store, "app", &mine, 2, cursor.as_deref()).unwrap();
+            seen.extend(page.items.into_iter().map(|e| e.device));
+            match page.next {
+                Some(n) => cursor = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(seen, vec!["a", "b", "c", "e"]);
+    }
+}
