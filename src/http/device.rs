@@ -309,9 +309,7 @@ impl DeviceApi {
             Ok(Err(CommitError::Stream)) => stream_unavailable(
                 "the cluster's ingest stream did not store this request; nothing of it was stored",
             ),
-            Ok(Err(CommitError::StreamUnknown)) => stream_unavailable(
-                "the cluster's ingest stream did not confirm this request in time; it may have been stored",
-            ),
+            Ok(Err(CommitError::StreamUnknown)) => unconfirmed(),
         }
     }
 }
@@ -336,6 +334,20 @@ fn accepted_body(accepted: usize, seq: Option<u64>) -> Vec<u8> {
 /// short.
 fn stream_unavailable(detail: &str) -> Response<Full<Bytes>> {
     let mut r = error_with_detail(503, "unavailable", detail);
+    r.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
+/// 504 when the cluster's ingest stream could not say in time whether it
+/// stored a request (NATS went away mid-commit): not a refusal, since it
+/// may be stored; a resend may store it twice, never lose it.
+fn unconfirmed() -> Response<Full<Bytes>> {
+    let mut r = error_with_detail(
+        504,
+        "unconfirmed",
+        "the cluster's ingest stream did not confirm in time whether it stored this request; it may have been stored; send it again",
+    );
     r.headers_mut()
         .insert(RETRY_AFTER, HeaderValue::from_static("1"));
     r

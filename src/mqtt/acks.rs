@@ -140,21 +140,25 @@ impl Pubacks {
                 Ok(()) => AckReason::Success,
                 // A quota of the device's, not a failure of the broker's.
                 Err(CommitError::TooManyAttributes { .. }) => AckReason::QuotaExceeded,
+                Err(CommitError::StreamUnknown) => AckReason::Unconfirmed,
                 Err(_) => AckReason::Failed,
             });
         }
     }
 
     /// Encodes every PUBACK that is now in order into `out`. Returns true
-    /// when a 3.1.1 publish was not stored: 3.1.1 cannot report that, so
-    /// the connection must close (the client resends after reconnecting).
+    /// when a 3.1.1 publish was not stored (3.1.1 cannot report that), or
+    /// when any publish's outcome is unconfirmed (a refusal would claim
+    /// more than is known): the connection must close, and the client
+    /// resends after reconnecting.
     pub(super) fn write_ready(&mut self, codec: &mut Codec, out: &mut BytesMut) -> bool {
         let mut close = false;
         while let Some(a) = self.pending.front() {
             let Some(reason) = a.reason else { break };
             let id = a.packet_id;
             self.pending.pop_front();
-            if reason != AckReason::Success && !codec.is_v5() {
+            if reason == AckReason::Unconfirmed || (reason != AckReason::Success && !codec.is_v5())
+            {
                 close = true;
                 continue;
             }
@@ -200,5 +204,31 @@ mod tests {
             b"\x40\x02\x00\x01\x40\x02\x00\x02\x40\x02\x00\x03"
         );
         assert!(acks.is_settled());
+    }
+
+    fn v5() -> Codec {
+        // CONNECT, MQTT 5, clean start, keep-alive 60, no properties,
+        // empty client id.
+        let mut connect = BytesMut::from(&b"\x10\x0d\x00\x04MQTT\x05\x02\x00\x3c\x00\x00\x00"[..]);
+        Codec::detect(&mut connect, 1024).unwrap().unwrap()
+    }
+
+    #[test]
+    fn an_unconfirmed_outcome_closes_without_a_puback_in_both_versions() {
+        for mut codec in [v311(), v5()] {
+            let mut acks = Pubacks::new();
+            for n in 1..=2 {
+                let _ = acks.committing(id(n));
+            }
+            acks.sink().record(1, Ok(()));
+            acks.sink().record(2, Err(CommitError::StreamUnknown));
+            acks.collect();
+            let mut out = BytesMut::new();
+            assert!(acks.write_ready(&mut codec, &mut out), "must close");
+            // Publish 1's PUBACK only.
+            let mut expected = BytesMut::new();
+            codec.puback(&mut expected, id(1), AckReason::Success);
+            assert_eq!(out, expected);
+        }
     }
 }

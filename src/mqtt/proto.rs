@@ -162,6 +162,10 @@ pub enum AckReason {
     QuotaExceeded,
     /// 0x80: accepted but not stored (storage failed or shutting down).
     Failed,
+    /// Cluster mode: whether the ingest stream stored it is unknown. No
+    /// PUBACK is sent; the connection closes and the client resends the
+    /// publish (at least once: it may then be stored twice, never lost).
+    Unconfirmed,
 }
 
 /// DISCONNECT reasons sent by the server (MQTT 5 only).
@@ -575,7 +579,8 @@ impl Codec {
                         AckReason::NotAuthorized => R::NotAuthorized,
                         AckReason::PayloadInvalid => R::PayloadFormatInvalid,
                         AckReason::QuotaExceeded => R::QuotaExceeded,
-                        AckReason::Failed => R::UnspecifiedError,
+                        // `Unconfirmed` is never sent (see `mqtt::acks`).
+                        AckReason::Failed | AckReason::Unconfirmed => R::UnspecifiedError,
                     },
                     properties: Vec::new(),
                     reason_string: None,

@@ -54,7 +54,9 @@ pub enum CommitError {
     #[error("the cluster's ingest stream did not store the batch")]
     Stream,
     /// Cluster mode: whether the ingest stream stored the batch could not
-    /// be learned within its duplicate window.
+    /// be learned in time (NATS went away mid-commit): it may be stored.
+    /// Answered so that the client resends (HTTP 504 `unconfirmed`, MQTT a
+    /// closed connection without PUBACK), never as a refusal.
     #[error("the cluster's ingest stream did not confirm whether it stored the batch")]
     StreamUnknown,
 }

@@ -264,6 +264,148 @@ fn an_ingest_only_broker_acknowledges_but_keeps_no_read_model() {
     assert!(status.get("applied").is_none(), "{status}");
 }
 
+/// The answer's retry for a token just minted on another broker: its
+/// creation reaches every broker's token view within moments.
+fn post_until_known(s: &Server, t: &str, app: &str, device: &str, body: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (st, v) = post_state(s, t, app, device, body);
+        if st == 200 {
+            return v;
+        }
+        assert_eq!(st, 401, "{v}");
+        assert!(
+            Instant::now() < deadline,
+            "the token never reached {}",
+            s.http
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Three brokers on one NATS cluster, one of them ingest-only: a state
+/// accepted by any broker is read on any other that materializes, at once
+/// with `minSeq` (read-your-writes across brokers), and every read model
+/// holds the same history, composite state and device statistics.
+/// Removals, which one broker's store cannot carry to the others, are
+/// refused in cluster mode.
+#[test]
+fn read_your_writes_across_brokers() {
+    let nats = NatsCluster::start(3);
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let env = cluster_env(&nats, "ryw");
+    let a = start_broker(dirs[0].path(), &env);
+    let b = start_broker(dirs[1].path(), &env);
+    let edge = start_broker(
+        dirs[2].path(),
+        &with(env.clone(), "SLUICE_CLUSTER__MATERIALIZE", "false"),
+    );
+    let (_, t) = mint(
+        &a,
+        ADMIN,
+        "farm",
+        json!({"name": "b", "scope": ["device.sendState", "device.getState", "all.Application"]}),
+    );
+    let s1 = seq_of(&post_until_known(
+        &edge,
+        &t,
+        "farm",
+        "d1",
+        r#"{"data":{"at":"edge"}}"#,
+    ));
+    let s2 = seq_of(&post_until_known(
+        &b,
+        &t,
+        "farm",
+        "d1",
+        r#"[{"data":{"at":"b"}},{"data":{"n":2}}]"#,
+    ));
+    let s3 = seq_of(&post_until_known(
+        &a,
+        &t,
+        "farm",
+        "d2",
+        r#"{"data":{"at":"a"}}"#,
+    ));
+    assert!(s1 < s2 && s2 < s3, "{s1} {s2} {s3}");
+
+    // A reads what the edge broker and B accepted, B what A accepted.
+    let (st, page) = get_admin(
+        &a,
+        &t,
+        &format!("/applications/farm/devices/d1/state?order=asc&minSeq={s2}"),
+    );
+    assert_eq!(st, 200, "{page}");
+    let data: Vec<Value> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["data"].clone())
+        .collect();
+    assert_eq!(
+        data,
+        [json!({"at": "edge"}), json!({"at": "b"}), json!({"n": 2})]
+    );
+    let (st, page) = get_admin(
+        &b,
+        &t,
+        &format!("/applications/farm/devices/d2/state?minSeq={s3}"),
+    );
+    assert_eq!((st, &page["items"][0]["data"]), (200, &json!({"at": "a"})));
+
+    // Every materializing broker holds the same content, device list
+    // statistics included (the accepting broker's receive times).
+    let view = |s: &Server| {
+        let mut v = vec![];
+        for d in ["d1", "d2"] {
+            for path in ["state?order=asc", "compositeState?"] {
+                let (st, body) = get_admin(
+                    s,
+                    &t,
+                    &format!("/applications/farm/devices/{d}/{path}&minSeq={s3}"),
+                );
+                assert_eq!(st, 200, "{body}");
+                v.push(body);
+            }
+        }
+        let (st, list) = get_admin(s, &t, &format!("/applications/farm/devices?minSeq={s3}"));
+        assert_eq!(st, 200, "{list}");
+        assert_eq!(list["items"].as_array().unwrap().len(), 2, "{list}");
+        v.push(list);
+        v
+    };
+    assert_eq!(view(&a), view(&b));
+    let (st, list) = get_admin(&edge, &t, "/applications/farm/devices");
+    assert_eq!((st, list["error"].as_str()), (503, Some("no_read_model")));
+
+    // The operator's view shows the ingest log.
+    let (st, cluster) = get_admin(&a, ADMIN, "/cluster");
+    assert_eq!(st, 200, "{cluster}");
+    assert_eq!(cluster["ingest"]["materialize"], true, "{cluster}");
+    assert!(
+        cluster["ingest"]["applied"].as_u64().unwrap() >= s3,
+        "{cluster}"
+    );
+
+    // Removals are refused rather than applied to one read model only.
+    let r = client()
+        .delete(a.admin_url("/applications/farm/devices/d1"))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 501);
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["error"], "not_in_cluster_mode");
+    let r = client()
+        .delete(b.admin_url("/applications/farm"))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 501);
+    let (st, page) = get_admin(&b, &t, "/applications/farm/devices/d1/state");
+    assert_eq!((st, page["items"].as_array().unwrap().len()), (200, 3));
+}
+
 /// One MQTT session publishing fast, so its publishes span several
 /// batches in flight at once: the stream (and so every read model) holds
 /// them in publish order, and every PUBACK comes back.
