@@ -140,17 +140,18 @@ pub async fn list_devices(
 }
 
 /// In cluster mode every broker's read model is built from the ingest
-/// stream, so a removal applied to one broker's store alone would make the
-/// brokers disagree (and the stream would still hold the data). Until
-/// removals travel through the stream, they are refused there.
-fn refuse_in_cluster_mode(api: &AdminApi) -> Result<(), ApiError> {
+/// stream, so a change applied to one broker's store alone (a removal, a
+/// retention override) would make the brokers disagree (and the stream
+/// would still hold the data). Until such changes travel through the
+/// stream, they are refused there.
+pub(super) fn refuse_in_cluster_mode(api: &AdminApi, what: &'static str) -> Result<(), ApiError> {
     match api.read_model {
         ReadModel::Local => Ok(()),
-        ReadModel::Materialized { .. } | ReadModel::Absent => Err(ApiError::NotInClusterMode(
-            "removing devices or applications is not supported in cluster mode yet: the states stay in the ingest stream and in every broker's read model",
-        )),
+        ReadModel::Materialized { .. } | ReadModel::Absent => Err(ApiError::NotInClusterMode(what)),
     }
 }
+
+const NO_REMOVALS: &str = "removing devices or applications is not supported in cluster mode yet: the states stay in the ingest stream and in every broker's read model";
 
 fn removal_failed(e: RemoveError) -> ApiError {
     match e {
@@ -166,7 +167,7 @@ pub async fn delete_device(
 ) -> Result<Response, ApiError> {
     let (app, device) = path(ids)?;
     api.authorize(&headers, &app, Some(&device), Scope::AllApplication)?;
-    refuse_in_cluster_mode(&api)?;
+    refuse_in_cluster_mode(&api, NO_REMOVALS)?;
     let queue = api.queue.clone();
     // Spawned so it completes even if the client goes away meanwhile.
     let task = tokio::spawn(async move {
@@ -207,7 +208,7 @@ pub async fn delete_application(
     if !(caller.root || owner) {
         return Err(ApiError::Forbidden);
     }
-    refuse_in_cluster_mode(&api)?;
+    refuse_in_cluster_mode(&api, NO_REMOVALS)?;
     let task = tokio::spawn(remove_application(api.clone(), caller, app));
     task.await.map_err(|_| ApiError::Internal)??;
     Ok(StatusCode::NO_CONTENT.into_response())

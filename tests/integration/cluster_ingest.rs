@@ -402,6 +402,13 @@ fn read_your_writes_across_brokers() {
         .send()
         .unwrap();
     assert_eq!(r.status().as_u16(), 501);
+    let r = client()
+        .put(b.admin_url("/applications/farm/retention"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"retention": "1d"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 501);
     let (st, page) = get_admin(&b, &t, "/applications/farm/devices/d1/state");
     assert_eq!((st, page["items"].as_array().unwrap().len()), (200, 3));
 }
