@@ -51,13 +51,14 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 ADMIN_TOKEN=cluster-bench-admin-token-0123456789abc
 read -r -a P < <(python3 -c '
 import socket
-ss=[socket.socket() for _ in range(7)]
+ss=[socket.socket() for _ in range(8)]
 [s.bind(("127.0.0.1",0)) for s in ss]
 print(" ".join(str(s.getsockname()[1]) for s in ss))')
 routes="nats-route://127.0.0.1:${P[3]}, nats-route://127.0.0.1:${P[4]}, nats-route://127.0.0.1:${P[5]}"
 for i in 0 1 2; do
   mqtt=""
-  [ "$i" = 0 ] && mqtt="mqtt { listen: 127.0.0.1:${P[6]} }"
+  [ "$i" = 0 ] && mqtt="mqtt { listen: 127.0.0.1:${P[6]} }
+http: 127.0.0.1:${P[7]}"
   cat >"$WORK/n$i.conf" <<CONF
 server_name: n$i
 listen: 127.0.0.1:${P[$i]}
@@ -190,3 +191,16 @@ start_sluice
 lt_mqtt standalone-half "$SL_MQTT" --admin "http://$SL_ADMIN" --admin-token "$ADMIN_TOKEN" -r "$HALF"
 stop_sluice
 lt_mqtt nats-mqtt-half "127.0.0.1:${P[6]}" --no-provision --mqtt-version 3.1.1 --topic 'probe/state/{device}' -r "$HALF"
+
+# What one state costs in the stream: bytes per message of every stream
+# (NATS's monitoring endpoint on n0; its file store, one replica's share).
+echo
+echo "== streams on n0: messages, bytes, bytes per message =="
+curl -s "http://127.0.0.1:${P[7]}/jsz?streams=true" | python3 -c '
+import json,sys
+j=json.load(sys.stdin)
+for a in j.get("account_details",[]):
+    for s in a.get("stream_detail",[]):
+        st=s["state"]; m=st.get("messages",0); b=st.get("bytes",0)
+        print("%-20s %10d %12d %8.1f" % (s["name"], m, b, b/m if m else 0))
+'

@@ -9,10 +9,12 @@
 //! the writes), and afterwards every broker's read model holds the same
 //! content (a digest of each device's history).
 //!
-//! The default suite runs one round of each; the long run is
-//! `cargo test --test integration cluster_chaos_many -- --ignored --nocapture`
-//! (5 rounds of each). `loadtest` must be built beside `sluice` (`cargo
-//! test --workspace` or `cargo build -p loadtest` does it).
+//! The default suite runs one round of each (about a minute); the long
+//! run (5 rounds of each, about 5 minutes on 2 cores) is
+//! `SLUICE_NEED_NATS=1 source .ci/prepare && cargo build -p loadtest &&
+//! cargo test --test integration cluster_chaos_many -- --ignored --nocapture`.
+//! `loadtest` must be built beside `sluice` (`cargo test --workspace` or
+//! `cargo build -p loadtest` does it).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::cluster_ingest::{cluster_env, ingest_status, start_broker};
+use super::cluster_ingest::{cluster_env, start_broker};
 use crate::common::*;
 use crate::nats::{leader_of, NatsCluster};
 
@@ -139,8 +141,17 @@ fn digest(s: &Server, round: u32, devices: usize, stream_last: u64) -> String {
             if let Some(c) = &cursor {
                 path.push_str(&format!("&cursor={c}"));
             }
-            let (st, page) = get_admin(s, ADMIN, &path);
-            assert_eq!(st, 200, "{page}");
+            // A broker answers 503 while its token view is stale (the
+            // test's stale_after is 1 s, shorter than some elections).
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let page = loop {
+                let (st, page) = get_admin(s, ADMIN, &path);
+                if st == 200 {
+                    break page;
+                }
+                assert!(st == 503 && Instant::now() < deadline, "{st} {page}");
+                std::thread::sleep(Duration::from_millis(200));
+            };
             for item in page["items"].as_array().unwrap() {
                 all.push_str(&format!("{device} {} {}\n", item["time"], item["data"]));
             }
@@ -151,6 +162,20 @@ fn digest(s: &Server, round: u32, devices: usize, stream_last: u64) -> String {
         }
     }
     all
+}
+
+/// The stream's newest state as a broker reads it, asked again while NATS
+/// does not answer it yet.
+fn stream_last(s: &Server) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (st, v) = get_admin(s, ADMIN, "/cluster/ingest");
+        if st == 200 {
+            return v["streamLast"].as_u64().unwrap();
+        }
+        assert!(st == 503 && Instant::now() < deadline, "{st} {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn chaos_round(rig: &mut Rig, round: u32, chaos: Chaos) {
@@ -215,9 +240,7 @@ fn chaos_round(rig: &mut Rig, round: u32, chaos: Chaos) {
     }
 
     // Every broker's read model holds the same content.
-    let last = ingest_status(&rig.brokers[LOADED])["streamLast"]
-        .as_u64()
-        .unwrap();
+    let last = stream_last(&rig.brokers[LOADED]);
     let digests: Vec<String> = rig
         .brokers
         .iter()
