@@ -78,7 +78,14 @@ fn bench(c: &mut Criterion) {
     };
     config.queue_capacity = 4 * BATCH;
     config.queue_max_bytes = 1 << 30;
-    let writer = Writer::start(store, config, Arc::new(Metrics::new()), Arc::default()).unwrap();
+    let writer = Writer::start(
+        store,
+        config,
+        Arc::new(Metrics::new()),
+        Arc::default(),
+        Arc::new(sluice::streams::Hub::new(1 << 20, Default::default())),
+    )
+    .unwrap();
     let queue = writer.queue();
     let (connect, publishes) = wire(BATCH);
 

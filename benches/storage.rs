@@ -39,7 +39,7 @@ use sluice::state::{self, ParsedStates, Shape};
 use sluice::store::{
     device_key, Compression, DeviceKey, HistoryQuery, Order, Retention, Store, StoreOptions,
 };
-use sluice::writer::{Records, Size};
+use sluice::writer::{Records, Scratch, Size};
 
 const APP: &str = "bench";
 const BATCH: usize = 1000;
@@ -91,7 +91,7 @@ fn ingest(
     time: impl Fn(usize) -> u64,
 ) -> f64 {
     let mut busy = Duration::ZERO;
-    let mut scratch = Vec::new();
+    let mut scratch = Scratch::default();
     let mut i = 0;
     while i < n {
         let msgs: Vec<Msg> = (i..(i + BATCH).min(n))
@@ -104,7 +104,7 @@ fn ingest(
         };
         let started = Instant::now();
         let mut b = store.batch(Records::capacity(size));
-        let requests = msgs.iter().map(|m| (&m.device[..], &m.body[..], &m.parsed));
+        let requests = msgs.iter().map(|m| (&m.device[..], &m.body, &m.parsed));
         let numbered = Records::numbered(*seq, now_ms(), requests);
         *seq += Records::add(store, &mut b, numbered, &mut scratch).unwrap() as u64;
         store.commit(b, *seq).unwrap();

@@ -10,6 +10,9 @@
 //!   exactly the records the writer writes for a batch of that size, with
 //!   no queue, thread hand-off, attribute limit or completion. The writer's
 //!   own batch sizes are printed after each writer function.
+//! - `raw_batch1000_no_log_index`: the same without the per-application
+//!   log index records (what a batch wrote before live streams), so the
+//!   paired rounds show what the index costs.
 //! - `raw_batch1000_state_only`: the same without the composite merges.
 //! - `writer_4prod_preparsed`: 4 producer threads, 256 requests in flight
 //!   each, through `IngestQueue::try_enqueue` → writer thread (attribute
@@ -24,9 +27,10 @@
 //! - `writer_4prod_parse_inline`: as above but producers parse each body
 //!   in the timed loop, as the listeners do.
 //!
-//! Then, outside criterion, "statistics rounds": `Records::add` (history,
-//! composite state and one device-statistics merge per device per batch)
-//! against the same records without the statistics merge, built by hand
+//! Then, outside criterion, "statistics rounds": the records of
+//! `Records::add` but the log index (history, composite state and one
+//! device-statistics merge per device per batch) against the same records
+//! without the statistics merge, built by hand
 //! here the way `Records::add` built them before the device list existed
 //! (1,000-message batches over 100 devices, 9 rounds of 200,000 messages,
 //! alternating, fresh stores): the cost of the device list on the
@@ -56,11 +60,12 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sluice::config::SyncMode;
 use sluice::metrics::Metrics;
 use sluice::state::{self, ParsedStates, Shape};
-use sluice::store::{device_key, DeviceKey, Position, Store};
+use sluice::store::{device_key, DeviceKey, DeviceStats, Position, Store};
+use sluice::streams::Hub;
 use sluice::writer::attributes::AttributeLimit;
 use sluice::writer::{
     BatchPolicy, CommitError, Committed, Completion, EnqueueError, Health, IngestQueue, Records,
-    Size, WriteRequest, Writer, WriterConfig,
+    Scratch, Size, WriteRequest, Writer, WriterConfig,
 };
 use tokio::sync::oneshot;
 
@@ -209,9 +214,67 @@ fn run_writer(queue: &IngestQueue, pool: &[Msg], iters: u64, mode: Mode) -> Dura
     .elapsed()
 }
 
+/// What a raw batch writes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Raw {
+    /// `Records::add`: states, composite merges, the log index.
+    Records,
+    /// The same without the log index (what `Records::add` wrote before
+    /// it), to show what the index costs.
+    NoLogIndex,
+    /// States only.
+    StateOnly,
+}
+
+/// `Records::add` without the per-application log index records (history,
+/// composite merges and device statistics, as `Records::add` builds them).
+fn add_without_log_index<'a>(
+    store: &Store,
+    b: &mut sluice::store::CommitBatch,
+    seq: &mut u64,
+    batch: impl Iterator<Item = &'a Msg>,
+    scratch: &mut Vec<u8>,
+) {
+    type PerDevice<'a> = (Vec<&'a [u8]>, u64);
+    let mut devices: std::collections::HashMap<&[u8], PerDevice<'_>> =
+        std::collections::HashMap::new();
+    for m in batch {
+        for s in &m.parsed.states {
+            let data = &m.body[s.data.start as usize..s.data.end as usize];
+            let at = Position {
+                time_ms: s.time_ms,
+                seq: *seq,
+            };
+            store.put_state(b, &m.device, at, data).unwrap();
+            *seq += 1;
+        }
+        let d = devices.entry(&m.device[..]).or_default();
+        d.0.push(&m.parsed.composite[..]);
+        d.1 += m.parsed.states.len() as u64;
+    }
+    for (device, (ops, states)) in devices {
+        if let [one] = ops.as_slice() {
+            store.merge_composite(b, device, one).unwrap();
+        } else {
+            scratch.clear();
+            for op in ops {
+                scratch.extend_from_slice(op);
+            }
+            store.merge_composite(b, device, scratch).unwrap();
+        }
+        let stats = DeviceStats {
+            first_seen_ms: NOW_MS as u64,
+            last_seen_ms: NOW_MS as u64,
+            messages: states,
+        };
+        store.merge_device_stats(b, device, &stats).unwrap();
+    }
+}
+
 /// `iters` messages as raw write batches of `RAW_BATCH`, one thread.
-fn run_raw(store: &Store, pool: &[Msg], iters: u64, seq: &mut u64, composite: bool) -> Duration {
-    let mut scratch = Vec::new();
+fn run_raw(store: &Store, pool: &[Msg], iters: u64, seq: &mut u64, raw: Raw) -> Duration {
+    let mut scratch = Scratch::default();
+    let mut plain = Vec::new();
     let t0 = Instant::now();
     let mut left = iters;
     let mut j = 0;
@@ -226,8 +289,8 @@ fn run_raw(store: &Store, pool: &[Msg], iters: u64, seq: &mut u64, composite: bo
         let first = j;
         let batch = (0..n).map(move |k| &pool[(first + k + 1) % pool.len()]);
         j = (j + n) % pool.len();
-        if composite {
-            let requests = batch.map(|m| (&m.device[..], &m.body[..], &m.parsed));
+        if raw == Raw::Records {
+            let requests = batch.map(|m| (&m.device[..], &m.body, &m.parsed));
             let added = Records::add(
                 store,
                 &mut b,
@@ -236,6 +299,8 @@ fn run_raw(store: &Store, pool: &[Msg], iters: u64, seq: &mut u64, composite: bo
             )
             .unwrap();
             *seq += added as u64;
+        } else if raw == Raw::NoLogIndex {
+            add_without_log_index(store, &mut b, seq, batch, &mut plain);
         } else {
             for m in batch {
                 for s in &m.parsed.states {
@@ -263,7 +328,14 @@ fn start_writer(store: Store, metrics: Arc<Metrics>) -> Writer {
     };
     config.queue_capacity = 16_384;
     config.queue_max_bytes = 64 << 20;
-    Writer::start(store, config, metrics, Arc::new(Health::default())).unwrap()
+    Writer::start(
+        store,
+        config,
+        metrics,
+        Arc::new(Health::default()),
+        Arc::new(Hub::new(1 << 20, Default::default())),
+    )
+    .unwrap()
 }
 
 fn bench_ingest(c: &mut Criterion) {
@@ -278,15 +350,16 @@ fn bench_ingest(c: &mut Criterion) {
     let mut g = c.benchmark_group("ingest");
     g.throughput(Throughput::Elements(1));
 
-    for (name, composite) in [
-        ("raw_batch1000_state_composite", true),
-        ("raw_batch1000_state_only", false),
+    for (name, raw) in [
+        ("raw_batch1000_state_composite", Raw::Records),
+        ("raw_batch1000_no_log_index", Raw::NoLogIndex),
+        ("raw_batch1000_state_only", Raw::StateOnly),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), SyncMode::None).unwrap();
         let mut seq = 0;
         g.bench_function(name, |b| {
-            b.iter_custom(|iters| run_raw(&store, &pool, iters, &mut seq, composite))
+            b.iter_custom(|iters| run_raw(&store, &pool, iters, &mut seq, raw))
         });
         eprintln!("  {name}: {seq} messages written");
     }
@@ -339,7 +412,7 @@ fn bench_ingest(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), SyncMode::None).unwrap();
     let mut seq = 0;
-    run_raw(&store, &pool, POOL as u64, &mut seq, true);
+    run_raw(&store, &pool, POOL as u64, &mut seq, Raw::Records);
     // Each message has 7 attributes; a limit of 7 with no cache to speak of
     // leaves room for one device, and requests cycle through 100.
     for (name, max, cache_names) in [
@@ -437,7 +510,7 @@ fn statistics_rounds(pool: &[Msg]) {
     for round in 0..ROUNDS {
         let mut run = |first: bool| {
             if first {
-                let t = run_raw(&with, pool, PER_ROUND, &mut seq_with, true);
+                let t = run_raw(&with, pool, PER_ROUND, &mut seq_with, Raw::NoLogIndex);
                 wall_with += t;
                 t
             } else {
@@ -461,7 +534,7 @@ fn statistics_rounds(pool: &[Msg]) {
     ratios.sort_by(f64::total_cmp);
     eprintln!("statistics rounds ({ROUNDS} x {PER_ROUND} msgs each, alternating):");
     eprintln!(
-        "  Records::add (with device statistics) {:>7.0} msgs/s; without {:>7.0} msgs/s",
+        "  records without the log index, with device statistics {:>7.0} msgs/s; without {:>7.0} msgs/s",
         msgs / wall_with.as_secs_f64(),
         msgs / wall_without.as_secs_f64()
     );
@@ -495,11 +568,12 @@ fn process_cpu() -> Duration {
 fn paired_rounds(pool: &[Msg]) {
     const ROUNDS: usize = 9;
     const PER_ROUND: u64 = 150_000;
-    const NAMES: [&str; 4] = [
+    const NAMES: [&str; 5] = [
         "raw_batch1000_state_composite",
         "writer_4prod_preparsed",
         "writer_4prod_preparsed_wait_half",
         "writer_4prod_parse_inline",
+        "raw_batch1000_no_log_index",
     ];
     const MODES: [Mode; 3] = [
         Mode {
@@ -519,7 +593,8 @@ fn paired_rounds(pool: &[Msg]) {
         .map(|_| tempfile::tempdir().unwrap())
         .collect();
     let raw_store = Store::open(dirs[0].path(), SyncMode::None).unwrap();
-    let writers: Vec<Writer> = dirs[1..]
+    let no_log_store = Store::open(dirs[4].path(), SyncMode::None).unwrap();
+    let writers: Vec<Writer> = dirs[1..4]
         .iter()
         .map(|d| {
             let store = Store::open(d.path(), SyncMode::None).unwrap();
@@ -527,10 +602,11 @@ fn paired_rounds(pool: &[Msg]) {
         })
         .collect();
     let queues: Vec<_> = writers.iter().map(Writer::queue).collect();
-    let mut seq = 0;
+    let (mut seq, mut no_log_seq) = (0, 0);
     let mut wall = [Duration::ZERO; NAMES.len()];
     let mut cpu = [Duration::ZERO; NAMES.len()];
     let mut ratios: [Vec<f64>; MODES.len()] = Default::default();
+    let mut index_cost = Vec::new();
     for round in 0..ROUNDS {
         let mut t = [Duration::ZERO; NAMES.len()];
         for k in 0..NAMES.len() {
@@ -538,7 +614,14 @@ fn paired_rounds(pool: &[Msg]) {
             let i = (round + k) % NAMES.len();
             let c0 = process_cpu();
             t[i] = match i {
-                0 => run_raw(&raw_store, pool, PER_ROUND, &mut seq, true),
+                0 => run_raw(&raw_store, pool, PER_ROUND, &mut seq, Raw::Records),
+                4 => run_raw(
+                    &no_log_store,
+                    pool,
+                    PER_ROUND,
+                    &mut no_log_seq,
+                    Raw::NoLogIndex,
+                ),
                 _ => run_writer(&queues[i - 1], pool, PER_ROUND, MODES[i - 1]),
             };
             cpu[i] += process_cpu() - c0;
@@ -548,6 +631,7 @@ fn paired_rounds(pool: &[Msg]) {
         for (w, r) in ratios.iter_mut().enumerate() {
             r.push(t[0].as_secs_f64() / t[w + 1].as_secs_f64());
         }
+        index_cost.push(t[4].as_secs_f64() / t[0].as_secs_f64());
     }
     for w in writers {
         w.stop().unwrap();
@@ -561,6 +645,15 @@ fn paired_rounds(pool: &[Msg]) {
             cpu.as_secs_f64() * 1e6 / msgs
         );
     }
+    let shown: Vec<String> = index_cost.iter().map(|x| format!("{x:.2}")).collect();
+    index_cost.sort_by(f64::total_cmp);
+    eprintln!(
+        "  raw rate with the log index / without, per round: median {:.2}, min {:.2}, max {:.2} [{}]",
+        index_cost[ROUNDS / 2],
+        index_cost[0],
+        index_cost[ROUNDS - 1],
+        shown.join(" ")
+    );
     for (w, r) in ratios.iter_mut().enumerate() {
         let shown: Vec<String> = r.iter().map(|x| format!("{x:.2}")).collect();
         r.sort_by(f64::total_cmp);

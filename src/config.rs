@@ -25,6 +25,7 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub admin: AdminConfig,
     pub batch: BatchConfig,
+    pub streams: StreamsConfig,
     pub tokens: TokensConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
@@ -134,6 +135,27 @@ pub struct BatchConfig {
     pub max_bytes: usize,
     pub queue_capacity: usize,
     pub queue_max_bytes: usize,
+}
+
+/// Live streams and persistent MQTT sessions; every key is documented in
+/// `config/sluice.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StreamsConfig {
+    pub live_buffer_bytes: usize,
+    pub consumer_buffer_bytes: usize,
+    #[serde(with = "human_duration")]
+    pub sse_heartbeat: Duration,
+    pub max_streams_per_token: usize,
+    pub max_streams_per_ip: usize,
+    pub max_subscriptions_per_connection: usize,
+    pub max_inflight: u16,
+    pub max_sessions_per_app: usize,
+    pub max_sessions: usize,
+    #[serde(with = "human_duration")]
+    pub session_expiry_max: Duration,
+    #[serde(with = "human_duration")]
+    pub session_flush: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -496,6 +518,35 @@ impl Config {
             self.tokens.max_per_application,
         );
         positive("tokens.max_chain_depth", self.tokens.max_chain_depth);
+        positive("streams.live_buffer_bytes", self.streams.live_buffer_bytes);
+        positive(
+            "streams.consumer_buffer_bytes",
+            self.streams.consumer_buffer_bytes,
+        );
+        positive(
+            "streams.max_subscriptions_per_connection",
+            self.streams.max_subscriptions_per_connection,
+        );
+        positive("streams.max_inflight", self.streams.max_inflight as usize);
+        positive(
+            "streams.max_sessions_per_app",
+            self.streams.max_sessions_per_app,
+        );
+        positive("streams.max_sessions", self.streams.max_sessions);
+        for (name, d) in [
+            ("streams.sse_heartbeat", self.streams.sse_heartbeat),
+            ("streams.session_flush", self.streams.session_flush),
+        ] {
+            if d.is_zero() {
+                p.push(format!("`{name}` must be greater than 0"));
+            }
+        }
+        if self.streams.session_expiry_max.as_secs() > u64::from(u32::MAX) {
+            p.push(
+                "`streams.session_expiry_max` must be at most 4294967295s (the MQTT 5 limit)"
+                    .into(),
+            );
+        }
         if self.storage.sync == SyncMode::Interval && self.storage.sync_interval_ms == 0 {
             p.push(
                 "`storage.sync_interval_ms` must be greater than 0 with `storage.sync = \"interval\"`"

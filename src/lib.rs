@@ -48,6 +48,8 @@ pub mod state;
 #[cfg(feature = "server")]
 pub mod store;
 #[cfg(feature = "server")]
+pub mod streams;
+#[cfg(feature = "server")]
 pub mod timefmt;
 #[cfg(feature = "server")]
 pub mod tls;

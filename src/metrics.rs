@@ -26,6 +26,14 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub queue_bytes: Gauge,
     pub token_cache_entries: Gauge,
+    /// Open SSE streams (both listeners).
+    pub sse_streams: Gauge,
+    /// States sent to live-stream consumers (SSE and MQTT subscribers),
+    /// counted per frame or per batch.
+    pub stream_states_sent: Counter,
+    /// Live-stream consumers that fell behind the live buffer and went on
+    /// from storage.
+    pub stream_lags: Counter,
     rate_limited: Family<Vec<(String, String)>, Counter>,
     /// Distinct token ids in `rate_limited`, to bound its cardinality.
     rate_limited_series: AtomicUsize,
@@ -119,6 +127,24 @@ impl Metrics {
             "Application tokens resident in the token cache",
             token_cache_entries.clone(),
         );
+        let sse_streams = Gauge::default();
+        registry.register(
+            "sluice_sse_streams",
+            "Open SSE streams (GET /applications/{app}/stream) on both listeners",
+            sse_streams.clone(),
+        );
+        let stream_states_sent = Counter::default();
+        registry.register(
+            "sluice_stream_states_sent",
+            "States sent to live-stream consumers (SSE events and MQTT PUBLISH to subscribers)",
+            stream_states_sent.clone(),
+        );
+        let stream_lags = Counter::default();
+        registry.register(
+            "sluice_stream_lags",
+            "Live-stream consumers that fell behind streams.live_buffer_bytes and went on reading from storage",
+            stream_lags.clone(),
+        );
         let rate_limited = Family::<Vec<(String, String)>, Counter>::default();
         registry.register(
             "sluice_rate_limited",
@@ -140,6 +166,9 @@ impl Metrics {
             queue_depth,
             queue_bytes,
             token_cache_entries,
+            sse_streams,
+            stream_states_sent,
+            stream_lags,
         }
     }
 

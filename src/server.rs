@@ -17,6 +17,7 @@ use crate::cluster_metrics::ClusterMetrics;
 use crate::config::{Config, Open};
 use crate::http::admin::{router, AdminApi};
 use crate::http::device::{DeviceApi, DeviceService};
+use crate::http::read::{router as read_router, ReadApi, WithPeer};
 use crate::http::serve::{serve, HttpLimits};
 use crate::ip_limit::{IpConnections, IpLimiter};
 use crate::materialize::applied::ReadModel;
@@ -26,6 +27,8 @@ use crate::metrics::Metrics;
 use crate::mqtt;
 use crate::readiness::{Readiness, TokenView};
 use crate::store::{Store, StoreError, StoreOptions};
+use crate::streams::sessions::{Sessions, SWEEP_EVERY};
+use crate::streams::{Hub, StreamSlots};
 use crate::tokens::{Plane, PlaneConfig, PlaneMetrics, TokenError, TokenLimits, TokenService};
 use crate::writer::{Health, Writer, WriterConfig};
 
@@ -226,6 +229,10 @@ pub async fn run(
         .map(|_| ClusterMetrics::register(metrics.registry_mut()));
     let metrics = Arc::new(metrics);
     let health = Arc::new(Health::default());
+    let hub = Arc::new(Hub::new(
+        config.streams.live_buffer_bytes,
+        metrics.stream_lags.clone(),
+    ));
     let (writer, ingest) = match link.zip(cluster_metrics) {
         None => (
             Writer::start(
@@ -233,18 +240,27 @@ pub async fn run(
                 WriterConfig::new(&config),
                 metrics.clone(),
                 health.clone(),
+                hub.clone(),
             )?,
             None,
         ),
         Some((link, cm)) => {
-            let (sink, ingest) =
-                ClusterIngest::start(&config, link, &store, metrics.clone(), cm, health.clone())
-                    .await?;
+            let (sink, ingest) = ClusterIngest::start(
+                &config,
+                link,
+                &store,
+                metrics.clone(),
+                cm,
+                health.clone(),
+                hub.clone(),
+            )
+            .await?;
             let writer = Writer::start_clustered(
                 store.clone(),
                 WriterConfig::new(&config),
                 metrics.clone(),
                 health.clone(),
+                hub.clone(),
                 sink,
             )?;
             (writer, Some(ingest))
@@ -275,7 +291,37 @@ pub async fn run(
     }
     let readiness = Arc::new(readiness);
 
+    let sessions = {
+        let (store, s) = (store.clone(), &config.streams);
+        let (per_app, total, expiry) =
+            (s.max_sessions_per_app, s.max_sessions, s.session_expiry_max);
+        tokio::task::spawn_blocking(move || Sessions::load(store, per_app, total, expiry))
+            .await
+            .map_err(|e| ServeError::Internal(e.to_string()))?
+            .map_err(|e| ServeError::Internal(format!("stored sessions: {e}")))?
+    };
+    tracing::info!(sessions = sessions.len(), "stored MQTT sessions loaded");
+
+    let slots = StreamSlots::new(
+        config.streams.max_streams_per_token,
+        config.streams.max_streams_per_ip,
+    );
+    let read_api = |root_allowed| {
+        Arc::new(ReadApi {
+            registry: registry.clone(),
+            store: store.clone(),
+            hub: hub.clone(),
+            metrics: metrics.clone(),
+            root_allowed,
+            max_response_bytes: config.admin.max_response_bytes,
+            streams: config.streams.clone(),
+            slots: slots.clone(),
+            stop: stop.clone(),
+            read_model: read_model.clone(),
+        })
+    };
     let device = Arc::new(DeviceApi {
+        read: hyper_util::service::TowerToHyperService::new(read_router(read_api(false))),
         registry: registry.clone(),
         queue: queue.clone(),
         metrics: metrics.clone(),
@@ -318,16 +364,21 @@ pub async fn run(
             queue: queue.clone(),
             backups: crate::backup::Backups::new(store.clone(), &data_dir.join("db")),
             readiness,
+            sessions: sessions.clone(),
             max_response_bytes: config.admin.max_response_bytes,
-            read_model,
+            read_model: read_model.clone(),
             ingest_view,
         }),
+        read_api(true),
         config.admin.max_body_bytes,
     ));
     tasks.spawn(serve(
         listeners.admin,
         None,
-        move |_| admin.clone(),
+        move |peer| WithPeer {
+            inner: admin.clone(),
+            peer,
+        },
         HttpLimits {
             max_connections: config.admin.max_connections,
             header_read_timeout: config.http.header_read_timeout,
@@ -347,6 +398,12 @@ pub async fn run(
         mqtt_metrics,
         metrics.clone(),
         config.mqtt.clone(),
+        mqtt::Streams {
+            hub: hub.clone(),
+            store: store.clone(),
+            sessions: sessions.clone(),
+            config: config.streams.clone(),
+        },
     ));
     if let Some(l) = listeners.mqtt {
         tasks.spawn(mqtt::serve(l, None, mqtt_ctx.clone(), stop.clone(), grace));
@@ -372,6 +429,25 @@ pub async fn run(
                     _ = tokio::time::sleep(every) => {
                         if let Err(e) = tokens.flush_last_used().await {
                             tracing::warn!(error = %e, "lastUsedAt flush failed");
+                        }
+                    }
+                }
+            }
+        })
+    };
+
+    let sweeper = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(SWEEP_EVERY) => {
+                        let s = sessions.clone();
+                        match tokio::task::spawn_blocking(move || s.sweep()).await {
+                            Ok(Ok(n)) if n > 0 => tracing::info!(sessions = n, "expired MQTT sessions deleted"),
+                            Ok(Err(e)) => tracing::warn!(error = %e, "expired MQTT sessions not deleted"),
+                            _ => {}
                         }
                     }
                 }
@@ -407,6 +483,7 @@ pub async fn run(
     tasks.close();
     tasks.wait().await;
     let _ = flusher.await;
+    let _ = sweeper.await;
     tokens.leave().await;
     tracing::info!("committing the last batch");
     tokio::task::spawn_blocking(move || writer.stop())
@@ -492,6 +569,7 @@ impl ClusterIngest {
         metrics: Arc<Metrics>,
         cluster_metrics: ClusterMetrics,
         health: Arc<Health>,
+        hub: Arc<Hub>,
     ) -> Result<(crate::writer::cluster::StreamSink, ClusterIngest), ServeError> {
         use crate::cluster::publish::{Publisher, PublisherSpec};
         use crate::cluster::stream::{ensure, StreamSpec};
@@ -558,6 +636,7 @@ impl ClusterIngest {
                     heartbeat: c.heartbeat,
                 },
                 store.clone(),
+                hub,
                 next,
                 metrics,
                 cluster_metrics,

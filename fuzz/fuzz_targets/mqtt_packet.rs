@@ -16,7 +16,9 @@ use bytes::BytesMut;
 use bytestring::ByteString;
 use libfuzzer_sys::fuzz_target;
 use sluice::auth::{Devices, NewToken, Registry, Scope, Scopes, Status, TokenEntry};
-use sluice::mqtt::{check_publish, Codec, Incoming, ProtoError, PublishRefusal, Refusal};
+use sluice::mqtt::{
+    check_publish, Codec, Incoming, ProtoError, PublishRefusal, Refusal, SubAck, UnsubAck,
+};
 use sluice::secret::TokenHash;
 use tokio_util::codec::Decoder;
 
@@ -147,7 +149,16 @@ impl Conn {
                     .client_id
                     .is_empty()
                     .then(|| ByteString::from_static("sluice-0"));
-                codec.connack_ok(&mut self.out, RECEIVE_MAX, MAX_PACKET, &info, assigned);
+                let expiry = (info.session_expiry > 0).then_some(0);
+                codec.connack_ok(
+                    &mut self.out,
+                    RECEIVE_MAX,
+                    MAX_PACKET,
+                    assigned,
+                    !info.clean_start,
+                    expiry,
+                    None,
+                );
                 codec.set_max_packet(MAX_PACKET);
                 self.connected = true;
                 continue;
@@ -195,14 +206,50 @@ impl Conn {
                     codec.pingresp(&mut self.out);
                 }
                 Incoming::Subscribe { packet_id, filters } => {
-                    self.run.events.push(format!("SUBSCRIBE {packet_id} {filters}"));
-                    assert!(filters as u64 <= u64::from(MAX_PACKET));
-                    codec.suback_refused(&mut self.out, packet_id, filters);
+                    self.run
+                        .events
+                        .push(format!("SUBSCRIBE {packet_id} {}", filters.len()));
+                    assert!(filters.len() as u64 <= u64::from(MAX_PACKET));
+                    // Every kind of answer, so each is encoded.
+                    let outcomes: Vec<SubAck> = filters
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (_, qos))| match i % 6 {
+                            0 => SubAck::Granted((*qos).min(1)),
+                            1 => SubAck::NotAuthorized,
+                            2 => SubAck::FilterInvalid,
+                            3 => SubAck::WildcardUnsupported,
+                            4 => SubAck::Quota,
+                            _ => SubAck::Failed,
+                        })
+                        .collect();
+                    codec.suback(&mut self.out, packet_id, &outcomes);
+                    // And a state sent back, as a subscriber gets it.
+                    codec.publish_state(
+                        &mut self.out,
+                        Some(packet_id),
+                        "app",
+                        "dev1",
+                        NOW as u64,
+                        b"{\"x\":1}",
+                        u64::from(packet_id.get()),
+                    );
                 }
                 Incoming::Unsubscribe { packet_id, filters } => {
-                    self.run.events.push(format!("UNSUBSCRIBE {packet_id} {filters}"));
-                    assert!(filters as u64 <= u64::from(MAX_PACKET));
-                    codec.unsuback(&mut self.out, packet_id, filters);
+                    self.run
+                        .events
+                        .push(format!("UNSUBSCRIBE {packet_id} {}", filters.len()));
+                    assert!(filters.len() as u64 <= u64::from(MAX_PACKET));
+                    let outcomes: Vec<UnsubAck> = (0..filters.len())
+                        .map(|i| match i % 2 {
+                            0 => UnsubAck::Done,
+                            _ => UnsubAck::NoSubscription,
+                        })
+                        .collect();
+                    codec.unsuback(&mut self.out, packet_id, &outcomes);
+                }
+                Incoming::PubAck { packet_id } => {
+                    self.run.events.push(format!("PUBACK {packet_id}"));
                 }
                 Incoming::Disconnect { session_expiry } => {
                     return Some(format!("DISCONNECT {session_expiry:?}"))

@@ -39,6 +39,59 @@ pub enum Command {
     /// straight to a replicated stream (atomic batches, pipelined
     /// publishes) and print acknowledged msg/s. No Sluice involved.
     StreamProbe(StreamProbeArgs),
+    /// Read an application's live stream (SSE) from a position and measure
+    /// how fast what was committed meanwhile comes back: states/s.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Base URL of the listener serving the stream (device HTTP or admin),
+    /// e.g. http://127.0.0.1:8080.
+    #[arg(value_name = "URL")]
+    pub url: String,
+
+    /// Application whose stream is read.
+    #[arg(long, default_value = "loadtest")]
+    pub app: String,
+
+    /// Where the stream starts: `earliest`, `now` or a position.
+    #[arg(long, default_value = "earliest")]
+    pub from: String,
+
+    /// Stop after this many states.
+    #[arg(short = 'n', long, default_value_t = 1_000_000)]
+    pub count: u64,
+
+    /// Stop after this long in any case.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub max_time: Duration,
+
+    /// A token with device.getState for the application.
+    #[arg(long)]
+    pub token: Option<String>,
+
+    /// Admin API base URL, to create a reading token when --token is not
+    /// given.
+    #[arg(long, value_name = "URL")]
+    pub admin: Option<String>,
+
+    /// Token for the admin API.
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Give up opening the stream after this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// How `--consumers` read the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConsumerVia {
+    /// Server-Sent Events (`GET /applications/{app}/stream`).
+    Sse,
+    /// An MQTT 3.1.1 subscription at QoS 1 (rumqttc).
+    Mqtt,
 }
 
 #[derive(Debug, Args)]
@@ -328,6 +381,36 @@ pub struct CommonArgs {
 
     #[command(flatten)]
     pub ramp: RampArgs,
+
+    #[command(flatten)]
+    pub consumers: ConsumerArgs,
+}
+
+/// `--consumers`: read the application's live stream while the load runs.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Live-stream consumers")]
+pub struct ConsumerArgs {
+    /// Consumers reading the whole application's live stream during the
+    /// run (opened before it starts). Reported: whether each received every
+    /// acknowledged message once, and (with --rate) delivery latency from
+    /// each message's scheduled send time.
+    #[arg(long, default_value_t = 0)]
+    pub consumers: u32,
+
+    /// How the consumers read.
+    #[arg(long, value_enum, default_value = "sse")]
+    pub consumer_via: ConsumerVia,
+
+    /// Where they read: the HTTP listener's URL for SSE (e.g.
+    /// http://127.0.0.1:8080), the MQTT address for MQTT [default for MQTT
+    /// consumers of an MQTT run: the run's address].
+    #[arg(long, value_name = "URL")]
+    pub consumer_url: Option<String>,
+
+    /// Token with device.getState for the consumers [default: one created
+    /// through --admin].
+    #[arg(long)]
+    pub consumer_token: Option<String>,
 }
 
 /// `--ramp`: step the rate up and find the highest rate whose p99 holds.

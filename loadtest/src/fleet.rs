@@ -267,6 +267,18 @@ async fn device_token(
         .ok_or_else(|| anyhow!("no \"token\" in the admin API's answer {created}"))
 }
 
+/// Creates a token of scope `device.getState` for every device of `app`
+/// (for stream consumers); returns its secret.
+pub async fn reader_token(admin: &AdminClient, app: &str, name: &str) -> Result<String> {
+    let body = json!({"name": name, "scope": ["device.getState"], "devices": ["*"]});
+    let created = admin.create_token(app, &body).await?;
+    created
+        .get("token")
+        .and_then(|t| t.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("no \"token\" in the admin API's answer {created}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,8 +10,11 @@
 //! and checks every acknowledged message is stored exactly once, byte for
 //! byte; `ramp` raises the rate step by step and `plot` draws the result.
 //! `stream_probe` measures the JetStream engine behind cluster mode alone.
+//! `fanout` adds live-stream consumers to a run (`--consumers`) and
+//! measures a stream's replay (`loadtest replay`).
 
 pub mod cli;
+pub mod fanout;
 pub mod fleet;
 pub mod http;
 pub mod mqtt;

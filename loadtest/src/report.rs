@@ -129,6 +129,8 @@ pub struct Summary {
     pub verify_error: Option<String>,
     pub ramp: Option<RampReport>,
     pub plot: Option<String>,
+    /// `--consumers`: what the live-stream consumers received.
+    pub consumers: Option<crate::fanout::ConsumersReport>,
     /// Whether the run passed: see `problems` when not.
     pub ok: bool,
     pub problems: Vec<String>,
@@ -205,6 +207,7 @@ impl Summary {
             verify_error: None,
             ramp: None,
             plot: None,
+            consumers: None,
             ok: true,
             problems: Vec::new(),
         }
@@ -259,6 +262,11 @@ impl Summary {
         }
         if let Some(e) = &self.verify_error {
             p.push(format!("verification could not run: {e}"));
+        }
+        if let Some(c) = &self.consumers {
+            if !c.ok() {
+                p.push("live-stream consumers missed, repeated or failed".into());
+            }
         }
         self.ok = p.is_empty();
         self.problems = p;
@@ -385,6 +393,9 @@ impl Summary {
             if let Some(p) = &self.plot {
                 let _ = writeln!(s, "  plot         {p}");
             }
+        }
+        if let Some(c) = &self.consumers {
+            s.push_str(&c.text());
         }
         if let Some(v) = &self.verify {
             let _ = writeln!(s, "  verify       {}", v.line());

@@ -78,6 +78,7 @@ pub fn main(cli: Cli) -> Result<ExitCode> {
         Command::Mqtt(ref m) => m.common.threads,
         Command::Http(ref h) => h.common.threads,
         Command::StreamProbe(args) => return crate::stream_probe::main(args),
+        Command::Replay(_) => None,
     };
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = threads {
@@ -87,6 +88,9 @@ pub fn main(cli: Cli) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    if let Command::Replay(args) = cli.command {
+        return rt.block_on(crate::fanout::replay(args));
+    }
     rt.block_on(run(cli))
 }
 
@@ -172,7 +176,7 @@ fn plan(cli: Cli, run: &str) -> Result<Plan> {
                 common: h.common,
             }
         }
-        Command::StreamProbe(_) => bail!("stream-probe does not run a load plan"),
+        Command::StreamProbe(_) | Command::Replay(_) => bail!("this command runs no load plan"),
     })
 }
 
@@ -394,8 +398,23 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let connect_secs = connect_started.elapsed().as_secs_f64();
     let connected = sh.stats.connected.load(Ordering::Relaxed);
 
+    // Live-stream consumers, in place before the first message.
+    let consumers = match c.consumers.consumers {
+        0 => None,
+        n => Some(start_consumers(&driver, &c, &run, admin.as_ref(), n as usize).await?),
+    };
+
     // Timed phase.
     let start = Instant::now() + Duration::from_millis(20);
+    if let Some(cons) = &consumers {
+        if c.rate > 0.0 && !c.ramp.ramp {
+            cons.set_clock(crate::fanout::Clock {
+                start,
+                conns,
+                rate: c.rate,
+            });
+        }
+    }
     let cpu_before = report::cpu_seconds();
     let _ = start_tx.send(Some(start));
     let controller = if c.ramp.ramp && connected > 0 {
@@ -466,6 +485,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         summary.ramp = Some(r);
     }
 
+    if let Some(cons) = consumers {
+        summary.consumers = Some(cons.finish(&outcomes).await);
+    }
+
     if c.verify {
         let admin = admin.as_ref().expect("checked: --verify has --admin");
         let via = match (&c.verify_via, &c.admin_token) {
@@ -499,6 +522,45 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(summary.exit_code())
+}
+
+async fn start_consumers(
+    driver: &Driver,
+    c: &CommonArgs,
+    run: &str,
+    admin: Option<&AdminClient>,
+    n: usize,
+) -> Result<crate::fanout::Consumers> {
+    let k = &c.consumers;
+    let addr = match (&k.consumer_url, k.consumer_via, driver) {
+        (Some(u), _, _) => u.clone(),
+        // With several brokers, consumers subscribe on the first.
+        (None, crate::cli::ConsumerVia::Mqtt, Driver::Mqtt(cfgs, _)) if !cfgs.is_empty() => {
+            cfgs[0].addr.clone()
+        }
+        _ => bail!("--consumers needs --consumer-url (the HTTP listener for SSE)"),
+    };
+    let token = match (&k.consumer_token, admin) {
+        (Some(t), _) => t.clone(),
+        (None, Some(a)) => {
+            crate::fleet::reader_token(a, &c.app, &format!("loadtest-{run}-consumers"))
+                .await
+                .context("creating the consumers' token")?
+        }
+        (None, None) => bail!("--consumers needs --consumer-token or --admin"),
+    };
+    let spec = crate::fanout::ConsumerSpec {
+        via: k.consumer_via,
+        addr,
+        token,
+        app: c.app.clone(),
+        run: run.to_string(),
+        conns: c.connections,
+        timeout: c.timeout,
+    };
+    let cons = crate::fanout::Consumers::start(spec, n).await?;
+    eprintln!("consumers: {n} reading the live stream");
+    Ok(cons)
 }
 
 enum Conn {

@@ -82,6 +82,65 @@ export class Session {
     return out;
   }
 
+  /**
+   * Reads a Server-Sent Events stream with the signed-in token: calls
+   * `onEvents([{id, event, data}])` with the events of each chunk read,
+   * until the stream ends or `signal` aborts. EventSource cannot send an
+   * Authorization header, so this is `fetch` with a streaming body reader.
+   * Resolves once the stream is open, with `{ended}`: a promise of its
+   * end (wrapped, since an async function resolving to a promise would
+   * wait for that promise instead).
+   */
+  async stream(path, onEvents, signal) {
+    if (!this.#secret) throw new ApiError(401, 'unauthorized', 'signed out');
+    let res;
+    try {
+      res = await fetch(path, {
+        headers: { Authorization: `Bearer ${this.#secret}`, Accept: 'text/event-stream' },
+        credentials: 'omit',
+        cache: 'no-store',
+        redirect: 'error',
+        referrerPolicy: 'no-referrer',
+        signal,
+      });
+    } catch {
+      throw new ApiError(0, 'unreachable', 'the broker did not answer');
+    }
+    if (!res.ok) {
+      let json = null;
+      try {
+        json = await res.json();
+      } catch {
+        json = null;
+      }
+      if (res.status === 401 && this.onRevoked) this.onRevoked();
+      throw new ApiError(res.status, (json && json.error) || `http_${res.status}`, json && json.detail);
+    }
+    const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+    const ended = (async () => {
+      let buf = '';
+      for (;;) {
+        let chunk;
+        try {
+          chunk = await reader.read();
+        } catch {
+          return;
+        }
+        if (chunk.done) return;
+        buf += chunk.value.replaceAll('\r\n', '\n');
+        const events = [];
+        let end;
+        while ((end = buf.indexOf('\n\n')) >= 0) {
+          const ev = parseEvent(buf.slice(0, end));
+          buf = buf.slice(end + 2);
+          if (ev) events.push(ev);
+        }
+        if (events.length) onEvents(events);
+      }
+    })();
+    return { ended };
+  }
+
   /** Keeps a minted token's secret in memory so the tab can mint under it. */
   remember(id, secret) {
     this.#minted.set(id, secret);
@@ -96,6 +155,22 @@ export class Session {
     this.#secret = null;
     this.#minted.clear();
   }
+}
+
+/** One SSE event block: `{id, event, data}`, or null for a comment. */
+export function parseEvent(block) {
+  const ev = { id: null, event: 'message', data: null };
+  for (const line of block.split('\n')) {
+    if (line.startsWith(':')) continue;
+    const at = line.indexOf(':');
+    const field = at < 0 ? line : line.slice(0, at);
+    let value = at < 0 ? '' : line.slice(at + 1);
+    if (value.startsWith(' ')) value = value.slice(1);
+    if (field === 'id') ev.id = value;
+    else if (field === 'event') ev.event = value;
+    else if (field === 'data') ev.data = ev.data === null ? value : `${ev.data}\n${value}`;
+  }
+  return ev.data === null ? null : ev;
 }
 
 /** The caller's own record: `{root: true}` or `{root: false, token}`. */

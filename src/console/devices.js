@@ -128,10 +128,10 @@ class DeviceDetail {
     await this.drawChart();
     this.feed = new LiveFeed(this.ctx.session, this.ctx.app, this.device,
       (items) => this.onLive(items),
-      (e) => { this.liveStatus.textContent = `Polling failed: ${e.message}`; });
+      (e) => { this.liveStatus.textContent = `Live stream failed: ${e.message}`; });
     try {
       await this.feed.start();
-      this.liveStatus.textContent = 'Watching for new states (polled every 1.5 s).';
+      this.liveStatus.textContent = 'Watching for new states (live stream).';
     } catch (e) {
       this.liveStatus.textContent = `Cannot watch: ${e.message}`;
     }

@@ -1,9 +1,8 @@
-// Where the devices view gets its data. Two of these stand in for APIs that
-// do not exist yet, behind the interface their replacement will keep:
-// - DeviceDirectory.list() derives the device list; the devices API
-//   (`GET /applications/{app}/devices`, issue 12) will answer it directly.
-// - LiveFeed polls history; the SSE stream (`GET /applications/{app}/stream`,
-//   issue 11) will push the same states.
+// Where the devices view gets its data. DeviceDirectory stands in for an
+// API that does not exist yet, behind the interface its replacement will
+// keep: it derives the device list; the devices API
+// (`GET /applications/{app}/devices`, issue 12) will answer it directly.
+// LiveFeed reads the application's live stream (SSE) for one device.
 
 import { appPath } from './api.js';
 import { allows, namedDevices } from './tree.js';
@@ -12,8 +11,8 @@ import { allows, namedDevices } from './tree.js';
 const MAX_DEVICES = 200;
 /** Parallel history reads while deriving the directory. */
 const PARALLEL = 6;
-/** Most states one live poll reads; the rest come with the next polls. */
-const MAX_PER_POLL = 2000;
+/** Pause before the live stream is opened again after it broke. */
+const RECONNECT_MS = 1500;
 
 function historyPath(app, device, params) {
   const q = new URLSearchParams();
@@ -94,63 +93,63 @@ export class DeviceDirectory {
 }
 
 /**
- * New states of one device as they are stored, oldest first, delivered to
- * `onStates(items)`. Polls the history from the newest time seen so far
- * (ascending, so a burst is paged through rather than skipped); states at
- * that same time already delivered are skipped by count, which is exact
- * because the store orders equal times by commit sequence. A state sent
- * with a time older than the newest seen is not live news and is not shown
- * here (the SSE stream orders by commit, not by time, and will show it).
+ * New states of one device as they are committed, oldest first, delivered
+ * to `onStates(items)` (`{time, data}`, as history items). Reads the
+ * application's live stream limited to the device, from now on; if the
+ * stream breaks, it is opened again from the last position received, so
+ * nothing is missed or shown twice.
  */
 export class LiveFeed {
-  constructor(session, app, device, onStates, onError, intervalMs = 1500) {
-    Object.assign(this, { session, app, device, onStates, onError, intervalMs });
-    this.timer = null;
+  constructor(session, app, device, onStates, onError) {
+    Object.assign(this, { session, app, device, onStates, onError });
+    this.abort = new AbortController();
+    this.position = null;
     this.stopped = false;
   }
 
-  async start() {
-    const page = await this.session.get(historyPath(this.app, this.device, { limit: 100 }));
-    this.since = page.items.length ? page.items[0].time : 0;
-    this.seenAtSince = page.items.filter((i) => i.time === this.since).length;
-    this.schedule();
+  path() {
+    const from = this.position === null ? 'now' : this.position;
+    const q = new URLSearchParams({ devices: this.device, from });
+    return `${appPath(this.app, 'stream')}?${q}`;
   }
 
-  schedule() {
-    if (!this.stopped) this.timer = setTimeout(() => this.poll(), this.intervalMs);
-  }
-
-  async poll() {
-    try {
-      let skip = this.seenAtSince;
-      const fresh = [];
-      for await (const items of historyPages(this.session, this.app, this.device, { start: this.since, order: 'asc', limit: 1000 })) {
-        for (const it of items) {
-          if (it.time === this.since && skip > 0) {
-            skip -= 1;
-            continue;
-          }
-          fresh.push(it);
-        }
-        if (this.stopped) return;
-        // A burst larger than this is shown over several polls.
-        if (fresh.length >= MAX_PER_POLL) break;
-      }
-      if (fresh.length) {
-        const last = fresh[fresh.length - 1].time;
-        const atLast = fresh.filter((i) => i.time === last).length;
-        this.seenAtSince = last === this.since ? this.seenAtSince + atLast : atLast;
-        this.since = last;
-        this.onStates(fresh);
-      }
-    } catch (e) {
-      this.onError(e);
+  onEvents(events) {
+    const items = [];
+    for (const ev of events) {
+      if (ev.event !== 'message') continue;
+      const state = JSON.parse(ev.data);
+      if (ev.id !== null) this.position = ev.id;
+      items.push({ time: state.time, data: state.data });
     }
-    this.schedule();
+    if (items.length) this.onStates(items);
+  }
+
+  /** Opens the stream; resolves once it is open (rejects if refused). */
+  async start() {
+    const { ended } = await this.session.stream(this.path(), (evs) => this.onEvents(evs), this.abort.signal);
+    this.follow(ended);
+  }
+
+  /** Opens the stream again whenever it ends, until stopped. */
+  async follow(ended) {
+    for (;;) {
+      await ended;
+      if (this.stopped) return;
+      await new Promise((r) => setTimeout(r, RECONNECT_MS));
+      if (this.stopped) return;
+      try {
+        ({ ended } = await this.session.stream(this.path(), (evs) => this.onEvents(evs), this.abort.signal));
+      } catch (e) {
+        if (this.stopped) return;
+        this.onError(e);
+        if (e.status === 401 || e.status === 403) return;
+        ended = Promise.resolve();
+      }
+    }
   }
 
   stop() {
     this.stopped = true;
-    clearTimeout(this.timer);
+    this.abort.abort();
   }
 }

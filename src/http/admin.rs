@@ -1,32 +1,26 @@
 //! The admin HTTP API: token management, state read-back, devices,
 //! retention, metrics, liveness and readiness.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::Router;
 
 use crate::auth::{monotonic_ns, Denied, Scope, TokenEntry};
-use crate::composite;
 use crate::ids::is_valid_id;
 use crate::materialize::applied::{parse_min_seq, NotReady, ReadModel};
 use crate::materialize::status::IngestView;
 use crate::metrics::Metrics;
 use crate::secret::parse_bearer;
-use crate::store::{device_key, HistoryQuery, Order, Position, Store};
-use crate::timefmt::{self, now_ms};
+use crate::store::Store;
+use crate::timefmt::now_ms;
 use crate::tokens::{parse_create, parse_update, TokenError, TokenJson, TokenService, STALE};
 use crate::writer::IngestQueue;
-
-/// Default and largest page of history.
-pub const DEFAULT_LIMIT: usize = 100;
-pub const MAX_LIMIT: usize = 10_000;
 
 pub struct AdminApi {
     pub tokens: Arc<TokenService>,
@@ -37,6 +31,8 @@ pub struct AdminApi {
     pub backups: Arc<crate::backup::Backups>,
     /// `/readyz`, with the detail behind each failure.
     pub readiness: Arc<crate::readiness::Readiness>,
+    /// Persistent MQTT sessions, which an application removal forgets.
+    pub sessions: Arc<crate::streams::sessions::Sessions>,
     /// Bound on one history page's data (`admin.max_response_bytes`).
     pub max_response_bytes: usize,
     /// What history and composite-state reads see (and `minSeq` waits
@@ -58,6 +54,8 @@ pub enum ApiError {
     BadRequest(String),
     PayloadTooLarge,
     MethodNotAllowed,
+    /// Over `streams.max_streams_per_token` or `_per_ip`.
+    TooManyStreams,
     Internal,
     /// Cluster mode, ingest-only broker: no history or composite state here.
     NoReadModel,
@@ -128,6 +126,10 @@ impl IntoResponse for ApiError {
             ApiError::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 serde_json::json!({"error": "method_not_allowed"}),
+            ),
+            ApiError::TooManyStreams => (
+                StatusCode::TOO_MANY_REQUESTS,
+                serde_json::json!({"error": "too_many_streams"}),
             ),
             ApiError::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -221,7 +223,13 @@ pub(super) fn body(b: BodyOf) -> Result<Bytes, ApiError> {
     })
 }
 
-pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
+/// The admin listener's routes, with the read routes (`read.rs`) that the
+/// device listener serves too.
+pub fn router(
+    api: Arc<AdminApi>,
+    read: Arc<super::read::ReadApi>,
+    max_body_bytes: usize,
+) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -254,12 +262,8 @@ pub fn router(api: Arc<AdminApi>, max_body_bytes: usize) -> Router {
             "/applications/{app}/retention",
             get(super::retention::get_retention).put(super::retention::put_retention),
         )
-        .route("/applications/{app}/devices/{device}/state", get(history))
-        .route(
-            "/applications/{app}/devices/{device}/compositeState",
-            get(composite_state),
-        )
         .merge(super::console::routes())
+        .merge(super::read::router(read))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
@@ -468,199 +472,12 @@ async fn cluster_ingest(State(api): Api, headers: HeaderMap) -> Result<Response,
 }
 
 /// `minSeq` of a read, if given.
-pub fn min_seq(params: &HashMap<String, String>) -> Result<Option<u64>, ApiError> {
+pub fn min_seq(
+    params: &std::collections::HashMap<String, String>,
+) -> Result<Option<u64>, ApiError> {
     params
         .get("minSeq")
         .map(|v| parse_min_seq(v))
         .transpose()
         .map_err(ApiError::BadRequest)
-}
-
-/// Parses the history query string into a store query.
-pub fn history_query(params: &HashMap<String, String>) -> Result<HistoryQuery, String> {
-    for k in params.keys() {
-        if !matches!(
-            k.as_str(),
-            "start" | "end" | "limit" | "order" | "cursor" | "minSeq"
-        ) {
-            return Err(format!("unknown query parameter {k:?}"));
-        }
-    }
-    let time = |k: &str| -> Result<Option<u64>, String> {
-        params
-            .get(k)
-            .map(|v| {
-                timefmt::parse_param(v)
-                    .map(|ms| ms as u64)
-                    .map_err(|e| format!("`{k}`: {e}"))
-            })
-            .transpose()
-    };
-    let start = time("start")?.unwrap_or(0);
-    let end = time("end")?.unwrap_or(timefmt::MAX_TIME_MS as u64);
-    if start > end {
-        return Err("`start` is after `end`".into());
-    }
-    let limit = match params.get("limit") {
-        None => DEFAULT_LIMIT,
-        Some(v) => match v.parse::<usize>() {
-            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-            _ => return Err(format!("`limit` must be an integer from 1 to {MAX_LIMIT}")),
-        },
-    };
-    let order = match params.get("order").map(String::as_str) {
-        None | Some("desc") => Order::Desc,
-        Some("asc") => Order::Asc,
-        Some(_) => return Err("`order` must be \"asc\" or \"desc\"".into()),
-    };
-    let cursor = match params.get("cursor") {
-        None => None,
-        Some(c) => {
-            Some(Position::from_cursor(c).ok_or("`cursor` is not a cursor returned as `next`")?)
-        }
-    };
-    Ok(HistoryQuery {
-        start_ms: start,
-        end_ms: end,
-        limit,
-        order,
-        cursor,
-    })
-}
-
-async fn history(
-    State(api): Api,
-    ids: PathOf<(String, String)>,
-    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let (app, device) = path(ids)?;
-    api.authorize(&headers, &app, Some(&device), Scope::GetState)?;
-    let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let q = history_query(&params).map_err(ApiError::BadRequest)?;
-    api.read_model.ready(min_seq(&params)?).await?;
-    let store = api.store.clone();
-    let key = device_key(&app, &device);
-    let max_bytes = api.max_response_bytes;
-    let page = tokio::task::spawn_blocking(move || store.history(&key, &q, max_bytes))
-        .await
-        .map_err(|_| ApiError::Internal)?
-        .map_err(|e| {
-            tracing::error!(error = %e, "history read failed");
-            ApiError::Internal
-        })?;
-    // The stored data is the exact JSON text the device sent; splice it in
-    // rather than re-encoding, so read-back is byte-equal.
-    let mut out =
-        Vec::with_capacity(64 + page.items.iter().map(|i| i.data.len() + 32).sum::<usize>());
-    out.extend_from_slice(b"{\"items\":[");
-    for (i, item) in page.items.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(b"{\"time\":");
-        out.extend_from_slice(itoa::Buffer::new().format(item.at.time_ms).as_bytes());
-        out.extend_from_slice(b",\"data\":");
-        out.extend_from_slice(&item.data);
-        out.push(b'}');
-    }
-    out.extend_from_slice(b"],\"next\":");
-    match page.next {
-        Some(p) => {
-            out.push(b'"');
-            out.extend_from_slice(p.to_cursor().as_bytes());
-            out.push(b'"');
-        }
-        None => out.extend_from_slice(b"null"),
-    }
-    out.push(b'}');
-    Ok((
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        out,
-    )
-        .into_response())
-}
-
-async fn composite_state(
-    State(api): Api,
-    ids: PathOf<(String, String)>,
-    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let (app, device) = path(ids)?;
-    api.authorize(&headers, &app, Some(&device), Scope::GetState)?;
-    let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    api.read_model.ready(min_seq(&params)?).await?;
-    let store = api.store.clone();
-    let key = device_key(&app, &device);
-    let value = tokio::task::spawn_blocking(move || store.composite(&key))
-        .await
-        .map_err(|_| ApiError::Internal)?
-        .map_err(|e| {
-            tracing::error!(error = %e, "composite read failed");
-            ApiError::Internal
-        })?
-        .unwrap_or_default();
-    let mut out = Vec::with_capacity(value.len() + 64);
-    out.push(b'{');
-    for (i, e) in composite::entries(&value).enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        let name = String::from_utf8_lossy(e.name);
-        // Writing JSON into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut out, &name);
-        out.extend_from_slice(b":{\"value\":");
-        out.extend_from_slice(e.value);
-        out.extend_from_slice(b",\"time\":");
-        out.extend_from_slice(itoa::Buffer::new().format(e.time_ms).as_bytes());
-        out.push(b'}');
-    }
-    out.push(b'}');
-    Ok((
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        out,
-    )
-        .into_response())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn history_params() {
-        let q = history_query(&params(&[])).unwrap();
-        assert_eq!((q.start_ms, q.limit, q.order), (0, 100, Order::Desc));
-        let q = history_query(&params(&[
-            ("start", "1000"),
-            ("end", "1970-01-01T00:00:02Z"),
-            ("order", "asc"),
-            ("limit", "10000"),
-        ]))
-        .unwrap();
-        assert_eq!(
-            (q.start_ms, q.end_ms, q.limit, q.order),
-            (1000, 2000, 10000, Order::Asc)
-        );
-        for bad in [
-            vec![("limit", "0")],
-            vec![("limit", "10001")],
-            vec![("limit", "x")],
-            vec![("order", "up")],
-            vec![("start", "tomorrow")],
-            vec![("start", "5"), ("end", "4")],
-            vec![("cursor", "zz")],
-            vec![("bogus", "1")],
-        ] {
-            assert!(history_query(&params(&bad)).is_err(), "{bad:?}");
-        }
-    }
 }

@@ -1,5 +1,7 @@
 //! The device-facing HTTP listener:
-//! `POST /applications/{app}/devices/{device}/state`.
+//! `POST /applications/{app}/devices/{device}/state`, and the read routes
+//! (`GET` history, composite state and the live stream, see `read.rs`),
+//! which it hands to the same router the admin listener uses.
 //!
 //! Order of checks (each stops at the first failure): in cluster mode, a
 //! stale view of the cluster's tokens (503) → route → hold-back
@@ -17,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response};
@@ -36,8 +38,14 @@ use crate::timefmt::now_ms;
 use crate::tokens::STALE;
 use crate::writer::{CommitError, Completion, EnqueueError, IngestQueue, WriteRequest};
 
+/// A device-listener response: a whole body (ingest, errors) or the read
+/// router's (a history page, an SSE stream).
+pub type DeviceBody = Either<Full<Bytes>, axum::body::Body>;
+
 /// Everything the device listener needs, shared by all its connections.
 pub struct DeviceApi {
+    /// The read routes (`read::router` with the root token refused).
+    pub read: hyper_util::service::TowerToHyperService<axum::Router>,
     pub registry: Arc<Registry>,
     pub queue: Arc<IngestQueue>,
     pub metrics: Arc<Metrics>,
@@ -69,7 +77,7 @@ pub struct DeviceService {
 }
 
 impl hyper::service::Service<Request<Incoming>> for DeviceService {
-    type Response = Response<Full<Bytes>>;
+    type Response = Response<DeviceBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
@@ -77,11 +85,30 @@ impl hyper::service::Service<Request<Incoming>> for DeviceService {
         let api = self.api.clone();
         let peer = self.peer;
         Box::pin(async move {
-            let resp = api.handle(req, peer).await;
+            let resp = match is_read(req.method(), req.uri().path()) {
+                true => api.read(req, peer).await.map(Either::Right),
+                false => api.handle(req, peer).await.map(Either::Left),
+            };
             api.metrics.http_response(resp.status().as_u16());
             Ok(resp)
         })
     }
+}
+
+/// Whether a request is for the read routes: `GET` of a device's history
+/// or composite state, or of an application's stream.
+fn is_read(method: &Method, path: &str) -> bool {
+    if method != Method::GET {
+        return false;
+    }
+    let Some(rest) = path.strip_prefix("/applications/") else {
+        return false;
+    };
+    let parts: smallvec::SmallVec<[&str; 5]> = rest.splitn(5, '/').collect();
+    matches!(
+        parts.as_slice(),
+        [_, "stream"] | [_, "devices", _, "state" | "compositeState"]
+    )
 }
 
 const UNAUTHORIZED: &str = r#"{"error":"unauthorized"}"#;
@@ -146,6 +173,25 @@ fn stale() -> Response<Full<Bytes>> {
 }
 
 impl DeviceApi {
+    /// A read route: the same failed-authentication hold-back as ingest,
+    /// then the shared read router, with the peer's address for the
+    /// per-address stream limit.
+    async fn read(&self, mut req: Request<Incoming>, peer: IpAddr) -> Response<axum::body::Body> {
+        let hold = self.auth_failures.wait(peer).min(self.max_hold);
+        if !hold.is_zero() {
+            tokio::time::sleep(hold).await;
+        }
+        req.extensions_mut().insert(super::read::Peer(peer));
+        let resp = match hyper::service::Service::call(&self.read, req).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+        if resp.status() == hyper::StatusCode::UNAUTHORIZED {
+            let _ = self.auth_failures.take(peer);
+        }
+        resp
+    }
+
     pub async fn handle(&self, req: Request<Incoming>, peer: IpAddr) -> Response<Full<Bytes>> {
         let path = req.uri().path();
         if path == "/healthz" {
@@ -164,7 +210,7 @@ impl DeviceApi {
         if req.method() != Method::POST {
             let mut r = fixed(405, METHOD);
             r.headers_mut()
-                .insert(ALLOW, HeaderValue::from_static("POST"));
+                .insert(ALLOW, HeaderValue::from_static("GET, POST"));
             return r;
         }
         // An address that spent its failed-authentication budget waits for
@@ -373,6 +419,18 @@ mod tests {
             accepted_body(1000, Some(18446744073709551615)),
             br#"{"accepted":1000,"seq":18446744073709551615}"#
         );
+    }
+
+    #[test]
+    fn read_routes_are_recognised() {
+        let get = Method::GET;
+        assert!(is_read(&get, "/applications/a/stream"));
+        assert!(is_read(&get, "/applications/a/devices/d/state"));
+        assert!(is_read(&get, "/applications/a/devices/d/compositeState"));
+        assert!(!is_read(&Method::POST, "/applications/a/devices/d/state"));
+        assert!(!is_read(&get, "/applications/a/devices/d/state/x"));
+        assert!(!is_read(&get, "/applications/a/tokens"));
+        assert!(!is_read(&get, "/healthz"));
     }
 
     #[test]

@@ -23,7 +23,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use super::admin::{min_seq, path, AdminApi, Api, ApiError, PathOf, DEFAULT_LIMIT, MAX_LIMIT};
+use super::admin::{min_seq, path, AdminApi, Api, ApiError, PathOf};
+use super::read::{DEFAULT_LIMIT, MAX_LIMIT};
 use crate::auth::{Devices, Scope};
 use crate::ids::is_valid_id;
 use crate::materialize::applied::ReadModel;
@@ -227,6 +228,9 @@ async fn remove_application(
         .begin_application_removal(caller, app.clone())
         .await?;
     let n = tokens.len();
+    // Its tokens are revoked now; its subscribers still ending must not
+    // write their sessions back after the removal below.
+    api.sessions.forget_application(&app);
     let result = api
         .queue
         .remove(Removal::Application {

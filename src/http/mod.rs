@@ -6,5 +6,7 @@ pub mod cluster;
 pub mod console;
 pub mod device;
 pub mod devices;
+pub mod read;
 pub mod retention;
 pub mod serve;
+pub mod stream;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 /// The read model behind this broker's history and composite-state reads.
+#[derive(Clone)]
 pub enum ReadModel {
     /// Standalone: every acknowledged state is already in the store.
     Local,

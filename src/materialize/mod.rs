@@ -3,8 +3,10 @@
 //! durable consumer and applies it, in stream order, to its local RocksDB
 //! (history and composite state): the broker's read model.
 //!
-//! States go through the same `Records::add` + `Store::commit` path as the
-//! standalone writer's batches, each numbered by its stream sequence, and
+//! States go through the same `Records::add` + `Records::commit` path as
+//! the standalone writer's batches (history, composite state, device
+//! statistics, the log index, then the live hub), each numbered by its
+//! stream sequence, and
 //! the last applied sequence is written in the same write batch: a
 //! restarted broker resumes exactly after it, and every broker's read
 //! model ends up with the same content. A state's time is the one the
@@ -34,7 +36,8 @@ use crate::ids::is_valid_id;
 use crate::metrics::Metrics;
 use crate::state::{self, ParsedStates, Shape};
 use crate::store::{DeviceKey, Store, StoreError};
-use crate::writer::{Numbered, Records, Size};
+use crate::streams::Hub;
+use crate::writer::{Numbered, Records, Scratch, Size};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MaterializeError {
@@ -121,6 +124,7 @@ impl Materializer {
         nats: &Nats,
         spec: MaterializerSpec,
         store: Store,
+        hub: Arc<Hub>,
         next: u64,
         metrics: Arc<Metrics>,
         cluster_metrics: ClusterMetrics,
@@ -141,11 +145,12 @@ impl Materializer {
         );
         let apply = Apply {
             store,
+            hub,
             names: spec.names.clone(),
             metrics,
             cluster_metrics: cluster_metrics.clone(),
             applied,
-            scratch: Vec::new(),
+            scratch: Scratch::default(),
         };
         let lag = lag_task(
             nats.clone(),
@@ -173,12 +178,15 @@ impl Materializer {
 
 struct Apply {
     store: Store,
+    /// Live consumers (SSE, MQTT subscriptions) on this broker, told about
+    /// each applied batch after its commit, as the standalone writer does.
+    hub: Arc<Hub>,
     names: Names,
     metrics: Arc<Metrics>,
     cluster_metrics: ClusterMetrics,
     applied: watch::Sender<u64>,
     /// Reused between batches by `Records::add`.
-    scratch: Vec<u8>,
+    scratch: Scratch,
 }
 
 /// One applicable state of a batch.
@@ -270,15 +278,23 @@ impl Apply {
             bytes: records.iter().map(|r| r.payload.len()).sum(),
         };
         let mut cb = self.store.batch(Records::capacity(size));
-        let requests = states.iter().map(|p| Numbered {
-            seq: p.seq,
-            seen_ms: p.received_ms,
-            device: &p.device,
-            body: &records[p.record].payload,
-            parsed: &p.parsed,
-        });
-        let added = Records::add(&self.store, &mut cb, requests, &mut self.scratch)?;
-        self.store.commit(cb, last.seq.saturating_add(1))?;
+        let requests = || {
+            states.iter().map(|p| Numbered {
+                seq: p.seq,
+                seen_ms: p.received_ms,
+                device: &p.device,
+                body: &records[p.record].payload,
+                parsed: &p.parsed,
+            })
+        };
+        let added = Records::add(&self.store, &mut cb, requests(), &mut self.scratch)?;
+        Records::commit(
+            &self.store,
+            &self.hub,
+            cb,
+            last.seq.saturating_add(1),
+            requests(),
+        )?;
         self.metrics.batches.inc();
         self.metrics.messages_stored.inc_by(added as u64);
         self.metrics.batch_messages.observe(added as f64);

@@ -13,6 +13,7 @@ use bytestring::ByteString;
 use ring::rand::SecureRandom;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::deliver::Keep;
 use super::metrics::ConnectOutcome;
 use super::proto::{Codec, ConnectInfo, ProtoError, Refusal};
 use super::session::{drain, say_goodbye};
@@ -31,7 +32,17 @@ pub(super) struct Accepted<'c> {
     pub session_expiry: u32,
     /// The session's place in the takeover map; dropped when it ends.
     pub registration: Registration<'c>,
+    /// For a token that may subscribe: its (possibly stored) session.
+    pub keep: Option<Box<Keep>>,
+    /// The subscriptions of a resumed session.
+    pub resumed: Option<Vec<(String, u8)>>,
+    /// The client's Receive Maximum.
+    pub receive_max: u16,
 }
+
+/// Told to an MQTT 5 client whose resumed session's position is no longer
+/// stored.
+const AGED_OUT: &str = "the session's position is no longer stored (storage.retention); delivery starts at the oldest stored state";
 
 /// What the first packet of a connection turned out to be.
 enum Hello {
@@ -158,8 +169,10 @@ pub(super) async fn handshake<'c, S: AsyncRead + AsyncWrite + Unpin>(
         .and_then(|pw| ctx.registry.authenticate(pw, now_ms()).map_err(|_| ()))
         .ok()
         // The root token is an admin-plane credential, refused here like
-        // a token that may not send state.
-        .filter(|g| !g.root && g.scopes.allows(Scope::SendState));
+        // a token that may neither send nor read state.
+        .filter(|g| {
+            !g.root && (g.scopes.allows(Scope::SendState) || g.scopes.allows(Scope::GetState))
+        });
     let Some(grant) = grant else {
         tracing::debug!(client = ?info.client_id, %peer, "MQTT CONNECT refused: unknown or unusable token");
         let _ = ctx.auth_failures.take(peer);
@@ -167,8 +180,8 @@ pub(super) async fn handshake<'c, S: AsyncRead + AsyncWrite + Unpin>(
         return refuse_now(stream, &mut out, ctx, ConnectOutcome::NotAuthorized).await;
     };
     if info.will.is_some() {
-        // Nobody subscribes to an ingest broker, so a Will could never be
-        // delivered; it is accepted and ignored (see README).
+        // Subscribers receive committed device state only, so a Will is
+        // accepted and ignored (see README).
         tracing::debug!(client = ?info.client_id, "Will message ignored");
     }
 
@@ -183,22 +196,41 @@ pub(super) async fn handshake<'c, S: AsyncRead + AsyncWrite + Unpin>(
         },
     };
     let client_id = assigned.clone().unwrap_or_else(|| info.client_id.clone());
+    // Registered before the CONNACK goes out: a client that reconnects
+    // after reading it is always the newer session.
+    let registration = ctx.takeover.register(&grant.app, client_id);
+    let session = match grant.scopes.allows(Scope::GetState) {
+        // A token that may not subscribe has no session to keep: an MQTT
+        // 5 client asking for one is told it lasts 0 s.
+        false => Ok(Claimed {
+            granted_expiry: info.session_expiry_v5().filter(|e| *e > 0).map(|_| 0),
+            ..Claimed::default()
+        }),
+        true => claim_session(ctx, &grant, &info, &registration).await,
+    };
+    let session = match session {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, client = ?info.client_id, "MQTT CONNECT refused: session not readable");
+            codec.connack_refuse(&mut out, Refusal::ServerBusy);
+            return refuse_now(stream, &mut out, ctx, ConnectOutcome::ServerBusy).await;
+        }
+    };
     codec.connack_ok(
         &mut out,
         cfg.receive_maximum,
         cfg.max_packet_bytes,
-        &info,
         assigned,
+        session.resumed.is_some(),
+        session.granted_expiry,
+        session.aged_out.then_some(AGED_OUT),
     );
     if out.is_empty() {
         // The client's Maximum Packet Size is too small for any CONNACK
         // (found by fuzzing): it can never be answered, so close instead of
-        // leaving it waiting (and take nothing over).
+        // leaving it waiting.
         return none(ctx, ConnectOutcome::Malformed);
     }
-    // Registered before the CONNACK goes out: a client that reconnects
-    // after reading it is always the newer session.
-    let registration = ctx.takeover.register(&grant.app, client_id);
     if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
         return None;
     }
@@ -217,6 +249,74 @@ pub(super) async fn handshake<'c, S: AsyncRead + AsyncWrite + Unpin>(
         keep_alive: info.keep_alive,
         session_expiry: info.session_expiry,
         registration,
+        keep: session.keep,
+        resumed: session.resumed,
+        receive_max: info.receive_max,
+    })
+}
+
+/// What the handshake learns about the session of a token that may
+/// subscribe.
+#[derive(Default)]
+struct Claimed {
+    keep: Option<Box<Keep>>,
+    resumed: Option<Vec<(String, u8)>>,
+    /// MQTT 5: the expiry granted, when less than asked.
+    granted_expiry: Option<u32>,
+    aged_out: bool,
+}
+
+/// Claims the client's session: a clean start discards a stored one;
+/// otherwise a stored one is resumed where its position points (or at the
+/// oldest stored state, if that aged out).
+async fn claim_session(
+    ctx: &MqttContext,
+    grant: &TokenEntry,
+    info: &ConnectInfo,
+    registration: &Registration<'_>,
+) -> Result<Claimed, crate::streams::sessions::SessionError> {
+    let max = ctx.session_expiry_max();
+    // 3.1.1 names no expiry: a persistent session gets the most allowed.
+    let (persistent, expiry) = match info.session_expiry_v5() {
+        None => (!info.clean_start, max),
+        Some(asked) => (asked > 0, asked.min(max)),
+    };
+    let granted_expiry = info
+        .session_expiry_v5()
+        .filter(|asked| *asked > max)
+        .map(|_| max);
+    let (owner, resumed) = ctx
+        .sessions
+        .claim(
+            &grant.app,
+            registration.client_id(),
+            registration.serial(),
+            info.clean_start,
+        )
+        .await?;
+    let (resume_at, aged_out) = match &resumed {
+        None => (None, false),
+        Some(r) => {
+            let (store, app, next) = (ctx.store.clone(), grant.app.clone(), r.next);
+            let (at, opened) = tokio::task::spawn_blocking(move || {
+                crate::streams::cursor::resume_point(&store, &app, next)
+            })
+            .await
+            .map_err(|e| crate::store::StoreError::Thread(e.to_string()))??;
+            (Some(at), opened == crate::streams::Opened::AgedOut)
+        }
+    };
+    Ok(Claimed {
+        keep: Some(Box::new(Keep {
+            owner,
+            persistent,
+            expiry,
+            stored: resumed.is_some(),
+            resume_at,
+        })),
+        resumed: resumed.map(|r| r.record.subs),
+        granted_expiry,
+        aged_out,
     })
 }
 

@@ -2,22 +2,25 @@
 //! connection. Sluice owns its connections so it can authorize every
 //! publish, acknowledge only after commit, and cut revoked sessions.
 //!
-//! Sessions are ingest-only and never stored: CONNACK always says "no
-//! session present", Will messages are never published, SUBSCRIBE is
-//! refused.
+//! Devices publish state; tokens with `device.getState` may subscribe to
+//! their application's committed states (`subscribe.rs`, `deliver.rs`, fed
+//! by `streams`), and their sessions may persist (`streams::sessions`).
+//! Will messages are never published.
 //!
-//! A connection goes through `connect.rs` (CONNECT, token, CONNACK), then
-//! `session.rs` (the event loop), which hands each PUBLISH to
-//! `publish.rs` (the per-publish hot path) and owes PUBACKs in the order
-//! `acks.rs` keeps. `takeover.rs` maps live sessions by application and
-//! client id; `proto.rs` is the only file that knows the codec.
+//! A connection goes through `connect.rs` (CONNECT, token, stored session,
+//! CONNACK), then `session.rs` (the event loop), which hands each PUBLISH
+//! to `publish.rs` (the per-publish hot path) and owes PUBACKs in the
+//! order `acks.rs` keeps. `takeover.rs` maps live sessions by application
+//! and client id; `proto.rs` is the only file that knows the codec.
 
 mod acks;
 mod connect;
+mod deliver;
 mod metrics;
 mod proto;
 mod publish;
 mod session;
+mod subscribe;
 mod takeover;
 
 use std::sync::Arc;
@@ -33,12 +36,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Registry;
-use crate::config::MqttConfig;
+use crate::config::{MqttConfig, StreamsConfig};
 use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::streams::group::Groups;
+use crate::streams::sessions::Sessions;
+use crate::streams::{Hub, ReadBounds};
 use crate::writer::IngestQueue;
 
 pub use metrics::{ConnectOutcome, MqttMetrics, PublishOutcome};
-pub use proto::{Codec, Goodbye, Incoming, ProtoError, Publish, Refusal};
+pub use proto::{Codec, Goodbye, Incoming, ProtoError, Publish, Refusal, SubAck, UnsubAck};
 pub use publish::{check_publish, PublishRefusal};
 use takeover::Takeover;
 
@@ -53,6 +60,18 @@ pub struct MqttContext {
     /// Broker-wide metrics (rate-limit refusals are counted per token there).
     pub shared_metrics: Arc<Metrics>,
     pub config: MqttConfig,
+    /// Subscriptions read committed states through these.
+    pub hub: Arc<Hub>,
+    pub store: Store,
+    /// Stored (persistent) sessions.
+    pub sessions: Arc<Sessions>,
+    pub streams: StreamsConfig,
+    /// Subscribers' feeds and shared-subscription dispatchers. A feed
+    /// outlives its session by the moment it takes to write its final
+    /// position; shutdown waits for them.
+    pub feeds: TaskTracker,
+    /// Shared subscriptions.
+    pub groups: Arc<Groups>,
     /// Live sessions by application and client id (session takeover).
     takeover: Takeover,
     /// For client ids assigned to clients that send none.
@@ -73,6 +92,14 @@ pub struct MqttContext {
     per_ip: Arc<crate::ip_limit::IpConnections>,
 }
 
+/// What subscriptions need, for [`MqttContext::new`].
+pub struct Streams {
+    pub hub: Arc<Hub>,
+    pub store: Store,
+    pub sessions: Arc<Sessions>,
+    pub config: StreamsConfig,
+}
+
 impl MqttContext {
     pub fn new(
         registry: Arc<Registry>,
@@ -80,12 +107,31 @@ impl MqttContext {
         metrics: MqttMetrics,
         shared_metrics: Arc<Metrics>,
         config: MqttConfig,
+        streams: Streams,
     ) -> MqttContext {
+        let feeds = TaskTracker::new();
+        let groups = Groups::new(
+            streams.hub.clone(),
+            streams.store.clone(),
+            streams.sessions.clone(),
+            ReadBounds {
+                max_entries: subscribe::REPLAY_PAGE_STATES,
+                max_bytes: streams.config.consumer_buffer_bytes,
+            },
+            streams.config.session_flush,
+            feeds.clone(),
+        );
         MqttContext {
             registry,
             queue,
             metrics,
             shared_metrics,
+            hub: streams.hub,
+            store: streams.store,
+            sessions: streams.sessions,
+            streams: streams.config,
+            feeds,
+            groups,
             permits: Arc::new(Semaphore::new(config.max_connections)),
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
             connects: crate::ip_limit::IpLimiter::new(
@@ -112,6 +158,14 @@ impl MqttContext {
         self.config
             .max_connect_bytes
             .min(self.config.max_packet_bytes)
+    }
+
+    /// `streams.session_expiry_max` in seconds (validated to fit).
+    fn session_expiry_max(&self) -> u32 {
+        self.streams
+            .session_expiry_max
+            .as_secs()
+            .min(u64::from(u32::MAX)) as u32
     }
 }
 
@@ -211,6 +265,11 @@ pub async fn serve(
         hard_stop.cancel();
         sessions.wait().await;
     }
+    // Every session has ended, so every feed is ending: let them write
+    // their subscribers' positions. Both listeners share the tracker; the
+    // second to get here finds it empty.
+    ctx.feeds.close();
+    ctx.feeds.wait().await;
 }
 
 /// What to do with an accepted connection.
@@ -264,11 +323,13 @@ mod tests {
         let mut m = Metrics::new();
         let mm = MqttMetrics::register(m.registry_mut());
         let m = Arc::new(m);
+        let hub = Arc::new(crate::streams::Hub::new(1 << 20, Default::default()));
         let w = crate::writer::Writer::start(
-            store,
+            store.clone(),
             crate::writer::WriterConfig::new(&crate::Config::default()),
             m.clone(),
             Arc::default(),
+            hub.clone(),
         )
         .unwrap();
         let size = rt.block_on(async {
@@ -282,6 +343,12 @@ mod tests {
                 mm,
                 m,
                 crate::Config::default().mqtt,
+                Streams {
+                    hub: hub.clone(),
+                    store: store.clone(),
+                    sessions: Sessions::load(store.clone(), 1, 1, Duration::from_secs(1)).unwrap(),
+                    config: crate::Config::default().streams,
+                },
             ));
             let admit = Admit::Session("127.0.0.1".parse().unwrap());
             let f = serve_one(

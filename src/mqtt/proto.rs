@@ -77,6 +77,21 @@ pub struct ConnectInfo {
     pub auth_method: bool,
     /// MQTT 5: the largest packet the client accepts.
     pub max_packet_size: Option<NonZeroU32>,
+    /// CleanSession (3.1.1) / Clean Start (5): discard any stored session.
+    pub clean_start: bool,
+    /// MQTT 5: QoS 1 publishes the client accepts in flight (65535 when it
+    /// says nothing, as the spec defines; 3.1.1 has no such limit).
+    pub receive_max: u16,
+    /// Whether the CONNECT was MQTT 5.
+    pub v5: bool,
+}
+
+impl ConnectInfo {
+    /// The MQTT 5 Session Expiry Interval (`None` for 3.1.1, which has
+    /// none).
+    pub fn session_expiry_v5(&self) -> Option<u32> {
+        self.v5.then_some(self.session_expiry)
+    }
 }
 
 /// What a CONNECT says about its Will message (which Sluice never
@@ -97,6 +112,8 @@ impl std::fmt::Debug for ConnectInfo {
             .field("will", &self.will)
             .field("auth_method", &self.auth_method)
             .field("max_packet_size", &self.max_packet_size)
+            .field("clean_start", &self.clean_start)
+            .field("receive_max", &self.receive_max)
             .finish_non_exhaustive()
     }
 }
@@ -107,19 +124,25 @@ pub enum Incoming {
     Publish(Box<Publish>),
     Subscribe {
         packet_id: NonZeroU16,
-        filters: usize,
+        /// Each topic filter and the QoS asked for it.
+        filters: Vec<(ByteString, u8)>,
     },
     Unsubscribe {
         packet_id: NonZeroU16,
-        filters: usize,
+        filters: Vec<ByteString>,
+    },
+    /// The client acknowledges a QoS 1 PUBLISH the server sent.
+    PubAck {
+        packet_id: NonZeroU16,
     },
     PingRequest,
     /// MQTT 5 may carry a new session expiry (always `None` for 3.1.1).
     Disconnect {
         session_expiry: Option<u32>,
     },
-    /// A packet a client may not send to an ingest-only server (PUBACK,
-    /// PUBREL, AUTH, a second CONNECT, …): a protocol error.
+    /// A packet a client may not send here (PUBREC, PUBREL, PUBCOMP: the
+    /// server never sends QoS 2; AUTH, a second CONNECT, …): a protocol
+    /// error.
     Unexpected(&'static str),
 }
 
@@ -168,6 +191,30 @@ pub enum AckReason {
     Unconfirmed,
 }
 
+/// The answer to one topic filter of a SUBSCRIBE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubAck {
+    /// Subscribed with this maximum QoS (0 or 1).
+    Granted(u8),
+    /// 0x87: the token may not read what the filter names.
+    NotAuthorized,
+    /// 0x8F: a well-formed filter this server does not serve.
+    FilterInvalid,
+    /// 0xA2: a wildcard other than `+` for the device.
+    WildcardUnsupported,
+    /// 0x97: over a subscription or session limit.
+    Quota,
+    /// 0x80: the session could not be stored.
+    Failed,
+}
+
+/// The answer to one topic filter of an UNSUBSCRIBE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnsubAck {
+    Done,
+    NoSubscription,
+}
+
 /// DISCONNECT reasons sent by the server (MQTT 5 only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Goodbye {
@@ -184,6 +231,8 @@ pub enum Goodbye {
     ShuttingDown,
     TakenOver,
     KeepAliveTimeout,
+    /// 0xA1: a SUBSCRIBE with a Subscription Identifier.
+    SubscriptionIdsUnsupported,
     /// 0x89, "server busy": cluster mode, and this broker's view of the
     /// cluster's tokens is stale (0x88 "server unavailable" exists only
     /// for CONNACK).
@@ -206,12 +255,19 @@ impl Goodbye {
             Goodbye::ShuttingDown => C::ServerShuttingDown,
             Goodbye::TakenOver => C::SessionTakenOver,
             Goodbye::KeepAliveTimeout => C::KeepAliveTimeout,
+            Goodbye::SubscriptionIdsUnsupported => C::SubscriptionIdentifiersNotSupported,
             Goodbye::Unavailable => C::ServerBusy,
         }
     }
 }
 
 const CONNECT: u8 = 0x10;
+const USER_PROPERTY: u8 = 0x26;
+const TOPIC_HEAD: &[u8] = b"applications/";
+const TOPIC_MID: &[u8] = b"/devices/";
+const TOPIC_TAIL: &[u8] = b"/state";
+const PAYLOAD_HEAD: &[u8] = b"{\"time\":";
+const PAYLOAD_MID: &[u8] = b",\"data\":";
 const PUBLISH_MIN: u8 = 0x30;
 const PUBLISH_MAX: u8 = 0x3F;
 
@@ -371,19 +427,23 @@ impl Codec {
                         qos: w.qos.value(),
                         retain: w.retain,
                     }),
+                    clean_start: c.clean_session,
                     client_id: c.client_id,
                     password: c.password,
                     keep_alive: c.keep_alive,
                     session_expiry: 0,
                     auth_method: false,
                     max_packet_size: None,
+                    receive_max: u16::MAX,
+                    v5: false,
                 }))
             }
             Kind::V5(codec) => {
-                // Sluice keeps no sessions, so Clean Start 0 and 1 mean the
-                // same here (no session exists, a new one starts). The codec
-                // refuses an empty client id with Clean Start 0, which MQTT 5
-                // allows ([MQTT-3.1.3-6]), so the bit is set before decoding.
+                // The codec refuses an empty client id with Clean Start 0,
+                // which MQTT 5 allows ([MQTT-3.1.3-6]; such a client gets a
+                // new id, so there is no session to resume anyway): the bit
+                // is read, then set before decoding.
+                let clean_start = flags & 0x02 != 0;
                 buf[flags_at] |= 0x02;
                 let Some((v5::Packet::Connect(c), _)) = codec.decode(buf)? else {
                     return Err(ProtoError::Malformed("first packet is not CONNECT".into()));
@@ -403,6 +463,9 @@ impl Codec {
                     keep_alive: c.keep_alive,
                     session_expiry: c.session_expiry_interval_secs,
                     max_packet_size: c.max_packet_size,
+                    clean_start,
+                    receive_max: c.receive_max.map_or(u16::MAX, NonZeroU16::get),
+                    v5: true,
                 }))
             }
         }
@@ -429,15 +492,19 @@ impl Codec {
                         topic_filters,
                     } => Incoming::Subscribe {
                         packet_id,
-                        filters: topic_filters.len(),
+                        filters: topic_filters
+                            .into_iter()
+                            .map(|(f, q)| (f, q.value()))
+                            .collect(),
                     },
                     v3::Packet::Unsubscribe {
                         packet_id,
                         topic_filters,
                     } => Incoming::Unsubscribe {
                         packet_id,
-                        filters: topic_filters.len(),
+                        filters: topic_filters,
                     },
+                    v3::Packet::PublishAck { packet_id } => Incoming::PubAck { packet_id },
                     v3::Packet::PingRequest => Incoming::PingRequest,
                     v3::Packet::Disconnect => Incoming::Disconnect {
                         session_expiry: None,
@@ -462,13 +529,27 @@ impl Codec {
                         check_v5_publish(&p)?;
                         Incoming::Publish(p)
                     }
-                    v5::Packet::Subscribe(s) => Incoming::Subscribe {
-                        packet_id: s.packet_id,
-                        filters: s.topic_filters.len(),
-                    },
+                    v5::Packet::Subscribe(s) => {
+                        // CONNACK said Subscription Identifiers Available 0
+                        // ([MQTT-3.8.2.1.2]): 0xA1.
+                        if s.id.is_some() {
+                            return Err(ProtoError::Violation(Goodbye::SubscriptionIdsUnsupported));
+                        }
+                        Incoming::Subscribe {
+                            packet_id: s.packet_id,
+                            filters: s
+                                .topic_filters
+                                .into_iter()
+                                .map(|(f, o)| (f, o.qos.value()))
+                                .collect(),
+                        }
+                    }
                     v5::Packet::Unsubscribe(u) => Incoming::Unsubscribe {
                         packet_id: u.packet_id,
-                        filters: u.topic_filters.len(),
+                        filters: u.topic_filters,
+                    },
+                    v5::Packet::PublishAck(a) => Incoming::PubAck {
+                        packet_id: a.packet_id,
                     },
                     v5::Packet::PingRequest => Incoming::PingRequest,
                     v5::Packet::Disconnect(d) => Incoming::Disconnect {
@@ -480,15 +561,21 @@ impl Codec {
         }
     }
 
-    /// CONNACK accepting the connection. No session is ever present: the
-    /// broker keeps none, and tells MQTT 5 clients so (session expiry 0).
+    /// CONNACK accepting the connection. `session_present`: a stored
+    /// session was resumed. `expiry`: for MQTT 5, the session expiry the
+    /// server grants when it is less than the client asked for.
+    /// `reason`: an MQTT 5 reason string (e.g. a resumed position that
+    /// aged out).
+    #[allow(clippy::too_many_arguments)]
     pub fn connack_ok(
         &mut self,
         out: &mut BytesMut,
         receive_max: u16,
         max_packet: u32,
-        info: &ConnectInfo,
         assigned_id: Option<ByteString>,
+        session_present: bool,
+        expiry: Option<u32>,
+        reason: Option<&'static str>,
     ) {
         match &mut self.kind {
             Kind::V3(c) => enc3(
@@ -496,21 +583,25 @@ impl Codec {
                 out,
                 v3::Packet::ConnectAck(v3::ConnectAck {
                     return_code: v3::ConnectAckReason::ConnectionAccepted,
-                    session_present: false,
+                    session_present,
                 }),
             ),
             Kind::V5(c) => {
                 let ack = v5::ConnectAck {
-                    session_expiry_interval_secs: (info.session_expiry > 0).then_some(0),
+                    session_present,
+                    session_expiry_interval_secs: expiry,
                     receive_max: NonZeroU16::new(receive_max).unwrap_or(NonZeroU16::MIN),
                     max_qos: QoS::AtLeastOnce,
                     max_packet_size: Some(max_packet),
                     assigned_client_id: assigned_id,
                     topic_alias_max: 0,
                     retain_available: false,
-                    wildcard_subscription_available: false,
+                    // `+` (for the device) is served; other wildcards are
+                    // refused per filter with 0xA2.
+                    wildcard_subscription_available: true,
                     subscription_identifiers_available: false,
-                    shared_subscription_available: false,
+                    shared_subscription_available: true,
+                    reason_string: reason.map(ByteString::from_static),
                     ..v5::ConnectAck::default()
                 };
                 enc5(c, out, v5::Packet::ConnectAck(Box::new(ack)))
@@ -604,15 +695,25 @@ impl Codec {
         }
     }
 
-    /// SUBACK refusing every filter: 0x80 (3.1.1) / 0x87 (5).
-    pub fn suback_refused(&mut self, out: &mut BytesMut, packet_id: NonZeroU16, filters: usize) {
+    /// SUBACK with one outcome per filter. 3.1.1 has one failure code
+    /// (0x80) for every refusal.
+    pub fn suback(&mut self, out: &mut BytesMut, packet_id: NonZeroU16, outcomes: &[SubAck]) {
         match &mut self.kind {
             Kind::V3(c) => enc3(
                 c,
                 out,
                 v3::Packet::SubscribeAck {
                     packet_id,
-                    status: vec![v3::SubscribeReturnCode::Failure; filters],
+                    status: outcomes
+                        .iter()
+                        .map(|o| match o {
+                            SubAck::Granted(0) => v3::SubscribeReturnCode::Success(QoS::AtMostOnce),
+                            SubAck::Granted(_) => {
+                                v3::SubscribeReturnCode::Success(QoS::AtLeastOnce)
+                            }
+                            _ => v3::SubscribeReturnCode::Failure,
+                        })
+                        .collect(),
                 },
             ),
             // The codec sizes a SUBACK with `limit - 2 - filters`, which
@@ -620,25 +721,44 @@ impl Codec {
             // one reason code per filter; such a SUBACK is dropped here like
             // any reply too large for the client (see `enc5`).
             Kind::V5(c)
-                if c.max_outbound_size() != 0 && filters + 2 > c.max_outbound_size() as usize =>
+                if c.max_outbound_size() != 0
+                    && outcomes.len() + 2 > c.max_outbound_size() as usize =>
             {
-                tracing::debug!(filters, "MQTT 5 SUBACK larger than the client accepts");
+                tracing::debug!(
+                    filters = outcomes.len(),
+                    "MQTT 5 SUBACK larger than the client accepts"
+                );
             }
-            Kind::V5(c) => enc5(
-                c,
-                out,
-                v5::Packet::SubscribeAck(v5::SubscribeAck {
-                    packet_id,
-                    properties: Vec::new(),
-                    reason_string: None,
-                    status: vec![v5::SubscribeAckReason::NotAuthorized; filters],
-                }),
-            ),
+            Kind::V5(c) => {
+                use v5::SubscribeAckReason as R;
+                let status = outcomes
+                    .iter()
+                    .map(|o| match o {
+                        SubAck::Granted(0) => R::GrantedQos0,
+                        SubAck::Granted(_) => R::GrantedQos1,
+                        SubAck::NotAuthorized => R::NotAuthorized,
+                        SubAck::FilterInvalid => R::TopicFilterInvalid,
+                        SubAck::WildcardUnsupported => R::WildcardSubscriptionsNotSupported,
+                        SubAck::Quota => R::QuotaExceeded,
+                        SubAck::Failed => R::UnspecifiedError,
+                    })
+                    .collect();
+                enc5(
+                    c,
+                    out,
+                    v5::Packet::SubscribeAck(v5::SubscribeAck {
+                        packet_id,
+                        properties: Vec::new(),
+                        reason_string: None,
+                        status,
+                    }),
+                )
+            }
         }
     }
 
-    /// UNSUBACK: there never was a subscription.
-    pub fn unsuback(&mut self, out: &mut BytesMut, packet_id: NonZeroU16, filters: usize) {
+    /// UNSUBACK with one outcome per filter (MQTT 5; 3.1.1 has none).
+    pub fn unsuback(&mut self, out: &mut BytesMut, packet_id: NonZeroU16, outcomes: &[UnsubAck]) {
         match &mut self.kind {
             Kind::V3(c) => enc3(c, out, v3::Packet::UnsubscribeAck { packet_id }),
             Kind::V5(c) => enc5(
@@ -648,10 +768,87 @@ impl Codec {
                     packet_id,
                     properties: Vec::new(),
                     reason_string: None,
-                    status: vec![v5::UnsubscribeAckReason::NoSubscriptionExisted; filters],
+                    status: outcomes
+                        .iter()
+                        .map(|o| match o {
+                            UnsubAck::Done => v5::UnsubscribeAckReason::Success,
+                            UnsubAck::NoSubscription => {
+                                v5::UnsubscribeAckReason::NoSubscriptionExisted
+                            }
+                        })
+                        .collect(),
                 }),
             ),
         }
+    }
+
+    /// Encodes a PUBLISH of one stored state to a subscriber, written
+    /// directly (no packet struct, no allocation): topic
+    /// `applications/{app}/devices/{device}/state`, payload
+    /// `{"time":<epoch ms>,"data":<data as stored>}`, QoS 1 when
+    /// `packet_id` is given, and for MQTT 5 a user property `position`
+    /// with the state's position. Returns false, writing nothing, when the
+    /// packet is larger than the client's Maximum Packet Size (MQTT 5: the
+    /// server must not send it, [MQTT-3.1.2-25]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn publish_state(
+        &self,
+        out: &mut BytesMut,
+        packet_id: Option<NonZeroU16>,
+        app: &str,
+        device: &str,
+        time_ms: u64,
+        data: &[u8],
+        position: u64,
+    ) -> bool {
+        const PROP: &[u8] = b"position";
+        let mut time = itoa::Buffer::new();
+        let time = time.format(time_ms).as_bytes();
+        let mut pos = itoa::Buffer::new();
+        let pos = pos.format(position).as_bytes();
+        let topic_len =
+            TOPIC_HEAD.len() + app.len() + TOPIC_MID.len() + device.len() + TOPIC_TAIL.len();
+        let props_len = 1 + 2 + PROP.len() + 2 + pos.len();
+        let v5 = match &self.kind {
+            Kind::V5(c) => Some(c.max_outbound_size()),
+            Kind::V3(_) => None,
+        };
+        let payload_len = PAYLOAD_HEAD.len() + time.len() + PAYLOAD_MID.len() + data.len() + 1;
+        let remaining = 2
+            + topic_len
+            + packet_id.map_or(0, |_| 2)
+            + v5.map_or(0, |_| varint_len(props_len) + props_len)
+            + payload_len;
+        let total = 1 + varint_len(remaining) + remaining;
+        if v5.is_some_and(|max| max != 0 && total > max as usize) || topic_len > u16::MAX as usize {
+            return false;
+        }
+        out.reserve(total);
+        out.extend_from_slice(&[PUBLISH_MIN | if packet_id.is_some() { 0x02 } else { 0 }]);
+        put_varint(out, remaining);
+        out.extend_from_slice(&(topic_len as u16).to_be_bytes());
+        out.extend_from_slice(TOPIC_HEAD);
+        out.extend_from_slice(app.as_bytes());
+        out.extend_from_slice(TOPIC_MID);
+        out.extend_from_slice(device.as_bytes());
+        out.extend_from_slice(TOPIC_TAIL);
+        if let Some(id) = packet_id {
+            out.extend_from_slice(&id.get().to_be_bytes());
+        }
+        if v5.is_some() {
+            put_varint(out, props_len);
+            out.extend_from_slice(&[USER_PROPERTY]);
+            out.extend_from_slice(&(PROP.len() as u16).to_be_bytes());
+            out.extend_from_slice(PROP);
+            out.extend_from_slice(&(pos.len() as u16).to_be_bytes());
+            out.extend_from_slice(pos);
+        }
+        out.extend_from_slice(PAYLOAD_HEAD);
+        out.extend_from_slice(time);
+        out.extend_from_slice(PAYLOAD_MID);
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"}");
+        true
     }
 
     pub fn pingresp(&mut self, out: &mut BytesMut) {
@@ -730,6 +927,29 @@ fn has_topic_alias(body: &[u8], first: u8) -> bool {
         }
     }
     false
+}
+
+/// Bytes of `n` as an MQTT variable byte integer.
+fn varint_len(n: usize) -> usize {
+    match n {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
+/// Appends `n` as an MQTT variable byte integer (at most 268,435,455).
+fn put_varint(out: &mut BytesMut, mut n: usize) {
+    loop {
+        let byte = (n % 128) as u8;
+        n /= 128;
+        if n == 0 {
+            out.extend_from_slice(&[byte]);
+            return;
+        }
+        out.extend_from_slice(&[byte | 0x80]);
+    }
 }
 
 /// An MQTT variable byte integer: its value and how many bytes it took.
@@ -931,6 +1151,89 @@ mod tests {
         let mut big = BytesMut::from(&b"\x30\x80\x80\x80\x01"[..]);
         assert_eq!(codec.decode(&mut big).unwrap_err(), ProtoError::TooLarge);
         assert!(big.capacity() < 1024, "the refused packet was buffered");
+    }
+
+    #[test]
+    fn published_states_decode_as_clients_read_them() {
+        for v5 in [false, true] {
+            let mut buf = match v5 {
+                true => connect_v5("c", true),
+                false => connect_v311(b"pw"),
+            };
+            let mut codec = Codec::detect(&mut buf, 1024).unwrap().unwrap();
+            codec.decode_connect(&mut buf).unwrap().unwrap();
+            let mut out = BytesMut::new();
+            // A payload long enough for a two-byte remaining length.
+            let data = format!("{{\"a\":\"{}\"}}", "x".repeat(200));
+            let id = NonZeroU16::new(7);
+            assert!(codec.publish_state(&mut out, id, "farm", "pump-1", 1234, data.as_bytes(), 99));
+            assert!(codec.publish_state(&mut out, None, "farm", "p", 5, b"{}", 100));
+            let publishes: Vec<Publish> = match v5 {
+                false => {
+                    let mut c = v3::Codec::new(0);
+                    (0..2)
+                        .map(|_| match c.decode(&mut out).unwrap() {
+                            Some((v3::Packet::Publish(p), _)) => *p,
+                            other => panic!("{other:?}"),
+                        })
+                        .collect()
+                }
+                true => {
+                    let mut c = v5::Codec::new(0, 0);
+                    (0..2)
+                        .map(|_| match c.decode(&mut out).unwrap() {
+                            Some((v5::Packet::Publish(p), _)) => *p,
+                            other => panic!("{other:?}"),
+                        })
+                        .collect()
+                }
+            };
+            assert!(out.is_empty());
+            let (a, b) = (&publishes[0], &publishes[1]);
+            assert_eq!(&*a.topic, "applications/farm/devices/pump-1/state");
+            assert_eq!(
+                (a.qos, a.packet_id, a.retain, a.dup),
+                (QoS::AtLeastOnce, id, false, false)
+            );
+            assert_eq!(a.payload, format!("{{\"time\":1234,\"data\":{data}}}"));
+            assert_eq!((b.qos, b.packet_id), (QoS::AtMostOnce, None));
+            assert_eq!(b.payload, &b"{\"time\":5,\"data\":{}}"[..]);
+            let position = |p: &Publish| {
+                p.properties
+                    .as_ref()
+                    .and_then(|pr| pr.user_properties.first().cloned())
+                    .map(|(k, v)| format!("{k}={v}"))
+            };
+            match v5 {
+                true => {
+                    assert_eq!(position(a).as_deref(), Some("position=99"));
+                    assert_eq!(position(b).as_deref(), Some("position=100"));
+                }
+                false => assert!(a.properties.is_none()),
+            }
+        }
+    }
+
+    #[test]
+    fn a_state_larger_than_the_client_accepts_is_not_written() {
+        let mut codec = v5::Codec::new(0, 0);
+        let mut buf = BytesMut::new();
+        let c = v5::Connect {
+            client_id: ByteString::from_static("c"),
+            max_packet_size: NonZeroU32::new(100),
+            ..v5::Connect::default()
+        };
+        codec
+            .encode(v5::Packet::Connect(Box::new(c)), &mut buf)
+            .unwrap();
+        let mut codec = Codec::detect(&mut buf, 1024).unwrap().unwrap();
+        codec.decode_connect(&mut buf).unwrap().unwrap();
+        let mut out = BytesMut::new();
+        assert!(codec.publish_state(&mut out, None, "a", "d", 1, b"{}", 1));
+        let small = out.len();
+        assert!(small <= 100);
+        assert!(!codec.publish_state(&mut out, None, "a", "d", 1, &[b' '; 100], 1));
+        assert_eq!(out.len(), small, "nothing written");
     }
 
     #[test]

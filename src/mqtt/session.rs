@@ -15,9 +15,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::acks::Pubacks;
 use super::connect::Accepted;
+use super::deliver::{Keep, Subscriber};
 use super::proto::{starts_with_publish, Codec, Goodbye, Incoming};
 use super::MqttContext;
-use crate::auth::TokenEntry;
+use crate::auth::{monotonic_ns, TokenEntry};
 use crate::timefmt::now_ms;
 use crate::writer::{EnqueueError, WriteRequest};
 
@@ -75,6 +76,13 @@ pub(super) struct Session<'c> {
     pub(super) close_after_flush: bool,
     /// MQTT 5 session expiry from CONNECT.
     session_expiry: u32,
+    /// Subscriptions and what is in flight to them; boxed, so sessions
+    /// that only publish stay small.
+    pub(super) sub: Option<Box<Subscriber>>,
+    /// The stored session of a token that may subscribe.
+    pub(super) keep: Option<Box<Keep>>,
+    /// The client's Receive Maximum (MQTT 5), bounding QoS 1 deliveries.
+    pub(super) receive_max: u16,
 }
 
 /// What ends a session from outside: shutdown, takeover, and revocation or
@@ -178,6 +186,9 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         keep_alive,
         session_expiry,
         registration,
+        keep,
+        resumed,
+        receive_max,
     } = accepted;
     let expiry = grant.chain_expiry().map_or_else(never, |exp| {
         let left = (exp - now_ms()).max(0) as u64;
@@ -199,7 +210,13 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         out: BytesMut::with_capacity(64),
         close_after_flush: false,
         session_expiry,
+        sub: None,
+        keep,
+        receive_max,
     };
+    if let Some(subs) = resumed {
+        Box::pin(s.resume(subs)).await;
+    }
     let end = s
         .serve(&mut stream, &mut buf, keep_alive, &mut signals)
         .await;
@@ -230,12 +247,26 @@ impl Session<'_> {
     ) -> End {
         let mut keep_alive = KeepAlive::new(keep_alive);
         let mut draining = false;
-        // A local, so the futures in `select!` do not borrow `self`.
+        // Locals, so the futures in `select!` do not borrow `self`.
         let sink = self.acks.sink().clone();
+        let mut deliveries = None;
         loop {
             // Decode what is buffered, as far as the window and queue allow.
             while self.reading(draining, buf) {
                 match self.codec.decode(buf) {
+                    Ok(Some(Incoming::Subscribe { .. })) if !self.trusted() => {
+                        self.codec.disconnect(&mut self.out, Goodbye::Unavailable);
+                        let end = End::Refused("token view stale");
+                        return self.finish(stream, end, sig).await;
+                    }
+                    Ok(Some(Incoming::Subscribe { packet_id, filters })) => {
+                        // Boxed: rare, and it would make every session's
+                        // future as large as itself.
+                        Box::pin(self.subscribe(packet_id, filters)).await;
+                    }
+                    Ok(Some(Incoming::Unsubscribe { packet_id, filters })) => {
+                        Box::pin(self.unsubscribe(packet_id, filters)).await;
+                    }
                     Ok(Some(pkt)) => {
                         if let Some(end) = self.handle(pkt) {
                             return self.finish(stream, end, sig).await;
@@ -265,6 +296,9 @@ impl Session<'_> {
                 self.codec.disconnect(&mut self.out, Goodbye::ShuttingDown);
                 return self.finish(stream, End::Stopped, sig).await;
             }
+            if deliveries.is_none() {
+                deliveries = self.sub.as_mut().and_then(|s| s.rx.take());
+            }
             let can_read = self.reading(draining, buf);
             keep_alive.reading(can_read);
             let deadline = keep_alive.deadline();
@@ -280,6 +314,19 @@ impl Session<'_> {
                     }
                 },
                 _ = sink.notify.notified() => self.collect_acks(),
+                d = next_delivery(&mut deliveries), if !draining && self.can_deliver() => {
+                    match (d, deliveries.as_mut()) {
+                        // A state not delivered stays unacknowledged: a
+                        // persistent session resumes from it.
+                        (Some(_), Some(_)) if !self.trusted() => {
+                            self.codec.disconnect(&mut self.out, Goodbye::Unavailable);
+                            let end = End::Refused("token view stale");
+                            return self.finish(stream, end, sig).await;
+                        }
+                        (Some(d), Some(rx)) => self.deliver(d, rx),
+                        _ => deliveries = None,
+                    }
+                }
                 end = self.queue_blocked(), if self.blocked.is_some() => {
                     if let Some(end) = end {
                         return self.finish(stream, end, sig).await;
@@ -368,11 +415,21 @@ impl Session<'_> {
         }
         say_goodbye(stream, &mut self.out).await;
         self.settle_blocked(sig.hard_stop).await;
+        if self.keep.is_some() {
+            Box::pin(self.end_session()).await;
+        }
         drain(stream).await;
         end
     }
 
     /// Handles one packet; `Some` ends the session.
+    /// Cluster mode: whether this broker's view of the tokens is fresh
+    /// enough to know the grant is still valid. A subscriber is not served
+    /// while it is not (it reconnects elsewhere or later and resumes).
+    fn trusted(&self) -> bool {
+        self.ctx.registry.trusted(monotonic_ns())
+    }
+
     fn handle(&mut self, pkt: Incoming) -> Option<End> {
         match pkt {
             Incoming::Publish(p) => self.publish(p),
@@ -380,12 +437,10 @@ impl Session<'_> {
                 self.codec.pingresp(&mut self.out);
                 None
             }
-            Incoming::Subscribe { packet_id, filters } => {
-                self.codec.suback_refused(&mut self.out, packet_id, filters);
-                None
-            }
-            Incoming::Unsubscribe { packet_id, filters } => {
-                self.codec.unsuback(&mut self.out, packet_id, filters);
+            // Handled in `serve` (they wait for storage).
+            Incoming::Subscribe { .. } | Incoming::Unsubscribe { .. } => None,
+            Incoming::PubAck { packet_id } => {
+                self.puback_in(packet_id);
                 None
             }
             Incoming::Disconnect { session_expiry } => {
@@ -394,6 +449,11 @@ impl Session<'_> {
                 if self.session_expiry == 0 && session_expiry.is_some_and(|e| e > 0) {
                     self.codec.disconnect(&mut self.out, Goodbye::ProtocolError);
                     return Some(End::Refused("session expiry set at DISCONNECT"));
+                }
+                // Otherwise it may change it (0: not kept after all).
+                if let (Some(e), Some(keep)) = (session_expiry, self.keep.as_mut()) {
+                    keep.expiry = e.min(self.ctx.session_expiry_max());
+                    keep.persistent = e > 0;
                 }
                 Some(End::ClientDisconnect)
             }
@@ -437,6 +497,17 @@ impl Session<'_> {
                 }
             }
         }
+    }
+}
+
+/// The next delivery for a subscriber; never ready for a session that has
+/// no subscriber.
+async fn next_delivery(
+    rx: &mut Option<tokio::sync::mpsc::Receiver<crate::streams::feed::Delivery>>,
+) -> Option<crate::streams::feed::Delivery> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

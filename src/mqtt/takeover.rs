@@ -92,6 +92,11 @@ impl Registration<'_> {
     pub(super) fn client_id(&self) -> &ByteString {
         &self.key.client_id
     }
+
+    /// Orders registrations of one client id: a higher serial is newer.
+    pub(super) fn serial(&self) -> u64 {
+        self.serial
+    }
 }
 
 impl Drop for Registration<'_> {

@@ -22,6 +22,8 @@ pub(super) const CF_COMPOSITE: &str = "composite";
 pub(super) const CF_DEVICES: &str = "devices";
 pub(super) const CF_TOKENS: &str = "tokens";
 pub(super) const CF_META: &str = "meta";
+pub(super) const CF_LOG: &str = "log";
+pub(super) const CF_SESSIONS: &str = "sessions";
 
 /// How table files are compressed (`storage.compression`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +86,8 @@ pub(super) struct Families<'db> {
     pub devices: &'db ColumnFamily,
     pub tokens: &'db ColumnFamily,
     pub meta: &'db ColumnFamily,
+    pub log: &'db ColumnFamily,
+    pub sessions: &'db ColumnFamily,
 }
 
 self_cell::self_cell!(
@@ -121,13 +125,20 @@ pub(super) fn open(dir: &Path, o: &StoreOptions, expiry: Arc<Expiry>) -> Result<
     };
     let mut state = family(true);
     state.set_compaction_filter_factory(ExpiryFilterFactory {
-        expiry,
+        expiry: expiry.clone(),
         keys: TimedKeys::State,
     });
     // Off until `Store::open_with` knows whether anything can expire (the
     // overrides are in the store); RocksDB would otherwise default to 30
     // days as soon as a filter is set.
     state.set_periodic_compaction_seconds(0);
+    // The log index expires with the history it points at.
+    let mut log = family(false);
+    log.set_compaction_filter_factory(ExpiryFilterFactory {
+        expiry,
+        keys: TimedKeys::Log,
+    });
+    log.set_periodic_compaction_seconds(0);
     let mut composite = family(true);
     composite.set_merge_operator_associative("sluice.composite.v1", merge_composite);
     let mut devices = family(true);
@@ -138,6 +149,8 @@ pub(super) fn open(dir: &Path, o: &StoreOptions, expiry: Arc<Expiry>) -> Result<
         ColumnFamilyDescriptor::new(CF_DEVICES, devices),
         ColumnFamilyDescriptor::new(CF_TOKENS, family(false)),
         ColumnFamilyDescriptor::new(CF_META, family(false)),
+        ColumnFamilyDescriptor::new(CF_LOG, log),
+        ColumnFamilyDescriptor::new(CF_SESSIONS, family(false)),
     ];
     let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
     Db::try_new(db, |db| {
@@ -151,6 +164,8 @@ pub(super) fn open(dir: &Path, o: &StoreOptions, expiry: Arc<Expiry>) -> Result<
             devices: cf(CF_DEVICES)?,
             tokens: cf(CF_TOKENS)?,
             meta: cf(CF_META)?,
+            log: cf(CF_LOG)?,
+            sessions: cf(CF_SESSIONS)?,
         })
     })
 }

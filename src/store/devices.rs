@@ -259,8 +259,8 @@ impl Store {
 }
 
 /// Every column family whose keys start with `{app}/`.
-pub(super) fn app_keyed<'a>(cfs: &Families<'a>) -> [&'a rocksdb::ColumnFamily; 3] {
-    [cfs.state, cfs.composite, cfs.devices]
+pub(super) fn app_keyed<'a>(cfs: &Families<'a>) -> [&'a rocksdb::ColumnFamily; 5] {
+    [cfs.state, cfs.composite, cfs.devices, cfs.log, cfs.sessions]
 }
 
 #[cfg(test)]

@@ -18,16 +18,25 @@
 //!   the last applied stream sequence + 1, so a restarted materializer
 //!   resumes exactly; `read_model_of` → the name of that stream, so a data
 //!   directory is never fed from two sources; `retention/{app}` → the
-//!   application's retention override; `remove/{app}` → an application removal in progress (its token ids).
+//!   application's retention override; `remove/{app}` → an application
+//!   removal in progress (its token ids).
+//! - `log`: `{app}/` ++ position (u64 BE) → each application's commit
+//!   order, for live streams (`log.rs`). Positions are the writer's
+//!   sequence numbers, in cluster mode the stream sequences.
+//! - `sessions`: `{app}/{client}` → persistent MQTT sessions
+//!   (`sessions.rs`).
 //!
 //! Every family keyed by `{app}/` is listed in `devices::app_keyed`, which
 //! removing an application covers; a family holding history with a time
-//! in its keys gets an expiry filter (`retention::TimedKeys`).
+//! (or, for the log index, in its values) gets an expiry filter
+//! (`retention::TimedKeys`).
 
 mod db;
 pub mod devices;
+mod log;
 mod reclaim;
 pub mod retention;
+mod sessions;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -42,7 +51,9 @@ use crate::timefmt::now_ms;
 pub use db::{Compression, StoreOptions};
 use db::{Db, Families};
 pub use devices::{DeviceEntry, DevicePage, DeviceStats};
+pub use log::{Chunk, ChunkEntry, LogBuilder, LogPage};
 pub use retention::{AppRetention, Expiry, Retention};
+pub use sessions::SessionRecord;
 
 const SEQ_KEY: &[u8] = b"seq";
 const READ_MODEL_KEY: &[u8] = b"read_model_of";
@@ -582,10 +593,10 @@ impl Store {
             true => self.reclaim_interval.as_secs().max(1),
             false => 0,
         };
-        self.db().set_options_cf(
-            self.cfs().state,
-            &[("periodic_compaction_seconds", &secs.to_string())],
-        )?;
+        for cf in [self.cfs().state, self.cfs().log] {
+            self.db()
+                .set_options_cf(cf, &[("periodic_compaction_seconds", &secs.to_string())])?;
+        }
         Ok(())
     }
 

@@ -213,18 +213,21 @@ impl Snapshot {
 }
 
 /// Where a record of a history column family keeps its application and
-/// time. Each such family has one (a second family, such as a
-/// per-application log index, adds its own layout here).
+/// time. Each such family has one.
 #[derive(Clone, Copy, Debug)]
 pub enum TimedKeys {
     /// `state`: `{app}/{device}/` ++ time (u64 BE) ++ seq (u64 BE).
     State,
+    /// `log`: `{app}/` ++ first position (u64 BE), the value starting with
+    /// the newest state time of the record (u64 BE): the record expires
+    /// once every state it points at has.
+    Log,
 }
 
 impl TimedKeys {
-    /// The application and the time of the record under `key`, or `None`
-    /// for a key of another shape (kept).
-    fn app_and_time(self, key: &[u8]) -> Option<(&[u8], u64)> {
+    /// The application and the time of the record `key` → `value`, or
+    /// `None` for a record of another shape (kept).
+    fn app_and_time<'k>(self, key: &'k [u8], value: &[u8]) -> Option<(&'k [u8], u64)> {
         match self {
             TimedKeys::State => {
                 let slash = key.iter().position(|&b| b == b'/')?;
@@ -235,12 +238,21 @@ impl TimedKeys {
                 let time = u64::from_be_bytes(key[suffix..suffix + 8].try_into().ok()?);
                 Some((&key[..slash], time))
             }
+            TimedKeys::Log => {
+                let slash = key.len().checked_sub(9)?;
+                if key[slash] != b'/' || slash == 0 {
+                    return None;
+                }
+                let time = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+                Some((&key[..slash], time))
+            }
         }
     }
 
     fn filter_name(self) -> &'static CStr {
         match self {
             TimedKeys::State => c"sluice.expiry.state",
+            TimedKeys::Log => c"sluice.expiry.log",
         }
     }
 }
@@ -279,8 +291,8 @@ pub(super) struct ExpiryFilter {
 }
 
 impl ExpiryFilter {
-    fn expired(&mut self, key: &[u8]) -> bool {
-        let Some((app, time)) = self.keys.app_and_time(key) else {
+    fn expired(&mut self, key: &[u8], value: &[u8]) -> bool {
+        let Some((app, time)) = self.keys.app_and_time(key, value) else {
             return false;
         };
         if app != self.last_app.as_slice() {
@@ -293,8 +305,8 @@ impl ExpiryFilter {
 }
 
 impl CompactionFilter for ExpiryFilter {
-    fn filter(&mut self, _level: u32, key: &[u8], _value: &[u8]) -> Decision {
-        if self.expired(key) {
+    fn filter(&mut self, _level: u32, key: &[u8], value: &[u8]) -> Decision {
+        if self.expired(key, value) {
             Decision::Remove
         } else {
             Decision::Keep
@@ -380,13 +392,44 @@ mod tests {
             is_full_compaction: false,
             is_manual_compaction: false,
         });
-        assert!(f.expired(&state_key("short", "d", now - 5000, 1)));
-        assert!(!f.expired(&state_key("short", "d", now + 5000, 2)));
-        assert!(!f.expired(&state_key("keep", "d", 0, 3)));
-        assert!(f.expired(&state_key("short", "e", 0, 4)));
+        assert!(f.expired(&state_key("short", "d", now - 5000, 1), b""));
+        assert!(!f.expired(&state_key("short", "d", now + 5000, 2), b""));
+        assert!(!f.expired(&state_key("keep", "d", 0, 3), b""));
+        assert!(f.expired(&state_key("short", "e", 0, 4), b""));
         // Keys of another shape are never dropped.
-        assert!(!f.expired(b"short/"));
-        assert!(!f.expired(b"no-slash-at-all-but-long-enough"));
+        assert!(!f.expired(b"short/", b""));
+        assert!(!f.expired(b"no-slash-at-all-but-long-enough", b""));
+    }
+
+    #[test]
+    fn the_log_filter_drops_records_whose_newest_state_expired() {
+        let expiry = Arc::new(Expiry::new(Retention::Unlimited));
+        expiry.set("short", Some(Retention::Ms(1000)));
+        let mut factory = ExpiryFilterFactory {
+            expiry,
+            keys: TimedKeys::Log,
+        };
+        let mut f = factory.create(CompactionFilterContext {
+            is_full_compaction: false,
+            is_manual_compaction: false,
+        });
+        let now = now_ms() as u64;
+        let key = |app: &str, first: u64| {
+            let mut k = format!("{app}/").into_bytes();
+            k.extend_from_slice(&first.to_be_bytes());
+            k
+        };
+        let newest = |t: u64| {
+            let mut v = t.to_be_bytes().to_vec();
+            v.extend_from_slice(&[1, 2, 0]);
+            v
+        };
+        assert!(f.expired(&key("short", 7), &newest(now - 5000)));
+        assert!(!f.expired(&key("short", 8), &newest(now + 5000)));
+        assert!(!f.expired(&key("keep", 9), &newest(0)));
+        // Records of another shape are never dropped.
+        assert!(!f.expired(&key("short", 7), b"short"));
+        assert!(!f.expired(b"short/", &newest(0)));
     }
 
     /// Every state key left in the history family, compacted or not.
@@ -396,7 +439,7 @@ mod tests {
             .iterator_cf(store.cfs().state, rocksdb::IteratorMode::Start)
             .map(|item| {
                 let (k, _) = item.unwrap();
-                let (app, time) = TimedKeys::State.app_and_time(&k).unwrap();
+                let (app, time) = TimedKeys::State.app_and_time(&k, &[]).unwrap();
                 (String::from_utf8(app.to_vec()).unwrap(), time)
             })
             .collect()

@@ -33,7 +33,7 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{CommitError, CommitSink, Committed, Failure, Health, WriteRequest};
+use super::{split_device_key, CommitError, CommitSink, Committed, Failure, Health, WriteRequest};
 use crate::cluster::publish::{PublishError, Publisher, StateMessage, Stored};
 use crate::cluster::Names;
 use crate::cluster_metrics::ClusterMetrics;
@@ -388,14 +388,6 @@ fn complete(h: Handoff, outcome: Outcome, ends: Option<&[Option<usize>]>) {
     for sink in wake {
         sink.wake();
     }
-}
-
-/// `(app, device)` of a device key `{app}/{device}/`.
-fn split_device_key(key: &[u8]) -> Option<(&str, &str)> {
-    let key = std::str::from_utf8(key).ok()?;
-    let (app, rest) = key.split_once('/')?;
-    let device = rest.strip_suffix('/')?;
-    Some((app, device))
 }
 
 #[cfg(test)]

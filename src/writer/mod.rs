@@ -31,7 +31,8 @@ use crate::auth::TokenEntry;
 use crate::config::{Config, SyncMode};
 use crate::metrics::Metrics;
 use crate::state::ParsedStates;
-use crate::store::{CommitBatch, DeviceKey, DeviceStats, Position, Store, StoreError};
+use crate::store::{CommitBatch, DeviceKey, DeviceStats, LogBuilder, Position, Store, StoreError};
+use crate::streams::Hub;
 use attributes::{AttributeLimit, Verdict};
 pub use health::{Failure, Health};
 pub use policy::{BatchPolicy, Size};
@@ -324,8 +325,9 @@ impl Writer {
         config: WriterConfig,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
+        hub: Arc<Hub>,
     ) -> Result<Writer, StoreError> {
-        Self::start_to(store, config, metrics, health, None)
+        Self::start_to(store, config, metrics, health, hub, None)
     }
 
     /// Starts the writer of a cluster-mode broker: batches go to the ingest
@@ -337,10 +339,11 @@ impl Writer {
         mut config: WriterConfig,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
+        hub: Arc<Hub>,
         sink: cluster::StreamSink,
     ) -> Result<Writer, StoreError> {
         config.policy.max_messages = config.policy.max_messages.min(cluster::MAX_BATCH_MESSAGES);
-        Self::start_to(store, config, metrics, health, Some(sink))
+        Self::start_to(store, config, metrics, health, hub, Some(sink))
     }
 
     fn start_to(
@@ -348,6 +351,7 @@ impl Writer {
         config: WriterConfig,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
+        hub: Arc<Hub>,
         stream: Option<cluster::StreamSink>,
     ) -> Result<Writer, StoreError> {
         let (tx, rx) = crossbeam_channel::bounded(config.queue_capacity);
@@ -374,9 +378,10 @@ impl Writer {
             queued_bytes: queued_bytes.clone(),
             space: space.clone(),
             next_seq,
-            scratch: Vec::new(),
+            scratch: Scratch::default(),
             refused: Vec::new(),
             stream,
+            hub,
         };
         let (exit_tx, exited) = watch::channel(false);
         let thread = std::thread::Builder::new()
@@ -458,13 +463,16 @@ struct Worker {
     queued_bytes: Arc<AtomicUsize>,
     space: Arc<Notify>,
     next_seq: u64,
-    /// Reused buffer for concatenating a device's composite operands.
-    scratch: Vec<u8>,
+    /// Reused buffers for building each batch's records.
+    scratch: Scratch,
     /// Per request of the current batch, why it is refused regardless of
     /// the commit (reused between batches).
     refused: Vec<Option<CommitError>>,
     /// Cluster mode: batches go to the ingest stream instead of `store`.
     stream: Option<cluster::StreamSink>,
+    /// Live consumers, told about each batch after its commit (standalone;
+    /// in cluster mode the materializer tells them).
+    hub: Arc<Hub>,
 }
 
 impl Worker {
@@ -695,32 +703,54 @@ impl Worker {
     /// `self.refused` with one entry per request.
     fn check_and_write(&mut self, batch: &[WriteRequest], size: Size) -> Result<usize, StoreError> {
         self.check_attributes(batch)?;
-        let admitted = batch
-            .iter()
-            .zip(&self.refused)
-            .filter(|(_, r)| r.is_none())
-            .map(|(req, _)| (&req.device[..], &req.body[..], &req.parsed));
-        let mut cb = self.store.batch(Records::capacity(size));
-        let stored = Records::add(
-            &self.store,
-            &mut cb,
+        let refused = &self.refused;
+        let first = self.next_seq;
+        let seen_ms = crate::timefmt::now_ms().max(0) as u64;
+        let admitted = || {
             Records::numbered(
-                self.next_seq,
-                crate::timefmt::now_ms().max(0) as u64,
-                admitted,
-            ),
-            &mut self.scratch,
-        )?;
-        let next_seq = self.next_seq + stored as u64;
-        self.store.commit(cb, next_seq)?;
+                first,
+                seen_ms,
+                batch
+                    .iter()
+                    .zip(refused)
+                    .filter(|(_, r)| r.is_none())
+                    .map(|(req, _)| (&req.device[..], &req.body, &req.parsed)),
+            )
+        };
+        let mut cb = self.store.batch(Records::capacity(size));
+        let stored = Records::add(&self.store, &mut cb, admitted(), &mut self.scratch)?;
+        let next_seq = first + stored as u64;
+        Records::commit(&self.store, &self.hub, cb, next_seq, admitted())?;
         self.next_seq = next_seq;
         Ok(stored)
     }
 }
 
 /// The records one batch writes, shared with the writer bench's raw
-/// baseline so both write exactly the same.
+/// baseline so both write exactly the same (and, in cluster mode, with the
+/// materializer that applies the stream).
 pub struct Records;
+
+/// One request as [`Records`] takes it: the device key (`{app}/{device}/`),
+/// the body and the body's parse.
+pub type Request<'a> = (&'a [u8], &'a Bytes, &'a ParsedStates);
+
+/// Buffers reused from batch to batch while building records.
+#[derive(Default)]
+pub struct Scratch {
+    /// A device's composite operands, concatenated.
+    composite: Vec<u8>,
+    /// The batch's log index records (one per application).
+    log: LogBuilder,
+}
+
+/// Splits a device key `{app}/{device}/` into its ids. Keys are built from
+/// validated ids (ASCII without `/`), so this only fails on a bug.
+fn split_device_key(key: &[u8]) -> Option<(&str, &str)> {
+    let key = std::str::from_utf8(key).ok()?;
+    let (app, rest) = key.split_once('/')?;
+    Some((app, rest.strip_suffix('/')?))
+}
 
 impl Records {
     /// A write-batch size hint for `size`: keys add ~80 bytes per message.
@@ -730,15 +760,17 @@ impl Records {
 
     /// Adds every state of `requests`, one composite merge and one
     /// statistics merge (states stored, seen at each request's `seen_ms`)
-    /// per device to `cb`; returns how many states it added. `scratch` is
-    /// a reusable buffer.
+    /// per device and one log index record per application to `cb`;
+    /// returns how many states it added. `scratch` holds reusable buffers.
     ///
-    /// Each request names the sequence number of its first state; the
-    /// others follow it consecutively. The writer numbers a batch from its
-    /// own counter ([`Records::numbered`]); the cluster materializer gives
-    /// each state its stream sequence, which is not contiguous across
-    /// requests. Sequence numbers must never repeat for a device at one
-    /// time (they order states of the same millisecond).
+    /// Each request names the position (sequence number) of its first
+    /// state; the others follow it consecutively. The writer numbers a
+    /// batch from its own counter ([`Records::numbered`]); the cluster
+    /// materializer gives each state its stream sequence, which is not
+    /// contiguous across requests. Positions must never repeat for a
+    /// device at one time (they order states of the same millisecond), and
+    /// they grow from batch to batch (the log index and live streams rely
+    /// on it).
     ///
     /// Composite operands are concatenated per device, in request order.
     /// Concatenated operands fold exactly like separate ones (entries are
@@ -746,15 +778,17 @@ impl Records {
     /// one merge per batch instead of one per request: far fewer memtable
     /// inserts when devices stream. The statistics ride on the same
     /// per-device grouping, so the device list costs one small merge per
-    /// device per batch and no read.
+    /// device per batch and no read. The log index is one record per
+    /// application for the same reason (see `store::log`).
     pub fn add<'a>(
         store: &Store,
         cb: &mut CommitBatch,
         requests: impl Iterator<Item = Numbered<'a>>,
-        scratch: &mut Vec<u8>,
+        scratch: &mut Scratch,
     ) -> Result<usize, StoreError> {
         let mut devices: HashMap<&[u8], PerDevice<'_>> = HashMap::new();
         let mut added = 0;
+        scratch.log.clear();
         for Numbered {
             seq,
             seen_ms,
@@ -763,6 +797,8 @@ impl Records {
             parsed,
         } in requests
         {
+            let (app, dev) =
+                split_device_key(device).ok_or_else(|| StoreError::Corrupt("device key".into()))?;
             for (i, s) in parsed.states.iter().enumerate() {
                 let data = &body[s.data.start as usize..s.data.end as usize];
                 let at = Position {
@@ -770,6 +806,9 @@ impl Records {
                     seq: seq + i as u64,
                 };
                 store.put_state(cb, device, at, data)?;
+                scratch
+                    .log
+                    .push(app.as_bytes(), dev.as_bytes(), s.time_ms, seq + i as u64);
             }
             added += parsed.states.len();
             let d = devices.entry(device).or_insert_with(PerDevice::new);
@@ -785,26 +824,27 @@ impl Records {
                 [] => {}
                 [one] => store.merge_composite(cb, device, one)?,
                 more => {
-                    scratch.clear();
+                    scratch.composite.clear();
                     for op in more {
-                        scratch.extend_from_slice(op);
+                        scratch.composite.extend_from_slice(op);
                     }
-                    store.merge_composite(cb, device, scratch)?;
+                    store.merge_composite(cb, device, &scratch.composite)?;
                 }
             }
             if d.stats.messages > 0 {
                 store.merge_device_stats(cb, device, &d.stats)?;
             }
         }
+        scratch.log.write(store, cb)?;
         Ok(added)
     }
 
-    /// Numbers `requests` (device key, body, parse) consecutively from
-    /// `first`, all seen at `seen_ms`, as the writer does.
+    /// Numbers `requests` consecutively from `first`, all seen at
+    /// `seen_ms`, as the writer does.
     pub fn numbered<'a>(
         first: u64,
         seen_ms: u64,
-        requests: impl Iterator<Item = (&'a [u8], &'a [u8], &'a ParsedStates)>,
+        requests: impl Iterator<Item = Request<'a>>,
     ) -> impl Iterator<Item = Numbered<'a>> {
         requests.scan(first, move |next, (device, body, parsed)| {
             let seq = *next;
@@ -817,6 +857,42 @@ impl Records {
                 parsed,
             })
         })
+    }
+
+    /// Commits `cb` (recording `next_seq`) and then hands its states to
+    /// the live consumers: `requests` must be exactly what `add` was
+    /// given. After the commit, so a consumer never sees a state that is
+    /// not stored; and checked after it, so a consumer that subscribes
+    /// meanwhile finds the batch in storage instead.
+    pub fn commit<'a>(
+        store: &Store,
+        hub: &Hub,
+        cb: CommitBatch,
+        next_seq: u64,
+        requests: impl Iterator<Item = Numbered<'a>>,
+    ) -> Result<(), StoreError> {
+        store.commit(cb, next_seq)?;
+        let Some(mut live) = hub.publisher() else {
+            return Ok(());
+        };
+        for Numbered {
+            seq,
+            device,
+            body,
+            parsed,
+            ..
+        } in requests
+        {
+            let Some((app, dev)) = split_device_key(device) else {
+                continue;
+            };
+            for (i, s) in parsed.states.iter().enumerate() {
+                let data = body.slice(s.data.start as usize..s.data.end as usize);
+                live.add(app, dev, seq + i as u64, s.time_ms, data);
+            }
+        }
+        live.publish();
+        Ok(())
     }
 }
 
@@ -831,7 +907,7 @@ pub struct Numbered<'a> {
     /// The device's key prefix (`store::device_key`).
     pub device: &'a [u8],
     /// The body `parsed` holds spans into.
-    pub body: &'a [u8],
+    pub body: &'a Bytes,
     pub parsed: &'a ParsedStates,
 }
 
@@ -882,7 +958,14 @@ mod tests {
             attribute_cache_names: 100,
             sync_interval: Duration::from_millis(10),
         };
-        Writer::start(store, config, metrics, Arc::new(Health::default())).unwrap()
+        Writer::start(
+            store,
+            config,
+            metrics,
+            Arc::new(Health::default()),
+            Arc::new(Hub::new(1 << 20, Default::default())),
+        )
+        .unwrap()
     }
 
     fn request(body: &'static str, done: Completion) -> WriteRequest {

@@ -1,12 +1,14 @@
 // The console's pure modules, run in Node: the token-tree reasoning that
 // predicts derived status and the reach of an action, the Prometheus
-// parser and the figures drawn from it, and the chart's scales.
+// parser and the figures drawn from it, the chart's scales, and the
+// reading of live-stream events.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { buildTree, derived, descendants, grantable, impact, mayManage, namedDevices } from '../../src/console/tree.js';
 import { parsePrometheus, quantileBetween, summarize, total } from '../../src/console/metrics.js';
 import { downsample, niceTicks, timeTicks } from '../../src/console/chart.js';
+import { parseEvent } from '../../src/console/api.js';
 
 const NOW = Date.parse('2026-06-01T00:00:00Z');
 let seq = 0;
@@ -171,4 +173,14 @@ test('chart scales pick round ticks and keep the shape when downsampling', () =>
   assert.ok(d.length <= 200);
   assert.ok(d.some((p) => p[1] === 1000), 'a spike survives downsampling');
   assert.ok(d.every((p, i) => i === 0 || p[0] >= d[i - 1][0]), 'in time order');
+});
+
+test('live-stream events are read as Server-Sent Events define them', () => {
+  assert.deepEqual(parseEvent('id: 42\ndata: {"device":"d","time":1,"data":{"x":1}}'),
+    { id: '42', event: 'message', data: '{"device":"d","time":1,"data":{"x":1}}' });
+  assert.deepEqual(parseEvent('event: aged_out\ndata: {"detail":"gone"}'),
+    { id: null, event: 'aged_out', data: '{"detail":"gone"}' });
+  // Comments (heartbeats) are no events; data lines are joined.
+  assert.equal(parseEvent(': heartbeat'), null);
+  assert.equal(parseEvent('data:a\ndata: b').data, 'a\nb');
 });

@@ -413,6 +413,91 @@ fn read_your_writes_across_brokers() {
     assert_eq!((st, page["items"].as_array().unwrap().len()), (200, 3));
 }
 
+/// Live streams in cluster mode: an SSE consumer on broker B sees, in
+/// stream order, the states broker A and an ingest-only broker accepted;
+/// positions are stream sequences, the same on every broker, so a
+/// consumer resumes on another broker by `Last-Event-ID` with nothing
+/// missing or repeated.
+#[test]
+fn an_sse_consumer_on_one_broker_sees_states_accepted_by_another() {
+    use crate::streams_sse::Stream;
+    let wait = Duration::from_secs(30);
+    let nats = NatsCluster::start(3);
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let env = cluster_env(&nats, "live");
+    let a = start_broker(dirs[0].path(), &env);
+    let b = start_broker(dirs[1].path(), &env);
+    let edge = start_broker(
+        dirs[2].path(),
+        &with(env.clone(), "SLUICE_CLUSTER__MATERIALIZE", "false"),
+    );
+    let (_, t) = mint(
+        &a,
+        ADMIN,
+        "farm",
+        json!({"name": "b", "scope": ["device.sendState", "device.getState"]}),
+    );
+    let n = |events: &[crate::streams_sse::Event]| -> Vec<u64> {
+        events
+            .iter()
+            .map(|e| e.json()["data"]["n"].as_u64().unwrap())
+            .collect()
+    };
+    let id = |e: &crate::streams_sse::Event| -> u64 { e.id.as_deref().unwrap().parse().unwrap() };
+
+    let s1 = seq_of(&post_until_known(
+        &a,
+        &t,
+        "farm",
+        "d1",
+        r#"[{"data":{"n":0}},{"data":{"n":1}},{"data":{"n":2}}]"#,
+    ));
+    let open = |s: &Server, last: Option<&str>| {
+        let deadline = Instant::now() + wait;
+        loop {
+            // B may not know the token yet (401) right after it was minted.
+            match Stream::open(&s.http, "/applications/farm/stream?from=earliest", &t, last) {
+                Ok(st) => return st,
+                Err((401, _)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+    };
+    let st = open(&b, None);
+    let first = st.events(3, wait);
+    assert_eq!(n(&first), [0, 1, 2]);
+    assert_eq!(id(&first[2]), s1, "positions are stream sequences");
+    assert_eq!(first[0].json()["device"], "d1");
+
+    // Live: accepted by the ingest-only broker, seen on B.
+    let s2 = seq_of(&post_until_known(
+        &edge,
+        &t,
+        "farm",
+        "d2",
+        r#"[{"data":{"n":3}},{"data":{"n":4}}]"#,
+    ));
+    let live = st.events(2, wait);
+    assert_eq!(n(&live), [3, 4]);
+    assert_eq!(id(&live[1]), s2);
+    st.quiet(Duration::from_millis(300));
+
+    // The same position on another broker: resume on A after n=3.
+    let resumed = open(&a, Some(&live[0].id.clone().unwrap()));
+    let rest = resumed.events(1, wait);
+    assert_eq!(n(&rest), [4]);
+    resumed.quiet(Duration::from_millis(300));
+
+    // An ingest-only broker has no log to stream from.
+    match Stream::open(&edge.http, "/applications/farm/stream", &t, None) {
+        Err((503, body)) => assert!(body.contains("no_read_model"), "{body}"),
+        Err(e) => panic!("{e:?}"),
+        Ok(_) => panic!("an ingest-only broker opened a stream"),
+    }
+}
+
 /// One MQTT session publishing fast, so its publishes span several
 /// batches in flight at once: the stream (and so every read model) holds
 /// them in publish order, and every PUBACK comes back.

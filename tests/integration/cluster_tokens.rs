@@ -1127,3 +1127,81 @@ fn hang_up_create(s: &Server, i: usize) {
     std::thread::sleep(Duration::from_millis((i % 4) as u64));
     let _ = sock.shutdown(std::net::Shutdown::Both);
 }
+
+/// Live streams (issue 11) on a broker whose token view goes stale: an
+/// open stream ends, a new one is refused with 503 until the view is
+/// fresh again, and then a consumer resumes by `Last-Event-ID` with
+/// nothing missing.
+#[test]
+fn streams_end_and_are_refused_while_the_token_view_is_stale() {
+    use crate::streams_sse::{Seen, Stream};
+    let mut b = Brokers::start_with(1, "sdown", &[("SLUICE_STREAMS__SSE_HEARTBEAT", "1s")]);
+    let s = &b.brokers[0];
+    let (_, t) = mint(
+        s,
+        ADMIN,
+        "farm",
+        json!({"name": "t", "scope": ["device.sendState", "device.getState"]}),
+    );
+    settled(&b);
+    assert_eq!(send(s, &t, "d1"), 200);
+    let path = "/applications/farm/stream?from=earliest";
+    let st = Stream::open(&s.http, path, &t, None).unwrap();
+    let first = st.events(1, Duration::from_secs(20));
+    let mut last_id = first[0].id.clone().unwrap();
+
+    b.nats.stop_all();
+    let s = &b.brokers[0];
+    // States stored until the broker notices (each must still reach the
+    // consumer later).
+    let mut stored = 0;
+    eventually(
+        "the broker fails closed",
+        Duration::from_secs(10),
+        || match send(s, &t, "d1") {
+            200 => {
+                stored += 1;
+                false
+            }
+            st => st == 503,
+        },
+    );
+    // The open stream ends (at its next frame: the heartbeat, 1 s here),
+    // having sent some of those states, or none.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream did not end"
+        );
+        match st.rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(Seen::End) => break,
+            Ok(Seen::Comment(_)) => {}
+            Ok(Seen::Event(e)) => {
+                assert_eq!(e.json()["device"], "d1");
+                last_id = e.id.unwrap();
+                stored -= 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let r = Stream::open(&s.http, path, &t, None);
+    assert_eq!(r.err().map(|e| e.0), Some(503));
+
+    b.nats.start_all();
+    let s = &b.brokers[0];
+    eventually("the broker serves again", Duration::from_secs(60), || {
+        send(s, &t, "d2") == 200
+    });
+    // Resumed: what was stored after the last event seen, once, in order.
+    let st = Stream::open(&s.http, path, &t, Some(&last_id)).unwrap();
+    let next = st.events(stored + 1, Duration::from_secs(20));
+    let devices: Vec<String> = next
+        .iter()
+        .map(|e| e.json()["device"].as_str().unwrap().to_string())
+        .collect();
+    let mut want = vec!["d1".to_string(); stored];
+    want.push("d2".into());
+    assert_eq!(devices, want);
+    st.quiet(Duration::from_millis(300));
+}

@@ -248,8 +248,8 @@ fn every_refusal_of_the_contract_and_nothing_stored() {
         .send()
         .unwrap();
     assert_eq!(status_and_error(json_of(r)), (404, "not_found".into()));
-    let r = client().get(&url).bearer_auth(&good).send().unwrap();
-    assert_eq!(r.headers()["allow"], "POST");
+    let r = client().put(&url).bearer_auth(&good).send().unwrap();
+    assert_eq!(r.headers()["allow"], "GET, POST");
     assert_eq!(
         status_and_error(json_of(r)),
         (405, "method_not_allowed".into())

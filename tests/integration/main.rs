@@ -35,6 +35,8 @@ mod readiness;
 mod reload;
 mod retention;
 mod secrets;
+mod streams_mqtt;
+mod streams_sse;
 mod tls;
 mod token_props;
 mod tokens_api;

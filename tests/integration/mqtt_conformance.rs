@@ -133,7 +133,8 @@ fn connack_says_what_the_server_supports() {
     // MQTT 5: session present 0 [MQTT-3.2.2-3], Maximum QoS 1
     // [MQTT-3.2.2-9], Retain Available 0, no Topic Alias Maximum (so 0,
     // [MQTT-3.2.2-18]), Maximum Packet Size and Receive Maximum from
-    // config, Session Expiry 0 when the client asked for more.
+    // config, Session Expiry 0 when the client asked for more: a token
+    // that may not subscribe has no session to keep.
     let c = Connect {
         clean: false,
         props: vec![0x11, 0, 0, 0x0e, 0x10],
