@@ -403,6 +403,7 @@ pub async fn run(
             store: store.clone(),
             sessions: sessions.clone(),
             config: config.streams.clone(),
+            readable: !matches!(read_model, ReadModel::Absent),
         },
     ));
     if let Some(l) = listeners.mqtt {

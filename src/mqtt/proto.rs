@@ -204,7 +204,8 @@ pub enum SubAck {
     WildcardUnsupported,
     /// 0x97: over a subscription or session limit.
     Quota,
-    /// 0x80: the session could not be stored.
+    /// 0x80: the session could not be stored, or this broker keeps no
+    /// log to deliver from (cluster mode, ingest-only).
     Failed,
 }
 

@@ -262,6 +262,26 @@ fn an_ingest_only_broker_acknowledges_but_keeps_no_read_model() {
     assert_eq!(status["materialize"], false);
     assert_eq!(status["streamLast"], seq);
     assert!(status.get("applied").is_none(), "{status}");
+
+    // No log to deliver from: an MQTT subscription is refused (0x80).
+    let mut o = rumqttc::MqttOptions::new(
+        "sub",
+        s.mqtt.split(':').next().unwrap(),
+        s.mqtt.rsplit(':').next().unwrap().parse().unwrap(),
+    );
+    o.set_credentials("u", t.clone());
+    let (client, mut conn) = rumqttc::Client::new(o, 10);
+    client
+        .subscribe("applications/a/devices/+/state", rumqttc::QoS::AtLeastOnce)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for ev in conn.iter() {
+        assert!(Instant::now() < deadline, "no SUBACK");
+        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(a))) = ev {
+            assert_eq!(a.return_codes, [rumqttc::SubscribeReasonCode::Failure]);
+            break;
+        }
+    }
 }
 
 /// The answer's retry for a token just minted on another broker: its
