@@ -1,9 +1,10 @@
 //! Cluster mode's ingest log with the real binary on a real 3-node NATS
 //! cluster: acknowledgements after the stream stored the state, the stream
-//! sequence in the answer, read-your-writes with `minSeq`, the original
-//! JSON on the stream, ingest-only brokers, refusals while NATS is away
-//! (and nothing refused stored later), and a broker's read model resuming
-//! exactly after kill -9.
+//! sequence in the answer, read-your-writes with `minSeq` (on one broker
+//! and across brokers), identical read models, the original JSON on the
+//! stream, ingest-only brokers, refusals while NATS is away (and nothing
+//! refused stored later), live SSE streams across brokers, and the example
+//! downstream consumer.
 
 use std::time::{Duration, Instant};
 
