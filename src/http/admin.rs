@@ -13,6 +13,8 @@ use axum::Router;
 
 use crate::auth::{monotonic_ns, Denied, Scope, TokenEntry};
 use crate::ids::is_valid_id;
+use crate::materialize::applied::{parse_min_seq, NotReady, ReadModel};
+use crate::materialize::status::IngestView;
 use crate::metrics::Metrics;
 use crate::secret::parse_bearer;
 use crate::store::Store;
@@ -33,6 +35,11 @@ pub struct AdminApi {
     pub sessions: Arc<crate::streams::sessions::Sessions>,
     /// Bound on one history page's data (`admin.max_response_bytes`).
     pub max_response_bytes: usize,
+    /// What history and composite-state reads see (and `minSeq` waits
+    /// for); see `materialize::applied`.
+    pub read_model: ReadModel,
+    /// Cluster mode: `GET /cluster/ingest`.
+    pub ingest_view: Option<IngestView>,
 }
 
 /// An error as the API shows it: a status and a stable code.
@@ -50,12 +57,39 @@ pub enum ApiError {
     /// Over `streams.max_streams_per_token` or `_per_ip`.
     TooManyStreams,
     Internal,
+    /// Cluster mode, ingest-only broker: no history or composite state here.
+    NoReadModel,
+    /// Cluster mode: `minSeq` was not applied within `cluster.min_seq_timeout`.
+    NotCaughtUp {
+        applied: u64,
+        wanted: u64,
+        waited: std::time::Duration,
+    },
     /// 503 with `Retry-After` and the reason: the broker is shutting down
-    /// (or its writer stopped), or in cluster mode the token bucket did
-    /// not answer or this broker's view of it is stale.
+    /// (or its writer stopped), or in cluster mode NATS did not answer or
+    /// this broker's view of the token bucket is stale.
     Unavailable(String),
     /// 409: cluster mode, and other brokers kept changing the token.
     Conflict,
+    /// 501: an operation a broker in cluster mode does not do (yet).
+    NotInClusterMode(&'static str),
+}
+
+impl From<NotReady> for ApiError {
+    fn from(n: NotReady) -> Self {
+        match n {
+            NotReady::Absent => ApiError::NoReadModel,
+            NotReady::Behind {
+                applied,
+                wanted,
+                waited,
+            } => ApiError::NotCaughtUp {
+                applied,
+                wanted,
+                waited,
+            },
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -100,6 +134,31 @@ impl IntoResponse for ApiError {
             ApiError::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 serde_json::json!({"error": "internal"}),
+            ),
+            ApiError::NoReadModel => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"error": "no_read_model", "detail": "this broker is ingest-only (cluster.materialize = false) and keeps no history or composite state; read from a broker that materializes"}),
+            ),
+            ApiError::NotCaughtUp {
+                applied,
+                wanted,
+                waited,
+            } => {
+                let body = serde_json::json!({
+                    "error": "not_caught_up",
+                    "detail": format!("this broker has applied the ingest stream up to sequence {applied}; minSeq {wanted} was not reached within {waited:?}"),
+                    "applied": applied,
+                });
+                let mut r = (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+                r.headers_mut().insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from_static("1"),
+                );
+                return r;
+            }
+            ApiError::NotInClusterMode(d) => (
+                StatusCode::NOT_IMPLEMENTED,
+                serde_json::json!({"error": "not_in_cluster_mode", "detail": d}),
             ),
             ApiError::Conflict => (
                 StatusCode::CONFLICT,
@@ -178,6 +237,7 @@ pub fn router(
         .route("/whoami", get(whoami))
         .route("/backup", axum::routing::post(super::backup::backup))
         .route("/cluster", get(super::cluster::status))
+        .route("/cluster/ingest", get(cluster_ingest))
         .route(
             "/applications/{app}/tokens",
             get(list_tokens).post(create_token),
@@ -391,4 +451,33 @@ async fn delete_token(
         axum::Json(serde_json::json!({"unconfirmed": done.unconfirmed})),
     )
         .into_response())
+}
+
+/// `GET /cluster/ingest` (root only): this broker's position in the
+/// ingest stream and the stream's newest state, read now.
+async fn cluster_ingest(State(api): Api, headers: HeaderMap) -> Result<Response, ApiError> {
+    // As `GET /cluster`: answered while the token view is stale too (the
+    // root token is this broker's own).
+    if !api.authenticated(&headers)?.root {
+        return Err(ApiError::Forbidden);
+    }
+    let Some(view) = &api.ingest_view else {
+        return Err(ApiError::NotFound);
+    };
+    let status = view
+        .status(&api.read_model)
+        .await
+        .map_err(ApiError::Unavailable)?;
+    Ok(axum::Json(status).into_response())
+}
+
+/// `minSeq` of a read, if given.
+pub fn min_seq(
+    params: &std::collections::HashMap<String, String>,
+) -> Result<Option<u64>, ApiError> {
+    params
+        .get("minSeq")
+        .map(|v| parse_min_seq(v))
+        .transpose()
+        .map_err(ApiError::BadRequest)
 }

@@ -8,6 +8,8 @@ mod admin_cancel;
 mod backup;
 mod bad_input;
 mod cli;
+mod cluster_ingest;
+mod cluster_ingest_chaos;
 mod cluster_tokens;
 mod console;
 mod crash;
