@@ -105,7 +105,8 @@ fn ingest(
         let started = Instant::now();
         let mut b = store.batch(Records::capacity(size));
         let requests = msgs.iter().map(|m| (&m.device[..], &m.body, &m.parsed));
-        *seq = Records::add(store, &mut b, *seq, now_ms(), requests, &mut scratch).unwrap();
+        let numbered = Records::numbered(*seq, now_ms(), requests);
+        *seq += Records::add(store, &mut b, numbered, &mut scratch).unwrap() as u64;
         store.commit(b, *seq).unwrap();
         busy += started.elapsed();
     }

@@ -60,12 +60,12 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sluice::config::SyncMode;
 use sluice::metrics::Metrics;
 use sluice::state::{self, ParsedStates, Shape};
-use sluice::store::{device_key, DeviceKey, Position, Store};
+use sluice::store::{device_key, DeviceKey, DeviceStats, Position, Store};
 use sluice::streams::Hub;
 use sluice::writer::attributes::AttributeLimit;
 use sluice::writer::{
-    BatchPolicy, CommitError, Completion, EnqueueError, Health, IngestQueue, Records, Scratch,
-    Size, WriteRequest, Writer, WriterConfig,
+    BatchPolicy, CommitError, Committed, Completion, EnqueueError, Health, IngestQueue, Records,
+    Scratch, Size, WriteRequest, Writer, WriterConfig,
 };
 use tokio::sync::oneshot;
 
@@ -77,7 +77,7 @@ const RAW_BATCH: u64 = 1_000;
 const PRODUCERS: usize = 4;
 const WINDOW: usize = 256;
 
-type Done = oneshot::Receiver<Result<(), CommitError>>;
+type Done = oneshot::Receiver<Result<Committed, CommitError>>;
 
 struct Msg {
     device: DeviceKey,
@@ -130,6 +130,7 @@ fn copy_parsed(p: &ParsedStates) -> ParsedStates {
         states: p.states.clone(),
         composite: p.composite.clone(),
         names: p.names.clone(),
+        received_ms: p.received_ms,
     }
 }
 
@@ -262,9 +263,12 @@ fn add_without_log_index<'a>(
             }
             store.merge_composite(b, device, scratch).unwrap();
         }
-        store
-            .merge_device_stats(b, device, NOW_MS as u64, states)
-            .unwrap();
+        let stats = DeviceStats {
+            first_seen_ms: NOW_MS as u64,
+            last_seen_ms: NOW_MS as u64,
+            messages: states,
+        };
+        store.merge_device_stats(b, device, &stats).unwrap();
     }
 }
 
@@ -288,8 +292,14 @@ fn run_raw(store: &Store, pool: &[Msg], iters: u64, seq: &mut u64, raw: Raw) -> 
         j = (j + n) % pool.len();
         if raw == Raw::Records {
             let requests = batch.map(|m| (&m.device[..], &m.body, &m.parsed));
-            *seq =
-                Records::add(store, &mut b, *seq, NOW_MS as u64, requests, &mut scratch).unwrap();
+            let added = Records::add(
+                store,
+                &mut b,
+                Records::numbered(*seq, NOW_MS as u64, requests),
+                &mut scratch,
+            )
+            .unwrap();
+            *seq += added as u64;
         } else if raw == Raw::NoLogIndex {
             add_without_log_index(store, &mut b, seq, batch, &mut plain);
         } else {

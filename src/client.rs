@@ -169,14 +169,28 @@ impl AdminClient {
             .await
     }
 
+    /// `GET /cluster/ingest`: a cluster-mode broker's position in the
+    /// ingest stream and the stream's newest state (`streamLast`), read
+    /// now; `None` from a standalone broker (404).
+    pub async fn ingest_status(&self) -> Result<Option<Value>, ClientError> {
+        let url = format!("{}/cluster/ingest", self.base);
+        match self.send_json("GET", self.http.get(&url), &url).await {
+            Err(ClientError::Api { status: 404, .. }) => Ok(None),
+            other => other.map(Some),
+        }
+    }
+
     /// One page of a device's history, oldest first, up to 10,000 states,
     /// as the raw response text (the stored data is byte-exact in it);
-    /// `cursor` is the previous page's `next`.
+    /// `cursor` is the previous page's `next`. With `min_seq` (cluster
+    /// mode) the broker answers once its read model holds that stream
+    /// sequence, or 503 `not_caught_up` after its bounded wait.
     pub async fn state_page(
         &self,
         app: &str,
         device: &str,
         cursor: Option<&str>,
+        min_seq: Option<u64>,
     ) -> Result<String, ClientError> {
         let mut url = reqwest::Url::parse(&format!(
             "{}/applications/{app}/devices/{device}/state",
@@ -191,6 +205,9 @@ impl AdminClient {
             q.append_pair("order", "asc").append_pair("limit", "10000");
             if let Some(c) = cursor {
                 q.append_pair("cursor", c);
+            }
+            if let Some(s) = min_seq {
+                q.append_pair("minSeq", &s.to_string());
             }
         }
         let text = url.to_string();

@@ -285,6 +285,8 @@ pub struct ClusterConfig {
     pub publish_retry_after: Duration,
     pub max_batches_in_flight: usize,
     pub follow_batch: usize,
+    #[serde(with = "human_duration")]
+    pub min_seq_timeout: Duration,
 }
 
 impl ClusterConfig {
@@ -326,6 +328,7 @@ impl ClusterConfig {
             ("cluster.barrier_timeout", self.barrier_timeout),
             ("cluster.publish_timeout", self.publish_timeout),
             ("cluster.publish_retry_after", self.publish_retry_after),
+            ("cluster.min_seq_timeout", self.min_seq_timeout),
         ] {
             if d.is_zero() {
                 p.push(format!("`{name}` must be greater than 0"));
@@ -342,6 +345,12 @@ impl ClusterConfig {
         if self.duplicate_window <= 2 * self.publish_timeout {
             p.push(
                 "`cluster.duplicate_window` must exceed 2 x `cluster.publish_timeout`, or a resent batch could be stored twice"
+                    .into(),
+            );
+        }
+        if !self.max_age.is_zero() && self.duplicate_window > self.max_age {
+            p.push(
+                "`cluster.duplicate_window` must not exceed `cluster.max_age` (NATS refuses such a stream)"
                     .into(),
             );
         }
@@ -966,6 +975,7 @@ mod tests {
                 ("SLUICE_CLUSTER__STALE_AFTER", "1s"),
                 ("SLUICE_CLUSTER__DUPLICATE_WINDOW", "10s"),
                 ("SLUICE_CLUSTER__MAX_BATCHES_IN_FLIGHT", "51"),
+                ("SLUICE_CLUSTER__MAX_AGE", "5s"),
             ]),
             &Overrides::default(),
         )
@@ -980,6 +990,7 @@ mod tests {
             "stale_after",
             "duplicate_window",
             "max_batches_in_flight",
+            "max_age",
         ] {
             assert!(all.contains(&format!("cluster.{key}")), "{key}: {all}");
         }

@@ -18,6 +18,8 @@ pub mod client;
 #[cfg(feature = "server")]
 pub mod cluster;
 #[cfg(feature = "server")]
+pub mod cluster_metrics;
+#[cfg(feature = "server")]
 pub mod composite;
 #[cfg(feature = "server")]
 pub mod config;
@@ -29,6 +31,8 @@ pub mod ids;
 pub mod ip_limit;
 #[cfg(feature = "server")]
 pub mod logging;
+#[cfg(feature = "server")]
+pub mod materialize;
 #[cfg(feature = "server")]
 pub mod metrics;
 #[cfg(feature = "server")]

@@ -13,12 +13,16 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin_token;
 use crate::auth::Registry;
+use crate::cluster_metrics::ClusterMetrics;
 use crate::config::{Config, Open};
 use crate::http::admin::{router, AdminApi};
 use crate::http::device::{DeviceApi, DeviceService};
 use crate::http::read::{router as read_router, ReadApi, WithPeer};
 use crate::http::serve::{serve, Http2Limits, HttpLimits};
 use crate::ip_limit::{IpConnections, IpLimiter};
+use crate::materialize::applied::ReadModel;
+use crate::materialize::status::IngestView;
+use crate::materialize::{Materializer, MaterializerSpec};
 use crate::metrics::Metrics;
 use crate::mqtt;
 use crate::readiness::{Readiness, TokenView};
@@ -55,6 +59,10 @@ pub enum ServeError {
     ClusterConnect(#[from] crate::cluster::connect::ConnectError),
     #[error("internal: {0}")]
     Internal(String),
+    /// Cluster mode could not start: NATS, the ingest stream or the read
+    /// model refused.
+    #[error("cluster mode: {0}")]
+    Cluster(String),
     /// The writer thread ended while serving: nothing would drain the
     /// queue, so the process exits (non-zero) rather than accept requests
     /// it can never answer.
@@ -202,29 +210,67 @@ pub async fn run(
     registry.set_root(root_hash);
     let mut metrics = Metrics::new();
     let limits = TokenLimits::from(&config.tokens);
-    let tokens = Arc::new(match config.cluster.enabled() {
-        false => TokenService::load(store.clone(), registry.clone(), limits)?,
-        true => {
-            let link = ClusterLink::connect(&config, &data_dir).await?;
-            cluster_tokens(&config, &link, &store, &registry, limits, &mut metrics).await?
+    // One NATS connection per broker, shared by the token plane and the
+    // ingest log.
+    let link = match config.cluster.enabled() {
+        true => Some(ClusterLink::connect(&config, &data_dir).await?),
+        false => None,
+    };
+    let tokens = Arc::new(match &link {
+        None => TokenService::load(store.clone(), registry.clone(), limits)?,
+        Some(link) => {
+            cluster_tokens(&config, link, &store, &registry, limits, &mut metrics).await?
         }
     });
     tracing::info!(tokens = registry.len(), "token cache loaded");
 
     let mqtt_metrics = mqtt::MqttMetrics::register(metrics.registry_mut());
+    let cluster_metrics = link
+        .as_ref()
+        .map(|_| ClusterMetrics::register(metrics.registry_mut()));
     let metrics = Arc::new(metrics);
     let health = Arc::new(Health::default());
     let hub = Arc::new(Hub::new(
         config.streams.live_buffer_bytes,
         metrics.stream_lags.clone(),
     ));
-    let writer = Writer::start(
-        store.clone(),
-        WriterConfig::new(&config),
-        metrics.clone(),
-        health.clone(),
-        hub.clone(),
-    )?;
+    let (writer, ingest) = match link.zip(cluster_metrics) {
+        None => (
+            Writer::start(
+                store.clone(),
+                WriterConfig::new(&config),
+                metrics.clone(),
+                health.clone(),
+                hub.clone(),
+            )?,
+            None,
+        ),
+        Some((link, cm)) => {
+            let (sink, ingest) = ClusterIngest::start(
+                &config,
+                link,
+                &store,
+                metrics.clone(),
+                cm,
+                health.clone(),
+                hub.clone(),
+            )
+            .await?;
+            let writer = Writer::start_clustered(
+                store.clone(),
+                WriterConfig::new(&config),
+                metrics.clone(),
+                health.clone(),
+                hub.clone(),
+                sink,
+            )?;
+            (writer, Some(ingest))
+        }
+    };
+    let (read_model, ingest_view, materializer) = match ingest {
+        None => (ReadModel::Local, None, None),
+        Some(i) => (i.read_model, Some(i.view), i.materializer),
+    };
     let queue = writer.queue();
     let writer_exited = writer.exited();
 
@@ -272,6 +318,7 @@ pub async fn run(
             streams: config.streams.clone(),
             slots: slots.clone(),
             stop: stop.clone(),
+            read_model: read_model.clone(),
         })
     };
     let device = Arc::new(DeviceApi {
@@ -328,6 +375,8 @@ pub async fn run(
             sessions: sessions.clone(),
             max_response_bytes: config.admin.max_response_bytes,
             audit_max_page: config.audit.max_page,
+            read_model: read_model.clone(),
+            ingest_view,
         }),
         read_api(true),
         config.admin.max_body_bytes,
@@ -366,6 +415,7 @@ pub async fn run(
             store: store.clone(),
             sessions: sessions.clone(),
             config: config.streams.clone(),
+            readable: !matches!(read_model, ReadModel::Absent),
         },
     ));
     if let Some(l) = listeners.mqtt {
@@ -452,6 +502,9 @@ pub async fn run(
     tokio::task::spawn_blocking(move || writer.stop())
         .await
         .map_err(|e| ServeError::Internal(e.to_string()))??;
+    if let Some(m) = materializer {
+        m.stop().await;
+    }
     if let Err(e) = tokens.flush_last_used().await {
         tracing::warn!(error = %e, "final lastUsedAt flush failed");
     }
@@ -509,6 +562,129 @@ async fn cluster_tokens(
         limits,
         plane,
     ))
+}
+
+/// Cluster mode's ingest: the NATS connection, the ingest stream (created
+/// or checked), the writer's stream sink and, unless
+/// `cluster.materialize = false`, the materializer building this broker's
+/// read model from the stream.
+struct ClusterIngest {
+    read_model: ReadModel,
+    view: IngestView,
+    materializer: Option<Materializer>,
+}
+
+impl ClusterIngest {
+    async fn start(
+        config: &Config,
+        link: ClusterLink,
+        store: &Store,
+        metrics: Arc<Metrics>,
+        cluster_metrics: ClusterMetrics,
+        health: Arc<Health>,
+        hub: Arc<Hub>,
+    ) -> Result<(crate::writer::cluster::StreamSink, ClusterIngest), ServeError> {
+        use crate::cluster::publish::{Publisher, PublisherSpec};
+        use crate::cluster::stream::{ensure, StreamSpec};
+        use crate::writer::cluster::{settle_window, StreamSink};
+        let c = &config.cluster;
+        let failed = |e: &dyn std::fmt::Display| ServeError::Cluster(e.to_string());
+        let ClusterLink { node_id, nats } = link;
+        let names = crate::cluster::Names::new(&c.prefix);
+        let deadline = tokio::time::Instant::now() + c.connect_timeout;
+        ensure(
+            &nats,
+            &StreamSpec {
+                names: names.clone(),
+                replicas: c.replicas,
+                duplicate_window: c.duplicate_window,
+                max_age: c.max_age,
+            },
+            deadline,
+        )
+        .await
+        .map_err(|e| failed(&e))?;
+        if config.batch.max_messages > crate::writer::cluster::MAX_BATCH_MESSAGES {
+            tracing::info!(
+                configured = config.batch.max_messages,
+                used = crate::writer::cluster::MAX_BATCH_MESSAGES,
+                "cluster mode: batch.max_messages clamped to the atomic batch limit"
+            );
+        }
+        let publisher = Publisher::new(
+            &nats,
+            PublisherSpec {
+                names: names.clone(),
+                node_id: node_id.clone(),
+                publish_timeout: c.publish_timeout,
+                retry_after: c.publish_retry_after,
+                max_in_flight: c.max_batches_in_flight,
+            },
+        )
+        .map_err(|e| failed(&e))?;
+        let sink = StreamSink::start(
+            publisher,
+            crate::writer::cluster::StreamSpec {
+                names: names.clone(),
+                max_in_flight: c.max_batches_in_flight,
+                settle_window: settle_window(
+                    c.duplicate_window,
+                    c.publish_timeout,
+                    c.publish_retry_after,
+                ),
+                ack_latency: metrics.ack_latency_seconds.clone(),
+            },
+            cluster_metrics.clone(),
+            health,
+        );
+        let (read_model, materializer) = if c.materialize {
+            let next = crate::materialize::prepare(store, &nats, &names)
+                .await
+                .map_err(|e| failed(&e))?;
+            let (m, applied) = Materializer::start(
+                &nats,
+                MaterializerSpec {
+                    names: names.clone(),
+                    node_id: node_id.clone(),
+                    batch: c.follow_batch,
+                    heartbeat: c.heartbeat,
+                },
+                store.clone(),
+                hub,
+                next,
+                metrics,
+                cluster_metrics,
+            );
+            tracing::info!(
+                from = next,
+                "cluster mode: read model follows the ingest stream"
+            );
+            (
+                ReadModel::Materialized {
+                    applied,
+                    wait: c.min_seq_timeout,
+                },
+                Some(m),
+            )
+        } else {
+            tracing::info!(
+                "cluster mode: ingest only (cluster.materialize = false), no read model"
+            );
+            (ReadModel::Absent, None)
+        };
+        Ok((
+            sink,
+            ClusterIngest {
+                read_model,
+                view: IngestView {
+                    nats,
+                    names,
+                    node_id,
+                },
+                materializer,
+            },
+        ))
+    }
 }
 
 /// Prints `listening <name> <addr>` per listener and writes the same lines

@@ -46,6 +46,10 @@ pub struct ParsedStates {
     /// computed here on the connection's task so the single writer thread
     /// only looks them up for the attribute limit. Inline up to 8 names.
     pub names: SmallVec<[u64; 8]>,
+    /// The receive time the parse was given (Unix ms): the time of every
+    /// state without its own. Cluster mode sends it with each state, so
+    /// every broker that applies the state gives it the same time.
+    pub received_ms: i64,
 }
 
 /// The first problem found, worded for the `detail` of a 400 response.
@@ -69,7 +73,10 @@ pub fn parse(body: &[u8], shape: Shape, now_ms: i64) -> Result<ParsedStates, Bad
     let mut acc = Acc {
         base: body.as_ptr() as usize,
         now_ms: now_ms.max(0) as u64,
-        out: ParsedStates::default(),
+        out: ParsedStates {
+            received_ms: now_ms,
+            ..ParsedStates::default()
+        },
         attrs: Vec::new(),
         msg_index: 0,
     };
@@ -94,6 +101,60 @@ pub fn parse(body: &[u8], shape: Shape, now_ms: i64) -> Result<ParsedStates, Bad
         .map_err(|e| BadState(e.to_string()))?;
     acc.finish_composite();
     Ok(acc.out)
+}
+
+/// The exact text of each element of a JSON array of objects, as byte
+/// ranges of `body`, in order. `body` must be text `parse` accepted with
+/// [`Shape::OneOrArray`] (so it is valid JSON); `None` if it is not an array
+/// of objects after all. Cluster mode publishes each state of an HTTP array
+/// as its own message with exactly the text the device sent for it.
+pub fn array_elements(body: &[u8]) -> Option<SmallVec<[Range<u32>; 1]>> {
+    let mut out = SmallVec::new();
+    let mut i = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body[i] != b'[' {
+        return None;
+    }
+    i += 1;
+    loop {
+        i += body[i..].iter().position(|b| !b.is_ascii_whitespace())?;
+        match body[i] {
+            b']' => return Some(out),
+            b',' if !out.is_empty() => {
+                i += 1;
+                continue;
+            }
+            b'{' => {}
+            _ => return None,
+        }
+        let start = i;
+        let (mut depth, mut in_str, mut esc) = (0usize, false, false);
+        loop {
+            let b = *body.get(i)?;
+            i += 1;
+            if in_str {
+                if esc {
+                    esc = false;
+                } else if b == b'\\' {
+                    esc = true;
+                } else if b == b'"' {
+                    in_str = false;
+                }
+                continue;
+            }
+            match b {
+                b'"' => in_str = true,
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' => {
+                    depth = depth.checked_sub(1)?;
+                    if depth == 0 {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.push(u32::try_from(start).ok()?..u32::try_from(i).ok()?);
+    }
 }
 
 /// One attribute seen, in message order.
@@ -577,6 +638,41 @@ mod tests {
         let tricky = r#"{"data":{"a":"[[[[\"[[[[","b":[{"c":"}}}"}]}}"#;
         assert!(parse(tricky.as_bytes(), Shape::One, 1).is_ok());
         assert!(parse(b"{\"data\":{\"a\":\"\xff\"}}", Shape::One, 1).is_err());
+    }
+
+    #[test]
+    fn array_elements_are_the_exact_texts() {
+        let body = r#" [ {"data":{"a":"}]"},"time":1} ,{ "data" : {"b":[1,{"c":"\"{"}]}}
+,{"data":{"a":2}}] "#;
+        let p = parse(body.as_bytes(), Shape::OneOrArray, 7).unwrap();
+        assert_eq!(p.received_ms, 7);
+        let el = array_elements(body.as_bytes()).unwrap();
+        let texts: Vec<&str> = el
+            .iter()
+            .map(|r| &body[r.start as usize..r.end as usize])
+            .collect();
+        assert_eq!(
+            texts,
+            vec![
+                r#"{"data":{"a":"}]"},"time":1}"#,
+                r#"{ "data" : {"b":[1,{"c":"\"{"}]}}"#,
+                r#"{"data":{"a":2}}"#
+            ]
+        );
+        assert_eq!(el.len(), p.states.len());
+        // Each element parses alone to the same state.
+        for (r, s) in el.iter().zip(&p.states) {
+            let alone = parse(
+                &body.as_bytes()[r.start as usize..r.end as usize],
+                Shape::One,
+                7,
+            )
+            .unwrap();
+            assert_eq!(alone.states[0].time_ms, s.time_ms);
+        }
+        assert!(array_elements(br#"{"data":{"a":1}}"#).is_none());
+        assert!(array_elements(b"[1]").is_none());
+        assert!(array_elements(b"[{").is_none());
     }
 
     #[test]

@@ -170,9 +170,12 @@ pub enum MqttClientImpl {
 
 #[derive(Debug, Args)]
 pub struct MqttArgs {
-    /// Broker address: HOST:PORT (an optional mqtt:// or tcp:// prefix is ignored).
-    #[arg(value_name = "ADDR")]
-    pub addr: String,
+    /// Broker address: HOST:PORT (an optional mqtt:// or tcp:// prefix is
+    /// ignored). Several (comma-separated or repeated) spread the
+    /// connections over them round-robin: connection i goes to address
+    /// i mod N, e.g. the brokers of a cluster.
+    #[arg(value_name = "ADDR", value_delimiter = ',', num_args = 1.., required = true)]
+    pub addrs: Vec<String>,
 
     /// QoS of every publish: 1 waits for PUBACK and measures latency; 0 is
     /// fire-and-forget (only sends are counted, no latency).
@@ -238,9 +241,10 @@ pub struct MqttArgs {
 #[derive(Debug, Args)]
 pub struct HttpArgs {
     /// Base URL of the device HTTP listener, e.g. http://127.0.0.1:8080
-    /// (http only; a bare HOST:PORT is accepted).
-    #[arg(value_name = "URL")]
-    pub url: String,
+    /// (http only; a bare HOST:PORT is accepted). Several (comma-separated
+    /// or repeated) spread the connections over them round-robin.
+    #[arg(value_name = "URL", value_delimiter = ',', num_args = 1.., required = true)]
+    pub urls: Vec<String>,
 
     /// Request path template; `{app}` and `{device}` are replaced.
     #[arg(
@@ -377,6 +381,19 @@ pub struct CommonArgs {
     #[arg(long, help_heading = "Output")]
     pub verify: bool,
 
+    /// Read back (--verify) through this broker's admin API instead of
+    /// --admin: in cluster mode any broker, which first learns the ingest
+    /// stream's newest state (`GET /cluster/ingest`) and then reads with
+    /// `minSeq` until its read model holds everything acknowledged
+    /// anywhere. The same admin token is used.
+    #[arg(long, value_name = "URL", help_heading = "Output")]
+    pub verify_via: Option<String>,
+
+    /// How long --verify waits for a cluster broker's read model to catch
+    /// up before it gives up.
+    #[arg(long, default_value = "120s", value_parser = parse_duration, help_heading = "Output")]
+    pub verify_timeout: Duration,
+
     /// Never show the live progress line (it is hidden anyway when stdout or
     /// stderr is not a terminal).
     #[arg(long, help_heading = "Output")]
@@ -489,10 +506,32 @@ mod tests {
         let Command::Mqtt(m) = cli.command else {
             panic!()
         };
+        assert_eq!(m.addrs, ["127.0.0.1:1883"]);
         assert_eq!(m.version, MqttVersion::V311);
         assert_eq!(m.common.duration, Some(Duration::from_secs(60)));
         assert_eq!(m.common.timeout, Duration::from_millis(500));
         assert_eq!(m.qos, 1);
         assert_eq!(m.inflight, 100);
+    }
+
+    #[test]
+    fn several_targets_comma_separated_or_repeated() {
+        let cli = Cli::parse_from(["loadtest", "mqtt", "a:1,b:2", "c:3"]);
+        let Command::Mqtt(m) = cli.command else {
+            panic!()
+        };
+        assert_eq!(m.addrs, ["a:1", "b:2", "c:3"]);
+        let cli = Cli::parse_from([
+            "loadtest",
+            "http",
+            "http://a:1,http://b:2",
+            "--verify-via",
+            "http://b:9",
+        ]);
+        let Command::Http(h) = cli.command else {
+            panic!()
+        };
+        assert_eq!(h.urls, ["http://a:1", "http://b:2"]);
+        assert_eq!(h.common.verify_via.as_deref(), Some("http://b:9"));
     }
 }

@@ -45,9 +45,16 @@ pub struct ConnOutcome {
     pub acked: Bits,
 }
 
+/// The protocol and one configuration per target address; connection i
+/// uses configuration i mod N.
 enum Driver {
-    Mqtt(MqttConfig, MqttClientImpl),
-    Http(HttpConfig),
+    Mqtt(Vec<MqttConfig>, MqttClientImpl),
+    Http(Vec<HttpConfig>),
+}
+
+/// The configuration of connection `conn`.
+fn pick<T>(cfgs: &[T], conn: u32) -> &T {
+    &cfgs[conn as usize % cfgs.len()]
 }
 
 enum Targets {
@@ -105,7 +112,7 @@ fn plan(cli: Cli, run: &str) -> Result<Plan> {
                 bail!("--mqtt-client rumqttc supports --mqtt-version 3.1.1 only");
             }
             let cfg = MqttConfig {
-                addr: mqtt::strip_scheme(&m.addr).to_string(),
+                addr: String::new(),
                 v5: m.version == MqttVersion::V5,
                 qos: m.qos,
                 window: if m.qos == 1 { m.inflight } else { 1 },
@@ -133,9 +140,21 @@ fn plan(cli: Cli, run: &str) -> Result<Plan> {
                 },
                 if m.nagle { ", Nagle on" } else { "" }
             );
+            let cfgs: Vec<MqttConfig> = m
+                .addrs
+                .iter()
+                .map(|a| MqttConfig {
+                    addr: mqtt::strip_scheme(a).to_string(),
+                    ..cfg.clone()
+                })
+                .collect();
             Plan {
-                target: cfg.addr.clone(),
-                driver: Driver::Mqtt(cfg, m.client),
+                target: cfgs
+                    .iter()
+                    .map(|c| c.addr.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                driver: Driver::Mqtt(cfgs, m.client),
                 protocol: "mqtt",
                 mode,
                 template: m.topic,
@@ -143,21 +162,28 @@ fn plan(cli: Cli, run: &str) -> Result<Plan> {
             }
         }
         Command::Http(h) => {
-            let mut cfg = HttpConfig::from_url(&h.url, h.common.timeout)?;
-            cfg.h2 = h.h2;
-            cfg.streams = if h.h2 { h.streams } else { 1 };
+            let streams = if h.h2 { h.streams } else { 1 };
+            let mut cfgs = h
+                .urls
+                .iter()
+                .map(|u| HttpConfig::from_url(u, h.common.timeout))
+                .collect::<Result<Vec<_>>>()?;
+            for cfg in &mut cfgs {
+                cfg.h2 = h.h2;
+                cfg.streams = streams;
+            }
             let mode = if h.h2 {
                 format!(
                     "HTTP/2 prior knowledge (h2c), {} stream{} per connection, 1 request in flight per stream",
-                    cfg.streams,
-                    if cfg.streams == 1 { "" } else { "s" }
+                    streams,
+                    if streams == 1 { "" } else { "s" }
                 )
             } else {
                 "HTTP/1.1 keep-alive, 1 request in flight per connection".into()
             };
             Plan {
-                target: h.url.clone(),
-                driver: Driver::Http(cfg),
+                target: h.urls.join(","),
+                driver: Driver::Http(cfgs),
                 protocol: "http",
                 mode,
                 template: h.path,
@@ -242,7 +268,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     // Senders: one per connection, except HTTP/2's streams, each of which
     // is a sender with its own devices, schedule and outcome.
     let streams = match &plan.driver {
-        Driver::Http(cfg) => cfg.streams.max(1),
+        Driver::Http(cfgs) => cfgs[0].streams.max(1),
         Driver::Mqtt(..) => 1,
     };
     let conns = c.connections;
@@ -324,20 +350,25 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let password = fleet.conn_tokens[conn as usize].as_deref();
             let permit = sem.acquire().await.expect("semaphore open");
             let connected = match &*driver {
-                Driver::Mqtt(cfg, MqttClientImpl::Native) => {
-                    mqtt::connect(cfg, conn, password).await.map(Conn::Mqtt)
+                Driver::Mqtt(cfgs, MqttClientImpl::Native) => {
+                    mqtt::connect(pick(cfgs, conn), conn, password)
+                        .await
+                        .map(Conn::Mqtt)
                 }
-                Driver::Mqtt(cfg, MqttClientImpl::Rumqttc) => {
-                    mqtt_rumqttc::connect(cfg, conn, password)
+                Driver::Mqtt(cfgs, MqttClientImpl::Rumqttc) => {
+                    mqtt_rumqttc::connect(pick(cfgs, conn), conn, password)
                         .await
                         .map(|c| Conn::Rumqttc(Box::new(c)))
                 }
-                Driver::Http(cfg) if cfg.h2 => shared_conns[(conn / streams) as usize]
-                    .get_or_init(|| http::connect_h2(cfg))
-                    .await
-                    .clone()
-                    .map(|s| Conn::Http(http::Connected::Http2(s))),
-                Driver::Http(cfg) => http::connect(cfg).await.map(Conn::Http),
+                Driver::Http(cfgs) if cfgs[0].h2 => {
+                    let shared = conn / streams;
+                    shared_conns[shared as usize]
+                        .get_or_init(|| http::connect_h2(pick(cfgs, shared)))
+                        .await
+                        .clone()
+                        .map(|s| Conn::Http(http::Connected::Http2(s)))
+                }
+                Driver::Http(cfgs) => http::connect(pick(cfgs, conn)).await.map(Conn::Http),
             };
             drop(permit);
             if first_of_conn {
@@ -373,14 +404,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let per = fleet.per_conn as usize;
             let range = conn as usize * per..(conn as usize + 1) * per;
             match (&*driver, connected, &*targets) {
-                (Driver::Mqtt(cfg, _), Conn::Mqtt(x), Targets::Topics(t)) => {
-                    mqtt::run_conn(&sh, cfg, conn, x, sched, &t[range]).await
+                (Driver::Mqtt(cfgs, _), Conn::Mqtt(x), Targets::Topics(t)) => {
+                    mqtt::run_conn(&sh, pick(cfgs, conn), conn, x, sched, &t[range]).await
                 }
-                (Driver::Mqtt(cfg, _), Conn::Rumqttc(x), Targets::Topics(t)) => {
-                    mqtt_rumqttc::run_conn(&sh, cfg, conn, *x, sched, &t[range]).await
+                (Driver::Mqtt(cfgs, _), Conn::Rumqttc(x), Targets::Topics(t)) => {
+                    mqtt_rumqttc::run_conn(&sh, pick(cfgs, conn), conn, *x, sched, &t[range]).await
                 }
-                (Driver::Http(cfg), Conn::Http(x), Targets::Http(t)) => {
-                    http::run_conn(&sh, cfg, conn, x, sched, &t[range]).await
+                (Driver::Http(cfgs), Conn::Http(x), Targets::Http(t)) => {
+                    http::run_conn(&sh, pick(cfgs, conn / streams), conn, x, sched, &t[range]).await
                 }
                 _ => unreachable!("driver, connection and targets match"),
             }
@@ -511,8 +542,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 
     if c.verify {
         let admin = admin.as_ref().expect("checked: --verify has --admin");
+        let via = match (&c.verify_via, &c.admin_token) {
+            (Some(url), Some(tok)) => {
+                AdminClient::new(url, tok, c.timeout.max(Duration::from_secs(30)))?
+            }
+            _ => admin.clone(),
+        };
         let res = verify::run(
-            admin,
+            &via,
+            c.verify_timeout,
             &c.app,
             &fleet,
             &sh.payload,
@@ -547,7 +585,10 @@ async fn start_consumers(
     let k = &c.consumers;
     let addr = match (&k.consumer_url, k.consumer_via, driver) {
         (Some(u), _, _) => u.clone(),
-        (None, crate::cli::ConsumerVia::Mqtt, Driver::Mqtt(cfg, _)) => cfg.addr.clone(),
+        // With several brokers, consumers subscribe on the first.
+        (None, crate::cli::ConsumerVia::Mqtt, Driver::Mqtt(cfgs, _)) if !cfgs.is_empty() => {
+            cfgs[0].addr.clone()
+        }
         _ => bail!("--consumers needs --consumer-url (the HTTP listener for SSE)"),
     };
     let token = match (&k.consumer_token, admin) {
@@ -589,7 +630,10 @@ fn build_targets(plan: &Plan, c: &CommonArgs, fleet: &Fleet) -> Result<Targets> 
                 .map(|d| fill(template, &c.app, d).into_bytes())
                 .collect(),
         ),
-        Driver::Http(cfg) => {
+        Driver::Http(cfgs) => {
+            // Every broker of a cluster answers the same paths; HTTP/2's
+            // authority is the first address's (Sluice does not route by it).
+            let cfg = &cfgs[0];
             let mut v = Vec::with_capacity(fleet.devices.len());
             for (k, d) in fleet.devices.iter().enumerate() {
                 let mut path = fill(template, &c.app, d);

@@ -8,13 +8,20 @@
 //! is compared with the exact bytes that message had. Items of other runs
 //! are counted and ignored; stored messages that were never acknowledged
 //! (QoS 0, or an ack lost with its connection) are allowed and counted.
+//!
+//! In cluster mode any broker can verify: it is first asked for the
+//! ingest stream's newest state (`GET /cluster/ingest`), taken after every
+//! acknowledgement arrived, and every page is then read with that as
+//! `minSeq`, so the broker answers once its read model holds everything
+//! acknowledged anywhere (retried while it answers 503 not_caught_up, up
+//! to `--verify-timeout`).
 
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use sluice::client::AdminClient;
+use sluice::client::{AdminClient, ClientError};
 
 use crate::fleet::{parallel, Fleet};
 use crate::payload::{Payload, Probe};
@@ -121,6 +128,7 @@ fn scan_page(
 
 pub async fn run(
     admin: &AdminClient,
+    timeout: std::time::Duration,
     app: &str,
     fleet: &Arc<Fleet>,
     payload: &Payload,
@@ -128,6 +136,16 @@ pub async fn run(
     concurrency: usize,
 ) -> Result<VerifyReport> {
     let devices = fleet.distinct_devices();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let min_seq = ingest_status(admin, deadline)
+        .await
+        .context("asking the broker for the ingest stream's newest state")?
+        .map(|v| {
+            v["streamLast"]
+                .as_u64()
+                .ok_or_else(|| anyhow::anyhow!("no streamLast in {v}"))
+        })
+        .transpose()?;
     let scans = {
         let (admin, app, fleet, payload) = (
             Arc::new(admin.clone()),
@@ -149,7 +167,8 @@ pub async fn run(
                 let mut scan = DeviceScan::default();
                 let mut cursor: Option<String> = None;
                 loop {
-                    let text = admin.state_page(&app, device, cursor.as_deref()).await?;
+                    let text =
+                        page(&admin, &app, device, cursor.as_deref(), min_seq, deadline).await?;
                     cursor = scan_page(&text, device, payload.run(), &payload, &fleet, &mut scan)
                         .with_context(|| format!("device {device}"))?;
                     if cursor.is_none() {
@@ -167,6 +186,44 @@ pub async fn run(
         outcomes,
         scans,
     ))
+}
+
+/// `GET /cluster/ingest`, asked again until `deadline` while the broker
+/// answers 503 (NATS not reachable yet, e.g. just after a restart).
+async fn ingest_status(
+    admin: &AdminClient,
+    deadline: tokio::time::Instant,
+) -> Result<Option<serde_json::Value>, ClientError> {
+    loop {
+        match admin.ingest_status().await {
+            Err(ClientError::Api { status: 503, .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A history page; while a cluster broker's read model has not reached
+/// `min_seq` (503 not_caught_up), or it cannot serve yet (503 unavailable:
+/// its view of the cluster's tokens is stale after a NATS restart), asked
+/// again until `deadline`.
+async fn page(
+    admin: &AdminClient,
+    app: &str,
+    device: &str,
+    cursor: Option<&str>,
+    min_seq: Option<u64>,
+    deadline: tokio::time::Instant,
+) -> Result<String> {
+    loop {
+        match admin.state_page(app, device, cursor, min_seq).await {
+            Err(ClientError::Api { status: 503, .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            other => return Ok(other?),
+        }
+    }
 }
 
 fn tally(

@@ -407,6 +407,8 @@ fn help_documents_every_option() {
         "--json",
         "--max-errors",
         "--verify",
+        "--verify-via",
+        "--verify-timeout",
         "--no-progress",
         "--broker-pid",
         "--ramp",

@@ -96,13 +96,31 @@ impl Names {
     /// `(app, device)` of a state subject, ids unescaped; `None` for any
     /// other subject.
     pub fn parse_state_subject(&self, subject: &str) -> Option<(String, String)> {
+        let (app, device) = self.state_tokens(subject)?;
+        Some((unescape(app), unescape(device)))
+    }
+
+    /// The two id tokens of a state subject, still escaped (`.` written
+    /// `%2E`); see [`unescape_into`]. Borrows, for readers that must not
+    /// allocate per message.
+    pub fn state_tokens<'s>(&self, subject: &'s str) -> Option<(&'s str, &'s str)> {
         let rest = subject.strip_prefix(self.prefix.as_str())?;
         let rest = rest.strip_prefix(".state.")?;
         let (app, device) = rest.split_once('.')?;
         if app.is_empty() || device.is_empty() || device.contains('.') {
             return None;
         }
-        Some((unescape(app), unescape(device)))
+        Some((app, device))
+    }
+}
+
+/// Appends the id a subject token stands for (`%2E` back to `.`).
+pub fn unescape_into(token: &str, out: &mut impl Extend<u8>) {
+    for (i, part) in token.split("%2E").enumerate() {
+        if i > 0 {
+            out.extend([b'.']);
+        }
+        out.extend(part.bytes());
     }
 }
 
@@ -160,6 +178,12 @@ mod tests {
             n.state_subject("a.b", "c").as_str(),
             n.state_subject("a", "b.c").as_str()
         );
+        let (app, device) = n.state_tokens(&s).unwrap();
+        let mut out = Vec::new();
+        unescape_into(app, &mut out);
+        out.push(b'/');
+        unescape_into(device, &mut out);
+        assert_eq!(out, b"farm.eu/pump.1.a");
         assert_eq!(n.parse_state_subject("sluice.fence.n1"), None);
         assert_eq!(n.parse_state_subject("other.state.a.b"), None);
         assert_eq!(n.parse_state_subject("sluice.state.a.b.c"), None);

@@ -38,6 +38,7 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::ErrorCode;
 use async_nats::{HeaderMap, Request, Subject};
 use bytes::Bytes;
+use futures_util::StreamExt;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
@@ -120,6 +121,12 @@ pub struct Publisher {
     /// stream; a publish that cannot get a permit within its timeout fails
     /// with `Busy` without sending anything.
     slots: Semaphore,
+    /// Held while one attempt's messages are written (not while its ack is
+    /// awaited): the stream receives batches whole and in the order they
+    /// were published, so states of one device keep their order across
+    /// batches in flight (a batch resent after a failure may still land
+    /// after a later one).
+    send_order: tokio::sync::Mutex<()>,
 }
 
 /// The outcome of one attempt.
@@ -150,6 +157,7 @@ impl Publisher {
             nats: nats.clone(),
             fence_subject: spec.names.fence_subject(&spec.node_id),
             slots: Semaphore::new(spec.max_in_flight),
+            send_order: tokio::sync::Mutex::new(()),
             incarnation,
             spec,
         })
@@ -217,10 +225,43 @@ impl Publisher {
         self.fence(&msg_id, n, last_problem).await
     }
 
-    /// Sends one attempt: the first message as a request (the server
-    /// confirms the batch started, or refuses it at once), the middle ones
-    /// as plain publishes, the commit as a request answered by the pub ack.
+    /// Sends one attempt and waits for its pub ack: see [`Publisher::send`].
     async fn attempt(&self, messages: &[StateMessage], msg_id: &str, batch_id: &str) -> Attempt {
+        let mut acks = {
+            let _order = self.send_order.lock().await;
+            match self.send(messages, msg_id, batch_id).await {
+                Ok(acks) => acks,
+                Err(outcome) => return outcome,
+            }
+        };
+        match acks.next().await {
+            Some(reply) => match classify(&reply.payload) {
+                Reply::Ack(seq) => Attempt::Stored(seq),
+                Reply::Empty => Attempt::Transient("empty reply to a batch commit".into()),
+                Reply::Error(code, text) => error_attempt(code, text),
+            },
+            None => Attempt::Transient("the reply subscription ended".into()),
+        }
+    }
+
+    /// Writes one attempt's messages: the first as a request (the server
+    /// confirms the batch started, or refuses it at once), the middle ones
+    /// as plain publishes, the commit with a reply subject whose
+    /// subscription is returned (the pub ack arrives there). Called under
+    /// `send_order`, and returns before the pub ack, so batches are written
+    /// whole and one after the other while several await their acks.
+    async fn send(
+        &self,
+        messages: &[StateMessage],
+        msg_id: &str,
+        batch_id: &str,
+    ) -> Result<async_nats::Subscriber, Attempt> {
+        let client = &self.nats.client;
+        let inbox = client.new_inbox();
+        let acks = client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| Attempt::Transient(e.to_string()))?;
         let last = messages.len() - 1;
         for (i, m) in messages.iter().enumerate() {
             let mut headers = HeaderMap::new();
@@ -234,38 +275,42 @@ impl Publisher {
             }
             headers.insert(HEADER_RECEIVED, m.received_ms.to_string().as_str());
             headers.insert(HEADER_TOKEN, &*m.token_id);
-            if i == 0 || i == last {
+            if i == last {
+                client
+                    .publish_with_reply_and_headers(
+                        m.subject.clone(),
+                        inbox.clone(),
+                        headers,
+                        m.payload.clone(),
+                    )
+                    .await
+                    .map_err(|e| Attempt::Transient(e.to_string()))?;
+            } else if i == 0 {
                 let request = Request::new()
                     .headers(headers)
                     .payload(m.payload.clone())
                     .timeout(Some(self.spec.publish_timeout));
-                let reply = match self
-                    .nats
-                    .client
+                let reply = client
                     .send_request(m.subject.clone(), request)
                     .await
-                {
-                    Ok(r) => r,
-                    Err(e) => return Attempt::Transient(e.to_string()),
-                };
+                    .map_err(|e| Attempt::Transient(e.to_string()))?;
                 match classify(&reply.payload) {
-                    Reply::Empty if i != last => continue,
-                    Reply::Ack(seq) if i == last => return Attempt::Stored(seq),
-                    Reply::Empty | Reply::Ack(_) => {
-                        return Attempt::Transient("unexpected reply to a batch message".into())
+                    Reply::Empty => {}
+                    Reply::Ack(_) => {
+                        return Err(Attempt::Transient(
+                            "unexpected reply to a batch's first message".into(),
+                        ))
                     }
-                    Reply::Error(code, text) => return error_attempt(code, text),
+                    Reply::Error(code, text) => return Err(error_attempt(code, text)),
                 }
-            } else if let Err(e) = self
-                .nats
-                .client
-                .publish_with_headers(m.subject.clone(), headers, m.payload.clone())
-                .await
-            {
-                return Attempt::Transient(e.to_string());
+            } else {
+                client
+                    .publish_with_headers(m.subject.clone(), headers, m.payload.clone())
+                    .await
+                    .map_err(|e| Attempt::Transient(e.to_string()))?;
             }
         }
-        Attempt::Transient("empty batch".into())
+        Ok(acks)
     }
 
     /// Settles a batch whose outcome no attempt confirmed (see the module
@@ -326,6 +371,29 @@ impl Publisher {
                 last: seq.saturating_add(n - 1),
             })
         })
+    }
+
+    /// Whether the stream answers now (its leader serves a read): how a
+    /// broker whose publishes failed learns, without traffic, that the
+    /// stream is back.
+    pub async fn reachable(&self) -> bool {
+        super::stream::last_state_seq(&self.nats, &self.spec.names)
+            .await
+            .is_ok()
+    }
+
+    /// Settles batch number `batch` (of `n` messages) after
+    /// [`PublishError::Unknown`] without sending it again: only its fence
+    /// is published, so the answer is `Ok` (it was stored, at these
+    /// sequences), [`PublishError::NotStored`] (it never will be), or
+    /// `Unknown` again (NATS still does not answer; call again, while the
+    /// stream's duplicate window still covers the batch's last attempt).
+    pub async fn settle(&self, batch: u64, n: u64) -> Result<Stored, PublishError> {
+        if n == 0 {
+            return Err(PublishError::Empty);
+        }
+        self.fence(&self.dedupe_id(batch), n, "not settled yet".into())
+            .await
     }
 
     /// The `Nats-Msg-Id` that batch number `batch` carries on its first

@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::stream::{
+    Config, DiscardPolicy, LastRawMessageErrorKind, RetentionPolicy, StorageType,
+};
 use tokio::time::Instant;
 
 use super::connect::{retry_until, Nats};
@@ -96,6 +98,44 @@ pub async fn ensure(
         problem,
     })?;
     Ok(config)
+}
+
+/// The stream sequence of the newest state in the stream (0 when there is
+/// none): what a broker's read model has to reach to hold everything
+/// acknowledged so far. Fences are not states, so this is not simply the
+/// stream's last sequence.
+pub async fn last_state_seq(nats: &Nats, names: &Names) -> Result<u64, StreamError> {
+    let name = names.state_stream();
+    let unavailable = |detail: String| StreamError::Unavailable {
+        stream: name.clone(),
+        detail,
+    };
+    let stream = nats
+        .js
+        .get_stream_no_info(&name)
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    match stream
+        .get_last_raw_message_by_subject(&names.state_subjects())
+        .await
+    {
+        Ok(m) => Ok(m.sequence),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+        Err(e) => Err(unavailable(e.to_string())),
+    }
+}
+
+/// The stream's last sequence (states and fences; 0 when empty).
+pub async fn last_seq(nats: &Nats, names: &Names) -> Result<u64, StreamError> {
+    let name = names.state_stream();
+    nats.js
+        .get_stream(&name)
+        .await
+        .map(|s| s.cached_info().state.last_sequence)
+        .map_err(|e| StreamError::Unavailable {
+            stream: name.clone(),
+            detail: e.to_string(),
+        })
 }
 
 /// The first setting of `found` that breaks a guarantee, in words.

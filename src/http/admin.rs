@@ -16,6 +16,8 @@ use super::audit::Audited;
 use crate::audit::Operation;
 use crate::auth::{monotonic_ns, Denied, Scope, TokenEntry};
 use crate::ids::is_valid_id;
+use crate::materialize::applied::{parse_min_seq, NotReady, ReadModel};
+use crate::materialize::status::IngestView;
 use crate::metrics::Metrics;
 use crate::secret::parse_bearer;
 use crate::store::Store;
@@ -38,6 +40,11 @@ pub struct AdminApi {
     pub max_response_bytes: usize,
     /// Largest page of the audit trail (`audit.max_page`).
     pub audit_max_page: usize,
+    /// What history and composite-state reads see (and `minSeq` waits
+    /// for); see `materialize::applied`.
+    pub read_model: ReadModel,
+    /// Cluster mode: `GET /cluster/ingest`.
+    pub ingest_view: Option<IngestView>,
 }
 
 /// An error as the API shows it: a status and a stable code.
@@ -53,14 +60,41 @@ pub enum ApiError {
     PayloadTooLarge,
     MethodNotAllowed,
     Internal,
+    /// Cluster mode, ingest-only broker: no history or composite state here.
+    NoReadModel,
+    /// Cluster mode: `minSeq` was not applied within `cluster.min_seq_timeout`.
+    NotCaughtUp {
+        applied: u64,
+        wanted: u64,
+        waited: std::time::Duration,
+    },
     /// 503 with `Retry-After` and the reason: the broker is shutting down
-    /// (or its writer stopped), or in cluster mode the token bucket did
-    /// not answer or this broker's view of it is stale.
+    /// (or its writer stopped), or in cluster mode NATS did not answer or
+    /// this broker's view of the token bucket is stale.
     Unavailable(String),
     /// 409: cluster mode, and other brokers kept changing the token.
     Conflict,
     /// Over `streams.max_streams_per_token` or `_per_ip`.
     TooManyStreams,
+    /// 501: an operation a broker in cluster mode does not do (yet).
+    NotInClusterMode(&'static str),
+}
+
+impl From<NotReady> for ApiError {
+    fn from(n: NotReady) -> Self {
+        match n {
+            NotReady::Absent => ApiError::NoReadModel,
+            NotReady::Behind {
+                applied,
+                wanted,
+                waited,
+            } => ApiError::NotCaughtUp {
+                applied,
+                wanted,
+                waited,
+            },
+        }
+    }
 }
 
 impl ApiError {
@@ -88,6 +122,21 @@ impl ApiError {
                 Some("the token was changed on other brokers at the same time, repeatedly; try again".into()),
             ),
             ApiError::Unavailable(d) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", Some(d.clone())),
+            ApiError::NoReadModel => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_read_model",
+                Some("this broker is ingest-only (cluster.materialize = false) and keeps no history or composite state; read from a broker that materializes".into()),
+            ),
+            ApiError::NotCaughtUp { applied, wanted, waited } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_caught_up",
+                Some(format!("this broker has applied the ingest stream up to sequence {applied}; minSeq {wanted} was not reached within {waited:?}")),
+            ),
+            ApiError::NotInClusterMode(d) => (
+                StatusCode::NOT_IMPLEMENTED,
+                "not_in_cluster_mode",
+                Some(d.to_string()),
+            ),
         }
     }
 }
@@ -95,10 +144,13 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, detail) = self.parts();
-        let body = match detail {
+        let mut body = match detail {
             Some(d) => serde_json::json!({"error": code, "detail": d}),
             None => serde_json::json!({"error": code}),
         };
+        if let ApiError::NotCaughtUp { applied, .. } = self {
+            body["applied"] = applied.into();
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             return (
                 status,
@@ -200,6 +252,7 @@ pub fn routes() -> Vec<Route> {
         at(get.clone(), "/openapi.json", openapi::document),
         at(post.clone(), "/backup", backup::backup),
         at(get.clone(), "/cluster", cluster::status),
+        at(get.clone(), "/cluster/ingest", cluster_ingest),
         at(get.clone(), "/applications/{app}/tokens", list_tokens),
         at(post, "/applications/{app}/tokens", create_token),
         at(get.clone(), "/applications/{app}/tokens/{id}", get_token),
@@ -492,4 +545,33 @@ async fn delete_token(
         axum::Json(serde_json::json!({"unconfirmed": done.unconfirmed})),
     )
         .into_response())
+}
+
+/// `GET /cluster/ingest` (root only): this broker's position in the
+/// ingest stream and the stream's newest state, read now.
+async fn cluster_ingest(State(api): Api, headers: HeaderMap) -> Result<Response, ApiError> {
+    // As `GET /cluster`: answered while the token view is stale too (the
+    // root token is this broker's own).
+    if !api.authenticated(&headers)?.root {
+        return Err(ApiError::Forbidden);
+    }
+    let Some(view) = &api.ingest_view else {
+        return Err(ApiError::NotFound);
+    };
+    let status = view
+        .status(&api.read_model)
+        .await
+        .map_err(ApiError::Unavailable)?;
+    Ok(axum::Json(status).into_response())
+}
+
+/// `minSeq` of a read, if given.
+pub fn min_seq(
+    params: &std::collections::HashMap<String, String>,
+) -> Result<Option<u64>, ApiError> {
+    params
+        .get("minSeq")
+        .map(|v| parse_min_seq(v))
+        .transpose()
+        .map_err(ApiError::BadRequest)
 }

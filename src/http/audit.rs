@@ -112,7 +112,7 @@ pub(super) async fn read_audit(
     let app = path(app)?;
     api.authorize(&headers, &app, None, Scope::TokenRead)?;
     let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let q = page_query(&params, api.audit_max_page).map_err(ApiError::BadRequest)?;
+    let q = page_query(&params, api.audit_max_page, &[]).map_err(ApiError::BadRequest)?;
     let store = api.store.clone();
     let max_bytes = api.max_response_bytes;
     let page = tokio::task::spawn_blocking(move || store.audit(&app, &q, max_bytes))

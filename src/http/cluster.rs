@@ -1,5 +1,6 @@
 //! `GET /cluster` on the admin listener, for the root token only: this
-//! broker's view of the cluster (`sluice cluster status` prints it). It
+//! broker's view of the cluster (`sluice cluster status` prints it): the
+//! token plane and the ingest log (applied sequence and lag). It
 //! answers while the broker's view of the token bucket is stale too, since
 //! that is when an operator needs it; the root token is the broker's own,
 //! never read from the bucket.
@@ -24,6 +25,14 @@ pub(super) async fn status(
         Some(plane) => {
             let mut v = serde_json::to_value(plane.status()).map_err(|_| ApiError::Internal)?;
             v["mode"] = "cluster".into();
+            // The ingest log: this broker's read model against the stream
+            // (as `GET /cluster/ingest`), or why the stream did not answer.
+            if let Some(view) = &api.ingest_view {
+                v["ingest"] = match view.status(&api.read_model).await {
+                    Ok(s) => serde_json::to_value(s).map_err(|_| ApiError::Internal)?,
+                    Err(e) => serde_json::json!({"error": e}),
+                };
+            }
             v
         }
     };

@@ -359,15 +359,9 @@ impl DeviceApi {
             }
         }
         match rx.await {
-            Ok(Ok(())) => {
+            Ok(Ok(committed)) => {
                 tracing::trace!(states = accepted, "state request committed");
-                let mut buf = itoa::Buffer::new();
-                let n = buf.format(accepted);
-                let mut body = Vec::with_capacity(16 + n.len());
-                body.extend_from_slice(b"{\"accepted\":");
-                body.extend_from_slice(n.as_bytes());
-                body.push(b'}');
-                json(200, body)
+                json(200, accepted_body(accepted, committed.seq))
             }
             Ok(Err(CommitError::TooManyAttributes { limit })) => error_with_detail(
                 400,
@@ -378,8 +372,51 @@ impl DeviceApi {
             ),
             // The commit failed, or the writer died before it: not stored.
             Ok(Err(CommitError::Storage)) | Err(_) => unavailable(),
+            Ok(Err(CommitError::Stream)) => stream_unavailable(
+                "the cluster's ingest stream did not store this request; nothing of it was stored",
+            ),
+            Ok(Err(CommitError::StreamUnknown)) => unconfirmed(),
         }
     }
+}
+
+/// `{"accepted":N}`, with `"seq":S` in cluster mode (the stream sequence
+/// of the request's last state, for `minSeq` on reads).
+fn accepted_body(accepted: usize, seq: Option<u64>) -> Vec<u8> {
+    let mut buf = itoa::Buffer::new();
+    let mut body = Vec::with_capacity(48);
+    body.extend_from_slice(b"{\"accepted\":");
+    body.extend_from_slice(buf.format(accepted).as_bytes());
+    if let Some(seq) = seq {
+        body.extend_from_slice(b",\"seq\":");
+        body.extend_from_slice(buf.format(seq).as_bytes());
+    }
+    body.push(b'}');
+    body
+}
+
+/// 503 when the cluster's ingest stream did not store a request (cluster
+/// mode). NATS elects a new stream leader within seconds, so the hint is
+/// short.
+fn stream_unavailable(detail: &str) -> Response<Full<Bytes>> {
+    let mut r = error_with_detail(503, "unavailable", detail);
+    r.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
+/// 504 when the cluster's ingest stream could not say in time whether it
+/// stored a request (NATS went away mid-commit): not a refusal, since it
+/// may be stored; a resend may store it twice, never lose it.
+fn unconfirmed() -> Response<Full<Bytes>> {
+    let mut r = error_with_detail(
+        504,
+        "unconfirmed",
+        "the cluster's ingest stream did not confirm in time whether it stored this request; it may have been stored; send it again",
+    );
+    r.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 /// `application/json`, any `+json` type, with or without parameters.
@@ -394,6 +431,15 @@ fn is_json_content_type(v: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accepted_bodies() {
+        assert_eq!(accepted_body(3, None), br#"{"accepted":3}"#);
+        assert_eq!(
+            accepted_body(1000, Some(18446744073709551615)),
+            br#"{"accepted":1000,"seq":18446744073709551615}"#
+        );
+    }
 
     #[test]
     fn read_routes_are_recognised() {

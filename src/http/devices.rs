@@ -24,12 +24,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use super::admin::{path, AdminApi, Api, ApiError, PathOf};
+use super::admin::{min_seq, path, AdminApi, Api, ApiError, PathOf};
 use super::audit::Audited;
 use super::read::{DEFAULT_LIMIT, MAX_LIMIT};
 use crate::audit::Operation;
 use crate::auth::{Devices, Scope};
 use crate::ids::is_valid_id;
+use crate::materialize::applied::ReadModel;
 use crate::store::{device_key, DeviceEntry, DevicePage, Store, StoreError};
 use crate::timefmt::format_rfc3339;
 use crate::writer::{Removal, RemoveError};
@@ -52,7 +53,7 @@ struct PageJson {
 
 fn page_query(params: &HashMap<String, String>) -> Result<(usize, Option<String>), String> {
     for k in params.keys() {
-        if !matches!(k.as_str(), "limit" | "cursor") {
+        if !matches!(k.as_str(), "limit" | "cursor" | "minSeq") {
             return Err(format!("unknown query parameter {k:?}"));
         }
     }
@@ -114,6 +115,7 @@ pub async fn list_devices(
     let caller = api.authorize(&headers, &app, None, Scope::GetState)?;
     let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let (limit, cursor) = page_query(&params).map_err(ApiError::BadRequest)?;
+    api.read_model.ready(min_seq(&params)?).await?;
     let store = api.store.clone();
     let page = tokio::task::spawn_blocking(move || {
         list(&store, &app, &caller.devices, limit, cursor.as_deref())
@@ -141,6 +143,20 @@ pub async fn list_devices(
     .into_response())
 }
 
+/// In cluster mode every broker's read model is built from the ingest
+/// stream, so a change applied to one broker's store alone (a removal, a
+/// retention override) would make the brokers disagree (and the stream
+/// would still hold the data). Until such changes travel through the
+/// stream, they are refused there.
+pub(super) fn refuse_in_cluster_mode(api: &AdminApi, what: &'static str) -> Result<(), ApiError> {
+    match api.read_model {
+        ReadModel::Local => Ok(()),
+        ReadModel::Materialized { .. } | ReadModel::Absent => Err(ApiError::NotInClusterMode(what)),
+    }
+}
+
+const NO_REMOVALS: &str = "removing devices or applications is not supported in cluster mode yet: the states stay in the ingest stream and in every broker's read model";
+
 fn removal_failed(e: RemoveError) -> ApiError {
     match e {
         RemoveError::Closed => ApiError::Unavailable("the broker is shutting down".into()),
@@ -162,6 +178,7 @@ pub async fn delete_device(
     let (a, h) = (api.clone(), headers.clone());
     let change = async move {
         a.authorize(&h, &app, Some(&device), Scope::AllApplication)?;
+        refuse_in_cluster_mode(&a, NO_REMOVALS)?;
         let result = a
             .queue
             .remove(Removal::Device {
@@ -202,6 +219,7 @@ pub async fn delete_application(
         if !(caller.root || owner) {
             return Err(ApiError::Forbidden);
         }
+        refuse_in_cluster_mode(&a, NO_REMOVALS)?;
         remove_application(a, caller, app).await
     };
     api.audited(&headers, what, change, |tokens, what| {
@@ -281,7 +299,15 @@ mod tests {
         let mut b = store.batch(256);
         for d in ["a", "b", "c", "d", "e"] {
             store
-                .merge_device_stats(&mut b, &device_key("app", d), 5, 1)
+                .merge_device_stats(
+                    &mut b,
+                    &device_key("app", d),
+                    &crate::store::DeviceStats {
+                        first_seen_ms: 5,
+                        last_seen_ms: 5,
+                        messages: 1,
+                    },
+                )
                 .unwrap();
         }
         store.commit(b, 0).unwrap();

@@ -15,11 +15,12 @@ use axum::routing::{get, MethodRouter};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
-use super::admin::{path, ApiError, PathOf};
+use super::admin::{min_seq, path, ApiError, PathOf};
 use crate::auth::{monotonic_ns, Denied, Registry, Scope, TokenEntry};
 use crate::composite;
 use crate::config::StreamsConfig;
 use crate::ids::is_valid_id;
+use crate::materialize::applied::ReadModel;
 use crate::secret::parse_bearer;
 use crate::store::{device_key, HistoryQuery, Order, Position, Store};
 use crate::streams::{Hub, StreamSlots};
@@ -48,6 +49,9 @@ pub struct ReadApi {
     /// Cancelled at shutdown: open streams end, so draining connections
     /// does not wait for them.
     pub stop: CancellationToken,
+    /// What reads see in cluster mode (and what `minSeq` waits for); see
+    /// `materialize::applied`.
+    pub read_model: ReadModel,
 }
 
 /// The address a request came from, put into its extensions by the
@@ -157,17 +161,19 @@ impl ReadApi {
 
 /// Parses the history query string into a store query.
 pub fn history_query(params: &HashMap<String, String>) -> Result<HistoryQuery, String> {
-    page_query(params, MAX_LIMIT)
+    page_query(params, MAX_LIMIT, &["minSeq"])
 }
 
 /// Parses a time-ordered page query (history, audit) with `limit` at most
-/// `max_limit`.
+/// `max_limit`; `also` names the other parameters the caller reads.
 pub fn page_query(
     params: &HashMap<String, String>,
     max_limit: usize,
+    also: &[&str],
 ) -> Result<HistoryQuery, String> {
     for k in params.keys() {
-        if !matches!(k.as_str(), "start" | "end" | "limit" | "order" | "cursor") {
+        let known = matches!(k.as_str(), "start" | "end" | "limit" | "order" | "cursor");
+        if !known && !also.contains(&k.as_str()) {
             return Err(format!("unknown query parameter {k:?}"));
         }
     }
@@ -223,6 +229,7 @@ async fn history(
     api.authorize(&headers, &app, Some(&device))?;
     let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let q = history_query(&params).map_err(ApiError::BadRequest)?;
+    api.read_model.ready(min_seq(&params)?).await?;
     let store = api.store.clone();
     let key = device_key(&app, &device);
     let max_bytes = api.max_response_bytes;
@@ -268,10 +275,13 @@ async fn history(
 async fn composite_state(
     State(api): Api,
     ids: PathOf<(String, String)>,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (app, device) = path(ids)?;
     api.authorize(&headers, &app, Some(&device))?;
+    let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    api.read_model.ready(min_seq(&params)?).await?;
     let store = api.store.clone();
     let key = device_key(&app, &device);
     let value = tokio::task::spawn_blocking(move || store.composite(&key))

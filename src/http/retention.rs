@@ -59,6 +59,10 @@ pub async fn put_retention(
         if caller.devices != Devices::All {
             return Err(ApiError::Forbidden);
         }
+        super::devices::refuse_in_cluster_mode(
+            &a,
+            "retention overrides are not supported in cluster mode yet: one broker's override would not reach the others' read models; set storage.retention alike on every broker",
+        )?;
         let parsed: RetentionBody = serde_json::from_slice(&raw).map_err(|e| {
             ApiError::BadRequest(format!(
                 "expected {{\"retention\": \"30d\" | \"unlimited\" | null}}: {e}"

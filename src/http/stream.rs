@@ -97,6 +97,8 @@ pub(super) async fn stream(
 ) -> Result<Response, ApiError> {
     let app = path(app)?;
     let grant = api.authorize(&headers, &app, None)?;
+    // An ingest-only broker (cluster mode) has no log to stream from.
+    api.read_model.ready(None).await?;
     let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     if let Some(k) = params
         .keys()

@@ -121,42 +121,114 @@ impl Pubacks {
         }
     }
 
-    /// Takes the writer's outcomes. Commits complete in queue order, which
-    /// is this session's publish order, so each outcome belongs to the
-    /// oldest PUBACK still waiting for its commit.
+    /// Takes the writer's outcomes. Each belongs to the oldest publish with
+    /// its packet id still waiting for its commit: the standalone writer
+    /// reports in publish order, while in cluster mode batches can finish
+    /// out of order; `write_ready` puts the PUBACKs back in publish order.
     pub(super) fn collect(&mut self) {
         self.sink.take_into(&mut self.scratch);
-        let mut outcomes = self.scratch.drain(..);
-        for a in self.pending.iter_mut().filter(|a| a.reason.is_none()) {
-            let Some((pkid, r)) = outcomes.next() else {
-                break;
+        for (pkid, r) in self.scratch.drain(..) {
+            let Some(a) = self
+                .pending
+                .iter_mut()
+                .find(|a| a.reason.is_none() && a.packet_id.get() == pkid)
+            else {
+                continue;
             };
-            debug_assert_eq!(pkid, a.packet_id.get());
             self.committing = self.committing.saturating_sub(1);
             a.reason = Some(match r {
                 Ok(()) => AckReason::Success,
                 // A quota of the device's, not a failure of the broker's.
                 Err(CommitError::TooManyAttributes { .. }) => AckReason::QuotaExceeded,
+                Err(CommitError::StreamUnknown) => AckReason::Unconfirmed,
                 Err(_) => AckReason::Failed,
             });
         }
     }
 
     /// Encodes every PUBACK that is now in order into `out`. Returns true
-    /// when a 3.1.1 publish was not stored: 3.1.1 cannot report that, so
-    /// the connection must close (the client resends after reconnecting).
+    /// when a 3.1.1 publish was not stored (3.1.1 cannot report that), or
+    /// when any publish's outcome is unconfirmed (a refusal would claim
+    /// more than is known): the connection must close, and the client
+    /// resends after reconnecting.
     pub(super) fn write_ready(&mut self, codec: &mut Codec, out: &mut BytesMut) -> bool {
         let mut close = false;
         while let Some(a) = self.pending.front() {
             let Some(reason) = a.reason else { break };
             let id = a.packet_id;
             self.pending.pop_front();
-            if reason != AckReason::Success && !codec.is_v5() {
+            if reason == AckReason::Unconfirmed || (reason != AckReason::Success && !codec.is_v5())
+            {
                 close = true;
                 continue;
             }
             codec.puback(out, id, reason);
         }
         close
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v311() -> Codec {
+        // CONNECT, MQTT 3.1.1, clean session, keep-alive 60, empty client id.
+        let mut connect = BytesMut::from(&b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00"[..]);
+        Codec::detect(&mut connect, 1024).unwrap().unwrap()
+    }
+
+    fn id(n: u16) -> NonZeroU16 {
+        NonZeroU16::new(n).unwrap()
+    }
+
+    #[test]
+    fn outcomes_out_of_order_go_out_in_publish_order() {
+        let mut codec = v311();
+        let mut acks = Pubacks::new();
+        for n in 1..=3 {
+            let _ = acks.committing(id(n));
+        }
+        // Batches of 2 and 3 finished before the one holding 1.
+        assert!(acks.sink().record(3, Ok(())));
+        acks.sink().record(2, Ok(()));
+        acks.collect();
+        let mut out = BytesMut::new();
+        assert!(!acks.write_ready(&mut codec, &mut out));
+        assert!(out.is_empty(), "nothing before publish 1's outcome");
+        acks.sink().record(1, Ok(()));
+        acks.collect();
+        assert!(!acks.write_ready(&mut codec, &mut out));
+        assert_eq!(
+            &out[..],
+            b"\x40\x02\x00\x01\x40\x02\x00\x02\x40\x02\x00\x03"
+        );
+        assert!(acks.is_settled());
+    }
+
+    fn v5() -> Codec {
+        // CONNECT, MQTT 5, clean start, keep-alive 60, no properties,
+        // empty client id.
+        let mut connect = BytesMut::from(&b"\x10\x0d\x00\x04MQTT\x05\x02\x00\x3c\x00\x00\x00"[..]);
+        Codec::detect(&mut connect, 1024).unwrap().unwrap()
+    }
+
+    #[test]
+    fn an_unconfirmed_outcome_closes_without_a_puback_in_both_versions() {
+        for mut codec in [v311(), v5()] {
+            let mut acks = Pubacks::new();
+            for n in 1..=2 {
+                let _ = acks.committing(id(n));
+            }
+            acks.sink().record(1, Ok(()));
+            acks.sink().record(2, Err(CommitError::StreamUnknown));
+            acks.collect();
+            let mut out = BytesMut::new();
+            assert!(acks.write_ready(&mut codec, &mut out), "must close");
+            // Publish 1's PUBACK only.
+            let mut expected = BytesMut::new();
+            codec.puback(&mut expected, id(1), AckReason::Success);
+            assert_eq!(out, expected);
+        }
     }
 }

@@ -66,6 +66,8 @@ pub struct MqttContext {
     /// Stored (persistent) sessions.
     pub sessions: Arc<Sessions>,
     pub streams: StreamsConfig,
+    /// See [`Streams::readable`].
+    pub readable: bool,
     /// Subscribers' feeds and shared-subscription dispatchers. A feed
     /// outlives its session by the moment it takes to write its final
     /// position; shutdown waits for them.
@@ -98,6 +100,9 @@ pub struct Streams {
     pub store: Store,
     pub sessions: Arc<Sessions>,
     pub config: StreamsConfig,
+    /// False on an ingest-only broker (cluster mode, `cluster.materialize
+    /// = false`): it keeps no log, so SUBSCRIBE is refused.
+    pub readable: bool,
 }
 
 impl MqttContext {
@@ -130,6 +135,7 @@ impl MqttContext {
             store: streams.store,
             sessions: streams.sessions,
             streams: streams.config,
+            readable: streams.readable,
             feeds,
             groups,
             permits: Arc::new(Semaphore::new(config.max_connections)),
@@ -348,6 +354,7 @@ mod tests {
                     store: store.clone(),
                     sessions: Sessions::load(store.clone(), 1, 1, Duration::from_secs(1)).unwrap(),
                     config: crate::Config::default().streams,
+                    readable: true,
                 },
             ));
             let admit = Admit::Session("127.0.0.1".parse().unwrap());

@@ -185,6 +185,10 @@ pub enum AckReason {
     QuotaExceeded,
     /// 0x80: accepted but not stored (storage failed or shutting down).
     Failed,
+    /// Cluster mode: whether the ingest stream stored it is unknown. No
+    /// PUBACK is sent; the connection closes and the client resends the
+    /// publish (at least once: it may then be stored twice, never lost).
+    Unconfirmed,
 }
 
 /// The answer to one topic filter of a SUBSCRIBE.
@@ -200,7 +204,8 @@ pub enum SubAck {
     WildcardUnsupported,
     /// 0x97: over a subscription or session limit.
     Quota,
-    /// 0x80: the session could not be stored.
+    /// 0x80: the session could not be stored, or this broker keeps no
+    /// log to deliver from (cluster mode, ingest-only).
     Failed,
 }
 
@@ -666,7 +671,8 @@ impl Codec {
                         AckReason::NotAuthorized => R::NotAuthorized,
                         AckReason::PayloadInvalid => R::PayloadFormatInvalid,
                         AckReason::QuotaExceeded => R::QuotaExceeded,
-                        AckReason::Failed => R::UnspecifiedError,
+                        // `Unconfirmed` is never sent (see `mqtt::acks`).
+                        AckReason::Failed | AckReason::Unconfirmed => R::UnspecifiedError,
                     },
                     properties: Vec::new(),
                     reason_string: None,

@@ -259,6 +259,8 @@ impl Session<'_> {
             let qos = qos.min(1);
             let outcome = match parse_filter(&filter) {
                 _ if !may_subscribe => SubAck::NotAuthorized,
+                // An ingest-only broker has no log to deliver from.
+                _ if !self.ctx.readable => SubAck::Failed,
                 Err(why) => why,
                 Ok(p) if !self.may_read(&p) => SubAck::NotAuthorized,
                 Ok(p) => {

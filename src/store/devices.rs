@@ -324,7 +324,9 @@ mod tests {
         let mut op = Vec::new();
         crate::composite::encode_entry(&mut op, b"t", seen, b"1");
         store.merge_composite(&mut b, &key, &op).unwrap();
-        store.merge_device_stats(&mut b, &key, seen, n).unwrap();
+        store
+            .merge_device_stats(&mut b, &key, &stats(seen, seen, n))
+            .unwrap();
         store.commit(b, 0).unwrap();
     }
 

@@ -17,12 +17,17 @@
 //!   removed with it: the trail of a removed application, the removal
 //!   included, stays until `audit.retention` expires it.
 //! - `meta`: `seq` → next state sequence number (u64 BE), written in every
-//!   state batch so sequence numbers stay unique across restarts;
-//!   `audit_seq` → next audit sequence number (u64 BE), likewise;
+//!   state batch so sequence numbers stay unique across restarts. In
+//!   cluster mode states are numbered by the ingest stream and `seq` is
+//!   the last applied stream sequence + 1, so a restarted materializer
+//!   resumes exactly; `audit_seq` → next audit sequence number (u64 BE),
+//!   written with every audit event; `read_model_of` → the name of that
+//!   stream, so a data directory is never fed from two sources;
 //!   `retention/{app}` → the application's retention override;
 //!   `remove/{app}` → an application removal in progress (its token ids).
 //! - `log`: `{app}/` ++ position (u64 BE) → each application's commit
-//!   order, for live streams (`log.rs`).
+//!   order, for live streams (`log.rs`). Positions are the writer's
+//!   sequence numbers, in cluster mode the stream sequences.
 //! - `sessions`: `{app}/{client}` → persistent MQTT sessions
 //!   (`sessions.rs`).
 //!
@@ -57,6 +62,7 @@ pub use retention::{AppRetention, Expiry, Retention};
 pub use sessions::SessionRecord;
 
 const SEQ_KEY: &[u8] = b"seq";
+const READ_MODEL_KEY: &[u8] = b"read_model_of";
 const RETENTION_PREFIX: &[u8] = b"retention/";
 
 #[derive(Debug, thiserror::Error)]
@@ -285,6 +291,24 @@ impl Store {
         }
     }
 
+    /// Cluster mode: the ingest stream this store is a read model of, if it
+    /// was ever one.
+    pub fn read_model_of(&self) -> Result<Option<String>, StoreError> {
+        match self.db().get_pinned_cf(self.cfs().meta, READ_MODEL_KEY)? {
+            None => Ok(None),
+            Some(v) => String::from_utf8(v.to_vec())
+                .map(Some)
+                .map_err(|_| StoreError::Corrupt("meta/read_model_of".into())),
+        }
+    }
+
+    /// Records that this store is the read model of `stream` (fsynced).
+    pub fn set_read_model_of(&self, stream: &str) -> Result<(), StoreError> {
+        let mut wb = WriteBatch::default();
+        wb.put_cf(self.cfs().meta, READ_MODEL_KEY, stream.as_bytes());
+        self.write_sync(wb)
+    }
+
     pub fn batch(&self, capacity_bytes: usize) -> CommitBatch {
         CommitBatch {
             wb: WriteBatch::with_capacity_bytes(capacity_bytes),
@@ -318,20 +342,14 @@ impl Store {
         Ok(())
     }
 
-    /// Adds one statistics operand for a device: `states` stored in a batch
-    /// committed at `seen_ms`.
+    /// Adds one statistics operand for a device: `stats.messages` states
+    /// stored in a batch, seen between its first and last times.
     pub fn merge_device_stats(
         &self,
         b: &mut CommitBatch,
         device: &[u8],
-        seen_ms: u64,
-        states: u64,
+        stats: &DeviceStats,
     ) -> Result<(), StoreError> {
-        let stats = DeviceStats {
-            first_seen_ms: seen_ms,
-            last_seen_ms: seen_ms,
-            messages: states,
-        };
         b.wb.merge_cf(self.cfs().devices, device, stats.encode());
         Ok(())
     }
@@ -754,6 +772,21 @@ mod tests {
             vec![("h".into(), 4, "3".into()), ("t".into(), 5, "1".into())]
         );
         assert_eq!(store.composite(&device_key("app", "x")).unwrap(), None);
+    }
+
+    #[test]
+    fn read_model_marker_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), SyncMode::None).unwrap();
+            assert_eq!(store.read_model_of().unwrap(), None);
+            store.set_read_model_of("SLUICE_STATE").unwrap();
+        }
+        let store = Store::open(dir.path(), SyncMode::None).unwrap();
+        assert_eq!(
+            store.read_model_of().unwrap().as_deref(),
+            Some("SLUICE_STATE")
+        );
     }
 
     #[test]

@@ -244,11 +244,13 @@ mod tests {
                 (device_key(app, dev), body, parsed)
             })
             .collect();
-        let requests = || bodies.iter().map(|(d, b, p)| (&d[..], b, p));
+        let first = *seq;
+        let requests =
+            || Records::numbered(first, 0, bodies.iter().map(|(d, b, p)| (&d[..], b, p)));
         let mut cb = store.batch(1024);
         let mut scratch = Scratch::default();
-        let next = Records::add(store, &mut cb, *seq, 0, requests(), &mut scratch).unwrap();
-        Records::commit(store, hub, cb, next, *seq, requests()).unwrap();
+        let next = first + Records::add(store, &mut cb, requests(), &mut scratch).unwrap() as u64;
+        Records::commit(store, hub, cb, next, requests()).unwrap();
         *seq = next;
     }
 

@@ -14,6 +14,9 @@ pub enum Failure {
     /// `storage.sync = "interval"` cannot fsync the WAL: acknowledged
     /// messages may not survive a machine crash.
     WalSync,
+    /// Cluster mode: the ingest stream does not store batches; requests
+    /// are refused.
+    Stream,
 }
 
 impl Failure {
@@ -23,6 +26,9 @@ impl Failure {
         match self {
             Failure::Commit => "storage writes are failing; nothing new is acknowledged",
             Failure::WalSync => "the write-ahead log cannot be synced to disk",
+            Failure::Stream => {
+                "the cluster's ingest stream is not storing batches; nothing new is acknowledged"
+            }
         }
     }
 }
@@ -33,8 +39,9 @@ impl Failure {
 pub struct Health {
     commit: AtomicBool,
     wal_sync: AtomicBool,
+    stream: AtomicBool,
     /// The last error of each failure, for the admin listener and the log.
-    detail: Mutex<[Option<String>; 2]>,
+    detail: Mutex<[Option<String>; 3]>,
 }
 
 impl Health {
@@ -42,6 +49,7 @@ impl Health {
         match f {
             Failure::Commit => &self.commit,
             Failure::WalSync => &self.wal_sync,
+            Failure::Stream => &self.stream,
         }
     }
 
@@ -69,7 +77,7 @@ impl Health {
 
     /// The first current failure, if any.
     pub fn failure(&self) -> Option<Failure> {
-        [Failure::Commit, Failure::WalSync]
+        [Failure::Commit, Failure::Stream, Failure::WalSync]
             .into_iter()
             .find(|f| self.is_failing(*f))
     }

@@ -7,8 +7,13 @@
 //! source (HTTP, MQTT) → [`IngestQueue`] → writer thread → `Store::commit`
 //! → completions (oneshot per HTTP request, a [`CommitSink`] per MQTT
 //! session).
+//!
+//! In cluster mode the writer thread hands each batch to the stream
+//! backend (`cluster.rs`) instead of the store: completions come when the
+//! ingest stream has stored the batch.
 
 pub mod attributes;
+pub mod cluster;
 pub mod health;
 pub mod policy;
 mod wal_sync;
@@ -26,7 +31,7 @@ use crate::auth::TokenEntry;
 use crate::config::{Config, SyncMode};
 use crate::metrics::Metrics;
 use crate::state::ParsedStates;
-use crate::store::{CommitBatch, DeviceKey, LogBuilder, Position, Store, StoreError};
+use crate::store::{CommitBatch, DeviceKey, DeviceStats, LogBuilder, Position, Store, StoreError};
 use crate::streams::Hub;
 use attributes::{AttributeLimit, Verdict};
 pub use health::{Failure, Health};
@@ -45,6 +50,25 @@ pub enum CommitError {
     /// than `storage.max_attributes_per_device`.
     #[error("the device would have more than {limit} attributes")]
     TooManyAttributes { limit: usize },
+    /// Cluster mode: the ingest stream did not store the batch (nor ever
+    /// will).
+    #[error("the cluster's ingest stream did not store the batch")]
+    Stream,
+    /// Cluster mode: whether the ingest stream stored the batch could not
+    /// be learned in time (NATS went away mid-commit): it may be stored.
+    /// Answered so that the client resends (HTTP 504 `unconfirmed`, MQTT a
+    /// closed connection without PUBACK), never as a refusal.
+    #[error("the cluster's ingest stream did not confirm whether it stored the batch")]
+    StreamUnknown,
+}
+
+/// What a stored request is told.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// Cluster mode: the ingest stream's sequence of the request's last
+    /// state (a read with `minSeq` at or below it sees the request on any
+    /// broker). `None` standalone.
+    pub seq: Option<u64>,
 }
 
 /// Why a request was not queued.
@@ -87,7 +111,7 @@ pub enum Removal {
 /// How the writer reports the outcome of a request.
 pub enum Completion {
     /// An HTTP request waiting for its response.
-    Request(oneshot::Sender<Result<(), CommitError>>),
+    Request(oneshot::Sender<Result<Committed, CommitError>>),
     /// A request of a connection that collects its outcomes itself (an
     /// MQTT session writing PUBACKs); `tag` identifies the request there.
     Sink { sink: Arc<dyn CommitSink>, tag: u16 },
@@ -130,7 +154,7 @@ impl WriteRequest {
         }
     }
 
-    fn complete(self, r: Result<(), CommitError>, wake: &mut Vec<Arc<dyn CommitSink>>) {
+    fn complete(self, r: Result<Committed, CommitError>, wake: &mut Vec<Arc<dyn CommitSink>>) {
         if r.is_err() {
             // Not stored: the rate budget it was charged goes back.
             self.grant.refund(self.parsed.states.len() as u32);
@@ -141,7 +165,7 @@ impl WriteRequest {
                 let _ = tx.send(r);
             }
             Completion::Sink { sink, tag } => {
-                if sink.record(tag, r) {
+                if sink.record(tag, r.map(|_| ())) {
                     wake.push(sink);
                 }
             }
@@ -298,12 +322,40 @@ impl Drop for ExitFlag {
 }
 
 impl Writer {
+    /// Starts the writer of a standalone broker: batches go to `store`.
     pub fn start(
         store: Store,
         config: WriterConfig,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
         hub: Arc<Hub>,
+    ) -> Result<Writer, StoreError> {
+        Self::start_to(store, config, metrics, health, hub, None)
+    }
+
+    /// Starts the writer of a cluster-mode broker: batches go to the ingest
+    /// stream through `sink`, at most [`cluster::MAX_BATCH_MESSAGES`]
+    /// states each whatever `batch.max_messages` says; `store` is only read
+    /// (attribute names of the read model).
+    pub fn start_clustered(
+        store: Store,
+        mut config: WriterConfig,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        hub: Arc<Hub>,
+        sink: cluster::StreamSink,
+    ) -> Result<Writer, StoreError> {
+        config.policy.max_messages = config.policy.max_messages.min(cluster::MAX_BATCH_MESSAGES);
+        Self::start_to(store, config, metrics, health, hub, Some(sink))
+    }
+
+    fn start_to(
+        store: Store,
+        config: WriterConfig,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        hub: Arc<Hub>,
+        stream: Option<cluster::StreamSink>,
     ) -> Result<Writer, StoreError> {
         let (tx, rx) = crossbeam_channel::bounded(config.queue_capacity);
         let queued_bytes = Arc::new(AtomicUsize::new(0));
@@ -331,6 +383,7 @@ impl Writer {
             next_seq,
             scratch: Scratch::default(),
             refused: Vec::new(),
+            stream,
             hub,
         };
         let (exit_tx, exited) = watch::channel(false);
@@ -418,7 +471,10 @@ struct Worker {
     /// Per request of the current batch, why it is refused regardless of
     /// the commit (reused between batches).
     refused: Vec<Option<CommitError>>,
-    /// Live consumers, told about each batch after its commit.
+    /// Cluster mode: batches go to the ingest stream instead of `store`.
+    stream: Option<cluster::StreamSink>,
+    /// Live consumers, told about each batch after its commit (standalone;
+    /// in cluster mode the materializer tells them).
     hub: Arc<Hub>,
 }
 
@@ -486,9 +542,53 @@ impl Worker {
                 Ordering::AcqRel,
             );
             self.space.notify_waiters();
-            self.commit(&mut batch, size, &mut wake);
+            if self.stream.is_some() {
+                self.publish(&mut batch, &mut wake);
+            } else {
+                self.commit(&mut batch, size, &mut wake);
+            }
+        }
+        if let Some(stream) = self.stream.take() {
+            stream.finish();
         }
         self.store.sync_wal()
+    }
+
+    /// Cluster mode: applies the attribute limit and hands the batch to the
+    /// stream backend, which answers its requests once the stream has
+    /// stored it (or not).
+    fn publish(&mut self, batch: &mut Vec<WriteRequest>, wake: &mut Vec<Arc<dyn CommitSink>>) {
+        if self.stream.as_ref().is_some_and(|s| s.take_forget()) {
+            self.attributes.forget();
+        }
+        if let Err(e) = self.check_attributes(batch) {
+            // The read model could not be read: the batch is refused as a
+            // standalone broker refuses a failed commit (health is the
+            // stream's to report here; nothing was written).
+            self.metrics.commit_errors.inc();
+            self.attributes.forget();
+            tracing::error!(error = %e, requests = batch.len(), "cannot read attribute names from the read model; refusing the batch");
+            for (req, _) in batch.drain(..).zip(self.refused.drain(..)) {
+                req.complete(Err(CommitError::Storage), wake);
+            }
+            for sink in wake.drain(..) {
+                sink.wake();
+            }
+            return;
+        }
+        self.count_refusals();
+        let requests = std::mem::take(batch);
+        let refused = std::mem::take(&mut self.refused);
+        if let Some(stream) = self.stream.as_mut() {
+            stream.hand_off(requests, refused);
+        }
+    }
+
+    fn count_refusals(&self) {
+        let refused = self.refused.iter().filter(|r| r.is_some()).count();
+        if refused > 0 {
+            self.metrics.attribute_limit_refusals.inc_by(refused as u64);
+        }
     }
 
     fn commit(
@@ -500,10 +600,7 @@ impl Worker {
         let started = Instant::now();
         let result = self.check_and_write(batch, size);
         let elapsed = started.elapsed();
-        let refused = self.refused.iter().filter(|r| r.is_some()).count();
-        if refused > 0 {
-            self.metrics.attribute_limit_refusals.inc_by(refused as u64);
-        }
+        self.count_refusals();
         // Ack latency is counted per batch: the longest of the batch, its
         // oldest request's, from receipt to the moment its acknowledgement
         // is released.
@@ -515,7 +612,7 @@ impl Worker {
                 self.metrics.batch_messages.observe(stored as f64);
                 self.metrics.commit_seconds.observe(elapsed.as_secs_f64());
                 self.recovered();
-                Ok(())
+                Ok(Committed::default())
             }
             Err(e) => {
                 self.failed(&e, batch.len());
@@ -524,7 +621,7 @@ impl Worker {
         };
         // Observed before the completions, so whoever holds an
         // acknowledgement also finds it counted.
-        if let (Ok(()), Some(oldest)) = (outcome, oldest) {
+        if let (Ok(_), Some(oldest)) = (outcome, oldest) {
             self.metrics
                 .ack_latency_seconds
                 .observe(oldest.elapsed().as_secs_f64());
@@ -579,6 +676,10 @@ impl Worker {
     /// While commits fail and no request comes, an empty commit (only the
     /// sequence number) tells when storage works again.
     fn probe(&mut self) {
+        if self.stream.is_some() {
+            // Cluster mode: the materializer owns the store's writes.
+            return;
+        }
         let cb = self.store.batch(64);
         match self.store.commit(cb, self.next_seq) {
             Ok(()) => self.recovered(),
@@ -588,10 +689,10 @@ impl Worker {
         }
     }
 
-    /// Applies the attribute limit to each request, writes the others as
-    /// one batch, and returns how many states were stored. Fills
-    /// `self.refused` with one entry per request.
-    fn check_and_write(&mut self, batch: &[WriteRequest], size: Size) -> Result<usize, StoreError> {
+    /// Applies the attribute limit to each request: fills `self.refused`
+    /// with one entry per request (on an error, `None` for each, since the
+    /// caller fails the batch as a whole).
+    fn check_attributes(&mut self, batch: &[WriteRequest]) -> Result<(), StoreError> {
         self.refused.clear();
         for req in batch {
             let refused = match self
@@ -601,34 +702,40 @@ impl Worker {
                 Ok(Verdict::Fits) => None,
                 Ok(Verdict::TooMany { limit }) => Some(CommitError::TooManyAttributes { limit }),
                 Err(e) => {
-                    // The batch fails as a whole; `commit` answers every
-                    // request, so `refused` must cover them all.
+                    self.refused.clear();
                     self.refused.resize(batch.len(), None);
                     return Err(e);
                 }
             };
             self.refused.push(refused);
         }
+        Ok(())
+    }
+
+    /// Applies the attribute limit to each request, writes the others as
+    /// one batch, and returns how many states were stored. Fills
+    /// `self.refused` with one entry per request.
+    fn check_and_write(&mut self, batch: &[WriteRequest], size: Size) -> Result<usize, StoreError> {
+        self.check_attributes(batch)?;
         let refused = &self.refused;
+        let first = self.next_seq;
+        let seen_ms = crate::timefmt::now_ms().max(0) as u64;
         let admitted = || {
-            batch
-                .iter()
-                .zip(refused)
-                .filter(|(_, r)| r.is_none())
-                .map(|(req, _)| (&req.device[..], &req.body, &req.parsed))
+            Records::numbered(
+                first,
+                seen_ms,
+                batch
+                    .iter()
+                    .zip(refused)
+                    .filter(|(_, r)| r.is_none())
+                    .map(|(req, _)| (&req.device[..], &req.body, &req.parsed)),
+            )
         };
         let mut cb = self.store.batch(Records::capacity(size));
-        let seq = Records::add(
-            &self.store,
-            &mut cb,
-            self.next_seq,
-            crate::timefmt::now_ms().max(0) as u64,
-            admitted(),
-            &mut self.scratch,
-        )?;
-        let stored = (seq - self.next_seq) as usize;
-        Records::commit(&self.store, &self.hub, cb, seq, self.next_seq, admitted())?;
-        self.next_seq = seq;
+        let stored = Records::add(&self.store, &mut cb, admitted(), &mut self.scratch)?;
+        let next_seq = first + stored as u64;
+        Records::commit(&self.store, &self.hub, cb, next_seq, admitted())?;
+        self.next_seq = next_seq;
         Ok(stored)
     }
 }
@@ -665,12 +772,19 @@ impl Records {
         size.bytes + size.messages * 80 + 64
     }
 
-    /// Adds every state of `requests` (each a device key, a body and the
-    /// body's parse; positions — sequence numbers — from `seq` on), one
-    /// composite merge and one statistics merge (states stored, seen at
-    /// `seen_ms`) per device and one log index record per application to
-    /// `cb`; returns the next unused sequence number. `scratch` holds
-    /// reusable buffers.
+    /// Adds every state of `requests`, one composite merge and one
+    /// statistics merge (states stored, seen at each request's `seen_ms`)
+    /// per device and one log index record per application to `cb`;
+    /// returns how many states it added. `scratch` holds reusable buffers.
+    ///
+    /// Each request names the position (sequence number) of its first
+    /// state; the others follow it consecutively. The writer numbers a
+    /// batch from its own counter ([`Records::numbered`]); the cluster
+    /// materializer gives each state its stream sequence, which is not
+    /// contiguous across requests. Positions must never repeat for a
+    /// device at one time (they order states of the same millisecond), and
+    /// they grow from batch to batch (the log index and live streams rely
+    /// on it).
     ///
     /// Composite operands are concatenated per device, in request order.
     /// Concatenated operands fold exactly like separate ones (entries are
@@ -683,30 +797,38 @@ impl Records {
     pub fn add<'a>(
         store: &Store,
         cb: &mut CommitBatch,
-        mut seq: u64,
-        seen_ms: u64,
-        requests: impl Iterator<Item = Request<'a>>,
+        requests: impl Iterator<Item = Numbered<'a>>,
         scratch: &mut Scratch,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<usize, StoreError> {
         let mut devices: HashMap<&[u8], PerDevice<'_>> = HashMap::new();
+        let mut added = 0;
         scratch.log.clear();
-        for (device, body, parsed) in requests {
+        for Numbered {
+            seq,
+            seen_ms,
+            device,
+            body,
+            parsed,
+        } in requests
+        {
             let (app, dev) =
                 split_device_key(device).ok_or_else(|| StoreError::Corrupt("device key".into()))?;
-            for s in &parsed.states {
+            for (i, s) in parsed.states.iter().enumerate() {
                 let data = &body[s.data.start as usize..s.data.end as usize];
                 let at = Position {
                     time_ms: s.time_ms,
-                    seq,
+                    seq: seq + i as u64,
                 };
                 store.put_state(cb, device, at, data)?;
                 scratch
                     .log
-                    .push(app.as_bytes(), dev.as_bytes(), s.time_ms, seq);
-                seq += 1;
+                    .push(app.as_bytes(), dev.as_bytes(), s.time_ms, seq + i as u64);
             }
-            let d = devices.entry(device).or_default();
-            d.states += parsed.states.len() as u64;
+            added += parsed.states.len();
+            let d = devices.entry(device).or_insert_with(PerDevice::new);
+            d.stats.messages += parsed.states.len() as u64;
+            d.stats.first_seen_ms = d.stats.first_seen_ms.min(seen_ms);
+            d.stats.last_seen_ms = d.stats.last_seen_ms.max(seen_ms);
             if !parsed.composite.is_empty() {
                 d.operands.push(&parsed.composite);
             }
@@ -723,40 +845,64 @@ impl Records {
                     store.merge_composite(cb, device, &scratch.composite)?;
                 }
             }
-            if d.states > 0 {
-                store.merge_device_stats(cb, device, seen_ms, d.states)?;
+            if d.stats.messages > 0 {
+                store.merge_device_stats(cb, device, &d.stats)?;
             }
         }
         scratch.log.write(store, cb)?;
-        Ok(seq)
+        Ok(added)
+    }
+
+    /// Numbers `requests` consecutively from `first`, all seen at
+    /// `seen_ms`, as the writer does.
+    pub fn numbered<'a>(
+        first: u64,
+        seen_ms: u64,
+        requests: impl Iterator<Item = Request<'a>>,
+    ) -> impl Iterator<Item = Numbered<'a>> {
+        requests.scan(first, move |next, (device, body, parsed)| {
+            let seq = *next;
+            *next += parsed.states.len() as u64;
+            Some(Numbered {
+                seq,
+                seen_ms,
+                device,
+                body,
+                parsed,
+            })
+        })
     }
 
     /// Commits `cb` (recording `next_seq`) and then hands its states to
-    /// the live consumers: `requests` and `first_seq` must be exactly what
-    /// `add` was given. After the commit, so a consumer never sees a state
-    /// that is not stored; and checked after it, so a consumer that
-    /// subscribes meanwhile finds the batch in storage instead.
+    /// the live consumers: `requests` must be exactly what `add` was
+    /// given. After the commit, so a consumer never sees a state that is
+    /// not stored; and checked after it, so a consumer that subscribes
+    /// meanwhile finds the batch in storage instead.
     pub fn commit<'a>(
         store: &Store,
         hub: &Hub,
         cb: CommitBatch,
         next_seq: u64,
-        first_seq: u64,
-        requests: impl Iterator<Item = Request<'a>>,
+        requests: impl Iterator<Item = Numbered<'a>>,
     ) -> Result<(), StoreError> {
         store.commit(cb, next_seq)?;
         let Some(mut live) = hub.publisher() else {
             return Ok(());
         };
-        let mut seq = first_seq;
-        for (device, body, parsed) in requests {
+        for Numbered {
+            seq,
+            device,
+            body,
+            parsed,
+            ..
+        } in requests
+        {
             let Some((app, dev)) = split_device_key(device) else {
                 continue;
             };
-            for s in &parsed.states {
+            for (i, s) in parsed.states.iter().enumerate() {
                 let data = body.slice(s.data.start as usize..s.data.end as usize);
-                live.add(app, dev, seq, s.time_ms, data);
-                seq += 1;
+                live.add(app, dev, seq + i as u64, s.time_ms, data);
             }
         }
         live.publish();
@@ -764,12 +910,40 @@ impl Records {
     }
 }
 
+/// One request for [`Records::add`]: its states are numbered `seq`,
+/// `seq + 1`, ...
+pub struct Numbered<'a> {
+    pub seq: u64,
+    /// When the request was received (epoch ms), for the device list's
+    /// statistics: the writer's commit time, or in cluster mode the
+    /// accepting broker's receive time, so every read model agrees.
+    pub seen_ms: u64,
+    /// The device's key prefix (`store::device_key`).
+    pub device: &'a [u8],
+    /// The body `parsed` holds spans into.
+    pub body: &'a Bytes,
+    pub parsed: &'a ParsedStates,
+}
+
 /// What one batch holds for one device.
-#[derive(Default)]
 struct PerDevice<'a> {
     /// Composite operands, in request order.
     operands: Vec<&'a [u8]>,
-    states: u64,
+    /// States stored and the span of their `seen_ms`.
+    stats: DeviceStats,
+}
+
+impl PerDevice<'_> {
+    fn new() -> Self {
+        PerDevice {
+            operands: Vec::new(),
+            stats: DeviceStats {
+                first_seen_ms: u64::MAX,
+                last_seen_ms: 0,
+                messages: 0,
+            },
+        }
+    }
 }
 
 #[cfg(test)]
@@ -886,7 +1060,7 @@ mod tests {
             rxs.push(rx);
         }
         for rx in rxs {
-            assert_eq!(rx.blocking_recv().unwrap(), Ok(()));
+            assert_eq!(rx.blocking_recv().unwrap(), Ok(Committed::default()));
         }
         let sink = Arc::new(Recorded::default());
         q.try_enqueue(request(
@@ -1044,7 +1218,8 @@ mod tests {
             .map(|rx| rx.blocking_recv().unwrap())
             .collect();
         let too_many = Err(CommitError::TooManyAttributes { limit: 3 });
-        assert_eq!(outcomes, vec![Ok(()), too_many, Ok(()), Ok(()), too_many]);
+        let ok = Ok(Committed::default());
+        assert_eq!(outcomes, vec![ok, too_many, ok, ok, too_many]);
         w.stop().unwrap();
         let v = store.composite(&device_key("a", "d")).unwrap().unwrap();
         assert_eq!(
@@ -1087,7 +1262,7 @@ mod tests {
         w.queue()
             .try_enqueue(request(r#"{"data":{"x":1}}"#, Completion::Request(tx)))
             .unwrap();
-        assert_eq!(rx.blocking_recv().unwrap(), Ok(()));
+        assert_eq!(rx.blocking_recv().unwrap(), Ok(Committed::default()));
         std::thread::sleep(Duration::from_millis(50));
         w.stop().unwrap();
         assert_eq!(store.load_seq().unwrap(), 1);

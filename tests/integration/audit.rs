@@ -376,7 +376,14 @@ fn the_trail_is_scoped_isolated_and_paged() {
     assert!(ranged.contains(&a[5]));
 
     // Limits follow `audit.max_page`; bad parameters are 400.
-    for q in ["limit=6", "limit=0", "order=up", "cursor=zz", "from=1"] {
+    for q in [
+        "limit=6",
+        "limit=0",
+        "order=up",
+        "cursor=zz",
+        "from=1",
+        "minSeq=1",
+    ] {
         let (st, v) = get_admin(&s, ADMIN, &format!("/applications/app-a/audit?{q}"));
         assert_eq!(st, 400, "{q}: {v}");
         assert_eq!(v["error"], "bad_request");

@@ -9,6 +9,8 @@ mod audit;
 mod backup;
 mod bad_input;
 mod cli;
+mod cluster_ingest;
+mod cluster_ingest_chaos;
 mod cluster_tokens;
 mod console;
 mod crash;

@@ -245,6 +245,13 @@ fn the_document_describes_exactly_the_served_routes_and_their_bodies() {
             assert_eq!(st, 401, "{method} {path} on {listener} without a token");
         }
         let st = exercise(&s, &doc, listener, method, op, &sample);
+        if op.get("x-sluice-cluster-only") == Some(&json!(true)) {
+            // Answered in cluster mode (see the test below); a standalone
+            // broker says it has none, as documented.
+            assert_eq!(st, 404, "{method} {path} on a standalone broker");
+            exercised += 1;
+            continue;
+        }
         assert!(
             st != 404 && st != 405 && st < 500,
             "{method} {path} on {listener} answered {st}"
@@ -290,4 +297,50 @@ fn the_document_describes_exactly_the_served_routes_and_their_bodies() {
         &v,
         "404",
     );
+}
+
+/// The routes only a broker in cluster mode answers, on a real NATS
+/// cluster: they answer, as documented.
+#[test]
+fn cluster_only_routes_answer_in_cluster_mode() {
+    let doc = doc();
+    let nats = crate::nats::NatsCluster::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_args(
+        dir.path(),
+        &["--cluster", &nats.url(0)],
+        &[("SLUICE_CLUSTER__PREFIX", "oapi")],
+    );
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            if op.get("x-sluice-cluster-only") != Some(&json!(true)) {
+                continue;
+            }
+            let sample = Sample {
+                token: ADMIN.into(),
+                path: path.clone(),
+                body: None,
+            };
+            let st = exercise(&s, &doc, "admin", &method.to_uppercase(), op, &sample);
+            assert_eq!(st, 200, "{method} {path} in cluster mode");
+            checked += 1;
+        }
+    }
+    assert!(checked > 0);
+    // A state accepted in cluster mode answers with its stream sequence,
+    // as the document says.
+    let (_, t) = mint(
+        &s,
+        ADMIN,
+        "farm",
+        json!({"name": "t", "scope": ["device.sendState"]}),
+    );
+    let post = &doc["paths"]["/applications/{app}/devices/{device}/state"]["post"];
+    let sample = Sample {
+        token: t,
+        path: "/applications/farm/devices/pump/state".into(),
+        body: Some(json!({"data": {"x": 1}})),
+    };
+    assert_eq!(exercise(&s, &doc, "device", "POST", post, &sample), 200);
 }

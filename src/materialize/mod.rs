@@ -1,0 +1,364 @@
+//! The materializer: in cluster mode every broker (unless
+//! `cluster.materialize = false`) follows the ingest stream with its own
+//! durable consumer and applies it, in stream order, to its local RocksDB
+//! (history and composite state): the broker's read model.
+//!
+//! States go through the same `Records::add` + `Records::commit` path as
+//! the standalone writer's batches (history, composite state, device
+//! statistics, the log index, then the live hub), each numbered by its
+//! stream sequence, and
+//! the last applied sequence is written in the same write batch: a
+//! restarted broker resumes exactly after it, and every broker's read
+//! model ends up with the same content. A state's time is the one the
+//! accepting broker fixed: the message's own `time`, or the receive time
+//! it carries in a header, never this broker's clock. No limit that
+//! depends on this broker's view is applied here (the attribute limit is
+//! checked at ingest), so brokers cannot diverge.
+//!
+//! RocksDB work runs on the blocking pool; the follower on a tokio task.
+
+pub mod applied;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::follow::{Follower, FollowerSpec};
+use crate::cluster::names::unescape_into;
+use crate::cluster::publish::received_ms;
+use crate::cluster::reader::Record;
+use crate::cluster::{Names, Nats};
+use crate::cluster_metrics::ClusterMetrics;
+use crate::ids::is_valid_id;
+use crate::metrics::Metrics;
+use crate::state::{self, ParsedStates, Shape};
+use crate::store::{DeviceKey, Store, StoreError};
+use crate::streams::Hub;
+use crate::writer::{Numbered, Records, Scratch, Size};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MaterializeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Stream(#[from] crate::cluster::stream::StreamError),
+    #[error("the data directory holds states of a standalone broker; cluster mode builds its read model from the ingest stream alone, so start it with an empty data directory (or cluster.materialize = false)")]
+    Standalone,
+    #[error("the data directory is the read model of stream {found}, not of {expected} (another cluster.prefix?); start with an empty data directory")]
+    OtherStream { found: String, expected: String },
+    #[error("the read model has applied stream {stream} up to sequence {applied}, but the stream ends at {last}: it was deleted and created again; start this broker with an empty data directory")]
+    StreamRecreated {
+        stream: String,
+        applied: u64,
+        last: u64,
+    },
+}
+
+/// Checks that `store` is (or may become) the read model of the ingest
+/// stream and returns the stream sequence to apply next. Called at start:
+/// a data directory holding standalone states, or the read model of
+/// another or a recreated stream, is refused rather than mixed.
+pub async fn prepare(store: &Store, nats: &Nats, names: &Names) -> Result<u64, MaterializeError> {
+    let stream = names.state_stream();
+    let (marker, next) = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || {
+            Ok::<_, StoreError>((store.read_model_of()?, store.load_seq()?))
+        })
+        .await
+        .map_err(|e| StoreError::Thread(e.to_string()))??
+    };
+    match marker {
+        None if next > 0 => return Err(MaterializeError::Standalone),
+        None => {
+            let store = store.clone();
+            let name = stream.clone();
+            tokio::task::spawn_blocking(move || store.set_read_model_of(&name))
+                .await
+                .map_err(|e| StoreError::Thread(e.to_string()))??;
+        }
+        Some(found) if found != stream => {
+            return Err(MaterializeError::OtherStream {
+                found,
+                expected: stream,
+            })
+        }
+        Some(_) => {}
+    }
+    let applied = next.saturating_sub(1);
+    let last = crate::cluster::stream::last_seq(nats, names).await?;
+    if last < applied {
+        return Err(MaterializeError::StreamRecreated {
+            stream,
+            applied,
+            last,
+        });
+    }
+    Ok(next.max(1))
+}
+
+/// What the materializer needs.
+#[derive(Clone)]
+pub struct MaterializerSpec {
+    pub names: Names,
+    pub node_id: String,
+    /// Most stream messages applied in one write batch (`cluster.follow_batch`).
+    pub batch: usize,
+    /// Idle heartbeat of the follower, and how often the lag is measured.
+    pub heartbeat: Duration,
+}
+
+/// The running materializer.
+pub struct Materializer {
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Materializer {
+    /// Starts following the stream from sequence `next`. The returned
+    /// receiver holds the last applied sequence.
+    pub fn start(
+        nats: &Nats,
+        spec: MaterializerSpec,
+        store: Store,
+        hub: Arc<Hub>,
+        next: u64,
+        metrics: Arc<Metrics>,
+        cluster_metrics: ClusterMetrics,
+    ) -> (Materializer, watch::Receiver<u64>) {
+        let applied_seq = next.saturating_sub(1);
+        cluster_metrics.applied_seq.set(applied_seq as i64);
+        let (applied, rx) = watch::channel(applied_seq);
+        let stop = CancellationToken::new();
+        let follower = Follower::new(
+            nats,
+            FollowerSpec {
+                names: spec.names.clone(),
+                node_id: spec.node_id.clone(),
+                batch: spec.batch,
+                heartbeat: spec.heartbeat,
+            },
+            next,
+        );
+        let apply = Apply {
+            store,
+            hub,
+            names: spec.names.clone(),
+            metrics,
+            cluster_metrics: cluster_metrics.clone(),
+            applied,
+            scratch: Scratch::default(),
+        };
+        let lag = lag_task(
+            nats.clone(),
+            spec.names,
+            rx.clone(),
+            cluster_metrics,
+            spec.heartbeat.max(Duration::from_millis(250)),
+            stop.clone(),
+        );
+        let tasks = vec![
+            tokio::spawn(apply.run(follower, stop.clone())),
+            tokio::spawn(lag),
+        ];
+        (Materializer { stop, tasks }, rx)
+    }
+
+    /// Stops following; a batch being applied is finished first.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+struct Apply {
+    store: Store,
+    /// Live consumers (SSE, MQTT subscriptions) on this broker, told about
+    /// each applied batch after its commit, as the standalone writer does.
+    hub: Arc<Hub>,
+    names: Names,
+    metrics: Arc<Metrics>,
+    cluster_metrics: ClusterMetrics,
+    applied: watch::Sender<u64>,
+    /// Reused between batches by `Records::add`.
+    scratch: Scratch,
+}
+
+/// One applicable state of a batch.
+struct Parsed {
+    seq: u64,
+    /// The accepting broker's receive time (device statistics).
+    received_ms: u64,
+    device: DeviceKey,
+    record: usize,
+    parsed: ParsedStates,
+}
+
+impl Apply {
+    async fn run(mut self, mut follower: Follower, stop: CancellationToken) {
+        let mut failing = false;
+        loop {
+            let batch = tokio::select! {
+                _ = stop.cancelled() => break,
+                b = follower.next_batch() => b,
+            };
+            let records = match batch {
+                Ok(r) => r,
+                Err(e) => {
+                    // The follower recreates its consumer on the next call
+                    // (after a growing pause), from where it stopped.
+                    tracing::debug!(error = %e, "read-model follower interrupted");
+                    continue;
+                }
+            };
+            let last = records.last().map_or(0, |r| r.seq);
+            let (this, result) = {
+                let mut this = self;
+                let outcome = tokio::task::spawn_blocking(move || {
+                    let r = this.apply(&records);
+                    (this, r)
+                })
+                .await;
+                match outcome {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the read-model apply task failed; the materializer stops");
+                        return;
+                    }
+                }
+            };
+            self = this;
+            match result {
+                Ok(()) => {
+                    if failing {
+                        tracing::warn!("the read model is written again");
+                        failing = false;
+                    }
+                    self.applied.send_replace(last);
+                    self.cluster_metrics.applied_seq.set(last as i64);
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::error!(error = %e, "cannot write the read model; retrying the same states");
+                        failing = true;
+                    }
+                    self.metrics.commit_errors.inc();
+                    follower.rewind(self.applied.borrow().saturating_add(1));
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies `records` as one write batch, with the last one's sequence
+    /// as the read model's position. Blocking.
+    fn apply(&mut self, records: &[Record]) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let Some(last) = records.last() else {
+            return Ok(());
+        };
+        let mut states = Vec::with_capacity(records.len());
+        let mut skipped = 0u64;
+        for (i, r) in records.iter().enumerate() {
+            match self.parse(i, r) {
+                Some(p) => states.push(p),
+                None => skipped += 1,
+            }
+        }
+        let size = Size {
+            messages: states.len(),
+            bytes: records.iter().map(|r| r.payload.len()).sum(),
+        };
+        let mut cb = self.store.batch(Records::capacity(size));
+        let requests = || {
+            states.iter().map(|p| Numbered {
+                seq: p.seq,
+                seen_ms: p.received_ms,
+                device: &p.device,
+                body: &records[p.record].payload,
+                parsed: &p.parsed,
+            })
+        };
+        let added = Records::add(&self.store, &mut cb, requests(), &mut self.scratch)?;
+        Records::commit(
+            &self.store,
+            &self.hub,
+            cb,
+            last.seq.saturating_add(1),
+            requests(),
+        )?;
+        self.metrics.batches.inc();
+        self.metrics.messages_stored.inc_by(added as u64);
+        self.metrics.batch_messages.observe(added as f64);
+        self.metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.cluster_metrics.materialized.inc_by(added as u64);
+        if skipped > 0 {
+            self.cluster_metrics.materialize_skipped.inc_by(skipped);
+            tracing::warn!(
+                skipped,
+                last = last.seq,
+                "stream messages that are not valid states were skipped"
+            );
+        }
+        Ok(())
+    }
+
+    /// The state a stream message holds, if it is one Sluice could have
+    /// published: a state subject of valid ids and one valid state message.
+    /// The same on every broker, so skipping never makes them diverge.
+    fn parse(&self, record: usize, r: &Record) -> Option<Parsed> {
+        let (app, device) = self.names.state_tokens(&r.subject)?;
+        let mut key = DeviceKey::new();
+        unescape_into(app, &mut key);
+        let app_len = key.len();
+        key.push(b'/');
+        unescape_into(device, &mut key);
+        let ids = std::str::from_utf8(&key).ok()?;
+        if !is_valid_id(&ids[..app_len]) || !is_valid_id(&ids[app_len + 1..]) {
+            return None;
+        }
+        key.push(b'/');
+        // The accepting broker's receive time; the stream's own timestamp
+        // (the same on every replica) for a message without one.
+        let received = received_ms(r.headers.as_ref()).unwrap_or(r.stored_ms);
+        let parsed = state::parse(&r.payload, Shape::One, received).ok()?;
+        Some(Parsed {
+            seq: r.seq,
+            received_ms: received.max(0) as u64,
+            device: key,
+            record,
+            parsed,
+        })
+    }
+}
+
+/// Measures how far the read model is behind the stream, every `every`.
+async fn lag_task(
+    nats: Nats,
+    names: Names,
+    applied: watch::Receiver<u64>,
+    metrics: ClusterMetrics,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if let Ok(last) = crate::cluster::stream::last_state_seq(&nats, &names).await {
+            let applied = *applied.borrow();
+            metrics.lag.set(last.saturating_sub(applied) as i64);
+        }
+    }
+}
