@@ -155,6 +155,7 @@ fn bench(c: &mut Criterion) {
                         body: p.payload,
                         parsed,
                         done: Completion::None,
+                        received: Instant::now(),
                     };
                     assert!(queue.try_enqueue(req).is_ok());
                 }

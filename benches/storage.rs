@@ -124,7 +124,7 @@ fn table_bytes(dir: &Path) -> u64 {
 }
 
 fn options() -> StoreOptions {
-    StoreOptions::new(&sluice::Config::default().storage)
+    StoreOptions::new(&sluice::Config::default())
 }
 
 /// Runs `variants` (name, run returning named figures) in `rounds`

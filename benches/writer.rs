@@ -186,6 +186,7 @@ fn run_writer(queue: &IngestQueue, pool: &[Msg], iters: u64, mode: Mode) -> Dura
                         body: m.body.clone(),
                         parsed,
                         done: Completion::Request(tx),
+                        received: Instant::now(),
                     };
                     loop {
                         match queue.try_enqueue(req) {

@@ -24,6 +24,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub mqtt: MqttConfig,
     pub admin: AdminConfig,
+    pub audit: AuditConfig,
     pub batch: BatchConfig,
     pub streams: StreamsConfig,
     pub tokens: TokensConfig,
@@ -137,6 +138,15 @@ pub struct AdminConfig {
     pub max_connections: usize,
     pub max_body_bytes: usize,
     pub max_response_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// How long audit events are kept.
+    pub retention: crate::store::Retention,
+    /// Largest page of `GET /applications/{app}/audit`.
+    pub max_page: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -525,6 +535,7 @@ impl Config {
             "storage.write_buffer_bytes",
             self.storage.write_buffer_bytes,
         );
+        positive("audit.max_page", self.audit.max_page);
         positive("batch.max_messages", self.batch.max_messages);
         positive("batch.max_bytes", self.batch.max_bytes);
         positive("batch.queue_capacity", self.batch.queue_capacity);
@@ -622,6 +633,9 @@ impl Config {
         }
         if self.storage.retention_reclaim_interval < Duration::from_secs(60) {
             p.push("`storage.retention_reclaim_interval` must be at least 1m".into());
+        }
+        if self.audit.max_page > 10_000 {
+            p.push("`audit.max_page` must be at most 10000".into());
         }
         if self.storage.data_dir.as_os_str().is_empty() {
             p.push("`storage.data_dir` must not be empty".into());

@@ -8,6 +8,8 @@
 #[cfg(feature = "server")]
 pub mod admin_token;
 #[cfg(feature = "server")]
+pub mod audit;
+#[cfg(feature = "server")]
 pub mod auth;
 #[cfg(feature = "server")]
 pub mod backup;

@@ -23,6 +23,9 @@ pub struct Metrics {
     pub http_connections_refused: Counter,
     pub batch_messages: Histogram,
     pub commit_seconds: Histogram,
+    /// Per batch: the longest time from receiving a request or publish
+    /// to its acknowledgement (its batch committed and completed).
+    pub ack_latency_seconds: Histogram,
     pub queue_depth: Gauge,
     pub queue_bytes: Gauge,
     pub token_cache_entries: Gauge,
@@ -109,6 +112,12 @@ impl Metrics {
             "Time to write one group commit (WAL and memtable, plus fsync if configured)",
             commit_seconds.clone(),
         );
+        let ack_latency_seconds = Histogram::new(exponential_buckets(0.000_1, 2.0, 18));
+        registry.register(
+            "sluice_ack_latency_seconds",
+            "Per group commit, the longest time from receiving a request (HTTP) or publish (MQTT) to its acknowledgement: body read, checks, queue wait and commit",
+            ack_latency_seconds.clone(),
+        );
         let queue_depth = Gauge::default();
         registry.register(
             "sluice_queue_depth",
@@ -163,6 +172,7 @@ impl Metrics {
             http_connections_refused,
             batch_messages,
             commit_seconds,
+            ack_latency_seconds,
             queue_depth,
             queue_bytes,
             token_cache_entries,

@@ -201,7 +201,7 @@ pub async fn run(
 
     let store = {
         let dir = data_dir.join("db");
-        let options = StoreOptions::new(&config.storage);
+        let options = StoreOptions::new(&config);
         tokio::task::spawn_blocking(move || Store::open_with(&dir, &options))
             .await
             .map_err(|e| ServeError::Internal(e.to_string()))??
@@ -374,6 +374,7 @@ pub async fn run(
             readiness,
             sessions: sessions.clone(),
             max_response_bytes: config.admin.max_response_bytes,
+            audit_max_page: config.audit.max_page,
             read_model: read_model.clone(),
             ingest_view,
         }),
@@ -631,6 +632,7 @@ impl ClusterIngest {
                     c.publish_timeout,
                     c.publish_retry_after,
                 ),
+                ack_latency: metrics.ack_latency_seconds.clone(),
             },
             cluster_metrics.clone(),
             health,

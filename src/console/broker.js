@@ -1,8 +1,11 @@
-// The broker view: live figures from `/metrics`, scraped every two seconds.
+// The broker view: live figures from `/metrics`, scraped every two seconds,
+// and for the root token the cluster's brokers and their lag from
+// `/cluster`.
 
 import { metricsText } from './api.js';
 import { sparkline } from './chart.js';
-import { h, fill, note } from './dom.js';
+import { clusterView } from './cluster.js';
+import { h, fill, note, relative, timeEl } from './dom.js';
 import { parsePrometheus, summarize } from './metrics.js';
 
 const INTERVAL_MS = 2000;
@@ -30,6 +33,9 @@ export class BrokerView {
       this.body);
     this.rates = [];
     this.p99s = [];
+    this.ackP99s = [];
+    /** `/cluster` as last read; null when this token may not read it. */
+    this.cluster = null;
     this.prev = null;
     this.timer = null;
   }
@@ -49,10 +55,13 @@ export class BrokerView {
     try {
       const at = performance.now();
       const cur = parsePrometheus(await metricsText());
+      // Only the root token may read the cluster view; others skip it.
+      this.cluster = this.ctx.principal.root ? clusterView(await this.ctx.session.get('/cluster')) : null;
       if (this.prev) {
         const sum = summarize(this.prev.m, cur, (at - this.prev.at) / 1000);
         this.rates = [...this.rates, sum.ingestRate].slice(-KEEP);
         this.p99s = [...this.p99s, sum.commitP99 ?? 0].slice(-KEEP);
+        this.ackP99s = [...this.ackP99s, sum.ackP99 ?? 0].slice(-KEEP);
         this.render(sum);
       }
       this.prev = { m: cur, at };
@@ -68,6 +77,7 @@ export class BrokerView {
     fill(this.body,
       h('div', { class: 'stats', role: 'group', 'aria-label': 'Live figures' },
         card('Ingest (stored)', `${num(x.ingestRate)} msg/s`, sparkline(this.rates, 'Ingest rate, last two minutes')),
+        card('Ack latency', `p50 ${ms(x.ackP50)} · p99 ${ms(x.ackP99)}`, sparkline(this.ackP99s, 'Ack latency p99, last two minutes')),
         card('Group-commit latency', `p50 ${ms(x.commitP50)} · p99 ${ms(x.commitP99)}`, sparkline(this.p99s, 'Commit latency p99, last two minutes')),
         card('Commits', `${num(x.batchRate)} /s`, h('div', { class: 'muted' }, `mean batch ${num(x.meanBatch, 1)} msg`)),
         card('MQTT connections', num(x.mqttConnections)),
@@ -75,7 +85,8 @@ export class BrokerView {
         card('Write queue', `${num(x.queueDepth)} waiting`),
         card('Tokens', num(x.tokens)),
         card('Stored since start', num(x.stored))),
-      h('p', { class: 'hint' }, 'An acknowledgement is sent after its group commit; the commit latency is the storage part of ack latency (queue wait comes on top while the writer is busy).'),
+      h('p', { class: 'hint' }, 'Ack latency: per group commit, the longest time from receiving a request or publish to its acknowledgement (reading the body, checks, queue wait and the commit). Group-commit latency is the storage part of it.'),
+      this.renderCluster(),
       h('h2', {}, 'Refusals by reason'),
       rows.length
         ? h('div', { class: 'table-wrap' }, h('table', {},
@@ -83,5 +94,26 @@ export class BrokerView {
           h('tbody', {}, rows.map((r) => h('tr', {},
             h('td', {}, r.source), h('td', {}, r.reason), h('td', { class: 'num' }, num(r.total)), h('td', { class: 'num' }, num(r.rate, 1)))))))
         : note('empty', 'No refusals since the broker started.'));
+  }
+
+  renderCluster() {
+    const c = this.cluster;
+    if (!c) return null;
+    if (c.mode === 'standalone') return h('p', { class: 'muted', dataset: { cluster: 'standalone' } }, 'Standalone broker (no cluster).');
+    const now = Date.now();
+    return [
+      h('h2', {}, 'Cluster'),
+      c.stale ? note('error', 'This broker has lost its view of the cluster\'s tokens and refuses requests until it is back.') : null,
+      h('p', { class: 'muted' }, `Token bucket revision ${num(c.newest)} is the newest any broker applied; this broker has ${num(c.pending)} change${c.pending === 1 ? '' : 's'} still to apply. Lag is in revisions behind the newest.`),
+      h('div', { class: 'table-wrap' }, h('table', { class: 'nodes' },
+        h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, 'Broker'), h('th', { scope: 'col', class: 'num' }, 'Applied'),
+          h('th', { scope: 'col', class: 'num' }, 'Lag'), h('th', { scope: 'col' }, 'Last heartbeat'), h('th', { scope: 'col' }, 'State'))),
+        h('tbody', {}, c.nodes.map((n) => h('tr', {},
+          h('th', { scope: 'row' }, h('code', {}, n.nodeId), n.self ? ' (this one)' : ''),
+          h('td', { class: 'num' }, num(n.applied)),
+          h('td', { class: 'num' }, num(n.lag)),
+          h('td', {}, n.lastHeartbeat ? [timeEl(Date.parse(n.lastHeartbeat)), ` (${relative(Date.parse(n.lastHeartbeat), now)})`] : '—'),
+          h('td', {}, n.stale ? h('span', { class: 'badge inactive' }, 'stale') : h('span', { class: 'badge active' }, 'live'))))))),
+    ];
   }
 }

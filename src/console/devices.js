@@ -1,10 +1,12 @@
-// The devices view: the application's devices with last seen, and one
-// device's composite state, history chart and live states.
+// The devices view: the application's devices with first and last seen
+// (from the devices API, a page at a time), and one device's composite
+// state, history chart and live states.
 
 import { appPath } from './api.js';
 import { lineChart } from './chart.js';
 import { h, fill, nextId, note, relative, timeEl, toLocalInput } from './dom.js';
-import { DeviceDirectory, LiveFeed, numericSeries } from './sources.js';
+import { devicePage } from './directory.js';
+import { LiveFeed, numericSeries } from './sources.js';
 
 const ID_PATTERN = '[A-Za-z0-9_.\\-]{1,64}';
 const RANGES = [
@@ -22,7 +24,6 @@ const LIVE_KEEP = 50;
 export class DevicesView {
   constructor(ctx) {
     this.ctx = ctx;
-    this.directory = new DeviceDirectory(ctx.session, ctx.app, ctx.principal);
     this.el = h('section', { class: 'view', 'aria-labelledby': 'devices-h' });
     this.detail = null;
   }
@@ -54,36 +55,65 @@ export class DevicesView {
       }
       this.openDevice(input.value);
     });
-    const body = h('div', {}, note('loading', 'Looking up devices…'));
+    const body = h('div', {}, note('loading', 'Reading the device list…'));
     fill(this.el,
       h('div', { class: 'view-head' }, h('h1', { id: 'devices-h' }, 'Devices'),
         h('button', { type: 'button', class: 'secondary', onclick: () => this.showList() }, 'Refresh')),
       open,
       body);
-    let list;
+    let first;
     try {
-      list = await this.directory.list();
+      first = await devicePage(this.ctx.session, this.ctx.app);
     } catch (e) {
       fill(body, note('error', `Could not list devices: ${e.message}`));
       return;
     }
+    if (!first.devices.length) {
+      fill(body, note('empty', 'No device of this application has sent state yet (or none this token may read). Open a device by id above.'));
+      return;
+    }
     const now = Date.now();
+    const rows = h('tbody', {});
+    const more = h('button', { type: 'button', class: 'secondary' }, 'Show more devices');
+    const status = h('p', { class: 'hint', role: 'status' });
+    let next = first.next;
+    const add = (devices) => rows.append(...devices.map((d) => h('tr', {},
+      h('th', { scope: 'row' }, h('code', {}, d.device)),
+      h('td', {}, timeEl(d.lastSeen), ` (${relative(d.lastSeen, now)})`),
+      h('td', {}, timeEl(d.firstSeen)),
+      h('td', { class: 'num' }, d.messages.toLocaleString('en-US')),
+      h('td', {}, h('button', { type: 'button', onclick: () => this.openDevice(d.device), 'aria-label': `Open ${d.device}` }, 'Open')))));
+    const shown = () => {
+      const n = rows.children.length;
+      status.textContent = `${n} device${n === 1 ? '' : 's'} shown${next ? '; more follow' : ''}.`;
+      more.hidden = !next;
+    };
+    more.addEventListener('click', async () => {
+      more.disabled = true;
+      try {
+        const page = await devicePage(this.ctx.session, this.ctx.app, next);
+        next = page.next;
+        add(page.devices);
+        shown();
+      } catch (e) {
+        status.textContent = `Could not read more devices: ${e.message}`;
+      }
+      more.disabled = false;
+    });
+    add(first.devices);
+    shown();
     fill(body,
-      h('p', { class: 'muted' }, 'Devices named by the tokens you can read, and those opened here, with the time of their newest stored state. Open any other device by id.'),
-      list.devices.length
-        ? h('div', { class: 'table-wrap' }, h('table', { class: 'devices' },
-          h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, 'Device'), h('th', { scope: 'col' }, 'Last seen'), h('th', { scope: 'col' }, h('span', { class: 'sr-only' }, 'Actions')))),
-          h('tbody', {}, list.devices.map((d) => h('tr', {},
-            h('th', { scope: 'row' }, h('code', {}, d.device)),
-            h('td', {}, !d.readable ? h('span', { class: 'muted' }, 'not readable with this token')
-              : d.lastSeen === null ? h('span', { class: 'muted' }, 'never') : [timeEl(d.lastSeen), ` (${relative(d.lastSeen, now)})`]),
-            h('td', {}, d.readable ? h('button', { type: 'button', onclick: () => this.openDevice(d.device), 'aria-label': `Open ${d.device}` }, 'Open') : null))))))
-        : note('empty', 'No devices known yet: no token names a device and none was opened. Type a device id above.'),
-      list.capped ? note('empty', 'Only the first 200 devices are shown.') : null);
+      h('p', { class: 'muted' }, 'Every device that has stored state, by id, with when the broker first and last stored its state and how many states it stored.'),
+      h('div', { class: 'table-wrap' }, h('table', { class: 'devices' },
+        h('thead', {}, h('tr', {},
+          h('th', { scope: 'col' }, 'Device'), h('th', { scope: 'col' }, 'Last seen'), h('th', { scope: 'col' }, 'First seen'),
+          h('th', { scope: 'col', class: 'num' }, 'States'), h('th', { scope: 'col' }, h('span', { class: 'sr-only' }, 'Actions')))),
+        rows)),
+      status,
+      more);
   }
 
   openDevice(device) {
-    this.directory.remember(device);
     this.detail = new DeviceDetail(this.ctx, device, () => this.showList());
     fill(this.el, this.detail.el);
     this.detail.el.querySelector('h1').tabIndex = -1;

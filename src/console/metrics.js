@@ -87,7 +87,8 @@ export function refusals(m) {
 
 /**
  * What the broker view shows, from two scrapes `seconds` apart: rates over
- * that interval, commit latency quantiles of the commits in it, gauges now,
+ * that interval, commit and ack latency quantiles of the commits in it
+ * (ack latency: per commit, its oldest request's, receipt to ack), gauges now,
  * and refusals with their totals and rates.
  */
 export function summarize(prev, cur, seconds) {
@@ -102,6 +103,8 @@ export function summarize(prev, cur, seconds) {
     httpRate: rate('sluice_http_requests_total'),
     commitP50: quantileBetween(prev, cur, 'sluice_commit_duration_seconds', 0.5),
     commitP99: quantileBetween(prev, cur, 'sluice_commit_duration_seconds', 0.99),
+    ackP50: quantileBetween(prev, cur, 'sluice_ack_latency_seconds', 0.5),
+    ackP99: quantileBetween(prev, cur, 'sluice_ack_latency_seconds', 0.99),
     queueDepth: total(cur, 'sluice_queue_depth'),
     mqttConnections: total(cur, 'sluice_mqtt_connections'),
     tokens: total(cur, 'sluice_token_cache_entries'),

@@ -1,16 +1,9 @@
-// Where the devices view gets its data. DeviceDirectory stands in for an
-// API that does not exist yet, behind the interface its replacement will
-// keep: it derives the device list; the devices API
-// (`GET /applications/{app}/devices`, issue 12) will answer it directly.
-// LiveFeed reads the application's live stream (SSE) for one device.
+// Where the device view gets its data: history pages for the chart, and
+// LiveFeed, which reads the application's live stream (SSE) for one
+// device. The device list comes from the devices API (`directory.js`).
 
 import { appPath } from './api.js';
-import { allows, namedDevices } from './tree.js';
 
-/** Most devices whose last-seen time the derived directory looks up. */
-const MAX_DEVICES = 200;
-/** Parallel history reads while deriving the directory. */
-const PARALLEL = 6;
 /** Pause before the live stream is opened again after it broke. */
 const RECONNECT_MS = 1500;
 
@@ -47,49 +40,6 @@ export async function numericSeries(session, app, device, attr, start, end, maxI
     if (read >= maxItems) return { points, read, truncated: true };
   }
   return { points, read, truncated: false };
-}
-
-/** The devices of an application the signed-in token may look at. */
-export class DeviceDirectory {
-  constructor(session, app, principal) {
-    this.session = session;
-    this.app = app;
-    this.principal = principal;
-    /** Devices opened by id in this tab. */
-    this.opened = new Set();
-  }
-
-  remember(device) {
-    this.opened.add(device);
-  }
-
-  /** `[{device, lastSeen (ms or null), readable}]`, most recent first. */
-  async list() {
-    const ids = new Set(this.opened);
-    const p = this.principal;
-    if (!p.root && p.token.devices[0] !== '*') p.token.devices.forEach((d) => ids.add(d));
-    if (p.root || allows(p.token.scope, 'token.read')) {
-      const records = await this.session.get(appPath(this.app, 'tokens'));
-      namedDevices(records).forEach((d) => ids.add(d));
-    }
-    const todo = [...ids].sort().slice(0, MAX_DEVICES);
-    const out = [];
-    const worker = async () => {
-      while (todo.length) {
-        const device = todo.shift();
-        try {
-          const page = await this.session.get(historyPath(this.app, device, { limit: 1 }));
-          out.push({ device, lastSeen: page.items.length ? page.items[0].time : null, readable: true });
-        } catch (e) {
-          if (e.status !== 403) throw e;
-          out.push({ device, lastSeen: null, readable: false });
-        }
-      }
-    };
-    await Promise.all(Array.from({ length: PARALLEL }, worker));
-    out.sort((a, b) => (b.lastSeen ?? -1) - (a.lastSeen ?? -1) || a.device.localeCompare(b.device));
-    return { devices: out, capped: ids.size > MAX_DEVICES };
-  }
 }
 
 /**

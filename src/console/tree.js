@@ -138,10 +138,3 @@ export function mayManage(principal, node, scope) {
   if (node.id === principal.token.id) return false;
   return allows(principal.token.scope, scope);
 }
-
-/** Device ids named by token records (no wildcard), sorted. */
-export function namedDevices(records) {
-  const set = new Set();
-  for (const r of records) for (const d of r.devices) if (d !== '*') set.add(d);
-  return [...set].sort();
-}

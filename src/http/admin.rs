@@ -6,11 +6,14 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::handler::Handler;
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
 
+use super::audit::Audited;
+use crate::audit::Operation;
 use crate::auth::{monotonic_ns, Denied, Scope, TokenEntry};
 use crate::ids::is_valid_id;
 use crate::materialize::applied::{parse_min_seq, NotReady, ReadModel};
@@ -35,6 +38,8 @@ pub struct AdminApi {
     pub sessions: Arc<crate::streams::sessions::Sessions>,
     /// Bound on one history page's data (`admin.max_response_bytes`).
     pub max_response_bytes: usize,
+    /// Largest page of the audit trail (`audit.max_page`).
+    pub audit_max_page: usize,
     /// What history and composite-state reads see (and `minSeq` waits
     /// for); see `materialize::applied`.
     pub read_model: ReadModel,
@@ -54,8 +59,6 @@ pub enum ApiError {
     BadRequest(String),
     PayloadTooLarge,
     MethodNotAllowed,
-    /// Over `streams.max_streams_per_token` or `_per_ip`.
-    TooManyStreams,
     Internal,
     /// Cluster mode, ingest-only broker: no history or composite state here.
     NoReadModel,
@@ -71,6 +74,8 @@ pub enum ApiError {
     Unavailable(String),
     /// 409: cluster mode, and other brokers kept changing the token.
     Conflict,
+    /// Over `streams.max_streams_per_token` or `_per_ip`.
+    TooManyStreams,
     /// 501: an operation a broker in cluster mode does not do (yet).
     NotInClusterMode(&'static str),
 }
@@ -92,87 +97,68 @@ impl From<NotReady> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, body) = match self {
-            ApiError::Unauthorized => (
-                StatusCode::UNAUTHORIZED,
-                serde_json::json!({"error": "unauthorized"}),
-            ),
-            ApiError::Forbidden => (
-                StatusCode::FORBIDDEN,
-                serde_json::json!({"error": "forbidden"}),
-            ),
-            ApiError::ForbiddenBecause(d) => (
-                StatusCode::FORBIDDEN,
-                serde_json::json!({"error": "forbidden", "detail": d}),
-            ),
-            ApiError::NotFound => (
-                StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not_found"}),
-            ),
-            ApiError::ExceedsParent(d) => (
-                StatusCode::FORBIDDEN,
-                serde_json::json!({"error": "exceeds_parent", "detail": d}),
-            ),
-            ApiError::BadRequest(d) => (
-                StatusCode::BAD_REQUEST,
-                serde_json::json!({"error": "bad_request", "detail": d}),
-            ),
-            ApiError::PayloadTooLarge => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                serde_json::json!({"error": "payload_too_large"}),
-            ),
-            ApiError::MethodNotAllowed => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                serde_json::json!({"error": "method_not_allowed"}),
-            ),
-            ApiError::TooManyStreams => (
-                StatusCode::TOO_MANY_REQUESTS,
-                serde_json::json!({"error": "too_many_streams"}),
-            ),
-            ApiError::Internal => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                serde_json::json!({"error": "internal"}),
-            ),
-            ApiError::NoReadModel => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                serde_json::json!({"error": "no_read_model", "detail": "this broker is ingest-only (cluster.materialize = false) and keeps no history or composite state; read from a broker that materializes"}),
-            ),
-            ApiError::NotCaughtUp {
-                applied,
-                wanted,
-                waited,
-            } => {
-                let body = serde_json::json!({
-                    "error": "not_caught_up",
-                    "detail": format!("this broker has applied the ingest stream up to sequence {applied}; minSeq {wanted} was not reached within {waited:?}"),
-                    "applied": applied,
-                });
-                let mut r = (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
-                r.headers_mut().insert(
-                    axum::http::header::RETRY_AFTER,
-                    axum::http::HeaderValue::from_static("1"),
-                );
-                return r;
+impl ApiError {
+    /// The status, the stable code and the detail the client is answered
+    /// with (also what the audit trail records).
+    pub fn parts(&self) -> (StatusCode, &'static str, Option<String>) {
+        match self {
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", None),
+            ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden", None),
+            ApiError::ForbiddenBecause(d) => (StatusCode::FORBIDDEN, "forbidden", Some(d.clone())),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", None),
+            ApiError::ExceedsParent(d) => {
+                (StatusCode::FORBIDDEN, "exceeds_parent", Some(d.clone()))
             }
-            ApiError::NotInClusterMode(d) => (
-                StatusCode::NOT_IMPLEMENTED,
-                serde_json::json!({"error": "not_in_cluster_mode", "detail": d}),
-            ),
+            ApiError::BadRequest(d) => (StatusCode::BAD_REQUEST, "bad_request", Some(d.clone())),
+            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None),
+            ApiError::MethodNotAllowed => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None)
+            }
+            ApiError::TooManyStreams => (StatusCode::TOO_MANY_REQUESTS, "too_many_streams", None),
+            ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal", None),
             ApiError::Conflict => (
                 StatusCode::CONFLICT,
-                serde_json::json!({"error": "conflict", "detail": "the token was changed on other brokers at the same time, repeatedly; try again"}),
+                "conflict",
+                Some("the token was changed on other brokers at the same time, repeatedly; try again".into()),
             ),
-            ApiError::Unavailable(d) => {
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    [(axum::http::header::RETRY_AFTER, "1")],
-                    axum::Json(serde_json::json!({"error": "unavailable", "detail": d})),
-                )
-                    .into_response()
-            }
+            ApiError::Unavailable(d) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", Some(d.clone())),
+            ApiError::NoReadModel => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_read_model",
+                Some("this broker is ingest-only (cluster.materialize = false) and keeps no history or composite state; read from a broker that materializes".into()),
+            ),
+            ApiError::NotCaughtUp { applied, wanted, waited } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_caught_up",
+                Some(format!("this broker has applied the ingest stream up to sequence {applied}; minSeq {wanted} was not reached within {waited:?}")),
+            ),
+            ApiError::NotInClusterMode(d) => (
+                StatusCode::NOT_IMPLEMENTED,
+                "not_in_cluster_mode",
+                Some(d.to_string()),
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, detail) = self.parts();
+        let mut body = match detail {
+            Some(d) => serde_json::json!({"error": code, "detail": d}),
+            None => serde_json::json!({"error": code}),
         };
+        if let ApiError::NotCaughtUp { applied, .. } = self {
+            body["applied"] = applied.into();
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            return (
+                status,
+                [(axum::http::header::RETRY_AFTER, "1")],
+                axum::Json(body),
+            )
+                .into_response();
+        }
         (status, axum::Json(body)).into_response()
     }
 }
@@ -223,46 +209,103 @@ pub(super) fn body(b: BodyOf) -> Result<Bytes, ApiError> {
     })
 }
 
-/// The admin listener's routes, with the read routes (`read.rs`) that the
-/// device listener serves too.
+/// One route of the admin listener: a method, a path template, and its
+/// handler. [`routes`] lists every one; the router is built from that list
+/// alone, and the OpenAPI test checks `docs/openapi.json` against it, so
+/// the document and the server cannot drift apart.
+pub struct Route {
+    pub method: Method,
+    pub path: &'static str,
+    handler: MethodRouter<Arc<AdminApi>>,
+}
+
+fn at<H, T>(method: Method, path: &'static str, handler: H) -> Route
+where
+    H: Handler<T, Arc<AdminApi>>,
+    T: 'static,
+{
+    // Every method below is one axum routes; the table is fixed at build
+    // time, so a failure here is a defect caught by any test.
+    let filter = MethodFilter::try_from(method.clone()).expect("a routable method");
+    Route {
+        method,
+        path,
+        handler: on(filter, handler),
+    }
+}
+
+/// Every route the admin listener answers.
+pub fn routes() -> Vec<Route> {
+    use super::{audit, backup, cluster, console, devices, openapi, retention};
+    let (get, post, put, patch, delete) = (
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+    );
+    vec![
+        at(get.clone(), "/healthz", healthz),
+        at(get.clone(), "/readyz", readyz),
+        at(get.clone(), "/metrics", metrics),
+        at(get.clone(), "/whoami", whoami),
+        at(get.clone(), "/openapi.json", openapi::document),
+        at(post.clone(), "/backup", backup::backup),
+        at(get.clone(), "/cluster", cluster::status),
+        at(get.clone(), "/cluster/ingest", cluster_ingest),
+        at(get.clone(), "/applications/{app}/tokens", list_tokens),
+        at(post, "/applications/{app}/tokens", create_token),
+        at(get.clone(), "/applications/{app}/tokens/{id}", get_token),
+        at(patch, "/applications/{app}/tokens/{id}", update_token),
+        at(
+            delete.clone(),
+            "/applications/{app}/tokens/{id}",
+            delete_token,
+        ),
+        at(
+            delete.clone(),
+            "/applications/{app}",
+            devices::delete_application,
+        ),
+        at(
+            get.clone(),
+            "/applications/{app}/devices",
+            devices::list_devices,
+        ),
+        at(
+            delete,
+            "/applications/{app}/devices/{device}",
+            devices::delete_device,
+        ),
+        at(get.clone(), "/applications/{app}/audit", audit::read_audit),
+        at(
+            get.clone(),
+            "/applications/{app}/retention",
+            retention::get_retention,
+        ),
+        at(
+            put,
+            "/applications/{app}/retention",
+            retention::put_retention,
+        ),
+        at(get.clone(), "/console", console::redirect),
+        at(get.clone(), "/console/", console::index),
+        at(get, "/console/{file}", console::file),
+    ]
+}
+
+/// The admin listener's routes ([`routes`]), with the read routes
+/// (`read.rs`) that the device listener serves too.
 pub fn router(
     api: Arc<AdminApi>,
     read: Arc<super::read::ReadApi>,
     max_body_bytes: usize,
 ) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/whoami", get(whoami))
-        .route("/backup", axum::routing::post(super::backup::backup))
-        .route("/cluster", get(super::cluster::status))
-        .route("/cluster/ingest", get(cluster_ingest))
-        .route(
-            "/applications/{app}/tokens",
-            get(list_tokens).post(create_token),
-        )
-        .route(
-            "/applications/{app}/tokens/{id}",
-            get(get_token).patch(update_token).delete(delete_token),
-        )
-        .route(
-            "/applications/{app}",
-            delete(super::devices::delete_application),
-        )
-        .route(
-            "/applications/{app}/devices",
-            get(super::devices::list_devices),
-        )
-        .route(
-            "/applications/{app}/devices/{device}",
-            delete(super::devices::delete_device),
-        )
-        .route(
-            "/applications/{app}/retention",
-            get(super::retention::get_retention).put(super::retention::put_retention),
-        )
-        .merge(super::console::routes())
+    let mut router = Router::new();
+    for r in routes() {
+        router = router.route(r.path, r.handler);
+    }
+    router
         .merge(super::read::router(read))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -381,10 +424,23 @@ async fn create_token(
     raw: BodyOf,
 ) -> Result<Response, ApiError> {
     let app = path(app)?;
-    let body = body(raw)?;
-    let caller = api.authorize(&headers, &app, None, Scope::TokenCreate)?;
-    let req = parse_create(&body, api.tokens.limits().max_devices).map_err(ApiError::BadRequest)?;
-    let (record, secret) = api.tokens.create(caller, app, req).await?;
+    let what = Audited::new(Operation::TokenCreate, &app, serde_json::json!({})).asking(&raw);
+    let (a, h) = (api.clone(), headers.clone());
+    let change = async move {
+        let body = body(raw)?;
+        let caller = a.authorize(&h, &app, None, Scope::TokenCreate)?;
+        let req =
+            parse_create(&body, a.tokens.limits().max_devices).map_err(ApiError::BadRequest)?;
+        Ok(a.tokens.create(caller, app, req).await?)
+    };
+    let (record, secret) = api
+        .audited(&headers, what, change, |(record, _), what| {
+            what.target["tokenId"] = record.id.clone().into();
+            // The record as granted (attenuated), never the secret.
+            what.change = serde_json::to_value(TokenJson::of(record)).unwrap_or_default();
+            StatusCode::CREATED
+        })
+        .await?;
     let json = TokenJson {
         record: &record,
         secret: Some(secret.expose()),
@@ -422,10 +478,24 @@ async fn update_token(
     raw: BodyOf,
 ) -> Result<Response, ApiError> {
     let (app, id) = path(ids)?;
-    let body = body(raw)?;
-    let caller = api.authorize(&headers, &app, None, Scope::TokenRevoke)?;
-    let upd = parse_update(&body).map_err(ApiError::BadRequest)?;
-    let done = api.tokens.update(caller, app, id, upd).await?;
+    let what = Audited::new(
+        Operation::TokenUpdate,
+        &app,
+        serde_json::json!({ "tokenId": id }),
+    )
+    .asking(&raw);
+    let (a, h) = (api.clone(), headers.clone());
+    let change = async move {
+        let body = body(raw)?;
+        let caller = a.authorize(&h, &app, None, Scope::TokenRevoke)?;
+        let upd = parse_update(&body).map_err(ApiError::BadRequest)?;
+        Ok(a.tokens.update(caller, app, id, upd).await?)
+    };
+    let done = api
+        .audited(&headers, what, change, |done, what| {
+            unconfirmed(&done.unconfirmed, what, StatusCode::OK)
+        })
+        .await?;
     if done.unconfirmed.is_empty() {
         return Ok(axum::Json(TokenJson::of(&done.value)).into_response());
     }
@@ -435,14 +505,38 @@ async fn update_token(
     Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
 }
 
+/// A revocation some brokers did not confirm in time answers 202 naming
+/// them (cluster mode); the audit event names them too.
+fn unconfirmed(brokers: &[String], what: &mut Audited, status: StatusCode) -> StatusCode {
+    if brokers.is_empty() {
+        return status;
+    }
+    what.target["unconfirmed"] = serde_json::json!(brokers);
+    StatusCode::ACCEPTED
+}
+
 async fn delete_token(
     State(api): Api,
     ids: PathOf<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (app, id) = path(ids)?;
-    let caller = api.authorize(&headers, &app, None, Scope::TokenRevoke)?;
-    let done = api.tokens.delete(caller, app, id).await?;
+    let what = Audited::new(
+        Operation::TokenDelete,
+        &app,
+        serde_json::json!({ "tokenId": id }),
+    );
+    let (a, h) = (api.clone(), headers.clone());
+    let change = async move {
+        let caller = a.authorize(&h, &app, None, Scope::TokenRevoke)?;
+        Ok(a.tokens.delete(caller, app, id).await?)
+    };
+    let done = api
+        .audited(&headers, what, change, |done, what| {
+            what.target["removed"] = serde_json::json!(done.value);
+            unconfirmed(&done.unconfirmed, what, StatusCode::NO_CONTENT)
+        })
+        .await?;
     if done.unconfirmed.is_empty() {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }

@@ -7,8 +7,6 @@
 use axum::extract::Path;
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::routing::get;
-use axum::Router;
 
 use super::admin::ApiError;
 
@@ -30,6 +28,12 @@ pub const ASSETS: &[(&str, &str, &[u8])] = &[
     ("tokens.js", JS, include_bytes!("../console/tokens.js")),
     ("devices.js", JS, include_bytes!("../console/devices.js")),
     ("sources.js", JS, include_bytes!("../console/sources.js")),
+    (
+        "directory.js",
+        JS,
+        include_bytes!("../console/directory.js"),
+    ),
+    ("cluster.js", JS, include_bytes!("../console/cluster.js")),
     ("chart.js", JS, include_bytes!("../console/chart.js")),
     ("broker.js", JS, include_bytes!("../console/broker.js")),
     ("metrics.js", JS, include_bytes!("../console/metrics.js")),
@@ -43,18 +47,19 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'
      style-src 'self'; img-src 'self'; connect-src 'self'; font-src 'none'; \
      object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-/// The console's routes, merged into the admin router.
-pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
-    Router::new()
-        .route(
-            "/console",
-            get(|| async { Redirect::permanent("/console/") }),
-        )
-        .route("/console/", get(|| async { asset("index.html") }))
-        .route(
-            "/console/{file}",
-            get(|Path(file): Path<String>| async move { asset(&file) }),
-        )
+/// `GET /console`: to the index, so relative asset paths resolve.
+pub(super) async fn redirect() -> Redirect {
+    Redirect::permanent("/console/")
+}
+
+/// `GET /console/`.
+pub(super) async fn index() -> Response {
+    asset("index.html")
+}
+
+/// `GET /console/{file}`: one embedded file, or 404.
+pub(super) async fn file(Path(file): Path<String>) -> Response {
+    asset(&file)
 }
 
 fn asset(name: &str) -> Response {

@@ -95,20 +95,26 @@ impl hyper::service::Service<Request<Incoming>> for DeviceService {
     }
 }
 
-/// Whether a request is for the read routes: `GET` of a device's history
-/// or composite state, or of an application's stream.
+/// Whether a request is for the read routes: a `GET` whose path matches
+/// one of `read::PATHS` (a `{…}` segment matches any one segment), so a
+/// read route added there is served here too.
 fn is_read(method: &Method, path: &str) -> bool {
-    if method != Method::GET {
-        return false;
+    method == Method::GET
+        && super::read::PATHS
+            .iter()
+            .any(|template| matches_template(template, path))
+}
+
+fn matches_template(template: &str, path: &str) -> bool {
+    let mut want = template.split('/');
+    let mut got = path.split('/');
+    loop {
+        match (want.next(), got.next()) {
+            (None, None) => return true,
+            (Some(w), Some(g)) if w.starts_with('{') || w == g => {}
+            _ => return false,
+        }
     }
-    let Some(rest) = path.strip_prefix("/applications/") else {
-        return false;
-    };
-    let parts: smallvec::SmallVec<[&str; 5]> = rest.splitn(5, '/').collect();
-    matches!(
-        parts.as_slice(),
-        [_, "stream"] | [_, "devices", _, "state" | "compositeState"]
-    )
 }
 
 const UNAUTHORIZED: &str = r#"{"error":"unauthorized"}"#;
@@ -172,6 +178,17 @@ fn stale() -> Response<Full<Bytes>> {
     r
 }
 
+/// Every route the device listener answers (method, path template):
+/// `handle` dispatches on exactly these, and the OpenAPI test checks
+/// `docs/openapi.json` against them.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", HEALTHZ),
+    ("GET", READYZ),
+    ("POST", "/applications/{app}/devices/{device}/state"),
+];
+const HEALTHZ: &str = "/healthz";
+const READYZ: &str = "/readyz";
+
 impl DeviceApi {
     /// A read route: the same failed-authentication hold-back as ingest,
     /// then the shared read router, with the peer's address for the
@@ -194,10 +211,10 @@ impl DeviceApi {
 
     pub async fn handle(&self, req: Request<Incoming>, peer: IpAddr) -> Response<Full<Bytes>> {
         let path = req.uri().path();
-        if path == "/healthz" {
+        if path == HEALTHZ {
             return alive();
         }
-        if path == "/readyz" {
+        if path == READYZ {
             let (status, body) = self.readiness.respond(false).await;
             return json(status, body);
         }
@@ -220,6 +237,8 @@ impl DeviceApi {
         if !hold.is_zero() {
             tokio::time::sleep(hold).await;
         }
+        // Ack latency counts from here: a hold is a penalty, not latency.
+        let received = std::time::Instant::now();
         let now = now_ms();
         let credential = req
             .headers()
@@ -322,6 +341,7 @@ impl DeviceApi {
             body,
             parsed,
             done: Completion::Request(tx),
+            received,
         };
         let queued = self.queue.try_enqueue(req);
         drop(reserved);

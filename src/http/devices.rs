@@ -11,8 +11,9 @@
 //!   token minted by another never removes its ancestors.
 //!
 //! Both deletions are durable (fsynced) before they answer 204, go through
-//! the writer so they are ordered with ingest, and run in their own task:
-//! they finish the same way whether or not the client waits.
+//! the writer so they are ordered with ingest, and run in their own task
+//! with their audit event (`AdminApi::audited`): they finish, and are
+//! audited, the same way whether or not the client waits.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,7 +25,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::admin::{min_seq, path, AdminApi, Api, ApiError, PathOf};
+use super::audit::Audited;
 use super::read::{DEFAULT_LIMIT, MAX_LIMIT};
+use crate::audit::Operation;
 use crate::auth::{Devices, Scope};
 use crate::ids::is_valid_id;
 use crate::materialize::applied::ReadModel;
@@ -167,12 +170,17 @@ pub async fn delete_device(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (app, device) = path(ids)?;
-    api.authorize(&headers, &app, Some(&device), Scope::AllApplication)?;
-    refuse_in_cluster_mode(&api, NO_REMOVALS)?;
-    let queue = api.queue.clone();
-    // Spawned so it completes even if the client goes away meanwhile.
-    let task = tokio::spawn(async move {
-        let result = queue
+    let what = Audited::new(
+        Operation::DeviceDelete,
+        &app,
+        serde_json::json!({ "device": device }),
+    );
+    let (a, h) = (api.clone(), headers.clone());
+    let change = async move {
+        a.authorize(&h, &app, Some(&device), Scope::AllApplication)?;
+        refuse_in_cluster_mode(&a, NO_REMOVALS)?;
+        let result = a
+            .queue
             .remove(Removal::Device {
                 app: app.clone(),
                 device: device.clone(),
@@ -182,11 +190,10 @@ pub async fn delete_device(
             Ok(()) => tracing::info!(app, device, "device removed"),
             Err(e) => tracing::warn!(app, device, error = %e, "device removal failed"),
         }
-        result
-    });
-    task.await
-        .map_err(|_| ApiError::Internal)?
-        .map_err(removal_failed)?;
+        result.map_err(removal_failed)
+    };
+    api.audited(&headers, what, change, |_, _| StatusCode::NO_CONTENT)
+        .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -196,33 +203,41 @@ pub async fn delete_application(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let app = path(app)?;
-    let caller = api.caller(&headers)?;
-    if !is_valid_id(&app) {
-        return Err(ApiError::BadRequest(
-            "application ids must be 1-64 characters of A-Z a-z 0-9 _ . -".into(),
-        ));
-    }
-    let owner = *caller.app == *app
-        && caller.parent.is_none()
-        && caller.scopes.contains(Scope::AllApplication)
-        && caller.devices == Devices::All;
-    if !(caller.root || owner) {
-        return Err(ApiError::Forbidden);
-    }
-    refuse_in_cluster_mode(&api, NO_REMOVALS)?;
-    let task = tokio::spawn(remove_application(api.clone(), caller, app));
-    task.await.map_err(|_| ApiError::Internal)??;
+    let what = Audited::new(Operation::ApplicationDelete, &app, serde_json::json!({}));
+    let (a, h) = (api.clone(), headers.clone());
+    let change = async move {
+        let caller = a.caller(&h)?;
+        if !is_valid_id(&app) {
+            return Err(ApiError::BadRequest(
+                "application ids must be 1-64 characters of A-Z a-z 0-9 _ . -".into(),
+            ));
+        }
+        let owner = *caller.app == *app
+            && caller.parent.is_none()
+            && caller.scopes.contains(Scope::AllApplication)
+            && caller.devices == Devices::All;
+        if !(caller.root || owner) {
+            return Err(ApiError::Forbidden);
+        }
+        refuse_in_cluster_mode(&a, NO_REMOVALS)?;
+        remove_application(a, caller, app).await
+    };
+    api.audited(&headers, what, change, |tokens, what| {
+        what.target["removedTokens"] = serde_json::json!(tokens);
+        StatusCode::NO_CONTENT
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Both halves of an application removal (see
-/// `TokenService::begin_application_removal`), run to the end in their own
-/// task.
+/// `TokenService::begin_application_removal`); returns the ids of the
+/// tokens removed with it.
 async fn remove_application(
     api: Arc<AdminApi>,
     caller: Arc<crate::auth::TokenEntry>,
     app: String,
-) -> Result<(), ApiError> {
+) -> Result<Vec<String>, ApiError> {
     let tokens = api
         .tokens
         .begin_application_removal(caller, app.clone())
@@ -235,7 +250,7 @@ async fn remove_application(
         .queue
         .remove(Removal::Application {
             app: app.clone(),
-            tokens,
+            tokens: tokens.clone(),
         })
         .await;
     match &result {
@@ -245,7 +260,8 @@ async fn remove_application(
             tracing::error!(app, error = %e, "application removal failed; it is finished at the next start")
         }
     }
-    result.map_err(removal_failed)
+    result.map_err(removal_failed)?;
+    Ok(tokens)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, MethodRouter};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
@@ -83,16 +83,43 @@ where
 
 type Api = State<Arc<ReadApi>>;
 
+/// One read route: its path and `GET` handler. [`routes`] lists every
+/// one; both listeners serve exactly these, and the OpenAPI test checks
+/// `docs/openapi.json` against them.
+pub struct Route {
+    pub path: &'static str,
+    handler: MethodRouter<Arc<ReadApi>>,
+}
+
+const HISTORY: &str = "/applications/{app}/devices/{device}/state";
+const COMPOSITE: &str = "/applications/{app}/devices/{device}/compositeState";
+const STREAM: &str = "/applications/{app}/stream";
+
+/// The path of every read route: what the device listener hands to the
+/// read router (`device::is_read`).
+pub const PATHS: &[&str] = &[HISTORY, COMPOSITE, STREAM];
+
+/// Every read route (all `GET`), in the order of [`PATHS`].
+pub fn routes() -> Vec<Route> {
+    let handlers: [MethodRouter<Arc<ReadApi>>; 3] = [
+        get(history),
+        get(composite_state),
+        get(super::stream::stream),
+    ];
+    PATHS
+        .iter()
+        .zip(handlers)
+        .map(|(path, handler)| Route { path, handler })
+        .collect()
+}
+
 /// The read routes, for either listener's router.
 pub fn router<S: Clone + Send + Sync + 'static>(api: Arc<ReadApi>) -> Router<S> {
-    Router::new()
-        .route("/applications/{app}/devices/{device}/state", get(history))
-        .route(
-            "/applications/{app}/devices/{device}/compositeState",
-            get(composite_state),
-        )
-        .route("/applications/{app}/stream", get(super::stream::stream))
-        .with_state(api)
+    let mut router = Router::new();
+    for r in routes() {
+        router = router.route(r.path, r.handler);
+    }
+    router.with_state(api)
 }
 
 impl ReadApi {
@@ -134,11 +161,19 @@ impl ReadApi {
 
 /// Parses the history query string into a store query.
 pub fn history_query(params: &HashMap<String, String>) -> Result<HistoryQuery, String> {
+    page_query(params, MAX_LIMIT, &["minSeq"])
+}
+
+/// Parses a time-ordered page query (history, audit) with `limit` at most
+/// `max_limit`; `also` names the other parameters the caller reads.
+pub fn page_query(
+    params: &HashMap<String, String>,
+    max_limit: usize,
+    also: &[&str],
+) -> Result<HistoryQuery, String> {
     for k in params.keys() {
-        if !matches!(
-            k.as_str(),
-            "start" | "end" | "limit" | "order" | "cursor" | "minSeq"
-        ) {
+        let known = matches!(k.as_str(), "start" | "end" | "limit" | "order" | "cursor");
+        if !known && !also.contains(&k.as_str()) {
             return Err(format!("unknown query parameter {k:?}"));
         }
     }
@@ -158,10 +193,10 @@ pub fn history_query(params: &HashMap<String, String>) -> Result<HistoryQuery, S
         return Err("`start` is after `end`".into());
     }
     let limit = match params.get("limit") {
-        None => DEFAULT_LIMIT,
+        None => DEFAULT_LIMIT.min(max_limit),
         Some(v) => match v.parse::<usize>() {
-            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-            _ => return Err(format!("`limit` must be an integer from 1 to {MAX_LIMIT}")),
+            Ok(n) if (1..=max_limit).contains(&n) => n,
+            _ => return Err(format!("`limit` must be an integer from 1 to {max_limit}")),
         },
     };
     let order = match params.get("order").map(String::as_str) {

@@ -5,14 +5,16 @@
 //!   device, since it reaches all of the application's history) with
 //!   `{"retention": "30d" | "unlimited" | null}`; null removes the override,
 //!   so `storage.retention` applies again. Persisted (fsynced) before it
-//!   answers, and in force for reads at once.
+//!   answers, and in force for reads at once; audited like every change.
 
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::admin::{body, path, Api, ApiError, BodyOf, PathOf};
+use super::audit::Audited;
+use crate::audit::Operation;
 use crate::auth::{Devices, Scope};
 use crate::store::{AppRetention, Retention};
 
@@ -49,45 +51,54 @@ pub async fn put_retention(
     raw: BodyOf,
 ) -> Result<Response, ApiError> {
     let app = path(app)?;
-    let raw = body(raw)?;
-    let caller = api.authorize(&headers, &app, None, Scope::AllApplication)?;
-    if caller.devices != Devices::All {
-        return Err(ApiError::Forbidden);
-    }
-    super::devices::refuse_in_cluster_mode(
-        &api,
-        "retention overrides are not supported in cluster mode yet: one broker's override would not reach the others' read models; set storage.retention alike on every broker",
-    )?;
-    let parsed: RetentionBody = serde_json::from_slice(&raw).map_err(|e| {
-        ApiError::BadRequest(format!(
-            "expected {{\"retention\": \"30d\" | \"unlimited\" | null}}: {e}"
-        ))
-    })?;
-    let own = match parsed.retention {
-        serde_json::Value::Null => None,
-        serde_json::Value::String(text) => {
-            Some(Retention::parse(&text).map_err(ApiError::BadRequest)?)
+    let what = Audited::new(Operation::RetentionSet, &app, serde_json::json!({})).asking(&raw);
+    let (a, h) = (api.clone(), headers.clone());
+    let change = async move {
+        let raw = body(raw)?;
+        let caller = a.authorize(&h, &app, None, Scope::AllApplication)?;
+        if caller.devices != Devices::All {
+            return Err(ApiError::Forbidden);
         }
-        _ => {
-            return Err(ApiError::BadRequest(
-                "`retention` must be a duration like \"30d\", \"unlimited\" or null".into(),
+        super::devices::refuse_in_cluster_mode(
+            &a,
+            "retention overrides are not supported in cluster mode yet: one broker's override would not reach the others' read models; set storage.retention alike on every broker",
+        )?;
+        let parsed: RetentionBody = serde_json::from_slice(&raw).map_err(|e| {
+            ApiError::BadRequest(format!(
+                "expected {{\"retention\": \"30d\" | \"unlimited\" | null}}: {e}"
             ))
-        }
+        })?;
+        let own = match parsed.retention {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(text) => {
+                Some(Retention::parse(&text).map_err(ApiError::BadRequest)?)
+            }
+            _ => {
+                return Err(ApiError::BadRequest(
+                    "`retention` must be a duration like \"30d\", \"unlimited\" or null".into(),
+                ))
+            }
+        };
+        let store = a.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = store
+                .set_retention(&app, own)
+                .map(|()| store.retention(&app));
+            match &result {
+                Ok(r) => tracing::info!(app, retention = %r.effective.text(), "retention set"),
+                Err(e) => tracing::error!(app, error = %e, "setting retention failed"),
+            }
+            result
+        })
+        .await
+        .map_err(|_| ApiError::Internal)?
+        .map_err(|_| ApiError::Internal)
     };
-    let store = api.store.clone();
-    // Runs to the end on its own thread, whether or not the client waits.
-    let result = tokio::task::spawn_blocking(move || {
-        let result = store
-            .set_retention(&app, own)
-            .map(|()| store.retention(&app));
-        match &result {
-            Ok(r) => tracing::info!(app, retention = %r.effective.text(), "retention set"),
-            Err(e) => tracing::error!(app, error = %e, "setting retention failed"),
-        }
-        result
-    })
-    .await
-    .map_err(|_| ApiError::Internal)?
-    .map_err(|_| ApiError::Internal)?;
+    let result = api
+        .audited(&headers, what, change, |r, what| {
+            what.target["effective"] = r.effective.text().into();
+            StatusCode::OK
+        })
+        .await?;
     Ok(shown(result))
 }

@@ -60,6 +60,7 @@ impl Session<'_> {
                 .disconnect(&mut self.out, Goodbye::QosNotSupported);
             return Some(End::Refused("QoS 2"));
         }
+        let received = std::time::Instant::now();
         let now = now_ms();
         let (device, parsed) = match check_publish(&self.grant, &p.topic, &p.payload, now) {
             Ok(x) => x,
@@ -113,6 +114,7 @@ impl Session<'_> {
             body: p.payload,
             parsed,
             done,
+            received,
         };
         self.enqueue(req)
     }

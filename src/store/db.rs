@@ -15,13 +15,14 @@ use serde::{Deserialize, Serialize};
 use super::devices::merge_stats;
 use super::retention::{Expiry, ExpiryFilterFactory, Retention, TimedKeys};
 use super::{merge_composite, StoreError};
-use crate::config::{StorageConfig, SyncMode};
+use crate::config::{Config, SyncMode};
 
 pub(super) const CF_STATE: &str = "state";
 pub(super) const CF_COMPOSITE: &str = "composite";
 pub(super) const CF_DEVICES: &str = "devices";
 pub(super) const CF_TOKENS: &str = "tokens";
 pub(super) const CF_META: &str = "meta";
+pub(super) const CF_AUDIT: &str = "audit";
 pub(super) const CF_LOG: &str = "log";
 pub(super) const CF_SESSIONS: &str = "sessions";
 
@@ -64,10 +65,13 @@ pub struct StoreOptions {
     /// Memtable size of each column family ingest writes (history,
     /// composite state, device statistics).
     pub write_buffer_bytes: usize,
+    /// How long audit events are kept (`audit.retention`).
+    pub audit_retention: Retention,
 }
 
 impl StoreOptions {
-    pub fn new(c: &StorageConfig) -> StoreOptions {
+    pub fn new(config: &Config) -> StoreOptions {
+        let c = &config.storage;
         StoreOptions {
             sync: c.sync,
             retention: c.retention,
@@ -75,6 +79,7 @@ impl StoreOptions {
             compression: c.compression,
             block_cache_bytes: c.block_cache_bytes,
             write_buffer_bytes: c.write_buffer_bytes,
+            audit_retention: config.audit.retention,
         }
     }
 }
@@ -86,6 +91,7 @@ pub(super) struct Families<'db> {
     pub devices: &'db ColumnFamily,
     pub tokens: &'db ColumnFamily,
     pub meta: &'db ColumnFamily,
+    pub audit: &'db ColumnFamily,
     pub log: &'db ColumnFamily,
     pub sessions: &'db ColumnFamily,
 }
@@ -100,7 +106,12 @@ self_cell::self_cell!(
     }
 );
 
-pub(super) fn open(dir: &Path, o: &StoreOptions, expiry: Arc<Expiry>) -> Result<Db, StoreError> {
+pub(super) fn open(
+    dir: &Path,
+    o: &StoreOptions,
+    expiry: Arc<Expiry>,
+    audit_expiry: Arc<Expiry>,
+) -> Result<Db, StoreError> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
@@ -143,12 +154,26 @@ pub(super) fn open(dir: &Path, o: &StoreOptions, expiry: Arc<Expiry>) -> Result<
     composite.set_merge_operator_associative("sluice.composite.v1", merge_composite);
     let mut devices = family(true);
     devices.set_merge_operator_associative("sluice.devices.v1", merge_stats);
+    // Audit events expire by `audit.retention` alone, through the same
+    // filter over their own keys; they are few, so the files holding them
+    // pass through it once per reclaim interval at little cost.
+    let mut audit = family(false);
+    audit.set_compaction_filter_factory(ExpiryFilterFactory {
+        expiry: audit_expiry,
+        keys: TimedKeys::Audit,
+    });
+    let audit_reclaim = match o.audit_retention {
+        Retention::Unlimited => 0,
+        Retention::Ms(_) => o.reclaim_interval.as_secs().max(1),
+    };
+    audit.set_periodic_compaction_seconds(audit_reclaim);
     let cfs = vec![
         ColumnFamilyDescriptor::new(CF_STATE, state),
         ColumnFamilyDescriptor::new(CF_COMPOSITE, composite),
         ColumnFamilyDescriptor::new(CF_DEVICES, devices),
         ColumnFamilyDescriptor::new(CF_TOKENS, family(false)),
         ColumnFamilyDescriptor::new(CF_META, family(false)),
+        ColumnFamilyDescriptor::new(CF_AUDIT, audit),
         ColumnFamilyDescriptor::new(CF_LOG, log),
         ColumnFamilyDescriptor::new(CF_SESSIONS, family(false)),
     ];
@@ -164,6 +189,7 @@ pub(super) fn open(dir: &Path, o: &StoreOptions, expiry: Arc<Expiry>) -> Result<
             devices: cf(CF_DEVICES)?,
             tokens: cf(CF_TOKENS)?,
             meta: cf(CF_META)?,
+            audit: cf(CF_AUDIT)?,
             log: cf(CF_LOG)?,
             sessions: cf(CF_SESSIONS)?,
         })

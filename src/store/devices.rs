@@ -258,7 +258,11 @@ impl Store {
     }
 }
 
-/// Every column family whose keys start with `{app}/`.
+/// Every column family whose keys start with `{app}/` and that removing an
+/// application empties. The `audit` family is keyed by application too but
+/// is left out on purpose: an operator must still be able to read who
+/// removed an application (and what was done to it before); its events
+/// leave with `audit.retention`.
 pub(super) fn app_keyed<'a>(cfs: &Families<'a>) -> [&'a rocksdb::ColumnFamily; 5] {
     [cfs.state, cfs.composite, cfs.devices, cfs.log, cfs.sessions]
 }

@@ -12,14 +12,19 @@
 //! - `tokens`: `t/{id}` → token record (JSON, with the secret's SHA-256
 //!   only); `u/{id}` → lastUsedAt (i64 BE), kept apart so the periodic
 //!   flush rewrites 8 bytes, not the record.
+//! - `audit`: `{app}/` ++ time_ms (u64 BE) ++ seq (u64 BE) → one audit
+//!   event (JSON, see `audit`). Keyed by application but deliberately not
+//!   removed with it: the trail of a removed application, the removal
+//!   included, stays until `audit.retention` expires it.
 //! - `meta`: `seq` → next state sequence number (u64 BE), written in every
 //!   state batch so sequence numbers stay unique across restarts. In
 //!   cluster mode states are numbered by the ingest stream and `seq` is
 //!   the last applied stream sequence + 1, so a restarted materializer
-//!   resumes exactly; `read_model_of` → the name of that stream, so a data
-//!   directory is never fed from two sources; `retention/{app}` → the
-//!   application's retention override; `remove/{app}` → an application
-//!   removal in progress (its token ids).
+//!   resumes exactly; `audit_seq` → next audit sequence number (u64 BE),
+//!   written with every audit event; `read_model_of` → the name of that
+//!   stream, so a data directory is never fed from two sources;
+//!   `retention/{app}` → the application's retention override;
+//!   `remove/{app}` → an application removal in progress (its token ids).
 //! - `log`: `{app}/` ++ position (u64 BE) → each application's commit
 //!   order, for live streams (`log.rs`). Positions are the writer's
 //!   sequence numbers, in cluster mode the stream sequences.
@@ -31,6 +36,7 @@
 //! (or, for the log index, in its values) gets an expiry filter
 //! (`retention::TimedKeys`).
 
+pub mod audit;
 mod db;
 pub mod devices;
 mod log;
@@ -82,6 +88,12 @@ pub struct Store {
     reclaim_interval: std::time::Duration,
     /// Applications whose space is being reclaimed now (see `reclaim`).
     reclaimer: Arc<reclaim::Reclaimer>,
+    /// `audit.retention`; the audit family's expiry filter holds the same.
+    audit_expiry: Arc<Expiry>,
+    /// The next audit sequence number. Held while an event is written, so
+    /// the persisted value only grows (audit events are rare: admin
+    /// changes).
+    audit_seq: Arc<std::sync::Mutex<u64>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -212,7 +224,7 @@ impl Store {
     /// Opens (or creates) the store in `dir` with the default options of
     /// `config/sluice.toml` but `sync`.
     pub fn open(dir: &Path, sync: SyncMode) -> Result<Store, StoreError> {
-        let mut o = StoreOptions::new(&crate::Config::default().storage);
+        let mut o = StoreOptions::new(&crate::Config::default());
         o.sync = sync;
         Store::open_with(dir, &o)
     }
@@ -221,14 +233,18 @@ impl Store {
     /// finishes any application removal a crash interrupted.
     pub fn open_with(dir: &Path, o: &StoreOptions) -> Result<Store, StoreError> {
         let expiry = Arc::new(Expiry::new(o.retention));
-        let db = db::open(dir, o, expiry.clone())?;
-        let store = Store {
+        let audit_expiry = Arc::new(Expiry::new(o.audit_retention));
+        let db = db::open(dir, o, expiry.clone(), audit_expiry.clone())?;
+        let mut store = Store {
             db: Arc::new(db),
             sync: o.sync,
             expiry,
             reclaim_interval: o.reclaim_interval,
             reclaimer: Arc::default(),
+            audit_expiry,
+            audit_seq: Arc::default(),
         };
+        store.audit_seq = Arc::new(std::sync::Mutex::new(store.load_audit_seq()?));
         for (app, r) in store.load_retention()? {
             store.expiry.set(&app, Some(r));
         }
@@ -377,13 +393,24 @@ impl Store {
         max_bytes: usize,
     ) -> Result<HistoryPage, StoreError> {
         let app = device.split(|&b| b == b'/').next().unwrap_or_default();
-        let start_ms = q
-            .start_ms
-            .max(self.expiry.cutoff(app, now_ms().max(0) as u64));
+        let cutoff = self.expiry.cutoff(app, now_ms().max(0) as u64);
+        self.timed_page(self.cfs().state, device, cutoff, q, max_bytes)
+    }
+
+    /// One page of a family keyed by `prefix` ++ time ++ seq (history,
+    /// audit), nothing older than `cutoff` (see `history`).
+    fn timed_page(
+        &self,
+        cf: &rocksdb::ColumnFamily,
+        device: &[u8],
+        cutoff: u64,
+        q: &HistoryQuery,
+        max_bytes: usize,
+    ) -> Result<HistoryPage, StoreError> {
+        let start_ms = q.start_ms.max(cutoff);
         if start_ms > q.end_ms {
             return Ok(HistoryPage::default());
         }
-        let cf = self.cfs().state;
         let key_at = |p: Position| {
             let mut k = device.to_vec();
             k.extend_from_slice(&p.bytes());
@@ -421,7 +448,7 @@ impl Store {
             let at = k
                 .strip_prefix(device)
                 .and_then(Position::from_suffix)
-                .ok_or_else(|| StoreError::Corrupt("state key".into()))?;
+                .ok_or_else(|| StoreError::Corrupt("timed key".into()))?;
             bytes = bytes.saturating_add(v.len() + ITEM_OVERHEAD);
             if page.items.len() == q.limit || (!page.items.is_empty() && bytes > max_bytes) {
                 page.next = Some(at);

@@ -218,6 +218,8 @@ impl Snapshot {
 pub enum TimedKeys {
     /// `state`: `{app}/{device}/` ++ time (u64 BE) ++ seq (u64 BE).
     State,
+    /// `audit`: `{app}/` ++ time (u64 BE) ++ seq (u64 BE).
+    Audit,
     /// `log`: `{app}/` ++ first position (u64 BE), the value starting with
     /// the newest state time of the record (u64 BE): the record expires
     /// once every state it points at has.
@@ -229,7 +231,9 @@ impl TimedKeys {
     /// `None` for a record of another shape (kept).
     fn app_and_time<'k>(self, key: &'k [u8], value: &[u8]) -> Option<(&'k [u8], u64)> {
         match self {
-            TimedKeys::State => {
+            // Both end in 16 bytes of time and sequence after the
+            // application's `/`.
+            TimedKeys::State | TimedKeys::Audit => {
                 let slash = key.iter().position(|&b| b == b'/')?;
                 let suffix = key.len().checked_sub(16)?;
                 if suffix <= slash {
@@ -252,6 +256,7 @@ impl TimedKeys {
     fn filter_name(self) -> &'static CStr {
         match self {
             TimedKeys::State => c"sluice.expiry.state",
+            TimedKeys::Audit => c"sluice.expiry.audit",
             TimedKeys::Log => c"sluice.expiry.log",
         }
     }
@@ -449,7 +454,7 @@ mod tests {
     fn expired_history_is_invisible_at_once_and_compaction_drops_it() {
         use crate::store::{device_key, HistoryQuery, Order, Position, Store, StoreOptions};
         let dir = tempfile::tempdir().unwrap();
-        let mut o = StoreOptions::new(&crate::Config::default().storage);
+        let mut o = StoreOptions::new(&crate::Config::default());
         o.retention = Retention::Ms(3_600_000);
         let now = now_ms() as u64;
         let times = [now - 7_200_000, now - 60_000, now];

@@ -454,15 +454,16 @@ impl TokenService {
         Ok(record)
     }
 
-    /// Deletes a token and its whole subtree, permanently. In cluster mode
-    /// it returns once every live broker enforces it, or names those that
-    /// had not confirmed in time.
+    /// Deletes a token and its whole subtree, permanently; returns the ids
+    /// removed (the token's first). In cluster mode it returns once every
+    /// live broker enforces it, or names those that had not confirmed in
+    /// time.
     pub async fn delete(
         self: &Arc<Self>,
         caller: Arc<TokenEntry>,
         app: String,
         id: String,
-    ) -> Result<Enforced<()>, TokenError> {
+    ) -> Result<Enforced<Vec<String>>, TokenError> {
         self.change(move |svc| async move {
             match svc.plane.clone() {
                 None => Ok((svc.delete_now(&caller, &app, &id).await?, None)),
@@ -472,14 +473,20 @@ impl TokenService {
         .await
     }
 
-    async fn delete_now(&self, caller: &TokenEntry, app: &str, id: &str) -> Result<(), TokenError> {
+    async fn delete_now(
+        &self,
+        caller: &TokenEntry,
+        app: &str,
+        id: &str,
+    ) -> Result<Vec<String>, TokenError> {
         self.still_usable(caller)?;
         self.visible(caller, app, id)?;
         let ids = self.registry.subtree(id);
         let store = self.store.clone();
-        blocking(move || store.delete_tokens(&ids)).await?;
+        let stored = ids.clone();
+        blocking(move || store.delete_tokens(&stored)).await?;
         self.registry.remove_subtree(id);
-        Ok(())
+        Ok(ids)
     }
 
     /// The first half of removing an application (`DELETE
@@ -532,7 +539,7 @@ impl TokenService {
         caller: &TokenEntry,
         app: &str,
         id: &str,
-    ) -> Result<((), Option<u64>), TokenError> {
+    ) -> Result<(Vec<String>, Option<u64>), TokenError> {
         for _ in 0..MAX_ATTEMPTS {
             plane.catch_up().await?;
             self.still_usable(caller)?;
@@ -546,11 +553,13 @@ impl TokenService {
             // Not applied in time: the barrier names this broker too.
             let _ = plane.wait_applied(revision).await;
             let removed = plane.take_removed(id);
+            let mut ids = vec![id.to_string()];
+            ids.extend(removed.iter().map(|(r, _)| r.clone()));
             if !removed.is_empty() {
                 let plane = plane.clone();
                 tokio::spawn(async move { plane.delete_quietly(removed).await });
             }
-            return Ok(((), Some(revision)));
+            return Ok((ids, Some(revision)));
         }
         Err(TokenError::Conflict)
     }

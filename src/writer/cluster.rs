@@ -37,6 +37,7 @@ use super::{split_device_key, CommitError, CommitSink, Committed, Failure, Healt
 use crate::cluster::publish::{PublishError, Publisher, StateMessage, Stored};
 use crate::cluster::Names;
 use crate::cluster_metrics::ClusterMetrics;
+use prometheus_client::metrics::histogram::Histogram;
 
 /// Most messages in one atomic batch (`cluster::publish::MAX_BATCH`); the
 /// writer's batch policy is capped at this in cluster mode.
@@ -83,6 +84,9 @@ pub struct StreamSpec {
     /// still recognised as a duplicate of the batch if the batch was stored
     /// (see [`settle_window`]).
     pub settle_window: Duration,
+    /// `sluice_ack_latency_seconds`, observed once per stored batch as the
+    /// standalone writer does once per commit.
+    pub ack_latency: Histogram,
 }
 
 /// [`StreamSpec::settle_window`] for a stream's duplicate window and the
@@ -122,6 +126,7 @@ impl StreamSink {
             forget_attributes: forget_attributes.clone(),
             settle_window: spec.settle_window,
             stopping: stopping.clone(),
+            ack_latency: spec.ack_latency,
         };
         tokio::spawn(task.run(rx, spec.max_in_flight, done));
         StreamSink {
@@ -177,6 +182,7 @@ struct PublishTask {
     forget_attributes: Arc<AtomicBool>,
     settle_window: Duration,
     stopping: Arc<AtomicBool>,
+    ack_latency: Histogram,
 }
 
 /// A batch's outcome: where it was stored (`None`: nothing to publish).
@@ -363,6 +369,12 @@ impl PublishTask {
     }
 
     fn answer(&self, h: Handoff, ends: &[Option<usize>], outcome: Outcome) {
+        // The longest of the batch, before its acknowledgements are
+        // released (as the standalone writer counts it).
+        if let (Ok(Some(_)), Some(oldest)) = (&outcome, h.requests.iter().map(|r| r.received).min())
+        {
+            self.ack_latency.observe(oldest.elapsed().as_secs_f64());
+        }
         complete(h, outcome, Some(ends));
     }
 }

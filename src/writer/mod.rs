@@ -141,6 +141,9 @@ pub struct WriteRequest {
     pub body: Bytes,
     pub parsed: ParsedStates,
     pub done: Completion,
+    /// When the request (HTTP) or publish (MQTT) was received, for
+    /// `sluice_ack_latency_seconds`.
+    pub received: Instant,
 }
 
 impl WriteRequest {
@@ -598,6 +601,10 @@ impl Worker {
         let result = self.check_and_write(batch, size);
         let elapsed = started.elapsed();
         self.count_refusals();
+        // Ack latency is counted per batch: the longest of the batch, its
+        // oldest request's, from receipt to the moment its acknowledgement
+        // is released.
+        let oldest = batch.iter().map(|r| r.received).min();
         let outcome = match result {
             Ok(stored) => {
                 self.metrics.batches.inc();
@@ -612,6 +619,13 @@ impl Worker {
                 Err(CommitError::Storage)
             }
         };
+        // Observed before the completions, so whoever holds an
+        // acknowledgement also finds it counted.
+        if let (Ok(_), Some(oldest)) = (outcome, oldest) {
+            self.metrics
+                .ack_latency_seconds
+                .observe(oldest.elapsed().as_secs_f64());
+        }
         for (req, refused) in batch.drain(..).zip(self.refused.drain(..)) {
             req.complete(refused.map_or(outcome, Err), wake);
         }
@@ -977,6 +991,7 @@ mod tests {
             body,
             parsed,
             done,
+            received: Instant::now(),
         }
     }
 

@@ -202,9 +202,11 @@ test('root signs in, mints a branch, revokes it, watches a device and the broker
   await page.getByRole('navigation', { name: 'Views' }).getByRole('button', { name: 'Devices' }).focus();
   await page.keyboard.press('Enter');
   await page.waitForFunction(() => document.activeElement?.textContent === 'Devices');
-  // pump-1 is known from the child's device list.
+  // pump-1 is listed by the devices API: it has stored 32 states.
   const row = page.getByRole('row').filter({ has: page.getByRole('rowheader', { name: 'pump-1' }) });
   await row.getByText('ago').waitFor();
+  assert.equal((await row.getByRole('cell').nth(2).textContent()).trim(), '32');
+  await page.getByText('1 device shown.').waitFor();
   await shot(page, '07-devices');
   await row.getByRole('button', { name: 'Open pump-1' }).click();
 
@@ -246,14 +248,18 @@ test('root signs in, mints a branch, revokes it, watches a device and the broker
   // While devices send, the live ingest rate and commit latency show it.
   const ingest = page.locator('.stat', { hasText: 'Ingest' }).locator('.value');
   const latency = page.locator('.stat', { hasText: 'Group-commit latency' }).locator('.value');
+  const ack = page.locator('.stat', { hasText: 'Ack latency' }).locator('.value');
+  // The root token also sees that this broker runs alone.
+  await page.getByText('Standalone broker (no cluster).').waitFor();
   let seen = false;
   for (let i = 0; i < 60 && !seen; i += 1) {
     const batch = Array.from({ length: 20 }, (_, k) => ({ data: { flow: 20 + k } }));
     assert.equal((await postState(server, gatewaySecret, 'farm', 'pump-2', batch)).status, 200);
     await page.waitForTimeout(100);
-    seen = /^[1-9]/.test((await ingest.textContent()).trim()) && /p50 [0-9]/.test(await latency.textContent());
+    seen = /^[1-9]/.test((await ingest.textContent()).trim()) && /p50 [0-9]/.test(await latency.textContent())
+      && /p50 [0-9].* p99 [0-9]/.test(await ack.textContent());
   }
-  assert.ok(seen, `no live ingest rate shown: ${await ingest.textContent()} / ${await latency.textContent()}`);
+  assert.ok(seen, `no live ingest rate shown: ${await ingest.textContent()} / ${await latency.textContent()} / ${await ack.textContent()}`);
   await shot(page, '09-broker');
 
   // A phone-sized viewport: the tree and the device view fit the width.
@@ -361,5 +367,49 @@ test('an application token sees its own branch and nothing wider', async () => {
   await page.getByText('Your token is no longer accepted').waitFor();
   await page.getByRole('heading', { name: 'Sign in' }).waitFor();
   await assertNoSecretKept(page, [ADMIN, backend.token, sensor.token, sibling.token, cameraSecret]);
+  await page.close();
+});
+
+test('the devices view pages through the devices API; an application token sees no cluster', async () => {
+  const base = server.admin;
+  const res = await fetch(`${base}/applications/fleet/tokens`, {
+    method: 'POST', headers: { Authorization: `Bearer ${ADMIN}`, 'Content-Type': 'application/json' },
+    body: JSON.stringify({ name: 'ops', scope: ['device.sendState', 'device.getState', 'token.read'] }),
+  });
+  assert.equal(res.status, 201);
+  const ops = await res.json();
+  // 105 devices: more than one page of 100.
+  const ids = Array.from({ length: 105 }, (_, i) => `unit-${String(i).padStart(3, '0')}`);
+  for (let i = 0; i < ids.length; i += 15) {
+    const sent = await Promise.all(ids.slice(i, i + 15).map((d, k) => postState(server, ops.token, 'fleet', d, Array.from({ length: 1 + (k % 3) }, () => ({ data: { v: k } })))));
+    for (const r of sent) assert.equal(r.status, 200, JSON.stringify(r.body));
+  }
+
+  const page = await browser.newPage();
+  await page.goto(`${base}/console/`);
+  await page.getByLabel('Token', { exact: true }).fill(ops.token);
+  await page.getByRole('button', { name: 'Sign in' }).click();
+  await page.getByText('Application fleet').waitFor();
+  await page.getByRole('navigation', { name: 'Views' }).getByRole('button', { name: 'Devices' }).click();
+  await page.getByText('100 devices shown; more follow.').waitFor();
+  const rows = page.locator('table.devices tbody tr');
+  assert.equal(await rows.count(), 100);
+  assert.equal((await rows.first().getByRole('rowheader').textContent()).trim(), 'unit-000');
+  await shot(page, '12-devices-paged');
+  await page.getByRole('button', { name: 'Show more devices' }).click();
+  await page.getByText('105 devices shown.').waitFor();
+  assert.equal(await rows.count(), 105);
+  assert.equal(await page.getByRole('button', { name: 'Show more devices' }).isVisible(), false);
+  // Each row says how many states its device stored.
+  const last = rows.filter({ has: page.getByRole('rowheader', { name: 'unit-104' }) });
+  assert.equal((await last.getByRole('cell').nth(2).textContent()).trim(), String(1 + ((104 % 15) % 3)));
+
+  // The broker view of an application token shows the figures but not
+  // the cluster, which only the root token may read.
+  await page.getByRole('navigation', { name: 'Views' }).getByRole('button', { name: 'Broker' }).click();
+  await page.locator('.stat', { hasText: 'Ack latency' }).waitFor();
+  await page.getByRole('heading', { name: 'Refusals by reason' }).waitFor();
+  assert.equal(await page.getByText('Standalone broker').count(), 0);
+  assert.equal(await page.getByRole('heading', { name: 'Cluster' }).count(), 0);
   await page.close();
 });

@@ -5,9 +5,10 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { buildTree, derived, descendants, grantable, impact, mayManage, namedDevices } from '../../src/console/tree.js';
+import { buildTree, derived, descendants, grantable, impact, mayManage } from '../../src/console/tree.js';
 import { parsePrometheus, quantileBetween, summarize, total } from '../../src/console/metrics.js';
 import { downsample, niceTicks, timeTicks } from '../../src/console/chart.js';
+import { clusterView } from '../../src/console/cluster.js';
 import { parseEvent } from '../../src/console/api.js';
 
 const NOW = Date.parse('2026-06-01T00:00:00Z');
@@ -101,7 +102,6 @@ test('only the root or an ancestor holding the scope may manage a token', () => 
   assert.equal(mayManage(self, byId.get('c'), 'token.revoke'), false, 'b lacks token.revoke');
   const admin = { root: false, token: records[0] };
   assert.equal(mayManage(admin, byId.get('c'), 'token.revoke'), true, 'all.Application implies it');
-  assert.deepEqual(namedDevices(records), ['d1', 'd2', 'd3']);
 });
 
 const SCRAPE_1 = `# HELP sluice_messages_stored State messages committed to storage.
@@ -173,6 +173,38 @@ test('chart scales pick round ticks and keep the shape when downsampling', () =>
   assert.ok(d.length <= 200);
   assert.ok(d.some((p) => p[1] === 1000), 'a spike survives downsampling');
   assert.ok(d.every((p, i) => i === 0 || p[0] >= d[i - 1][0]), 'in time order');
+});
+
+test('the cluster view puts this broker first and measures lag from the newest revision', () => {
+  assert.deepEqual(clusterView({ mode: 'standalone' }), { mode: 'standalone' });
+  const v = clusterView({
+    mode: 'cluster', nodeId: 'b', applied: 40, pendingChanges: 2, lastAppliedAt: null, stale: false,
+    nodes: [
+      { nodeId: 'c', applied: 42, lastHeartbeat: '2026-06-01T00:00:00.000Z', stale: false },
+      { nodeId: 'a', applied: 30, lastHeartbeat: '2026-05-31T23:59:00.000Z', stale: true },
+      { nodeId: 'b', applied: 41, lastHeartbeat: '2026-06-01T00:00:01.000Z', stale: false },
+    ],
+  });
+  assert.equal(v.newest, 42);
+  assert.equal(v.pending, 2);
+  assert.deepEqual(v.nodes.map((n) => [n.nodeId, n.applied, n.lag, n.self, n.stale]), [
+    ['b', 40, 2, true, false],
+    ['a', 30, 12, false, true],
+    ['c', 42, 0, false, false],
+  ]);
+  assert.equal(v.nodes[0].lastHeartbeat, '2026-06-01T00:00:01.000Z');
+});
+
+test('ack latency quantiles come from their own histogram', () => {
+  const scrape = (n) => parsePrometheus([
+    `sluice_ack_latency_seconds_bucket{le="0.001"} ${n}`,
+    `sluice_ack_latency_seconds_bucket{le="0.002"} ${2 * n}`,
+    `sluice_ack_latency_seconds_bucket{le="+Inf"} ${2 * n}`,
+  ].join('\n'));
+  const sum = summarize(scrape(0), scrape(10), 2);
+  assert.ok(sum.ackP50 > 0 && sum.ackP50 <= 0.001, String(sum.ackP50));
+  assert.ok(sum.ackP99 > 0.001 && sum.ackP99 <= 0.002, String(sum.ackP99));
+  assert.equal(sum.commitP99, null);
 });
 
 test('live-stream events are read as Server-Sent Events define them', () => {

@@ -1128,6 +1128,61 @@ fn hang_up_create(s: &Server, i: usize) {
     let _ = sock.shutdown(std::net::Shutdown::Both);
 }
 
+/// Audit in cluster mode: each broker records the changes made through it
+/// (README "Audit"), so the trail read from one broker shows that broker's
+/// changes, whichever broker the token was minted on.
+#[test]
+fn each_broker_audits_the_changes_made_through_it() {
+    let b = Brokers::start(2, "audit");
+    let (id, owner) = mint(
+        &b.brokers[0],
+        ADMIN,
+        "farm",
+        json!({"name": "owner", "scope": ["all.Application"]}),
+    );
+    // The token, minted on broker 0, deactivates a child on broker 1.
+    eventually("the token on broker 1", Duration::from_secs(10), || {
+        get_admin(&b.brokers[1], &owner, "/whoami").0 == 200
+    });
+    let (child, _) = mint(
+        &b.brokers[1],
+        &owner,
+        "farm",
+        json!({"name": "child", "scope": ["device.sendState"]}),
+    );
+    let (st, _) = patch_token(
+        &b.brokers[1],
+        &owner,
+        "farm",
+        &child,
+        json!({"status": "inactive"}),
+    );
+    assert_eq!(st, 200);
+    let trail = |s: &Server| -> Vec<(String, String)> {
+        let (st, v) = get_admin(s, ADMIN, "/applications/farm/audit?order=asc");
+        assert_eq!(st, 200, "{v}");
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["operation"].as_str().unwrap().to_string(),
+                    e["target"]["tokenId"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(trail(&b.brokers[0]), [("token.create".to_string(), id)]);
+    assert_eq!(
+        trail(&b.brokers[1]),
+        [
+            ("token.create".to_string(), child.clone()),
+            ("token.update".to_string(), child)
+        ]
+    );
+}
+
 /// Live streams (issue 11) on a broker whose token view goes stale: an
 /// open stream ends, a new one is refused with 503 until the view is
 /// fresh again, and then a consumer resumes by `Last-Event-ID` with

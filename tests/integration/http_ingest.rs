@@ -367,3 +367,61 @@ impl std::io::Read for ChunkReader {
         Ok(n)
     }
 }
+
+/// The value of an unlabelled series in the Prometheus text.
+fn series(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+}
+
+/// `sluice_ack_latency_seconds` is observed once per committed batch, for
+/// HTTP requests and MQTT publishes alike.
+#[test]
+fn ack_latency_is_observed_once_per_batch_over_http_and_mqtt() {
+    let s = Server::start();
+    let t = sender(&s, "app1");
+    let before = metrics_text(&s);
+    assert_eq!(series(&before, "sluice_ack_latency_seconds_count"), 0.0);
+    for i in 0..3 {
+        let body = format!(r#"{{"data":{{"n":{i}}}}}"#);
+        assert_eq!(post_state(&s, &t, "app1", "d1", &body).0, 200);
+    }
+    let http = metrics_text(&s);
+    let count = series(&http, "sluice_ack_latency_seconds_count");
+    assert!(count >= 1.0, "{http}");
+    assert_eq!(count, series(&http, "sluice_batches_committed_total"));
+    assert!(series(&http, "sluice_ack_latency_seconds_sum") > 0.0);
+
+    let port: u16 = s.mqtt.rsplit(':').next().unwrap().parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut o = rumqttc::MqttOptions::new("lat", "127.0.0.1", port);
+        o.set_credentials("user", &t);
+        let (cl, mut ev) = rumqttc::AsyncClient::new(o, 10);
+        cl.publish(
+            "applications/app1/devices/d2/state",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            r#"{"data":{"m":1}}"#,
+        )
+        .await
+        .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            loop {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) =
+                    ev.poll().await.unwrap()
+                {
+                    break;
+                }
+            }
+        })
+        .await
+        .expect("PUBACK");
+    });
+    let mqtt = metrics_text(&s);
+    let after = series(&mqtt, "sluice_ack_latency_seconds_count");
+    assert!(after > count, "{mqtt}");
+    assert_eq!(after, series(&mqtt, "sluice_batches_committed_total"));
+}

@@ -5,6 +5,7 @@
 mod common;
 
 mod admin_cancel;
+mod audit;
 mod backup;
 mod bad_input;
 mod cli;
@@ -31,6 +32,7 @@ mod nats;
 mod nats_kv;
 mod nats_registry;
 mod nats_stream;
+mod openapi;
 mod rate_limits;
 mod readiness;
 mod reload;
