@@ -320,25 +320,30 @@ impl Publisher {
         let mut problem = problem;
         while Instant::now() < deadline {
             let message = PublishMessage::build().message_id(msg_id);
-            let ack = match self
-                .nats
-                .js
-                .send_publish(self.fence_subject.clone(), message)
-                .await
-            {
-                Ok(f) => tokio::time::timeout_at(deadline, f)
+            // Sending is bounded as well as the acknowledgement: while the
+            // client is disconnected, handing it a message can wait for
+            // the reconnection, and the fence must answer by its deadline.
+            let attempt = async {
+                let ack = match self
+                    .nats
+                    .js
+                    .send_publish(self.fence_subject.clone(), message)
                     .await
-                    .map_err(|_| "no acknowledgement of the fence".to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string())),
-                Err(e) => Err(e.to_string()),
+                {
+                    Ok(f) => f.await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match ack {
+                    // The id is taken: by this batch's first message, or by
+                    // a fence an earlier call with this batch number stored.
+                    Ok(ack) if ack.duplicate => self.holder_of(ack.sequence, n).await,
+                    Ok(_) => Ok(Err(PublishError::NotStored(self.spec.publish_timeout))),
+                    Err(e) => Err(e),
+                }
             };
-            let settled = match ack {
-                // The id is taken: by this batch's first message, or by a
-                // fence an earlier call with this batch number stored.
-                Ok(ack) if ack.duplicate => self.holder_of(ack.sequence, n).await,
-                Ok(_) => Ok(Err(PublishError::NotStored(self.spec.publish_timeout))),
-                Err(e) => Err(e),
-            };
+            let settled = tokio::time::timeout_at(deadline, attempt)
+                .await
+                .unwrap_or_else(|_| Err("no acknowledgement of the fence".to_string()));
             match settled {
                 Ok(outcome) => return outcome,
                 Err(e) => {
