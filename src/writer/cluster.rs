@@ -46,6 +46,10 @@ pub const MAX_BATCH_MESSAGES: usize = crate::cluster::publish::MAX_BATCH;
 /// While publishes fail, how often the stream is probed.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
+/// Longest wait for one probe's answer (a stream that takes longer is not
+/// back in any useful sense).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// One batch on its way from the writer thread to the stream.
 pub(super) struct Handoff {
     number: u64,
@@ -210,25 +214,37 @@ impl PublishTask {
                 }
             })
             .buffer_unordered(in_flight.max(1));
-        // While publishes fail and no new batch comes to show otherwise,
-        // the stream is probed, so health turns good again by itself (a
-        // load balancer that stopped sending on 503 would never send the
-        // batch that shows it).
-        let mut probe = tokio::time::interval(PROBE_EVERY);
+        // The probe runs beside the batches, never between them: a probe
+        // waits for NATS as long as a request to it may take, and answers
+        // must not wait for that.
+        let prober = tokio::spawn(task.clone().probe());
+        while let Some((h, ends, outcome)) = outcomes.next().await {
+            task.answer(h, &ends, outcome);
+        }
+        prober.abort();
+        let _ = done.send(());
+    }
+
+    /// While publishes fail and no new batch comes to show otherwise, the
+    /// stream is probed every [`PROBE_EVERY`], so health turns good again
+    /// by itself (a load balancer that stopped sending on 503 would never
+    /// send the batch that shows it). Each probe is bounded by
+    /// [`PROBE_TIMEOUT`], so an unanswered one cannot hold back the next.
+    async fn probe(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(PROBE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                next = outcomes.next() => match next {
-                    Some((h, ends, outcome)) => task.answer(h, &ends, outcome),
-                    None => break,
-                },
-                _ = probe.tick(), if task.health.is_failing(Failure::Stream) => {
-                    if task.publisher.reachable().await && task.health.recover(Failure::Stream) {
-                        tracing::warn!("the ingest stream answers again");
-                    }
-                }
+            tick.tick().await;
+            if !self.health.is_failing(Failure::Stream) {
+                continue;
+            }
+            let reachable = tokio::time::timeout(PROBE_TIMEOUT, self.publisher.reachable())
+                .await
+                .unwrap_or(false);
+            if reachable && self.health.recover(Failure::Stream) {
+                tracing::warn!("the ingest stream answers again");
             }
         }
-        let _ = done.send(());
     }
 
     /// The stream messages of a batch's admitted requests and, per request,
