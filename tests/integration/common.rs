@@ -197,6 +197,17 @@ pub fn metrics_text(s: &Server) -> String {
         .unwrap()
 }
 
+/// The value of the sample `name` (with its labels, if any, as written,
+/// e.g. `sluice_x_total{a="b"}`) on the admin listener's `/metrics`;
+/// `None` if there is no such sample. Matches whole sample lines only, so
+/// a `# HELP` text or a longer name never passes for the sample.
+pub fn metric(s: &Server, name: &str) -> Option<f64> {
+    metrics_text(s).lines().find_map(|l| {
+        let (n, v) = l.rsplit_once(' ')?;
+        (n == name).then(|| v.parse().ok()).flatten()
+    })
+}
+
 pub fn post_state(s: &Server, token: &str, app: &str, device: &str, body: &str) -> (u16, Value) {
     json_of(
         client()
