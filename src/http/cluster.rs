@@ -23,15 +23,22 @@ pub(super) async fn status(
     let body = match api.tokens.plane() {
         None => serde_json::json!({"mode": "standalone"}),
         Some(plane) => {
-            let mut v = serde_json::to_value(plane.status()).map_err(|_| ApiError::Internal)?;
-            v["mode"] = "cluster".into();
             // The ingest log: this broker's read model against the stream
             // (as `GET /cluster/ingest`), or why the stream did not answer.
-            if let Some(view) = &api.ingest_view {
-                v["ingest"] = match view.status(&api.read_model).await {
+            // Read first: the token plane's state is taken after it, so a
+            // slow answer from NATS never reports a view that went stale
+            // meanwhile as live.
+            let ingest = match &api.ingest_view {
+                Some(view) => Some(match view.status(&api.read_model).await {
                     Ok(s) => serde_json::to_value(s).map_err(|_| ApiError::Internal)?,
                     Err(e) => serde_json::json!({"error": e}),
-                };
+                }),
+                None => None,
+            };
+            let mut v = serde_json::to_value(plane.status()).map_err(|_| ApiError::Internal)?;
+            v["mode"] = "cluster".into();
+            if let Some(ingest) = ingest {
+                v["ingest"] = ingest;
             }
             v
         }

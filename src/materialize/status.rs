@@ -3,6 +3,8 @@
 //! --verify-via`) can wait until a broker holds everything acknowledged
 //! anywhere: read `streamLast`, then read with `minSeq=<streamLast>`.
 
+use std::time::Duration;
+
 use serde::Serialize;
 
 use super::applied::ReadModel;
@@ -32,10 +34,18 @@ pub struct IngestStatus {
     pub lag: Option<u64>,
 }
 
+/// Longest wait for the stream's newest sequence. These views answer
+/// operators during an outage too (that is when they are needed), so an
+/// unanswered read is reported rather than waited out for the client's
+/// whole request timeout.
+const ANSWER_WITHIN: Duration = Duration::from_secs(2);
+
 impl IngestView {
     pub async fn status(&self, read_model: &ReadModel) -> Result<IngestStatus, String> {
-        let stream_last = crate::cluster::stream::last_state_seq(&self.nats, &self.names)
+        let read = crate::cluster::stream::last_state_seq(&self.nats, &self.names);
+        let stream_last = tokio::time::timeout(ANSWER_WITHIN, read)
             .await
+            .map_err(|_| format!("the ingest stream did not answer within {ANSWER_WITHIN:?}"))?
             .map_err(|e| e.to_string())?;
         let applied = read_model.applied();
         Ok(IngestStatus {
