@@ -29,10 +29,9 @@ const STALE_NOTE = 'This broker has lost its view of the cluster\'s tokens and r
 const VIEW_TIMEOUT = 30000;
 /**
  * While NATS is down each `GET /cluster` answers only after the broker's
- * probe of the ingest stream has timed out (10 s, NATS's request timeout),
- * and the view reads /metrics and /cluster in turn: a read begun just
- * before the view went stale still says live, so the warning can take two
- * such reads, and a newly opened broker view two more before it draws.
+ * probe of the ingest stream has timed out (10 s, NATS's request timeout):
+ * a read begun just before the view went stale still says live, so the
+ * warning can take two such reads.
  */
 const OUTAGE_TIMEOUT = 60000;
 
@@ -106,6 +105,22 @@ async function viewShows(page, what, ok) {
   }
 }
 
+/**
+ * Waits for the page's next whole read of /cluster in `trail` after entry
+ * `from`, and returns the paths requested while it waited for its answer.
+ */
+async function duringNextClusterRead(page, trail, from) {
+  const deadline = Date.now() + OUTAGE_TIMEOUT;
+  for (;;) {
+    const seen = trail.slice(from);
+    const start = seen.indexOf('> /cluster');
+    const end = start < 0 ? -1 : seen.indexOf('< /cluster', start);
+    if (end >= 0) return seen.slice(start + 1, end).filter((e) => e.startsWith('> ')).map((e) => e.slice(2));
+    assert.ok(Date.now() < deadline, `no whole read of /cluster: ${seen.join(' ')}`);
+    await page.waitForTimeout(200);
+  }
+}
+
 function view(page, name) {
   return page.getByRole('navigation', { name: 'Views' }).getByRole('button', { name }).click();
 }
@@ -140,6 +155,12 @@ test('an application token\'s broker view has no cluster section', async () => {
 
 test('root watches both brokers, a mint reaching B, and a NATS outage', async () => {
   const page = await chrome.context.newPage();
+  /** Requests (`> path`) and their ends (`< path`), in order. */
+  const trail = [];
+  const path = (r) => new URL(r.url()).pathname;
+  page.on('request', (r) => trail.push(`> ${path(r)}`));
+  page.on('requestfinished', (r) => trail.push(`< ${path(r)}`));
+  page.on('requestfailed', (r) => trail.push(`< ${path(r)}`));
   await signIn(page, a.admin, ADMIN);
   await page.getByLabel('Application id').fill('fleet');
   await page.getByRole('button', { name: 'Open' }).click();
@@ -193,6 +214,10 @@ test('root watches both brokers, a mint reaching B, and a NATS outage', async ()
   await view(page, 'Broker');
   await page.getByText(STALE_NOTE).waitFor({ timeout: OUTAGE_TIMEOUT });
   assert.ok(await page.getByRole('button', { name: 'Sign out' }).isVisible());
+  // The broker's figures do not wait for the slow /cluster: /metrics is
+  // scraped again while a read of /cluster waits for its answer.
+  const during = await duringNextClusterRead(page, trail, trail.length);
+  assert.ok(during.includes('/metrics'), `no scrape of /metrics during a read of /cluster: ${during.join(' ')}`);
 
   // NATS back on the same ports and store: the warning clears by itself.
   await nats.restart();
