@@ -5,7 +5,8 @@
 // applied token-bucket revision and lag; a token minted in the console on
 // A reaches B (lag 0 in the view, and the token works on B). With NATS
 // stopped the view says A's token view is stale and the console goes on
-// working; with NATS back the warning clears. An application token's
+// working (its figures too, though each read of /cluster is slow then);
+// with NATS back the warning clears. An application token's
 // broker view has no cluster section and never asks for `/cluster`.
 // Screenshots go to artifacts/.
 //
@@ -169,11 +170,11 @@ test('root watches both brokers, a mint reaching B, and a NATS outage', async ()
   // Both brokers, A first as this one, live and level.
   await view(page, 'Broker');
   await page.getByRole('heading', { name: 'Cluster' }).waitFor();
-  const before = await viewShows(page, 'both brokers live and level', (n) => n.length === 2
+  const level = await viewShows(page, 'both brokers live and level', (n) => n.length === 2
     && n.every((x) => x.state === 'live' && x.lag === 0) && n[0].applied === n[1].applied);
-  assert.deepEqual(before.map((x) => [x.id, x.self]), [[A_ID, true], [B_ID, false]]);
+  assert.deepEqual(level.map((x) => [x.id, x.self]), [[A_ID, true], [B_ID, false]]);
   assert.equal(await page.getByText(STALE_NOTE).count(), 0);
-  const rev0 = before[0].applied;
+  const rev0 = level[0].applied;
   // What A shows of itself is what A's /cluster says.
   assert.equal((await clusterOf(a)).applied, rev0);
 
@@ -189,10 +190,10 @@ test('root watches both brokers, a mint reaching B, and a NATS outage', async ()
 
   // ...moves A to a newer revision, and the view shows B reach it.
   await view(page, 'Broker');
-  const after = await viewShows(page, 'B at A\'s new revision', (n) => n.length === 2
+  const reached = await viewShows(page, 'B at A\'s new revision', (n) => n.length === 2
     && n[0].applied > rev0 && n[1].applied === n[0].applied && n.every((x) => x.lag === 0 && x.state === 'live'));
-  assert.deepEqual(after.map((x) => x.id), [A_ID, B_ID]);
-  const rev1 = after[0].applied;
+  assert.deepEqual(reached.map((x) => x.id), [A_ID, B_ID]);
+  const rev1 = reached[0].applied;
   // B itself says it has applied it, and serves the new token.
   const seenByB = await clusterOf(b);
   assert.equal(seenByB.nodeId, B_ID);
