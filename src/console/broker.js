@@ -1,6 +1,8 @@
 // The broker view: live figures from `/metrics`, scraped every two seconds,
 // and for the root token the cluster's brokers and their lag from
-// `/cluster`.
+// `/cluster`, read in a loop of its own: while NATS is unreachable a
+// `/cluster` answer can take the broker's NATS request timeout (10 s), and
+// the figures must not wait for it.
 
 import { metricsText } from './api.js';
 import { sparkline } from './chart.js';
@@ -34,20 +36,30 @@ export class BrokerView {
     this.rates = [];
     this.p99s = [];
     this.ackP99s = [];
-    /** `/cluster` as last read; null when this token may not read it. */
+    /** `/cluster` as last read; null before the first answer, and for a
+     * token that may not read it. */
     this.cluster = null;
+    /** Why the last read of `/cluster` failed; null when it answered. */
+    this.clusterError = null;
     this.prev = null;
+    /** The figures last drawn, redrawn when `/cluster` answers. */
+    this.last = null;
     this.timer = null;
+    this.clusterTimer = null;
   }
 
   mount(container) {
     container.append(this.el);
+    // Only the root token may read the cluster view; others skip it.
+    if (this.ctx.principal.root) this.clusterTick();
     return this.tick();
   }
 
   unmount() {
     clearTimeout(this.timer);
+    clearTimeout(this.clusterTimer);
     this.timer = null;
+    this.clusterTimer = null;
     this.el.remove();
   }
 
@@ -55,20 +67,33 @@ export class BrokerView {
     try {
       const at = performance.now();
       const cur = parsePrometheus(await metricsText());
-      // Only the root token may read the cluster view; others skip it.
-      this.cluster = this.ctx.principal.root ? clusterView(await this.ctx.session.get('/cluster')) : null;
       if (this.prev) {
         const sum = summarize(this.prev.m, cur, (at - this.prev.at) / 1000);
         this.rates = [...this.rates, sum.ingestRate].slice(-KEEP);
         this.p99s = [...this.p99s, sum.commitP99 ?? 0].slice(-KEEP);
         this.ackP99s = [...this.ackP99s, sum.ackP99 ?? 0].slice(-KEEP);
+        this.last = sum;
         this.render(sum);
       }
       this.prev = { m: cur, at };
     } catch (e) {
+      this.last = null;
       fill(this.body, note('error', `Could not read /metrics: ${e.message}`));
     }
     if (this.el.isConnected) this.timer = setTimeout(() => this.tick(), this.prev ? INTERVAL_MS : 200);
+  }
+
+  /** Reads `/cluster`, redraws, and reads it again two seconds after it answered. */
+  async clusterTick() {
+    try {
+      this.cluster = clusterView(await this.ctx.session.get('/cluster'));
+      this.clusterError = null;
+    } catch (e) {
+      this.clusterError = e.message;
+    }
+    if (!this.el.isConnected) return;
+    if (this.last) this.render(this.last);
+    this.clusterTimer = setTimeout(() => this.clusterTick(), INTERVAL_MS);
   }
 
   render(x) {
@@ -97,8 +122,10 @@ export class BrokerView {
   }
 
   renderCluster() {
+    if (!this.ctx.principal.root) return null;
+    if (this.clusterError) return [h('h2', {}, 'Cluster'), note('error', `Could not read /cluster: ${this.clusterError}`)];
     const c = this.cluster;
-    if (!c) return null;
+    if (!c) return note('loading', 'Reading /cluster…');
     if (c.mode === 'standalone') return h('p', { class: 'muted', dataset: { cluster: 'standalone' } }, 'Standalone broker (no cluster).');
     const now = Date.now();
     return [

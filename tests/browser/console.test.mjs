@@ -7,101 +7,25 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join, dirname } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import { launch, shot, assertNoSecretKept, card, tokenId, takeSecret, pageErrors } from './browser.mjs';
 import { ADMIN, startServer, postState } from './server.mjs';
 
-const HERE = dirname(fileURLToPath(import.meta.url));
-const ARTIFACTS = join(HERE, 'artifacts');
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
-const TIMEOUT = 15000;
-
 let server;
-let profile;
-let browser;
-/** Every URL the page requested, and everything it logged. */
-const requests = [];
-const logs = [];
+/** Chromium, with every URL its pages requested and everything they logged. */
+let chrome;
 
 before(async () => {
-  mkdirSync(ARTIFACTS, { recursive: true });
   server = await startServer();
-  profile = mkdtempSync(join(tmpdir(), 'sluice-chromium-'));
-  browser = await chromium.launchPersistentContext(profile, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-    viewport: { width: 1280, height: 800 },
-    permissions: ['clipboard-read', 'clipboard-write'],
-  });
-  browser.setDefaultTimeout(TIMEOUT);
-  browser.on('request', (r) => requests.push(r.url()));
-  browser.on('console', (m) => logs.push(`${m.type()}: ${m.text()}`));
-  browser.on('weberror', (e) => logs.push(`pageerror: ${e.error().message}`));
+  chrome = await launch();
 });
 
 after(async () => {
-  if (browser) await browser.close();
-  if (profile) rmSync(profile, { recursive: true, force: true });
+  if (chrome) await chrome.close();
   if (server) await server.stop();
 });
 
-async function shot(page, name) {
-  await page.screenshot({ path: join(ARTIFACTS, `${name}.png`), fullPage: true });
-}
-
-/** Asserts that none of `secrets` is in the URL, web storage or cookies. */
-async function assertNoSecretKept(page, secrets) {
-  const url = page.url();
-  const stored = await page.evaluate(() => {
-    const dump = (s) => Array.from({ length: s.length }, (_, i) => `${s.key(i)}=${s.getItem(s.key(i))}`).join('\n');
-    return { local: dump(localStorage), session: dump(sessionStorage), cookie: document.cookie };
-  });
-  const cookies = JSON.stringify(await browser.cookies());
-  for (const secret of secrets) {
-    assert.ok(!url.includes(secret), `secret in the URL ${url}`);
-    assert.ok(!stored.local.includes(secret), 'secret in localStorage');
-    assert.ok(!stored.session.includes(secret), 'secret in sessionStorage');
-    assert.ok(!stored.cookie.includes(secret) && !cookies.includes(secret), 'secret in cookies');
-    for (const line of logs) assert.ok(!line.includes(secret), `secret in the browser console: ${line}`);
-  }
-  assert.equal(stored.local, '', 'the console wrote to localStorage');
-  assert.equal(stored.session, '', 'the console wrote to sessionStorage');
-  assert.equal(stored.cookie, '', 'the console set a cookie');
-}
-
-function card(page, name) {
-  return page.locator(`article[aria-label="Token ${name}"]`);
-}
-
-async function tokenId(page, name) {
-  return (await card(page, name).locator('dt:text-is("Id") + dd code').textContent()).trim();
-}
-
-/** Mints through the open mint dialog's "Mint" and returns the shown secret. */
-async function takeSecret(page, shotName) {
-  const dlg = page.getByRole('dialog', { name: 'New token secret' });
-  await dlg.waitFor();
-  const secret = await dlg.locator('input.secret').inputValue();
-  assert.match(secret, /^sl_[A-Za-z0-9_-]{43}$/);
-  if (shotName) {
-    await shot(page, shotName);
-    // The copy button puts exactly the secret on the clipboard.
-    await dlg.getByRole('button', { name: 'Copy' }).click();
-    await dlg.getByText('Copied.').waitFor();
-    assert.equal(await page.evaluate(() => navigator.clipboard.readText()), secret);
-  }
-  await dlg.getByRole('button', { name: 'Done' }).click();
-  await dlg.waitFor({ state: 'detached' });
-  return secret;
-}
-
 test('root signs in, mints a branch, revokes it, watches a device and the broker', async () => {
-  const page = browser.pages()[0] ?? await browser.newPage();
+  const page = chrome.context.pages()[0] ?? await chrome.context.newPage();
   const base = server.admin;
 
   await page.goto(`${base}/console`);
@@ -122,7 +46,7 @@ test('root signs in, mints a branch, revokes it, watches a device and the broker
   await page.getByLabel('Application id').fill('farm');
   await page.keyboard.press('Enter');
   await page.getByText('This application has no tokens yet').waitFor();
-  await assertNoSecretKept(page, [ADMIN]);
+  await assertNoSecretKept(chrome, page, [ADMIN]);
 
   // The root mints a parent with an expiry and a rate limit.
   await page.getByRole('button', { name: 'Mint token' }).click();
@@ -282,7 +206,7 @@ test('root signs in, mints a branch, revokes it, watches a device and the broker
   r = await postState(server, childSecret, 'farm', 'pump-1', { data: { flow: 4 } });
   assert.equal(r.status, 401, 'a deleted branch is refused');
 
-  await assertNoSecretKept(page, [ADMIN, gatewaySecret, childSecret]);
+  await assertNoSecretKept(chrome, page, [ADMIN, gatewaySecret, childSecret]);
 
   // Signing out forgets the token: the views are gone.
   await page.getByRole('button', { name: 'Sign out' }).click();
@@ -291,10 +215,10 @@ test('root signs in, mints a branch, revokes it, watches a device and the broker
 
   // Nothing left this origin: no CDN, no fonts, no other host.
   const origin = new URL(base).origin;
-  for (const u of requests) assert.ok(u.startsWith(`${origin}/`), `request to another origin: ${u}`);
+  for (const u of chrome.requests) assert.ok(u.startsWith(`${origin}/`), `request to another origin: ${u}`);
   // No script error and no CSP refusal; the only failed loads are the
   // refused sign-in (401) and the refused mint (403) above.
-  const errors = logs.filter((l) => l.startsWith('error') || l.startsWith('pageerror'));
+  const errors = pageErrors(chrome);
   const unexpected = errors.filter((l) => !/Failed to load resource: .* (401|403) /.test(l));
   assert.deepEqual(unexpected, [], `errors in the page: ${unexpected.join('\n')}`);
 });
@@ -312,7 +236,7 @@ test('an application token sees its own branch and nothing wider', async () => {
   const sibling = await mint(ADMIN, { name: 'sibling', scope: ['device.sendState'] });
   const sensor = await mint(backend.token, { name: 'sensor', scope: ['device.sendState'], devices: ['tree-1'] });
 
-  const page = await browser.newPage();
+  const page = await chrome.context.newPage();
   await page.goto(`${base}/console/`);
 
   // The root mints under a token this tab never saw the secret of: the
@@ -366,7 +290,7 @@ test('an application token sees its own branch and nothing wider', async () => {
   await page.getByRole('button', { name: 'Refresh' }).click();
   await page.getByText('Your token is no longer accepted').waitFor();
   await page.getByRole('heading', { name: 'Sign in' }).waitFor();
-  await assertNoSecretKept(page, [ADMIN, backend.token, sensor.token, sibling.token, cameraSecret]);
+  await assertNoSecretKept(chrome, page, [ADMIN, backend.token, sensor.token, sibling.token, cameraSecret]);
   await page.close();
 });
 
@@ -385,7 +309,7 @@ test('the devices view pages through the devices API; an application token sees 
     for (const r of sent) assert.equal(r.status, 200, JSON.stringify(r.body));
   }
 
-  const page = await browser.newPage();
+  const page = await chrome.context.newPage();
   await page.goto(`${base}/console/`);
   await page.getByLabel('Token', { exact: true }).fill(ops.token);
   await page.getByRole('button', { name: 'Sign in' }).click();

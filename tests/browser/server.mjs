@@ -17,41 +17,61 @@ export function binary() {
   return join(target, 'debug', 'sluice');
 }
 
-export async function startServer() {
+/**
+ * Starts a broker; `args` are added to `serve`'s flags and `env` to the
+ * environment (e.g. cluster mode: `['--cluster', url]` and its
+ * `SLUICE_CLUSTER__*` keys).
+ */
+export async function startServer({ args = [], env = {} } = {}) {
   const bin = binary();
   if (!existsSync(bin)) throw new Error(`no sluice binary at ${bin}: build it (cargo build) or set SLUICE_BIN`);
   const dir = mkdtempSync(join(tmpdir(), 'sluice-browser-'));
   const child = spawn(bin, ['serve', '--data-dir', dir,
-    '--http-listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--mqtt-listen', '127.0.0.1:0'], {
-    env: { ...process.env, SLUICE_ADMIN_TOKEN: ADMIN, RUST_LOG: 'warn' },
+    '--http-listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--mqtt-listen', '127.0.0.1:0', ...args], {
+    env: { ...process.env, SLUICE_ADMIN_TOKEN: ADMIN, RUST_LOG: 'warn', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let stderr = '';
   child.stderr.on('data', (d) => { stderr += d; });
+  const exited = new Promise((r) => child.once('exit', r));
+  /** SIGTERM, and SIGKILL if it has not exited 10 s later. */
+  const stop = async () => {
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill('SIGTERM');
+      const late = setTimeout(() => child.kill('SIGKILL'), 10000);
+      await exited;
+      clearTimeout(late);
+    }
+    rmSync(dir, { recursive: true, force: true });
+  };
   const addrs = {};
   const lines = createInterface({ input: child.stdout });
-  await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`sluice did not start: ${stderr}`)), 60000);
-    child.on('exit', (code) => reject(new Error(`sluice exited (${code}) before listening: ${stderr}`)));
-    lines.on('line', (line) => {
-      const [word, kind, addr] = line.split(' ');
-      if (word === 'listening') addrs[kind] = addr;
-      if (addrs.http && addrs.admin && addrs.mqtt) {
+  try {
+    await new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`sluice did not start: ${stderr}`)), 60000);
+      child.on('exit', (code) => {
         clearTimeout(timer);
-        resolve();
-      }
+        reject(new Error(`sluice exited (${code}) before listening: ${stderr}`));
+      });
+      lines.on('line', (line) => {
+        const [word, kind, addr] = line.split(' ');
+        if (word === 'listening') addrs[kind] = addr;
+        if (addrs.http && addrs.admin && addrs.mqtt) {
+          clearTimeout(timer);
+          resolve();
+        }
+      });
     });
-  });
+  } catch (e) {
+    // A broker that did not come up is not left running.
+    await stop();
+    throw e;
+  }
   return {
     admin: `http://${addrs.admin}`,
     http: `http://${addrs.http}`,
     stderr: () => stderr,
-    async stop() {
-      const done = new Promise((r) => child.once('exit', r));
-      child.kill('SIGTERM');
-      await done;
-      rmSync(dir, { recursive: true, force: true });
-    },
+    stop,
   };
 }
 
