@@ -6,6 +6,12 @@
 //! retention that deletes what a broker has not read yet, a deduplication
 //! window shorter than asked (a resent batch could be stored twice), or an
 //! age limit shorter than asked.
+//!
+//! One change is made to an existing stream rather than refused: a stream
+//! created before control messages existed (removals, retention overrides,
+//! `<prefix>.ctl.>`) gets that subject added. Capturing one more subject
+//! changes nothing about the states already stored or how they are read,
+//! and refusing would make every upgrade an operator's manual edit.
 
 use std::time::Duration;
 
@@ -40,7 +46,11 @@ impl StreamSpec {
         Config {
             name: self.names.state_stream(),
             description: Some("Sluice: accepted device states".into()),
-            subjects: vec![self.names.state_subjects(), self.names.fence_subjects()],
+            subjects: vec![
+                self.names.state_subjects(),
+                self.names.fence_subjects(),
+                self.names.control_subjects(),
+            ],
             storage: StorageType::File,
             num_replicas: self.replicas,
             retention: RetentionPolicy::Limits,
@@ -81,6 +91,24 @@ pub async fn ensure(
     .await
     .map_err(unavailable)?;
     let config = match existing {
+        Some(c) if !c.subjects.contains(&spec.names.control_subjects()) => {
+            let mut wanted = c.clone();
+            wanted.subjects.push(spec.names.control_subjects());
+            let updated = retry_until(
+                deadline,
+                || async { nats.js.update_stream(&wanted).await },
+                |_| true,
+            )
+            .await
+            .map_err(|e| {
+                unavailable(format!(
+                    "cannot add subjects {} to it: {e}",
+                    spec.names.control_subjects()
+                ))
+            })?;
+            tracing::info!(stream = %name, "ingest stream now also captures control messages");
+            updated.config
+        }
         Some(c) => c,
         None => retry_until(
             deadline,
@@ -140,7 +168,11 @@ pub async fn last_seq(nats: &Nats, names: &Names) -> Result<u64, StreamError> {
 
 /// The first setting of `found` that breaks a guarantee, in words.
 pub fn check(spec: &StreamSpec, found: &Config) -> Result<(), String> {
-    for subject in [spec.names.state_subjects(), spec.names.fence_subjects()] {
+    for subject in [
+        spec.names.state_subjects(),
+        spec.names.fence_subjects(),
+        spec.names.control_subjects(),
+    ] {
         if !found.subjects.contains(&subject) {
             return Err(format!("does not capture subjects {subject}"));
         }
@@ -228,6 +260,7 @@ mod tests {
                 Box::new(|c| c.max_age = Duration::from_secs(3600)),
             ),
             ("subjects", Box::new(|c| c.subjects.truncate(1))),
+            ("ctl", Box::new(|c| c.subjects.truncate(2))),
             ("size", Box::new(|c| c.max_bytes = 1 << 30)),
         ];
         for (word, breaks) in cases {
