@@ -38,7 +38,9 @@ pub enum ControlError {
     NotConnected,
     #[error("the stream refused the control message; nothing was stored: {0}")]
     Refused(String),
-    #[error("the stream did not confirm the control message in time; it may or may not be stored: {0}")]
+    #[error(
+        "the stream did not confirm the control message in time; it may or may not be stored: {0}"
+    )]
     Unknown(String),
     #[error("cannot purge the ingest stream: {0}")]
     Purge(String),

@@ -94,6 +94,11 @@ pub async fn ensure(
         Some(c) if !c.subjects.contains(&spec.names.control_subjects()) => {
             let mut wanted = c.clone();
             wanted.subjects.push(spec.names.control_subjects());
+            // A stream refused anyway is left as it is.
+            check(spec, &wanted).map_err(|problem| StreamError::Unsafe {
+                stream: name.clone(),
+                problem,
+            })?;
             let updated = retry_until(
                 deadline,
                 || async { nats.js.update_stream(&wanted).await },

@@ -37,8 +37,8 @@ use super::audit::Audited;
 use super::read::{DEFAULT_LIMIT, MAX_LIMIT};
 use crate::audit::Operation;
 use crate::auth::{Devices, Scope};
-use crate::ids::is_valid_id;
 use crate::cluster::control::{Control, ControlError, Controller};
+use crate::ids::is_valid_id;
 use crate::materialize::applied::NotReady;
 use crate::store::{device_key, DeviceEntry, DevicePage, Store, StoreError};
 use crate::timefmt::format_rfc3339;
@@ -339,7 +339,12 @@ async fn remove_application_clustered(
     };
     let result = through_stream(&api, controller, control).await;
     match &result {
-        Ok(seq) => tracing::info!(app, tokens = tokens.len(), marker = seq, "application removed"),
+        Ok(seq) => tracing::info!(
+            app,
+            tokens = tokens.len(),
+            marker = seq,
+            "application removed"
+        ),
         Err(e) => tracing::error!(app, error = ?e, "application removal failed; repeat it"),
     }
     result.map(|_| tokens)

@@ -295,7 +295,12 @@ impl Apply {
             // its restart. Idempotent, whichever broker got there first.
             match purge(&self.nats, &self.names, c, control.seq).await {
                 Ok(n) if n > 0 => {
-                    tracing::info!(purged = n, marker = control.seq, app = c.app(), "states removed from the ingest stream")
+                    tracing::info!(
+                        purged = n,
+                        marker = control.seq,
+                        app = c.app(),
+                        "states removed from the ingest stream"
+                    )
                 }
                 Ok(_) => {}
                 Err(e) => return Some((self, Err(e.into()))),
@@ -318,7 +323,11 @@ impl Apply {
     /// Applies a control message at stream sequence `seq` (or skips one
     /// that is not valid, alike on every broker), with `seq + 1` as the
     /// read model's position in the same write. Blocking.
-    fn apply_control(&mut self, control: Option<Control>, seq: u64) -> Result<(), MaterializeError> {
+    fn apply_control(
+        &mut self,
+        control: Option<Control>,
+        seq: u64,
+    ) -> Result<(), MaterializeError> {
         let next = seq.saturating_add(1);
         match control {
             None => {
@@ -328,7 +337,12 @@ impl Apply {
             }
             Some(Control::RemoveDevice { app, device }) => {
                 self.store.remove_device_at(&app, &device, next)?;
-                tracing::info!(app, device, marker = seq, "device removed from the read model");
+                tracing::info!(
+                    app,
+                    device,
+                    marker = seq,
+                    "device removed from the read model"
+                );
             }
             Some(Control::RemoveApplication { app, tokens }) => {
                 self.store.remove_application_at(&app, &tokens, next)?;
