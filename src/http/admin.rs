@@ -79,8 +79,6 @@ pub enum ApiError {
     Conflict,
     /// Over `streams.max_streams_per_token` or `_per_ip`.
     TooManyStreams,
-    /// 501: an operation a broker in cluster mode does not do (yet).
-    NotInClusterMode(&'static str),
     /// 504: cluster mode, a change whose outcome is not confirmed in time
     /// (it may be, or is, stored on the stream, but not yet applied here).
     Unconfirmed(String),
@@ -139,11 +137,6 @@ impl ApiError {
                 Some(format!("this broker has applied the ingest stream up to sequence {applied}; minSeq {wanted} was not reached within {waited:?}")),
             ),
             ApiError::Unconfirmed(d) => (StatusCode::GATEWAY_TIMEOUT, "unconfirmed", Some(d.clone())),
-            ApiError::NotInClusterMode(d) => (
-                StatusCode::NOT_IMPLEMENTED,
-                "not_in_cluster_mode",
-                Some(d.to_string()),
-            ),
         }
     }
 }

@@ -288,7 +288,7 @@ impl Apply {
             }
             Piece::Control(r) => r,
         };
-        let parsed = Control::parse(&control.payload).filter(|c| valid_control(c));
+        let parsed = Control::parse(&control.payload).filter(valid_control);
         if let Some(c) = &parsed {
             // The stream first: until the purge succeeded the marker is not
             // applied, so a broker stopped in between purges again after
@@ -351,7 +351,7 @@ impl Apply {
             Some(Control::SetRetention { app, retention }) => {
                 // Checked by `valid_control`.
                 let own = retention.map(|r| Retention::parse(&r)).transpose();
-                let own = own.map_err(|e| StoreError::Corrupt(e))?;
+                let own = own.map_err(StoreError::Corrupt)?;
                 self.store.set_retention_at(&app, own, next)?;
                 tracing::info!(app, marker = seq, "retention override applied");
             }
