@@ -516,3 +516,90 @@ async fn lag_task(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(seq: u64, subject: &str) -> Record {
+        Record {
+            seq,
+            subject: subject.into(),
+            payload: bytes::Bytes::new(),
+            headers: None,
+            pending: 0,
+            stored_ms: 0,
+        }
+    }
+
+    fn shape(pieces: &[Piece]) -> Vec<(char, Vec<u64>)> {
+        pieces
+            .iter()
+            .map(|p| match p {
+                Piece::States(r) => ('s', r.iter().map(|r| r.seq).collect()),
+                Piece::Control(r) => ('c', vec![r.seq]),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn control_messages_cut_a_batch_where_they_stand() {
+        let names = Names::new("p");
+        let plain = vec![record(1, "p.state.a.d"), record(2, "p.state.a.e")];
+        assert_eq!(
+            shape(&pieces(&names, plain)),
+            [('s', vec![1, 2])],
+            "one piece without control messages"
+        );
+        let mixed = vec![
+            record(3, "p.ctl.a"),
+            record(4, "p.state.a.d"),
+            record(5, "p.state.a.d"),
+            record(6, "p.ctl.a"),
+            record(7, "p.ctl.b"),
+            record(8, "p.state.b.d"),
+        ];
+        assert_eq!(
+            shape(&pieces(&names, mixed)),
+            [
+                ('c', vec![3]),
+                ('s', vec![4, 5]),
+                ('c', vec![6]),
+                ('c', vec![7]),
+                ('s', vec![8])
+            ]
+        );
+        let ends_with_control = vec![record(9, "p.state.a.d"), record(10, "p.ctl.a")];
+        let p = pieces(&names, ends_with_control);
+        assert_eq!(p.last().map(Piece::last_seq), Some(10));
+    }
+
+    #[test]
+    fn only_controls_sluice_could_publish_are_applied() {
+        let ok = |c: Control| valid_control(&c);
+        assert!(ok(Control::RemoveDevice {
+            app: "a.b".into(),
+            device: "d-1".into()
+        }));
+        assert!(!ok(Control::RemoveDevice {
+            app: "a/b".into(),
+            device: "d".into()
+        }));
+        assert!(!ok(Control::RemoveDevice {
+            app: "a".into(),
+            device: "".into()
+        }));
+        assert!(ok(Control::SetRetention {
+            app: "a".into(),
+            retention: None
+        }));
+        assert!(ok(Control::SetRetention {
+            app: "a".into(),
+            retention: Some("30d".into())
+        }));
+        assert!(!ok(Control::SetRetention {
+            app: "a".into(),
+            retention: Some("soon".into())
+        }));
+    }
+}

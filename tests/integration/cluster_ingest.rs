@@ -39,7 +39,7 @@ pub fn start_broker(dir: &std::path::Path, env: &[(String, String)]) -> Server {
     Server::start_in(dir, &env)
 }
 
-fn with(mut env: Vec<(String, String)>, k: &str, v: &str) -> Vec<(String, String)> {
+pub fn with(mut env: Vec<(String, String)>, k: &str, v: &str) -> Vec<(String, String)> {
     env.push((k.into(), v.into()));
     env
 }

@@ -6,13 +6,13 @@
 //! application alone (ids that start with the removed one's included), and
 //! an application's retention override is the same on every broker.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sluice::cluster::reader::{Reader, Start};
 use sluice::cluster::Names;
 
-use crate::cluster_ingest::{cluster_env, ingest_status, start_broker};
+use crate::cluster_ingest::{cluster_env, ingest_status, start_broker, with};
 use crate::common::*;
 use crate::nats::NatsCluster;
 
@@ -237,17 +237,23 @@ fn a_device_removal_reaches_every_broker_and_the_stream() {
 
 /// An application removed through broker B loses its tokens and its data
 /// on every broker and on the stream; applications whose ids start with
-/// its id keep theirs.
+/// its id keep theirs. An ingest-only broker takes a removal too (and
+/// purges the stream itself).
 #[test]
 fn an_application_removal_reaches_every_broker_and_the_stream() {
     let nats = NatsCluster::start(3);
-    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let env = cluster_env(&nats, "rma");
     let a = start_broker(dirs[0].path(), &env);
     let b = start_broker(dirs[1].path(), &env);
+    let edge = start_broker(
+        dirs[2].path(),
+        &with(env.clone(), "SLUICE_CLUSTER__MATERIALIZE", "false"),
+    );
     let ta = token_for(&a, "a");
     let tab = token_for(&a, "a.b");
     let tab2 = token_for(&a, "ab");
+    post(&a, &tab2, "ab", "gone", r#"{"data":{"x":0}}"#);
     post(&a, &ta, "a", "d1", r#"{"data":{"x":1}}"#);
     post(&a, &ta, "a", "d2", r#"{"data":{"x":2}}"#);
     post(&a, &tab, "a.b", "d1", r#"{"data":{"keep":"a.b"}}"#);
@@ -271,7 +277,23 @@ fn an_application_removal_reaches_every_broker_and_the_stream() {
         let (st, v) = post_state(s, &tab, "a.b", "d1", r#"{"data":{"still":1}}"#);
         assert_eq!(st, 200, "{v}");
     }
+
+    let (st, v) = delete(&edge, "/applications/ab/devices/gone");
+    assert_eq!(st, 204, "{v}");
+    let last = ingest_status(&edge)["streamLast"].as_u64().unwrap();
+    assert_eq!(devices(&a, "ab", last), ["d1"]);
+    let (st, v) = put_retention(&edge, ADMIN, "ab", json!({"retention": "1d"}));
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (503, Some("no_read_model")),
+        "{v}"
+    );
+
     let states = stream_states(&nats, "rma");
+    assert!(
+        !states.iter().any(|(s, _)| s == "rma.state.ab.gone"),
+        "{states:?}"
+    );
     assert!(
         states
             .iter()
@@ -337,4 +359,53 @@ fn a_retention_override_set_on_one_broker_applies_on_another() {
     history(&a, "farm", "d", marker);
     let (_, v) = get_admin(&a, &t, "/applications/farm/retention");
     assert_eq!(v["retention"], Value::Null, "{v}");
+}
+
+/// While NATS is away a removal is refused with 503 `unavailable` and
+/// removes nothing, not then and not once NATS is back.
+#[test]
+fn a_removal_while_nats_is_away_is_refused_and_removes_nothing() {
+    let mut nats = NatsCluster::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    // The token view stays trusted through the outage, so the request
+    // reaches the removal rather than being refused for a stale view.
+    let env = with(
+        cluster_env(&nats, "rmn"),
+        "SLUICE_CLUSTER__STALE_AFTER",
+        "300s",
+    );
+    let a = start_broker(dir.path(), &env);
+    let t = token_for(&a, "a");
+    let first = post(&a, &t, "a", "d", r#"{"data":{"tag":"before"}}"#);
+    assert_eq!(history(&a, "a", "d", first).len(), 1);
+
+    nats.stop_all();
+    // The client notices the closed connections at once (as the ingest
+    // refusal test relies on too).
+    std::thread::sleep(Duration::from_millis(1000));
+    let (st, v) = delete(&a, "/applications/a/devices/d");
+    assert_eq!((st, v["error"].as_str()), (503, Some("unavailable")), "{v}");
+    // Refused by the removal itself (not by a stale token view).
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was changed"),
+        "{v}"
+    );
+
+    nats.start_all();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let second = loop {
+        let (st, v) = post_state(&a, &t, "a", "d", r#"{"data":{"tag":"after"}}"#);
+        if st == 200 {
+            break seq_of(&v);
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(
+        history(&a, "a", "d", second),
+        [json!({"tag": "before"}), json!({"tag": "after"})]
+    );
 }
