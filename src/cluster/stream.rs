@@ -158,6 +158,32 @@ pub async fn last_state_seq(nats: &Nats, names: &Names) -> Result<u64, StreamErr
     }
 }
 
+/// The stream sequence of the newest message a read model applies (a
+/// state or a control message; 0 when there is none): a read model that
+/// reached it holds every state acknowledged and every removal or
+/// retention override answered so far.
+pub async fn last_applicable_seq(nats: &Nats, names: &Names) -> Result<u64, StreamError> {
+    let name = names.state_stream();
+    let unavailable = |detail: String| StreamError::Unavailable {
+        stream: name.clone(),
+        detail,
+    };
+    let stream = nats
+        .js
+        .get_stream_no_info(&name)
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    let mut last = 0;
+    for subjects in [names.state_subjects(), names.control_subjects()] {
+        match stream.get_last_raw_message_by_subject(&subjects).await {
+            Ok(m) => last = last.max(m.sequence),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {}
+            Err(e) => return Err(unavailable(e.to_string())),
+        }
+    }
+    Ok(last)
+}
+
 /// The stream's last sequence (states and fences; 0 when empty).
 pub async fn last_seq(nats: &Nats, names: &Names) -> Result<u64, StreamError> {
     let name = names.state_stream();

@@ -510,7 +510,7 @@ async fn lag_task(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        if let Ok(last) = crate::cluster::stream::last_state_seq(&nats, &names).await {
+        if let Ok(last) = crate::cluster::stream::last_applicable_seq(&nats, &names).await {
             let applied = *applied.borrow();
             metrics.lag.set(last.saturating_sub(applied) as i64);
         }

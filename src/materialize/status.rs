@@ -25,7 +25,8 @@ pub struct IngestStatus {
     /// Last stream sequence applied to the read model (absent without one).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub applied: Option<u64>,
-    /// Sequence of the newest state in the stream, read now.
+    /// Sequence of the newest state or control message (removal,
+    /// retention override) in the stream, read now.
     pub stream_last: u64,
     /// `streamLast - applied` (absent without a read model).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -34,7 +35,7 @@ pub struct IngestStatus {
 
 impl IngestView {
     pub async fn status(&self, read_model: &ReadModel) -> Result<IngestStatus, String> {
-        let stream_last = crate::cluster::stream::last_state_seq(&self.nats, &self.names)
+        let stream_last = crate::cluster::stream::last_applicable_seq(&self.nats, &self.names)
             .await
             .map_err(|e| e.to_string())?;
         let applied = read_model.applied();
