@@ -252,10 +252,12 @@ impl Apply {
                     }
                     Err(e) => {
                         if !failing {
-                            tracing::error!(error = %e, "cannot write the read model; retrying from the same message");
+                            tracing::error!(error = %e, "cannot apply the stream to the read model; retrying from the same message");
                             failing = true;
                         }
-                        self.metrics.commit_errors.inc();
+                        if matches!(e, MaterializeError::Store(_)) {
+                            self.metrics.commit_errors.inc();
+                        }
                         follower.rewind(self.applied.borrow().saturating_add(1));
                         tokio::select! {
                             _ = stop.cancelled() => return,
