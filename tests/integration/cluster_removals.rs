@@ -3,8 +3,9 @@
 //! message on the ingest stream that every broker applies in stream order,
 //! so it reaches every read model (a broker stopped meanwhile included)
 //! and the stream itself, leaves states accepted after it and every other
-//! application alone (ids that start with the removed one's included), and
-//! an application's retention override is the same on every broker.
+//! application alone (ids that start with the removed one's included), is
+//! refused and removes nothing while NATS is away, and an application's
+//! retention override is the same on every broker.
 
 use std::time::{Duration, Instant};
 
@@ -410,5 +411,34 @@ fn a_removal_while_nats_is_away_is_refused_and_removes_nothing() {
     assert_eq!(
         history(&a, "a", "d", second),
         [json!({"tag": "before"}), json!({"tag": "after"})]
+    );
+}
+
+/// With no broker that materializes, the ingest-only broker that takes a
+/// removal purges the stream itself before it answers.
+#[test]
+fn an_ingest_only_broker_purges_the_stream_itself() {
+    let nats = NatsCluster::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_broker(
+        dir.path(),
+        &with(
+            cluster_env(&nats, "rme"),
+            "SLUICE_CLUSTER__MATERIALIZE",
+            "false",
+        ),
+    );
+    let t = token_for(&edge, "a");
+    post(&edge, &t, "a", "d", r#"{"data":{"x":1}}"#);
+    post(&edge, &t, "a", "d.x", r#"{"data":{"x":2}}"#);
+    let (st, v) = delete(&edge, "/applications/a/devices/d");
+    assert_eq!(st, 204, "{v}");
+    let states = stream_states(&nats, "rme");
+    assert_eq!(
+        states,
+        [(
+            "rme.state.a.d%2Ex".to_string(),
+            r#"{"data":{"x":2}}"#.to_string()
+        )]
     );
 }
