@@ -267,9 +267,9 @@ pub async fn run(
             (writer, Some(ingest))
         }
     };
-    let (read_model, ingest_view, materializer) = match ingest {
-        None => (ReadModel::Local, None, None),
-        Some(i) => (i.read_model, Some(i.view), i.materializer),
+    let (read_model, ingest_view, materializer, control) = match ingest {
+        None => (ReadModel::Local, None, None, None),
+        Some(i) => (i.read_model, Some(i.view), i.materializer, Some(i.control)),
     };
     let queue = writer.queue();
     let writer_exited = writer.exited();
@@ -377,6 +377,7 @@ pub async fn run(
             audit_max_page: config.audit.max_page,
             read_model: read_model.clone(),
             ingest_view,
+            control,
         }),
         read_api(true),
         config.admin.max_body_bytes,
@@ -572,6 +573,7 @@ struct ClusterIngest {
     read_model: ReadModel,
     view: IngestView,
     materializer: Option<Materializer>,
+    control: crate::cluster::control::Controller,
 }
 
 impl ClusterIngest {
@@ -672,9 +674,16 @@ impl ClusterIngest {
             );
             (ReadModel::Absent, None)
         };
+        let control = crate::cluster::control::Controller::new(
+            &nats,
+            names.clone(),
+            node_id.clone(),
+            c.publish_timeout,
+        );
         Ok((
             sink,
             ClusterIngest {
+                control,
                 read_model,
                 view: IngestView {
                     nats,

@@ -1,5 +1,6 @@
 //! A broker's follower of the ingest stream: its own durable consumer
-//! (`follow-<node>`), reading every state in stream order, in batches, from
+//! (`follow-<node>`), reading every state and control message (see
+//! `control.rs`) in stream order, in batches, from
 //! the sequence the broker's read model needs next.
 //!
 //! The broker's read model keeps the last applied sequence in the same
@@ -172,7 +173,10 @@ impl Follower {
             },
             ack_policy: AckPolicy::None,
             replay_policy: ReplayPolicy::Instant,
-            filter_subject: self.spec.names.state_subjects(),
+            filter_subjects: vec![
+                self.spec.names.state_subjects(),
+                self.spec.names.control_subjects(),
+            ],
             ..Default::default()
         };
         let consumer = self

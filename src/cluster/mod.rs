@@ -14,6 +14,8 @@
 //! - `stream`: the ingest stream's settings, created or checked.
 //! - `publish`: atomic batch publish with deduplication and fences.
 //! - `follow`: a broker's durable, in-order follower of the stream.
+//! - `control`: control messages on the stream (removals, retention
+//!   overrides) and the purge a removal makes.
 //! - `replay`: ordered reads of one application's states for downstream
 //!   readers.
 //!
@@ -21,6 +23,7 @@
 //! re-implements them.
 
 pub mod connect;
+pub mod control;
 pub mod follow;
 pub mod kv;
 pub mod names;

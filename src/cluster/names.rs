@@ -70,6 +70,29 @@ impl Names {
         format!("{}.fence.>", self.prefix)
     }
 
+    /// Subjects of control messages (removals, retention overrides; see
+    /// `control.rs`): in the stream so every broker applies them in order
+    /// with the states, outside `<prefix>.state.>` so downstream readers
+    /// of states never see them.
+    pub fn control_subjects(&self) -> String {
+        format!("{}.ctl.>", self.prefix)
+    }
+
+    /// The subject of one application's control messages:
+    /// `<prefix>.ctl.<app>`.
+    pub fn control_subject(&self, app: &str) -> Subject {
+        let mut s = format!("{}.ctl.", self.prefix);
+        push_escaped(&mut s, app);
+        Subject::from(s)
+    }
+
+    /// Whether `subject` is a control subject.
+    pub fn is_control(&self, subject: &str) -> bool {
+        subject
+            .strip_prefix(self.prefix.as_str())
+            .is_some_and(|rest| rest.starts_with(".ctl."))
+    }
+
     pub fn fence_subject(&self, node: &str) -> Subject {
         Subject::from(format!("{}.fence.{node}", self.prefix))
     }
@@ -161,6 +184,11 @@ mod tests {
         assert_eq!(n.state_subjects(), "blue.state.>");
         assert_eq!(n.fence_subjects(), "blue.fence.>");
         assert_eq!(n.fence_subject("n1").as_str(), "blue.fence.n1");
+        assert_eq!(n.control_subjects(), "blue.ctl.>");
+        assert_eq!(n.control_subject("a.b").as_str(), "blue.ctl.a%2Eb");
+        assert!(n.is_control("blue.ctl.a"));
+        assert!(!n.is_control("blue.state.a.b"));
+        assert!(!n.is_control("bluex.ctl.a"));
     }
 
     #[test]
@@ -173,6 +201,10 @@ mod tests {
             Some(("farm.eu".to_string(), "pump.1.a".to_string()))
         );
         assert_eq!(n.app_filter("farm.eu"), "sluice.state.farm%2Eeu.>");
+        // An application whose id starts with another's shares no filter
+        // with it.
+        assert_eq!(n.app_filter("a"), "sluice.state.a.>");
+        assert_eq!(n.state_subject("a.b", "d").as_str(), "sluice.state.a%2Eb.d");
         // Different ids never share a subject.
         assert_ne!(
             n.state_subject("a.b", "c").as_str(),

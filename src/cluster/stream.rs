@@ -6,6 +6,12 @@
 //! retention that deletes what a broker has not read yet, a deduplication
 //! window shorter than asked (a resent batch could be stored twice), or an
 //! age limit shorter than asked.
+//!
+//! One change is made to an existing stream rather than refused: a stream
+//! created before control messages existed (removals, retention overrides,
+//! `<prefix>.ctl.>`) gets that subject added. Capturing one more subject
+//! changes nothing about the states already stored or how they are read,
+//! and refusing would make every upgrade an operator's manual edit.
 
 use std::time::Duration;
 
@@ -40,7 +46,11 @@ impl StreamSpec {
         Config {
             name: self.names.state_stream(),
             description: Some("Sluice: accepted device states".into()),
-            subjects: vec![self.names.state_subjects(), self.names.fence_subjects()],
+            subjects: vec![
+                self.names.state_subjects(),
+                self.names.fence_subjects(),
+                self.names.control_subjects(),
+            ],
             storage: StorageType::File,
             num_replicas: self.replicas,
             retention: RetentionPolicy::Limits,
@@ -81,6 +91,29 @@ pub async fn ensure(
     .await
     .map_err(unavailable)?;
     let config = match existing {
+        Some(c) if !c.subjects.contains(&spec.names.control_subjects()) => {
+            let mut wanted = c.clone();
+            wanted.subjects.push(spec.names.control_subjects());
+            // A stream refused anyway is left as it is.
+            check(spec, &wanted).map_err(|problem| StreamError::Unsafe {
+                stream: name.clone(),
+                problem,
+            })?;
+            let updated = retry_until(
+                deadline,
+                || async { nats.js.update_stream(&wanted).await },
+                |_| true,
+            )
+            .await
+            .map_err(|e| {
+                unavailable(format!(
+                    "cannot add subjects {} to it: {e}",
+                    spec.names.control_subjects()
+                ))
+            })?;
+            tracing::info!(stream = %name, "ingest stream now also captures control messages");
+            updated.config
+        }
         Some(c) => c,
         None => retry_until(
             deadline,
@@ -125,6 +158,32 @@ pub async fn last_state_seq(nats: &Nats, names: &Names) -> Result<u64, StreamErr
     }
 }
 
+/// The stream sequence of the newest message a read model applies (a
+/// state or a control message; 0 when there is none): a read model that
+/// reached it holds every state acknowledged and every removal or
+/// retention override answered so far.
+pub async fn last_applicable_seq(nats: &Nats, names: &Names) -> Result<u64, StreamError> {
+    let name = names.state_stream();
+    let unavailable = |detail: String| StreamError::Unavailable {
+        stream: name.clone(),
+        detail,
+    };
+    let stream = nats
+        .js
+        .get_stream_no_info(&name)
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    let mut last = 0;
+    for subjects in [names.state_subjects(), names.control_subjects()] {
+        match stream.get_last_raw_message_by_subject(&subjects).await {
+            Ok(m) => last = last.max(m.sequence),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {}
+            Err(e) => return Err(unavailable(e.to_string())),
+        }
+    }
+    Ok(last)
+}
+
 /// The stream's last sequence (states and fences; 0 when empty).
 pub async fn last_seq(nats: &Nats, names: &Names) -> Result<u64, StreamError> {
     let name = names.state_stream();
@@ -140,7 +199,11 @@ pub async fn last_seq(nats: &Nats, names: &Names) -> Result<u64, StreamError> {
 
 /// The first setting of `found` that breaks a guarantee, in words.
 pub fn check(spec: &StreamSpec, found: &Config) -> Result<(), String> {
-    for subject in [spec.names.state_subjects(), spec.names.fence_subjects()] {
+    for subject in [
+        spec.names.state_subjects(),
+        spec.names.fence_subjects(),
+        spec.names.control_subjects(),
+    ] {
         if !found.subjects.contains(&subject) {
             return Err(format!("does not capture subjects {subject}"));
         }
@@ -228,6 +291,7 @@ mod tests {
                 Box::new(|c| c.max_age = Duration::from_secs(3600)),
             ),
             ("subjects", Box::new(|c| c.subjects.truncate(1))),
+            ("ctl", Box::new(|c| c.subjects.truncate(2))),
             ("size", Box::new(|c| c.max_bytes = 1 << 30)),
         ];
         for (word, breaks) in cases {

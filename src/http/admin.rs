@@ -45,6 +45,9 @@ pub struct AdminApi {
     pub read_model: ReadModel,
     /// Cluster mode: `GET /cluster/ingest`.
     pub ingest_view: Option<IngestView>,
+    /// Cluster mode: publishes removals and retention overrides onto the
+    /// ingest stream, which every broker's read model applies.
+    pub control: Option<crate::cluster::control::Controller>,
 }
 
 /// An error as the API shows it: a status and a stable code.
@@ -76,8 +79,9 @@ pub enum ApiError {
     Conflict,
     /// Over `streams.max_streams_per_token` or `_per_ip`.
     TooManyStreams,
-    /// 501: an operation a broker in cluster mode does not do (yet).
-    NotInClusterMode(&'static str),
+    /// 504: cluster mode, a change whose outcome is not confirmed in time
+    /// (it may be, or is, stored on the stream, but not yet applied here).
+    Unconfirmed(String),
 }
 
 impl From<NotReady> for ApiError {
@@ -132,11 +136,7 @@ impl ApiError {
                 "not_caught_up",
                 Some(format!("this broker has applied the ingest stream up to sequence {applied}; minSeq {wanted} was not reached within {waited:?}")),
             ),
-            ApiError::NotInClusterMode(d) => (
-                StatusCode::NOT_IMPLEMENTED,
-                "not_in_cluster_mode",
-                Some(d.to_string()),
-            ),
+            ApiError::Unconfirmed(d) => (StatusCode::GATEWAY_TIMEOUT, "unconfirmed", Some(d.clone())),
         }
     }
 }

@@ -14,6 +14,14 @@
 //! the writer so they are ordered with ingest, and run in their own task
 //! with their audit event (`AdminApi::audited`): they finish, and are
 //! audited, the same way whether or not the client waits.
+//!
+//! In cluster mode a deletion is a control message on the ingest stream
+//! (`cluster::control`), ordered with the states there: every broker's
+//! materializer removes what was stored before it, from its read model and
+//! from the stream. The answer comes once this broker has applied it (204),
+//! or says the stream did not take it (503 `unavailable`: nothing
+//! removed), or that the outcome is not confirmed in time (504
+//! `unconfirmed`: it may be, or is, applied; repeating it is safe).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,8 +37,9 @@ use super::audit::Audited;
 use super::read::{DEFAULT_LIMIT, MAX_LIMIT};
 use crate::audit::Operation;
 use crate::auth::{Devices, Scope};
+use crate::cluster::control::{Control, ControlError, Controller};
 use crate::ids::is_valid_id;
-use crate::materialize::applied::ReadModel;
+use crate::materialize::applied::NotReady;
 use crate::store::{device_key, DeviceEntry, DevicePage, Store, StoreError};
 use crate::timefmt::format_rfc3339;
 use crate::writer::{Removal, RemoveError};
@@ -143,19 +152,38 @@ pub async fn list_devices(
     .into_response())
 }
 
-/// In cluster mode every broker's read model is built from the ingest
-/// stream, so a change applied to one broker's store alone (a removal, a
-/// retention override) would make the brokers disagree (and the stream
-/// would still hold the data). Until such changes travel through the
-/// stream, they are refused there.
-pub(super) fn refuse_in_cluster_mode(api: &AdminApi, what: &'static str) -> Result<(), ApiError> {
-    match api.read_model {
-        ReadModel::Local => Ok(()),
-        ReadModel::Materialized { .. } | ReadModel::Absent => Err(ApiError::NotInClusterMode(what)),
+/// Cluster mode: stores `control` on the ingest stream and returns once
+/// this broker's read model has applied it (read-your-writes on this
+/// broker; every other broker applies it at the same place in the stream).
+/// An ingest-only broker has no read model to wait for; it purges the
+/// stream of what a removal covers itself, so the answer still means "gone
+/// from the stream".
+pub(super) async fn through_stream(
+    api: &AdminApi,
+    controller: &Controller,
+    control: Control,
+) -> Result<u64, ApiError> {
+    let seq = controller.publish(&control).await.map_err(|e| match e {
+        ControlError::Unknown(_) => ApiError::Unconfirmed(format!(
+            "{e}; if it was, every broker applies it; repeat the request to be sure"
+        )),
+        ControlError::NotConnected | ControlError::Refused(_) | ControlError::Purge(_) => {
+            ApiError::Unavailable(format!("{e}; nothing was changed"))
+        }
+    })?;
+    match api.read_model.ready(Some(seq)).await {
+        Ok(()) => Ok(seq),
+        Err(NotReady::Behind { waited, .. }) => Err(ApiError::Unconfirmed(format!(
+            "the change is stored on the ingest stream at sequence {seq} and every broker applies it, but this broker had not applied it within {waited:?}"
+        ))),
+        Err(NotReady::Absent) => match controller.purge(&control, seq).await {
+            Ok(_) => Ok(seq),
+            Err(e) => Err(ApiError::Unconfirmed(format!(
+                "the change is stored on the ingest stream at sequence {seq}; {e}; every broker with a read model purges it when it applies the change"
+            ))),
+        },
     }
 }
-
-const NO_REMOVALS: &str = "removing devices or applications is not supported in cluster mode yet: the states stay in the ingest stream and in every broker's read model";
 
 fn removal_failed(e: RemoveError) -> ApiError {
     match e {
@@ -178,7 +206,18 @@ pub async fn delete_device(
     let (a, h) = (api.clone(), headers.clone());
     let change = async move {
         a.authorize(&h, &app, Some(&device), Scope::AllApplication)?;
-        refuse_in_cluster_mode(&a, NO_REMOVALS)?;
+        if let Some(controller) = &a.control {
+            let control = Control::RemoveDevice {
+                app: app.clone(),
+                device: device.clone(),
+            };
+            let result = through_stream(&a, controller, control).await;
+            match &result {
+                Ok(seq) => tracing::info!(app, device, marker = seq, "device removed"),
+                Err(e) => tracing::warn!(app, device, error = ?e, "device removal failed"),
+            }
+            return result.map(drop);
+        }
         let result = a
             .queue
             .remove(Removal::Device {
@@ -219,8 +258,10 @@ pub async fn delete_application(
         if !(caller.root || owner) {
             return Err(ApiError::Forbidden);
         }
-        refuse_in_cluster_mode(&a, NO_REMOVALS)?;
-        remove_application(a, caller, app).await
+        match a.control.clone() {
+            Some(controller) => remove_application_clustered(a, &controller, app).await,
+            None => remove_application(a, caller, app).await,
+        }
     };
     api.audited(&headers, what, change, |tokens, what| {
         what.target["removedTokens"] = serde_json::json!(tokens);
@@ -262,6 +303,51 @@ async fn remove_application(
     }
     result.map_err(removal_failed)?;
     Ok(tokens)
+}
+
+/// Cluster mode's application removal: its tokens are deleted from the
+/// cluster's bucket first (each top-level token with its subtree, on every
+/// broker, through the revocation barrier), so nothing more of it is
+/// accepted; then the removal marker goes through the stream and takes
+/// everything stored before it from every read model and the stream.
+/// Interrupted after the tokens went, the data stays until the request is
+/// repeated (the application's data is still there to remove).
+async fn remove_application_clustered(
+    api: Arc<AdminApi>,
+    controller: &Controller,
+    app: String,
+) -> Result<Vec<String>, ApiError> {
+    let root = Arc::new(crate::auth::TokenEntry::new_root());
+    let mut tokens = Vec::new();
+    for top in api
+        .tokens
+        .list(&root, &app)
+        .into_iter()
+        .filter(|r| r.parent_id.is_none())
+    {
+        match api.tokens.delete(root.clone(), app.clone(), top.id).await {
+            Ok(done) => tokens.extend(done.value),
+            // Deleted meanwhile by someone else: gone either way.
+            Err(crate::tokens::TokenError::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    api.sessions.forget_application(&app);
+    let control = Control::RemoveApplication {
+        app: app.clone(),
+        tokens: tokens.clone(),
+    };
+    let result = through_stream(&api, controller, control).await;
+    match &result {
+        Ok(seq) => tracing::info!(
+            app,
+            tokens = tokens.len(),
+            marker = seq,
+            "application removed"
+        ),
+        Err(e) => tracing::error!(app, error = ?e, "application removal failed; repeat it"),
+    }
+    result.map(|_| tokens)
 }
 
 #[cfg(test)]

@@ -6,16 +6,26 @@
 //!   `{"retention": "30d" | "unlimited" | null}`; null removes the override,
 //!   so `storage.retention` applies again. Persisted (fsynced) before it
 //!   answers, and in force for reads at once; audited like every change.
+//!
+//! In cluster mode an override is a control message on the ingest stream
+//! (`cluster::control`) that every broker's materializer applies to its
+//! store in stream order, so every read model expires the application's
+//! history alike; the answer comes once this broker has applied it. The
+//! stream's own `max_age` stays global: an override trims the read
+//! models, not the stream. An ingest-only broker answers 503
+//! `no_read_model`.
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::admin::{body, path, Api, ApiError, BodyOf, PathOf};
+use super::admin::{body, path, AdminApi, Api, ApiError, BodyOf, PathOf};
 use super::audit::Audited;
 use crate::audit::Operation;
 use crate::auth::{Devices, Scope};
+use crate::cluster::control::Control;
+use crate::materialize::applied::ReadModel;
 use crate::store::{AppRetention, Retention};
 
 #[derive(Deserialize)]
@@ -41,7 +51,19 @@ pub async fn get_retention(
 ) -> Result<Response, ApiError> {
     let app = path(app)?;
     api.authorize(&headers, &app, None, Scope::GetState)?;
+    no_read_model_here(&api)?;
     Ok(shown(api.store.retention(&app)))
+}
+
+/// An ingest-only broker (`cluster.materialize = false`) keeps no history
+/// to expire and does not follow the overrides the others apply, so it
+/// neither shows nor sets them: the caller is sent to a broker with a read
+/// model.
+fn no_read_model_here(api: &AdminApi) -> Result<(), ApiError> {
+    match api.read_model {
+        ReadModel::Absent => Err(ApiError::NoReadModel),
+        ReadModel::Local | ReadModel::Materialized { .. } => Ok(()),
+    }
 }
 
 pub async fn put_retention(
@@ -59,10 +81,6 @@ pub async fn put_retention(
         if caller.devices != Devices::All {
             return Err(ApiError::Forbidden);
         }
-        super::devices::refuse_in_cluster_mode(
-            &a,
-            "retention overrides are not supported in cluster mode yet: one broker's override would not reach the others' read models; set storage.retention alike on every broker",
-        )?;
         let parsed: RetentionBody = serde_json::from_slice(&raw).map_err(|e| {
             ApiError::BadRequest(format!(
                 "expected {{\"retention\": \"30d\" | \"unlimited\" | null}}: {e}"
@@ -79,6 +97,17 @@ pub async fn put_retention(
                 ))
             }
         };
+        if let Some(controller) = &a.control {
+            no_read_model_here(&a)?;
+            let control = Control::SetRetention {
+                app: app.clone(),
+                retention: own.map(Retention::text),
+            };
+            super::devices::through_stream(&a, controller, control).await?;
+            let r = a.store.retention(&app);
+            tracing::info!(app, retention = %r.effective.text(), "retention set");
+            return Ok(r);
+        }
         let store = a.store.clone();
         tokio::task::spawn_blocking(move || {
             let result = store

@@ -15,6 +15,15 @@
 //! depends on this broker's view is applied here (the attribute limit is
 //! checked at ingest), so brokers cannot diverge.
 //!
+//! Control messages (`cluster::control`: removals, retention overrides)
+//! cut a batch: the states before one are committed, then it is applied on
+//! its own with its sequence as the position, then the states after it.
+//! A removal marker first purges the stream of what it covers (retried,
+//! like a failed write, until it succeeds), then removes the same from the
+//! read model; since states are applied in stream order, everything of the
+//! device or application in the read model at that point came before the
+//! marker, and states after it stay.
+//!
 //! RocksDB work runs on the blocking pool; the follower on a tokio task.
 
 pub mod applied;
@@ -26,6 +35,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::control::{purge, Control};
 use crate::cluster::follow::{Follower, FollowerSpec};
 use crate::cluster::names::unescape_into;
 use crate::cluster::publish::received_ms;
@@ -35,7 +45,7 @@ use crate::cluster_metrics::ClusterMetrics;
 use crate::ids::is_valid_id;
 use crate::metrics::Metrics;
 use crate::state::{self, ParsedStates, Shape};
-use crate::store::{DeviceKey, Store, StoreError};
+use crate::store::{DeviceKey, Retention, Store, StoreError};
 use crate::streams::Hub;
 use crate::writer::{Numbered, Records, Scratch, Size};
 
@@ -45,6 +55,8 @@ pub enum MaterializeError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Stream(#[from] crate::cluster::stream::StreamError),
+    #[error(transparent)]
+    Control(#[from] crate::cluster::control::ControlError),
     #[error("the data directory holds states of a standalone broker; cluster mode builds its read model from the ingest stream alone, so start it with an empty data directory (or cluster.materialize = false)")]
     Standalone,
     #[error("the data directory is the read model of stream {found}, not of {expected} (another cluster.prefix?); start with an empty data directory")]
@@ -145,6 +157,7 @@ impl Materializer {
         );
         let apply = Apply {
             store,
+            nats: nats.clone(),
             hub,
             names: spec.names.clone(),
             metrics,
@@ -178,6 +191,8 @@ impl Materializer {
 
 struct Apply {
     store: Store,
+    /// For the purge a removal marker makes.
+    nats: Nats,
     /// Live consumers (SSE, MQTT subscriptions) on this broker, told about
     /// each applied batch after its commit, as the standalone writer does.
     hub: Arc<Hub>,
@@ -216,46 +231,134 @@ impl Apply {
                     continue;
                 }
             };
-            let last = records.last().map_or(0, |r| r.seq);
-            let (this, result) = {
-                let mut this = self;
-                let outcome = tokio::task::spawn_blocking(move || {
-                    let r = this.apply(&records);
-                    (this, r)
-                })
-                .await;
-                match outcome {
-                    Ok(x) => x,
+            for piece in pieces(&self.names, records) {
+                let last = piece.last_seq();
+                let (this, result) = {
+                    let this = self;
+                    match this.apply_piece(piece).await {
+                        Some(x) => x,
+                        None => return,
+                    }
+                };
+                self = this;
+                match result {
+                    Ok(()) => {
+                        if failing {
+                            tracing::warn!("the read model is written again");
+                            failing = false;
+                        }
+                        self.applied.send_replace(last);
+                        self.cluster_metrics.applied_seq.set(last as i64);
+                    }
                     Err(e) => {
-                        tracing::error!(error = %e, "the read-model apply task failed; the materializer stops");
-                        return;
-                    }
-                }
-            };
-            self = this;
-            match result {
-                Ok(()) => {
-                    if failing {
-                        tracing::warn!("the read model is written again");
-                        failing = false;
-                    }
-                    self.applied.send_replace(last);
-                    self.cluster_metrics.applied_seq.set(last as i64);
-                }
-                Err(e) => {
-                    if !failing {
-                        tracing::error!(error = %e, "cannot write the read model; retrying the same states");
-                        failing = true;
-                    }
-                    self.metrics.commit_errors.inc();
-                    follower.rewind(self.applied.borrow().saturating_add(1));
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        if !failing {
+                            tracing::error!(error = %e, "cannot apply the stream to the read model; retrying from the same message");
+                            failing = true;
+                        }
+                        if matches!(e, MaterializeError::Store(_)) {
+                            self.metrics.commit_errors.inc();
+                        }
+                        follower.rewind(self.applied.borrow().saturating_add(1));
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                        break;
                     }
                 }
             }
         }
+    }
+
+    /// Applies one piece of a batch; `None` when the blocking task died
+    /// (the materializer stops).
+    async fn apply_piece(mut self, piece: Piece) -> Option<(Apply, Result<(), MaterializeError>)> {
+        let control = match piece {
+            Piece::States(records) => {
+                let outcome = tokio::task::spawn_blocking(move || {
+                    let r = self.apply(&records).map_err(MaterializeError::from);
+                    (self, r)
+                })
+                .await;
+                return match outcome {
+                    Ok(x) => Some(x),
+                    Err(e) => {
+                        tracing::error!(error = %e, "the read-model apply task failed; the materializer stops");
+                        None
+                    }
+                };
+            }
+            Piece::Control(r) => r,
+        };
+        let parsed = Control::parse(&control.payload).filter(valid_control);
+        if let Some(c) = &parsed {
+            // The stream first: until the purge succeeded the marker is not
+            // applied, so a broker stopped in between purges again after
+            // its restart. Idempotent, whichever broker got there first.
+            match purge(&self.nats, &self.names, c, control.seq).await {
+                Ok(n) if n > 0 => {
+                    tracing::info!(
+                        purged = n,
+                        marker = control.seq,
+                        app = c.app(),
+                        "states removed from the ingest stream"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => return Some((self, Err(e.into()))),
+            }
+        }
+        let outcome = tokio::task::spawn_blocking(move || {
+            let r = self.apply_control(parsed, control.seq);
+            (self, r)
+        })
+        .await;
+        match outcome {
+            Ok(x) => Some(x),
+            Err(e) => {
+                tracing::error!(error = %e, "the read-model apply task failed; the materializer stops");
+                None
+            }
+        }
+    }
+
+    /// Applies a control message at stream sequence `seq` (or skips one
+    /// that is not valid, alike on every broker), with `seq + 1` as the
+    /// read model's position in the same write. Blocking.
+    fn apply_control(
+        &mut self,
+        control: Option<Control>,
+        seq: u64,
+    ) -> Result<(), MaterializeError> {
+        let next = seq.saturating_add(1);
+        match control {
+            None => {
+                self.cluster_metrics.materialize_skipped.inc();
+                tracing::warn!(seq, "a control message that is not valid was skipped");
+                self.store.commit(self.store.batch(64), next)?;
+            }
+            Some(Control::RemoveDevice { app, device }) => {
+                self.store.remove_device_at(&app, &device, next)?;
+                tracing::info!(
+                    app,
+                    device,
+                    marker = seq,
+                    "device removed from the read model"
+                );
+            }
+            Some(Control::RemoveApplication { app, tokens }) => {
+                self.store.remove_application_at(&app, &tokens, next)?;
+                tracing::info!(app, marker = seq, "application removed from the read model");
+            }
+            Some(Control::SetRetention { app, retention }) => {
+                // Checked by `valid_control`.
+                let own = retention.map(|r| Retention::parse(&r)).transpose();
+                let own = own.map_err(StoreError::Corrupt)?;
+                self.store.set_retention_at(&app, own, next)?;
+                tracing::info!(app, marker = seq, "retention override applied");
+            }
+        }
+        Ok(())
     }
 
     /// Applies `records` as one write batch, with the last one's sequence
@@ -342,6 +445,59 @@ impl Apply {
     }
 }
 
+/// A run of states applied as one write batch, or one control message
+/// applied on its own (so a removal covers exactly the states before it).
+enum Piece {
+    States(Vec<Record>),
+    Control(Record),
+}
+
+impl Piece {
+    fn last_seq(&self) -> u64 {
+        match self {
+            Piece::States(r) => r.last().map_or(0, |r| r.seq),
+            Piece::Control(r) => r.seq,
+        }
+    }
+}
+
+/// `records` cut at every control message; a batch without any is one
+/// piece, moved, not copied.
+fn pieces(names: &Names, records: Vec<Record>) -> Vec<Piece> {
+    if !records.iter().any(|r| names.is_control(&r.subject)) {
+        return vec![Piece::States(records)];
+    }
+    let mut out = Vec::new();
+    let mut run = Vec::new();
+    for r in records {
+        if names.is_control(&r.subject) {
+            if !run.is_empty() {
+                out.push(Piece::States(std::mem::take(&mut run)));
+            }
+            out.push(Piece::Control(r));
+        } else {
+            run.push(r);
+        }
+    }
+    if !run.is_empty() {
+        out.push(Piece::States(run));
+    }
+    out
+}
+
+/// Whether a control message is one Sluice could have published: valid
+/// ids and, for an override, a valid retention.
+fn valid_control(c: &Control) -> bool {
+    is_valid_id(c.app())
+        && match c {
+            Control::RemoveDevice { device, .. } => is_valid_id(device),
+            Control::RemoveApplication { .. } => true,
+            Control::SetRetention { retention, .. } => retention
+                .as_deref()
+                .is_none_or(|r| Retention::parse(r).is_ok()),
+        }
+}
+
 /// Measures how far the read model is behind the stream, every `every`.
 async fn lag_task(
     nats: Nats,
@@ -356,9 +512,96 @@ async fn lag_task(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        if let Ok(last) = crate::cluster::stream::last_state_seq(&nats, &names).await {
+        if let Ok(last) = crate::cluster::stream::last_applicable_seq(&nats, &names).await {
             let applied = *applied.borrow();
             metrics.lag.set(last.saturating_sub(applied) as i64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(seq: u64, subject: &str) -> Record {
+        Record {
+            seq,
+            subject: subject.into(),
+            payload: bytes::Bytes::new(),
+            headers: None,
+            pending: 0,
+            stored_ms: 0,
+        }
+    }
+
+    fn shape(pieces: &[Piece]) -> Vec<(char, Vec<u64>)> {
+        pieces
+            .iter()
+            .map(|p| match p {
+                Piece::States(r) => ('s', r.iter().map(|r| r.seq).collect()),
+                Piece::Control(r) => ('c', vec![r.seq]),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn control_messages_cut_a_batch_where_they_stand() {
+        let names = Names::new("p");
+        let plain = vec![record(1, "p.state.a.d"), record(2, "p.state.a.e")];
+        assert_eq!(
+            shape(&pieces(&names, plain)),
+            [('s', vec![1, 2])],
+            "one piece without control messages"
+        );
+        let mixed = vec![
+            record(3, "p.ctl.a"),
+            record(4, "p.state.a.d"),
+            record(5, "p.state.a.d"),
+            record(6, "p.ctl.a"),
+            record(7, "p.ctl.b"),
+            record(8, "p.state.b.d"),
+        ];
+        assert_eq!(
+            shape(&pieces(&names, mixed)),
+            [
+                ('c', vec![3]),
+                ('s', vec![4, 5]),
+                ('c', vec![6]),
+                ('c', vec![7]),
+                ('s', vec![8])
+            ]
+        );
+        let ends_with_control = vec![record(9, "p.state.a.d"), record(10, "p.ctl.a")];
+        let p = pieces(&names, ends_with_control);
+        assert_eq!(p.last().map(Piece::last_seq), Some(10));
+    }
+
+    #[test]
+    fn only_controls_sluice_could_publish_are_applied() {
+        let ok = |c: Control| valid_control(&c);
+        assert!(ok(Control::RemoveDevice {
+            app: "a.b".into(),
+            device: "d-1".into()
+        }));
+        assert!(!ok(Control::RemoveDevice {
+            app: "a/b".into(),
+            device: "d".into()
+        }));
+        assert!(!ok(Control::RemoveDevice {
+            app: "a".into(),
+            device: "".into()
+        }));
+        assert!(ok(Control::SetRetention {
+            app: "a".into(),
+            retention: None
+        }));
+        assert!(ok(Control::SetRetention {
+            app: "a".into(),
+            retention: Some("30d".into())
+        }));
+        assert!(!ok(Control::SetRetention {
+            app: "a".into(),
+            retention: Some("soon".into())
+        }));
     }
 }

@@ -27,7 +27,8 @@ pub struct IngestStatus {
     /// Last stream sequence applied to the read model (absent without one).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub applied: Option<u64>,
-    /// Sequence of the newest state in the stream, read now.
+    /// Sequence of the newest state or control message (removal,
+    /// retention override) in the stream, read now.
     pub stream_last: u64,
     /// `streamLast - applied` (absent without a read model).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -42,7 +43,7 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(2);
 
 impl IngestView {
     pub async fn status(&self, read_model: &ReadModel) -> Result<IngestStatus, String> {
-        let read = crate::cluster::stream::last_state_seq(&self.nats, &self.names);
+        let read = crate::cluster::stream::last_applicable_seq(&self.nats, &self.names);
         let stream_last = tokio::time::timeout(ANSWER_WITHIN, read)
             .await
             .map_err(|_| format!("the ingest stream did not answer within {ANSWER_WITHIN:?}"))?

@@ -188,12 +188,39 @@ impl Store {
     /// fsynced batch. Removing a device that has nothing is not an error.
     /// Called by the writer thread, in order with ingest.
     pub fn remove_device(&self, app: &str, device: &str) -> Result<(), StoreError> {
+        self.remove_device_then(app, device, None)
+    }
+
+    /// Cluster mode's [`Store::remove_device`]: applied by the materializer
+    /// at a removal marker, with `next_seq` (the marker's sequence + 1) as
+    /// the read model's position in the same batch. Everything of the
+    /// device in the read model was stored before the marker (states are
+    /// applied in stream order), so this removes exactly what the marker
+    /// covers.
+    pub fn remove_device_at(
+        &self,
+        app: &str,
+        device: &str,
+        next_seq: u64,
+    ) -> Result<(), StoreError> {
+        self.remove_device_then(app, device, Some(next_seq))
+    }
+
+    fn remove_device_then(
+        &self,
+        app: &str,
+        device: &str,
+        next_seq: Option<u64>,
+    ) -> Result<(), StoreError> {
         let key = device_key(app, device);
         let cfs = self.cfs();
         let mut wb = WriteBatch::default();
         wb.delete_range_cf(cfs.state, &key[..], &prefix_end(&key)[..]);
         wb.delete_cf(cfs.composite, &key[..]);
         wb.delete_cf(cfs.devices, &key[..]);
+        if let Some(seq) = next_seq {
+            super::put_seq(&mut wb, cfs, seq);
+        }
         self.write_sync(wb)
     }
 
@@ -216,6 +243,28 @@ impl Store {
     /// removal intent, in one fsynced batch, then forgets its retention
     /// override in memory and has its space reclaimed in the background.
     pub fn remove_application(&self, app: &str, tokens: &[String]) -> Result<(), StoreError> {
+        self.remove_application_then(app, tokens, None)
+    }
+
+    /// Cluster mode's [`Store::remove_application`], applied at a removal
+    /// marker with the read model's position (see
+    /// [`Store::remove_device_at`]). No intent record is involved: the
+    /// marker in the stream is the intent, applied again after a crash.
+    pub fn remove_application_at(
+        &self,
+        app: &str,
+        tokens: &[String],
+        next_seq: u64,
+    ) -> Result<(), StoreError> {
+        self.remove_application_then(app, tokens, Some(next_seq))
+    }
+
+    fn remove_application_then(
+        &self,
+        app: &str,
+        tokens: &[String],
+        next_seq: Option<u64>,
+    ) -> Result<(), StoreError> {
         let cfs = self.cfs();
         let prefix = app_prefix(app);
         let end = prefix_end(&prefix);
@@ -229,6 +278,9 @@ impl Store {
         }
         wb.delete_cf(cfs.meta, super::retention_key(app));
         wb.delete_cf(cfs.meta, remove_key(app));
+        if let Some(seq) = next_seq {
+            super::put_seq(&mut wb, cfs, seq);
+        }
         self.write_sync(wb)?;
         self.expiry.set(app, None);
         self.reclaim(app);

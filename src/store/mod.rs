@@ -216,6 +216,12 @@ pub struct CommitBatch {
     key: Vec<u8>,
 }
 
+/// Records the next stream sequence (cluster mode) or batch sequence
+/// (standalone) in `wb`, so it commits with the data it follows.
+fn put_seq(wb: &mut WriteBatch, cfs: &db::Families<'_>, next_seq: u64) {
+    wb.put_cf(cfs.meta, SEQ_KEY, next_seq.to_be_bytes());
+}
+
 fn merge_composite(_key: &[u8], existing: Option<&[u8]>, ops: &MergeOperands) -> Option<Vec<u8>> {
     Some(composite::merge(existing.into_iter().chain(ops.iter())))
 }
@@ -357,7 +363,7 @@ impl Store {
     /// Writes the batch atomically with its WAL record (fsynced before it
     /// returns only with `storage.sync = "always"`), recording `next_seq`.
     pub fn commit(&self, mut b: CommitBatch, next_seq: u64) -> Result<(), StoreError> {
-        b.wb.put_cf(self.cfs().meta, SEQ_KEY, next_seq.to_be_bytes());
+        put_seq(&mut b.wb, self.cfs(), next_seq);
         self.db().write_opt(b.wb, &self.write_opts())?;
         Ok(())
     }
@@ -581,10 +587,34 @@ impl Store {
     /// just expired leaves the disk now rather than within
     /// `storage.retention_reclaim_interval`.
     pub fn set_retention(&self, app: &str, own: Option<Retention>) -> Result<(), StoreError> {
+        self.set_retention_then(app, own, None)
+    }
+
+    /// Cluster mode's [`Store::set_retention`], applied by the materializer
+    /// at the override's control message with the read model's position
+    /// (`next_seq`) in the same batch.
+    pub fn set_retention_at(
+        &self,
+        app: &str,
+        own: Option<Retention>,
+        next_seq: u64,
+    ) -> Result<(), StoreError> {
+        self.set_retention_then(app, own, Some(next_seq))
+    }
+
+    fn set_retention_then(
+        &self,
+        app: &str,
+        own: Option<Retention>,
+        next_seq: Option<u64>,
+    ) -> Result<(), StoreError> {
         let mut wb = WriteBatch::default();
         match own {
             Some(r) => wb.put_cf(self.cfs().meta, retention_key(app), r.to_bytes()),
             None => wb.delete_cf(self.cfs().meta, retention_key(app)),
+        }
+        if let Some(seq) = next_seq {
+            put_seq(&mut wb, self.cfs(), seq);
         }
         self.write_sync(wb)?;
         self.expiry.set(app, own);

@@ -11,6 +11,7 @@ mod bad_input;
 mod cli;
 mod cluster_ingest;
 mod cluster_ingest_chaos;
+mod cluster_removals;
 mod cluster_tokens;
 mod console;
 mod crash;

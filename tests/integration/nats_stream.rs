@@ -121,7 +121,32 @@ async fn stream_settings_are_created_then_checked() {
     .await
     .unwrap();
 
-    // Streams that break a guarantee are refused, not used.
+    // A stream created before control messages existed gets their
+    // subjects added, and nothing else changes.
+    let names = Names::new("older");
+    let mut older = Config {
+        name: names.state_stream(),
+        subjects: vec![names.state_subjects(), names.fence_subjects()],
+        num_replicas: 3,
+        storage: StorageType::File,
+        allow_atomic_publish: true,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    nats.js.create_stream(older.clone()).await.unwrap();
+    let updated = ensure(
+        &nats,
+        &stream_spec("older"),
+        Instant::now() + Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    older.subjects.push(names.control_subjects());
+    assert_eq!(updated.subjects, older.subjects);
+    assert_eq!(updated.num_replicas, 3);
+
+    // Streams that break a guarantee are refused, not used (and not
+    // changed).
     let names = Names::new("weak");
     nats.js
         .create_stream(Config {
@@ -146,6 +171,8 @@ async fn stream_settings_are_created_then_checked() {
         }
         other => panic!("R1 accepted: {other:?}"),
     }
+    let weak = nats.js.get_stream(names.state_stream()).await.unwrap();
+    assert_eq!(weak.cached_info().config.subjects.len(), 2);
     let names = Names::new("noatomic");
     nats.js
         .create_stream(Config {
