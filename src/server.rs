@@ -650,6 +650,7 @@ impl ClusterIngest {
                     node_id: node_id.clone(),
                     batch: c.follow_batch,
                     heartbeat: c.heartbeat,
+                    forget_attributes: sink.forget_attributes(),
                 },
                 store.clone(),
                 hub,

@@ -29,6 +29,7 @@
 pub mod applied;
 pub mod status;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -121,6 +122,10 @@ pub struct MaterializerSpec {
     pub batch: usize,
     /// Idle heartbeat of the follower, and how often the lag is measured.
     pub heartbeat: Duration,
+    /// Raised after a removal is applied, so the local writer forgets the
+    /// attribute names it recorded (the removed devices' names are gone;
+    /// see `writer::cluster::StreamSink::forget_attributes`).
+    pub forget_attributes: Arc<AtomicBool>,
 }
 
 /// The running materializer.
@@ -164,6 +169,7 @@ impl Materializer {
             cluster_metrics: cluster_metrics.clone(),
             applied,
             scratch: Scratch::default(),
+            forget_attributes: spec.forget_attributes.clone(),
         };
         let lag = lag_task(
             nats.clone(),
@@ -202,6 +208,8 @@ struct Apply {
     applied: watch::Sender<u64>,
     /// Reused between batches by `Records::add`.
     scratch: Scratch,
+    /// See [`MaterializerSpec::forget_attributes`].
+    forget_attributes: Arc<AtomicBool>,
 }
 
 /// One applicable state of a batch.
@@ -339,6 +347,7 @@ impl Apply {
             }
             Some(Control::RemoveDevice { app, device }) => {
                 self.store.remove_device_at(&app, &device, next)?;
+                self.forget_attributes.store(true, Ordering::Release);
                 tracing::info!(
                     app,
                     device,
@@ -348,6 +357,7 @@ impl Apply {
             }
             Some(Control::RemoveApplication { app, tokens }) => {
                 self.store.remove_application_at(&app, &tokens, next)?;
+                self.forget_attributes.store(true, Ordering::Release);
                 tracing::info!(app, marker = seq, "application removed from the read model");
             }
             Some(Control::SetRetention { app, retention }) => {

@@ -66,8 +66,10 @@ pub struct StreamSink {
     /// fills (HTTP 503, MQTT stops reading) and the next batch grows, up
     /// to the atomic batch limit: backpressure with bounded memory.
     tx: mpsc::Sender<Handoff>,
-    /// Set by the publisher when a batch was not stored: the attribute
-    /// names the writer recorded for it must be forgotten.
+    /// Set by the publisher when a batch was not stored (the attribute
+    /// names the writer recorded for it were never stored), and by the
+    /// materializer when it applied a removal (the removed devices' names
+    /// are gone): the writer forgets the names it recorded.
     forget_attributes: Arc<AtomicBool>,
     /// Resolves when the publisher task has answered every batch.
     finished: oneshot::Receiver<()>,
@@ -142,8 +144,15 @@ impl StreamSink {
         }
     }
 
-    /// Whether a batch failed since the last call (the writer then forgets
-    /// the attribute names it recorded).
+    /// The flag that makes the writer forget the attribute names it
+    /// recorded before its next batch; the materializer raises it when it
+    /// applies a removal.
+    pub fn forget_attributes(&self) -> Arc<AtomicBool> {
+        self.forget_attributes.clone()
+    }
+
+    /// Whether a batch failed or a removal was applied since the last call
+    /// (the writer then forgets the attribute names it recorded).
     pub(super) fn take_forget(&self) -> bool {
         self.forget_attributes.swap(false, Ordering::AcqRel)
     }

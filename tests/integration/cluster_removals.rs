@@ -442,3 +442,30 @@ fn an_ingest_only_broker_purges_the_stream_itself() {
         )]
     );
 }
+
+/// A removed device starts afresh under `storage.max_attributes_per_device`
+/// on every broker: the broker that accepts its states forgets the names it
+/// had counted once it has applied a removal made through another broker.
+#[test]
+fn a_removed_device_starts_afresh_under_the_attribute_limit() {
+    let nats = NatsCluster::start(3);
+    let env = with(
+        cluster_env(&nats, "rmattr"),
+        "SLUICE_STORAGE__MAX_ATTRIBUTES_PER_DEVICE",
+        "2",
+    );
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start_broker(da.path(), &env);
+    let b = start_broker(db.path(), &env);
+    let t = token_for(&a, "a");
+    post(&b, &t, "a", "d", r#"{"data":{"x":1,"y":2}}"#);
+    let (st, v) = post_state(&b, &t, "a", "d", r#"{"data":{"z":3}}"#);
+    assert_eq!((st, v["error"].as_str()), (400, Some("bad_request")), "{v}");
+
+    let (st, v) = delete(&a, "/applications/a/devices/d");
+    assert_eq!(st, 204, "{v}");
+    // B has applied the removal once it lists nothing for the device.
+    assert!(history(&b, "a", "d", applied(&a)).is_empty());
+    let seq = post(&b, &t, "a", "d", r#"{"data":{"z":3,"w":4}}"#);
+    assert_eq!(history(&a, "a", "d", seq), [json!({"z":3,"w":4})]);
+}
