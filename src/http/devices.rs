@@ -335,9 +335,18 @@ async fn remove_application_clustered(
     api.sessions.forget_application(&app);
     let control = Control::RemoveApplication {
         app: app.clone(),
-        tokens: tokens.clone(),
+        tokens: marker_tokens(&tokens),
     };
-    let result = through_stream(&api, controller, control).await;
+    let result = through_stream(&api, controller, control)
+        .await
+        .map_err(|e| match e {
+            // The tokens are gone already: say so rather than "nothing
+            // was changed".
+            ApiError::Unavailable(why) => ApiError::Unavailable(format!(
+                "the application's tokens are deleted, but its data is not removed yet ({why}); repeat the request"
+            )),
+            other => other,
+        });
     match &result {
         Ok(seq) => tracing::info!(
             app,
@@ -350,9 +359,34 @@ async fn remove_application_clustered(
     result.map(|_| tokens)
 }
 
+/// Most token ids an application removal marker carries: each broker
+/// deletes its local records of them (lastUsedAt) with the application's
+/// data. 10,000 ids keep the message near 270 KB, well under NATS's
+/// default 1 MiB `max_payload` (`tokens.max_per_application` allows
+/// 100,000, whose full list would be refused and fail the removal). The
+/// records of ids beyond stay behind: a few bytes each, never loaded
+/// again since their tokens are gone from the bucket.
+const MAX_MARKER_TOKENS: usize = 10_000;
+
+fn marker_tokens(tokens: &[String]) -> Vec<String> {
+    tokens.iter().take(MAX_MARKER_TOKENS).cloned().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_application_marker_fits_a_nats_message_whatever_the_tokens() {
+        let ids: Vec<String> = (0..100_000u64).map(|i| format!("{i:024x}")).collect();
+        let marker = Control::RemoveApplication {
+            app: "a".repeat(64),
+            tokens: marker_tokens(&ids),
+        };
+        let bytes = serde_json::to_vec(&marker).unwrap().len();
+        assert!(bytes < 1 << 20, "{bytes} bytes");
+        assert_eq!(marker_tokens(&ids[..3]), ids[..3]);
+    }
 
     fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
