@@ -364,8 +364,8 @@ async fn remove_application_clustered(
 /// data. 10,000 ids keep the message near 270 KB, well under NATS's
 /// default 1 MiB `max_payload` (`tokens.max_per_application` allows
 /// 100,000, whose full list would be refused and fail the removal). The
-/// records of ids beyond stay behind: a few bytes each, never loaded
-/// again since their tokens are gone from the bucket.
+/// records of ids beyond stay until the broker's next start, which drops
+/// every lastUsedAt whose token is not in the bucket.
 const MAX_MARKER_TOKENS: usize = 10_000;
 
 fn marker_tokens(tokens: &[String]) -> Vec<String> {
