@@ -138,24 +138,7 @@ pub async fn ensure(
 /// acknowledged so far. Fences are not states, so this is not simply the
 /// stream's last sequence.
 pub async fn last_state_seq(nats: &Nats, names: &Names) -> Result<u64, StreamError> {
-    let name = names.state_stream();
-    let unavailable = |detail: String| StreamError::Unavailable {
-        stream: name.clone(),
-        detail,
-    };
-    let stream = nats
-        .js
-        .get_stream_no_info(&name)
-        .await
-        .map_err(|e| unavailable(e.to_string()))?;
-    match stream
-        .get_last_raw_message_by_subject(&names.state_subjects())
-        .await
-    {
-        Ok(m) => Ok(m.sequence),
-        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
-        Err(e) => Err(unavailable(e.to_string())),
-    }
+    newest_of(nats, names, &[names.state_subjects()]).await
 }
 
 /// The stream sequence of the newest message a read model applies (a
@@ -163,6 +146,17 @@ pub async fn last_state_seq(nats: &Nats, names: &Names) -> Result<u64, StreamErr
 /// reached it holds every state acknowledged and every removal or
 /// retention override answered so far.
 pub async fn last_applicable_seq(nats: &Nats, names: &Names) -> Result<u64, StreamError> {
+    newest_of(
+        nats,
+        names,
+        &[names.state_subjects(), names.control_subjects()],
+    )
+    .await
+}
+
+/// The highest stream sequence of a message on any of `subjects` (each a
+/// filter), 0 when there is none.
+async fn newest_of(nats: &Nats, names: &Names, subjects: &[String]) -> Result<u64, StreamError> {
     let name = names.state_stream();
     let unavailable = |detail: String| StreamError::Unavailable {
         stream: name.clone(),
@@ -174,8 +168,8 @@ pub async fn last_applicable_seq(nats: &Nats, names: &Names) -> Result<u64, Stre
         .await
         .map_err(|e| unavailable(e.to_string()))?;
     let mut last = 0;
-    for subjects in [names.state_subjects(), names.control_subjects()] {
-        match stream.get_last_raw_message_by_subject(&subjects).await {
+    for filter in subjects {
+        match stream.get_last_raw_message_by_subject(filter).await {
             Ok(m) => last = last.max(m.sequence),
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {}
             Err(e) => return Err(unavailable(e.to_string())),
