@@ -15,10 +15,10 @@ use std::sync::Arc;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
 use super::admin::{path, AdminApi, Api, ApiError, BodyOf, PathOf};
-use super::read::page_query;
+use super::read::{page_body, page_query, store_read};
 use crate::audit::{record, Actor, Event, Operation};
 use crate::auth::Scope;
 
@@ -115,48 +115,25 @@ pub(super) async fn read_audit(
     let q = page_query(&params, api.audit_max_page, &[]).map_err(ApiError::BadRequest)?;
     let store = api.store.clone();
     let max_bytes = api.max_response_bytes;
-    let page = tokio::task::spawn_blocking(move || store.audit(&app, &q, max_bytes))
-        .await
-        .map_err(|_| ApiError::Internal)?
-        .map_err(|e| {
-            tracing::error!(error = %e, "audit read failed");
-            ApiError::Internal
-        })?;
+    let page = store_read("audit", move || store.audit(&app, &q, max_bytes)).await?;
     // Each stored event is a JSON object without its id and time (the key
     // holds them): splice them in front of its fields.
-    let mut out =
-        Vec::with_capacity(64 + page.items.iter().map(|i| i.data.len() + 80).sum::<usize>());
-    out.extend_from_slice(b"{\"items\":[");
-    for (i, item) in page.items.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(b"{\"id\":\"");
-        out.extend_from_slice(item.at.to_cursor().as_bytes());
-        out.extend_from_slice(b"\",\"time\":");
-        out.extend_from_slice(itoa::Buffer::new().format(item.at.time_ms).as_bytes());
-        match item.data.strip_prefix(b"{") {
-            Some(rest) if rest != b"}" => {
-                out.push(b',');
-                out.extend_from_slice(rest);
+    Ok(page_body(
+        &page.items,
+        |item| item.data.len() + 80,
+        page.next.map(|p| p.to_cursor()),
+        |out, item| {
+            out.extend_from_slice(b"{\"id\":\"");
+            out.extend_from_slice(item.at.to_cursor().as_bytes());
+            out.extend_from_slice(b"\",\"time\":");
+            out.extend_from_slice(itoa::Buffer::new().format(item.at.time_ms).as_bytes());
+            match item.data.strip_prefix(b"{") {
+                Some(rest) if rest != b"}" => {
+                    out.push(b',');
+                    out.extend_from_slice(rest);
+                }
+                _ => out.push(b'}'),
             }
-            _ => out.push(b'}'),
-        }
-    }
-    out.extend_from_slice(b"],\"next\":");
-    match page.next {
-        Some(p) => {
-            out.push(b'"');
-            out.extend_from_slice(p.to_cursor().as_bytes());
-            out.push(b'"');
-        }
-        None => out.extend_from_slice(b"null"),
-    }
-    out.push(b'}');
-    Ok((
-        StatusCode::OK,
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        out,
-    )
-        .into_response())
+        },
+    ))
 }

@@ -34,7 +34,7 @@ use serde::Serialize;
 
 use super::admin::{min_seq, path, AdminApi, Api, ApiError, PathOf};
 use super::audit::Audited;
-use super::read::{DEFAULT_LIMIT, MAX_LIMIT};
+use super::read::{store_read, DEFAULT_LIMIT, MAX_LIMIT};
 use crate::audit::Operation;
 use crate::auth::{Devices, Scope};
 use crate::cluster::control::{Control, ControlError, Controller};
@@ -126,15 +126,10 @@ pub async fn list_devices(
     let (limit, cursor) = page_query(&params).map_err(ApiError::BadRequest)?;
     api.read_model.ready(min_seq(&params)?).await?;
     let store = api.store.clone();
-    let page = tokio::task::spawn_blocking(move || {
+    let page = store_read("device list", move || {
         list(&store, &app, &caller.devices, limit, cursor.as_deref())
     })
-    .await
-    .map_err(|_| ApiError::Internal)?
-    .map_err(|e| {
-        tracing::error!(error = %e, "device list read failed");
-        ApiError::Internal
-    })?;
+    .await?;
     let items = page
         .items
         .into_iter()

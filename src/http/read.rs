@@ -233,43 +233,75 @@ async fn history(
     let store = api.store.clone();
     let key = device_key(&app, &device);
     let max_bytes = api.max_response_bytes;
-    let page = tokio::task::spawn_blocking(move || store.history(&key, &q, max_bytes))
+    let page = store_read("history", move || store.history(&key, &q, max_bytes)).await?;
+    // The stored data is the exact JSON text the device sent; splice it in
+    // rather than re-encoding, so read-back is byte-equal.
+    Ok(page_body(
+        &page.items,
+        |item| item.data.len() + 32,
+        page.next.map(|p| p.to_cursor()),
+        |out, item| {
+            out.extend_from_slice(b"{\"time\":");
+            out.extend_from_slice(itoa::Buffer::new().format(item.at.time_ms).as_bytes());
+            out.extend_from_slice(b",\"data\":");
+            out.extend_from_slice(&item.data);
+            out.push(b'}');
+        },
+    ))
+}
+
+/// Runs a store read on the blocking pool (RocksDB never runs on a tokio
+/// worker); a failure is logged naming `what` and answered 500 without its
+/// detail.
+pub(super) async fn store_read<T, E>(
+    what: &'static str,
+    read: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    tokio::task::spawn_blocking(read)
         .await
         .map_err(|_| ApiError::Internal)?
         .map_err(|e| {
-            tracing::error!(error = %e, "history read failed");
+            tracing::error!(error = %e, "{what} read failed");
             ApiError::Internal
-        })?;
-    // The stored data is the exact JSON text the device sent; splice it in
-    // rather than re-encoding, so read-back is byte-equal.
-    let mut out =
-        Vec::with_capacity(64 + page.items.iter().map(|i| i.data.len() + 32).sum::<usize>());
+        })
+}
+
+/// A page as `{"items":[…],"next":…}`: each item is written straight into
+/// the body by `write` (stored JSON spliced in, never re-encoded; `size`
+/// estimates its bytes), `next` is the cursor of the following page.
+pub(super) fn page_body<T>(
+    items: &[T],
+    size: impl Fn(&T) -> usize,
+    next: Option<String>,
+    mut write: impl FnMut(&mut Vec<u8>, &T),
+) -> Response {
+    let mut out = Vec::with_capacity(64 + items.iter().map(&size).sum::<usize>());
     out.extend_from_slice(b"{\"items\":[");
-    for (i, item) in page.items.iter().enumerate() {
+    for (i, item) in items.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(b"{\"time\":");
-        out.extend_from_slice(itoa::Buffer::new().format(item.at.time_ms).as_bytes());
-        out.extend_from_slice(b",\"data\":");
-        out.extend_from_slice(&item.data);
-        out.push(b'}');
+        write(&mut out, item);
     }
     out.extend_from_slice(b"],\"next\":");
-    match page.next {
-        Some(p) => {
+    match next {
+        Some(cursor) => {
             out.push(b'"');
-            out.extend_from_slice(p.to_cursor().as_bytes());
+            out.extend_from_slice(cursor.as_bytes());
             out.push(b'"');
         }
         None => out.extend_from_slice(b"null"),
     }
     out.push(b'}');
-    Ok((
+    (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         out,
     )
-        .into_response())
+        .into_response()
 }
 
 async fn composite_state(
@@ -284,13 +316,8 @@ async fn composite_state(
     api.read_model.ready(min_seq(&params)?).await?;
     let store = api.store.clone();
     let key = device_key(&app, &device);
-    let value = tokio::task::spawn_blocking(move || store.composite(&key))
-        .await
-        .map_err(|_| ApiError::Internal)?
-        .map_err(|e| {
-            tracing::error!(error = %e, "composite read failed");
-            ApiError::Internal
-        })?
+    let value = store_read("composite", move || store.composite(&key))
+        .await?
         .unwrap_or_default();
     let mut out = Vec::with_capacity(value.len() + 64);
     out.push(b'{');
