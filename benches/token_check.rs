@@ -3,11 +3,15 @@
 //! Groups:
 //! - `token_hash`: `TokenHash::of` alone (SHA-256 of a 46-byte secret), so
 //!   the map probe + chain walk + grant test can be read off as the rest.
+//! - `floor`: the hash, then one read of a random 128-byte line in a
+//!   table as large as the token table's (200,000 slots): what any design
+//!   that must touch one token-specific line outside the cache costs on
+//!   this machine, measured in the same run as the hits.
 //! - `authorize`: single-thread hits (mixed depths, depth-3 only, one hot
 //!   token) and misses (unknown secrets), over a 100,000-token registry
 //!   (the target of issue 14: a hit within 2× the hash alone).
 //! - `rate_admit`: the whole per-request check of the HTTP path
-//!   (`with_grant`: hash, probe, chain walk, grant test; then
+//!   (`with_grant`: hash, probe, verdict and grant test; then
 //!   `TokenEntry::admit`) for a depth-4 token of which 0 to 4 levels carry
 //!   a rate limit, so the cost added per limited level (one atomic
 //!   compare-and-swap each) can be read off in one run; and `admit` alone
@@ -271,6 +275,25 @@ fn bench_single(c: &mut Criterion, f: &Fixture) {
     });
     g.finish();
 
+    let mut g = c.benchmark_group("floor");
+    g.throughput(Throughput::Elements(1));
+    #[repr(align(128))]
+    struct Line([u64; 16]);
+    let lines: Vec<Line> = (0..2 * f.registry.len())
+        .map(|i| Line([i as u64; 16]))
+        .collect();
+    g.bench_function("sha256_then_random_line", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % f.hits.len();
+            let h = TokenHash::of(black_box(&f.hits[i].secret));
+            let w = u64::from_le_bytes(h.0[..8].try_into().expect("8 bytes"));
+            let at = ((u128::from(w) * lines.len() as u128) >> 64) as usize;
+            black_box(lines[at].0[0])
+        })
+    });
+    g.finish();
+
     let mut g = c.benchmark_group("authorize");
     g.throughput(Throughput::Elements(1));
     g.bench_function("hit_mixed", |b| {
@@ -380,7 +403,7 @@ fn bench_rate(c: &mut Criterion, f: &Fixture) {
                 now_ns += 1;
                 let r = f.registry.with_grant(black_box(secret), NOW_MS, |g| {
                     g.permits("app-rate", Some("dev"), Scope::SendState)
-                        && g.admit(1, now_ns).is_ok()
+                        && g.entry().admit(1, now_ns).is_ok()
                 });
                 refused += u64::from(!matches!(black_box(r), Ok(true)));
             })

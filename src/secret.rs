@@ -104,30 +104,6 @@ impl fmt::Debug for TokenHash {
     }
 }
 
-/// Hasher for keys that are already uniformly distributed 64-bit values.
-#[derive(Default, Clone, Copy)]
-pub struct PrehashedHasher(u64);
-
-impl Hasher for PrehashedHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only reached if a key type other than TokenHash is used; fold the
-        // bytes in so the hasher stays correct, if not fast.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-}
-
-pub type PrehashedState = std::hash::BuildHasherDefault<PrehashedHasher>;
-
 /// Extracts the credential from an `Authorization: Bearer <token>` header
 /// value. Returns `None` for anything that cannot be a credential of ours,
 /// without hashing it.

@@ -83,48 +83,60 @@ impl DeviceList {
         DeviceList(buf.into_boxed_slice())
     }
 
-    fn word(&self, i: usize) -> usize {
-        let at = 4 * i;
-        self.0
-            .get(at..at + 4)
-            .map_or(0, |w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]) as usize)
-    }
-
     pub fn len(&self) -> usize {
-        self.word(0)
+        word(&self.0, 0)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// The bytes of id `i` (`i < len`).
-    fn id(&self, i: usize) -> &[u8] {
-        let base = 4 + 4 * self.len();
-        let start = if i == 0 { 0 } else { self.word(i) };
-        let end = self.word(i + 1);
-        self.0.get(base + start..base + end).unwrap_or_default()
+    pub fn contains(&self, device: &str) -> bool {
+        list_contains(&self.0, device)
     }
 
-    pub fn contains(&self, device: &str) -> bool {
-        let want = device.as_bytes();
-        let (mut lo, mut hi) = (0, self.len());
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            match self.id(mid).cmp(want) {
-                std::cmp::Ordering::Equal => return true,
-                std::cmp::Ordering::Less => lo = mid + 1,
-                std::cmp::Ordering::Greater => hi = mid,
-            }
-        }
-        false
+    /// The encoding itself, which the hot path's token table copies when
+    /// it is short (see `auth::hot`).
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.0
     }
 
     /// The ids in order. Each was a `String` when the list was built, so
     /// the bytes are UTF-8.
     pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {
-        (0..self.len()).map(|i| std::str::from_utf8(self.id(i)).unwrap_or_default())
+        (0..self.len()).map(|i| std::str::from_utf8(id(&self.0, i)).unwrap_or_default())
     }
+}
+
+/// Word `i` of a `DeviceList` encoding (0 past its end).
+fn word(list: &[u8], i: usize) -> usize {
+    let at = 4 * i;
+    list.get(at..at + 4)
+        .map_or(0, |w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]) as usize)
+}
+
+/// The bytes of id `i` (`i < len`) of a `DeviceList` encoding.
+fn id(list: &[u8], i: usize) -> &[u8] {
+    let base = 4 + 4 * word(list, 0);
+    let start = if i == 0 { 0 } else { word(list, i) };
+    let end = word(list, i + 1);
+    list.get(base + start..base + end).unwrap_or_default()
+}
+
+/// Binary search of a `DeviceList` encoding, wherever its bytes are kept
+/// (the list itself, or a copy in the token table's slot).
+pub(crate) fn list_contains(list: &[u8], device: &str) -> bool {
+    let want = device.as_bytes();
+    let (mut lo, mut hi) = (0, word(list, 0));
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match id(list, mid).cmp(want) {
+            std::cmp::Ordering::Equal => return true,
+            std::cmp::Ordering::Less => lo = mid + 1,
+            std::cmp::Ordering::Greater => hi = mid,
+        }
+    }
+    false
 }
 
 impl std::fmt::Debug for DeviceList {

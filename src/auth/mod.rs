@@ -5,6 +5,7 @@
 
 pub mod attenuation;
 pub mod grant;
+mod hot;
 pub mod rate;
 pub mod record;
 pub mod registry;
@@ -14,6 +15,7 @@ pub mod token;
 
 pub use attenuation::{attenuate, Exceeds, Granted, Requested};
 pub use grant::{Devices, RateLimit};
+pub use hot::Hit;
 pub use rate::{monotonic_ns, monotonic_ns_of, Limiter};
 pub use record::TokenRecord;
 pub use registry::{Registry, RegistryError};

@@ -1,5 +1,5 @@
-//! The resident token set: a lock-free map from SHA-256 to grant for the
-//! hot path, and the token tree for admin operations.
+//! The resident token set: a lock-free table from SHA-256 to grant for the
+//! hot path (`auth::hot`), and the token tree for admin operations.
 //!
 //! Every token is resident, so a miss is a final answer: random credentials
 //! cost one hash and one map probe, never a storage read.
@@ -10,11 +10,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
+use super::hot::{Hit, HotTable};
 use super::record::TokenRecord;
 use super::scope::Scope;
 use super::status::{Revoker, Status};
 use super::token::{Denied, TokenEntry};
-use crate::secret::{PrehashedState, TokenHash};
+use crate::secret::TokenHash;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegistryError {
@@ -44,8 +45,10 @@ struct Tree {
 }
 
 pub struct Registry {
-    /// Hot path: SHA-256 → grant. Reads take no lock.
-    by_hash: papaya::HashMap<TokenHash, Arc<TokenEntry>, PrehashedState>,
+    /// Hot path: SHA-256 → grant and verdict. Reads take no lock. Every
+    /// change of a token's status updates its whole subtree's slots here
+    /// before the admin operation returns.
+    hot: HotTable,
     /// Admin side: ids, names, children. Only admin operations lock it.
     tree: Mutex<Tree>,
     /// Per application, bumped whenever one of its tokens stops being
@@ -83,9 +86,7 @@ impl Registry {
     pub fn new() -> Registry {
         let (used_tx, used_rx) = crossbeam_channel::unbounded();
         Registry {
-            by_hash: papaya::HashMap::builder()
-                .hasher(PrehashedState::default())
-                .build(),
+            hot: HotTable::new(),
             tree: Mutex::new(Tree::default()),
             revocations: Mutex::new(HashMap::new()),
             used_tx,
@@ -119,12 +120,11 @@ impl Registry {
 
     /// Installs the root admin token (kept in memory only).
     pub fn set_root(&self, hash: TokenHash) {
-        self.by_hash
-            .pin()
-            .insert(hash, Arc::new(TokenEntry::new_root()));
+        self.hot
+            .insert(&hash, &Arc::new(TokenEntry::new_root()), true);
     }
 
-    /// The hot-path check: hash, probe, walk the chain, test the grant.
+    /// The hot-path check: hash, probe, test the slot's verdict and grant.
     /// No lock, no allocation, no IO.
     pub fn authorize(
         &self,
@@ -134,8 +134,8 @@ impl Registry {
         scope: Scope,
         now_ms: i64,
     ) -> Result<(), Denied> {
-        self.with_grant(credential, now_ms, |e| {
-            if e.permits(app, device, scope) {
+        self.with_grant(credential, now_ms, |hit| {
+            if hit.permits(app, device, scope) {
                 Ok(())
             } else {
                 Err(Denied::Forbidden)
@@ -143,35 +143,32 @@ impl Registry {
         })?
     }
 
-    /// Runs `f` with the grant of a usable credential, without cloning it;
-    /// for callers that need to check more than one thing in between.
+    /// Runs `f` with the grant of a usable credential, without cloning its
+    /// entry; for callers that need to check more than one thing in
+    /// between.
     pub fn with_grant<R>(
         &self,
         credential: &[u8],
         now_ms: i64,
-        f: impl FnOnce(&Arc<TokenEntry>) -> R,
+        f: impl FnOnce(&Hit<'_>) -> R,
     ) -> Result<R, Denied> {
         let hash = TokenHash::of(credential);
-        let map = self.by_hash.pin();
-        let entry = map.get(&hash).ok_or(Denied::Unauthorized)?;
-        if !entry.usable(now_ms) {
-            return Err(Denied::Unauthorized);
-        }
-        self.touch(entry, now_ms);
-        Ok(f(entry))
+        self.hot.with(&hash, |hit| {
+            let hit = hit.ok_or(Denied::Unauthorized)?;
+            if !hit.usable(now_ms) {
+                return Err(Denied::Unauthorized);
+            }
+            if hit.pass_on_use(now_ms) {
+                self.touch(hit.entry(), now_ms);
+            }
+            Ok(f(&hit))
+        })
     }
 
     /// Resolves a credential to its grant if it is usable now; for sessions
     /// and admin calls that keep the grant.
     pub fn authenticate(&self, credential: &[u8], now_ms: i64) -> Result<Arc<TokenEntry>, Denied> {
-        let hash = TokenHash::of(credential);
-        let map = self.by_hash.pin();
-        let entry = map.get(&hash).ok_or(Denied::Unauthorized)?;
-        if !entry.usable(now_ms) {
-            return Err(Denied::Unauthorized);
-        }
-        self.touch(entry, now_ms);
-        Ok(entry.clone())
+        self.with_grant(credential, now_ms, |hit| hit.entry().clone())
     }
 
     /// Records a use of a token already held (e.g. by an MQTT session).
@@ -293,7 +290,7 @@ impl Registry {
                 children: Vec::new(),
             },
         );
-        self.by_hash.pin().insert(t.hash, entry.clone());
+        self.hot.insert(&t.hash, &entry, entry.chain_active());
         Ok(entry)
     }
 
@@ -343,6 +340,11 @@ impl Registry {
         node.entry.set_status(status);
         node.deactivated_by = deactivated_by;
         let view = record_of(node);
+        for tid in subtree_ids(&tree, id) {
+            if let Some(n) = tree.nodes.get(tid.as_str()) {
+                self.hot.set_active(&n.hash, n.entry.chain_active());
+            }
+        }
         drop(tree);
         if status != Status::Active {
             self.revoked_in(&view.app);
@@ -369,11 +371,10 @@ impl Registry {
         let mut tree = self.tree();
         let ids = subtree_ids(&tree, id);
         let app = tree.nodes.get(id).map(|n| n.entry.app.clone());
-        let map = self.by_hash.pin();
         for tid in &ids {
             if let Some(node) = tree.nodes.remove(tid.as_str()) {
                 node.entry.set_status(Status::Deleted);
-                map.remove(&node.hash);
+                self.hot.remove(&node.hash);
                 if let Some(n) = tree.per_app.get_mut(&node.entry.app) {
                     *n -= 1;
                     if *n == 0 {

@@ -68,6 +68,15 @@ impl Scopes {
         self.0 == 0
     }
 
+    /// The set as its bits, for the token table's slot (see `auth::hot`).
+    pub(crate) fn bits(self) -> u8 {
+        self.0
+    }
+
+    pub(crate) fn from_bits(bits: u8) -> Scopes {
+        Scopes(bits)
+    }
+
     pub fn iter(self) -> impl Iterator<Item = Scope> {
         ALL.into_iter()
             .map(|(s, _)| s)

@@ -155,7 +155,7 @@ impl TokenEntry {
     }
 
     /// Whether this token and every ancestor are active now.
-    fn chain_active(&self) -> bool {
+    pub(crate) fn chain_active(&self) -> bool {
         let mut t = self;
         loop {
             if t.status.load(Ordering::Acquire) != Status::Active as u8 {
@@ -166,6 +166,11 @@ impl TokenEntry {
                 None => return true,
             }
         }
+    }
+
+    /// Earliest expiry along the chain, epoch ms (`i64::MAX`: none).
+    pub(crate) fn chain_expires_at(&self) -> i64 {
+        self.chain_expires_at
     }
 
     /// Earliest expiry along the chain, for sessions that must end then.

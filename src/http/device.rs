@@ -257,11 +257,11 @@ impl DeviceApi {
             }
             // The root token is an admin-plane credential: it never
             // travels over a device-facing port, so it is not one here.
-            if grant.root {
+            if grant.root() {
                 return Err(Some(Denied::Unauthorized));
             }
             if grant.permits(app, Some(device), Scope::SendState) {
-                Ok(grant.clone())
+                Ok(grant.entry().clone())
             } else {
                 Err(Some(Denied::Forbidden))
             }
