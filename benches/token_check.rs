@@ -7,7 +7,8 @@
 //!   table as large as the token table's (200,000 slots): what any design
 //!   that must touch one token-specific line outside the cache costs on
 //!   this machine, measured in the same run as the hits.
-//! - `authorize`: single-thread hits (mixed depths, depth-3 only, one hot
+//! - `authorize`: single-thread hits (mixed depths, depth-1 only (every
+//!   device: no list to search), depth-3 only, one hot
 //!   token) and misses (unknown secrets), over a 100,000-token registry
 //!   (the target of issue 14: a hit within 2× the hash alone).
 //! - `rate_admit`: the whole per-request check of the HTTP path
@@ -76,6 +77,8 @@ struct Fixture {
     arena: String,
     /// Secrets of depth-3 tokens only.
     deep: Vec<usize>,
+    /// Secrets of depth-1 tokens only (every device of their application).
+    roots: Vec<usize>,
     /// Tokens that no reader uses; the admin thread flips their status.
     spare_ids: Vec<String>,
 }
@@ -232,11 +235,13 @@ fn build() -> Fixture {
         })
         .collect();
     let deep = (0..hits.len()).filter(|&i| hits[i].depth == 3).collect();
+    let roots = (0..hits.len()).filter(|&i| hits[i].depth == 1).collect();
     let f = Fixture {
         registry,
         hits,
         arena,
         deep,
+        roots,
         spare_ids,
     };
     for p in &f.hits {
@@ -282,14 +287,25 @@ fn bench_single(c: &mut Criterion, f: &Fixture) {
     let lines: Vec<Line> = (0..2 * f.registry.len())
         .map(|i| Line([i as u64; 16]))
         .collect();
+    let line_of = |secret: &[u8]| {
+        let h = TokenHash::of(black_box(secret));
+        let w = u64::from_le_bytes(h.0[..8].try_into().expect("8 bytes"));
+        let at = ((u128::from(w) * lines.len() as u128) >> 64) as usize;
+        black_box(lines[at].0[0])
+    };
     g.bench_function("sha256_then_random_line", |b| {
         let mut i = 0;
         b.iter(|| {
             i = (i + 1) % f.hits.len();
-            let h = TokenHash::of(black_box(&f.hits[i].secret));
-            let w = u64::from_le_bytes(h.0[..8].try_into().expect("8 bytes"));
-            let at = ((u128::from(w) * lines.len() as u128) >> 64) as usize;
-            black_box(lines[at].0[0])
+            line_of(&f.hits[i].secret)
+        })
+    });
+    // The same over the depth-3 probes only, which `hit_depth3` reads.
+    g.bench_function("sha256_then_random_line_depth3", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % f.deep.len();
+            line_of(&f.hits[f.deep[i]].secret)
         })
     });
     g.finish();
@@ -301,6 +317,20 @@ fn bench_single(c: &mut Criterion, f: &Fixture) {
         b.iter(|| {
             i = (i + 1) % f.hits.len();
             let p = &f.hits[i];
+            f.registry.authorize(
+                black_box(&p.secret),
+                f.app(p),
+                Some(f.device(p)),
+                Scope::SendState,
+                NOW_MS,
+            )
+        })
+    });
+    g.bench_function("hit_depth1", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % f.roots.len();
+            let p = &f.hits[f.roots[i]];
             f.registry.authorize(
                 black_box(&p.secret),
                 f.app(p),
