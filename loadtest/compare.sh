@@ -14,15 +14,20 @@
 #    CPU time (from /proc/PID/stat, all threads) over the run divided by
 #    the messages it acknowledged (QoS 0: sent).
 #  - Latency at moderate load: QoS 1 at half of Mosquitto's QoS 1 peak, 100
-#    connections, paced, against Sluice and Mosquitto alternately: p99 from
-#    the scheduled send time, the server's p99 alone (send → PUBACK) and
-#    the client's send lag p99 (which must stay under 1 ms for the first
-#    to mean the server).
+#    connections, paced, against Sluice and Mosquitto alternately. The
+#    client runs in several processes (`loadtest mqtt --procs`, HALF_PROCS,
+#    default 2) pinned to CPUs (`--pin-cpus`, HALF_PIN, default 0,1),
+#    because one process could not keep its own schedule at that rate. Reported: the server's p99 alone (send →
+#    PUBACK) first, then the p99 from the scheduled send time and the
+#    client's send lag p99, which must stay under 1 ms for a run to measure
+#    the server rather than the client.
 # Each figure is the median of $RUNS alternating runs (min–max in
 # brackets); the ratios are of medians. The RSS cost of 10,000 idle MQTT
 # connections closes the report.
 #
-# Usage: loadtest/compare.sh            (RUNS=3 DURATION=10s by default)
+# Usage: loadtest/compare.sh            (RUNS=3 DURATION=10s by default;
+#        HALF_PROCS=2 HALF_PIN=0,1 for the half-peak client, HALF_PIN= for
+#        no pinning)
 # Installs mosquitto, wrk and h2load (Debian packages) when missing, and
 # builds the release binaries (the first release build compiles RocksDB:
 # ~13 min).
@@ -33,6 +38,8 @@ RUNS=${RUNS:-3}
 DURATION=${DURATION:-10s}
 SECS=${DURATION%s}
 IDLE=${IDLE:-10000}
+HALF_PROCS=${HALF_PROCS:-2}
+HALF_PIN=${HALF_PIN-0,1}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target-release}
 
 need=()
@@ -195,7 +202,8 @@ for run in $(seq "$RUNS"); do
 done
 
 # QoS 1 latency at half of Mosquitto's QoS 1 peak (100 connections,
-# window 10), alternating Mosquitto and Sluice.
+# window 10), alternating Mosquitto and Sluice; the client in $HALF_PROCS
+# processes, so that its send lag stays out of the server's figure.
 spread() { # key column: "median (min–max)" of that column over the runs
   awk -v k="$1" -v c="$2" '$1==k && $c!="-"{print $c}' "$RESULTS" | sort -g |
     awk '{a[NR]=$1} END{if(NR==0){print "-"}else{printf "%s (%s–%s)", a[int((NR+1)/2)], a[1], a[NR]}}'
@@ -206,7 +214,8 @@ half_run() { # label pid addr args...
   local label=$1 pid=$2 addr=$3; shift 3
   local out=$WORK/$label-$RANDOM.json
   "$BIN/loadtest" mqtt "$addr" "$@" -c 100 --qos 1 --inflight 10 --payload-size 150 \
-    --mqtt-version 3.1.1 -r "$HALF" -d "$DURATION" --broker-pid "$pid" --json "$out" >"$out.txt" 2>&1 || true
+    --mqtt-version 3.1.1 -r "$HALF" -d "$DURATION" --procs "$HALF_PROCS" ${HALF_PIN:+--pin-cpus "$HALF_PIN"} \
+    --broker-pid "$pid" --json "$out" >"$out.txt" 2>&1 || true
   echo "$label $(metric "$out" 1)" | tee -a "$RESULTS"
   grep -E '^  verify' "$out.txt" || true
 }
@@ -235,11 +244,14 @@ printf '%-30s %-34s\n' "HTTP/1.1, loadtest 64 conns" "$(spread sluice-http-lt 2)
 printf '%-30s %-34s\n' "HTTP/2, loadtest 4×16" "$(spread sluice-h2-lt 2)   µs/msg $(spread sluice-h2-lt 4)"
 echo "targets: MQTT QoS 0 >= 1.0, QoS 1 >= 1.5; HTTP/1.1 >= 0.8 and HTTP/2 >= 1.0 of the bare server over HTTP/1.1"
 echo
-echo "== QoS 1 at half of Mosquitto's peak ($HALF msg/s, 100 conns, window 10), ms =="
+# "K of N runs": the runs of a key whose send lag p99 stayed under 1 ms.
+lag_ok() { awk -v k="$1" '$1==k{n++; if($6!="-" && $6+0<1) ok++} END{printf "%d of %d runs", ok, n}' "$RESULTS"; }
+echo "== QoS 1 at half of Mosquitto's peak ($HALF msg/s, 100 conns, window 10; client: $HALF_PROCS processes${HALF_PIN:+ pinned to CPUs $HALF_PIN}), ms =="
 for k in sluice-half mosquitto-half; do
-  printf '%-16s p99 %-24s server p99 %-24s send lag p99 %s\n' "$k" "$(spread "$k" 3)" "$(spread "$k" 5)" "$(spread "$k" 6)"
+  printf '%-16s server p99 %-24s (client-side p99 %-24s send lag p99 %s, under 1 ms in %s)\n' \
+    "$k" "$(spread "$k" 5)" "$(spread "$k" 3)" "$(spread "$k" 6)" "$(lag_ok "$k")"
 done
-echo "target: Sluice p99 <= 5 ms with the client's send lag p99 < 1 ms"
+echo "target: Sluice server p99 <= 5 ms; a run measures the server only if its send lag p99 < 1 ms"
 
 # RSS per idle MQTT connection (all from one address: lift the per-address
 # connect rate and connection limits for this measurement).

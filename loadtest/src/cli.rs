@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::procs::{parse_share, Share};
+
 #[derive(Debug, Parser)]
 #[command(
     name = "loadtest",
@@ -233,6 +235,31 @@ pub struct MqttArgs {
         help_heading = "MQTT"
     )]
     pub client: MqttClientImpl,
+
+    /// Client processes: credentials are resolved once, then N child
+    /// processes of this program run the connections (connection c in
+    /// child c mod N) on the one common schedule, each with its share of
+    /// the rate, and the report merges their counts and histograms. For
+    /// paced runs whose send lag one process cannot keep low. Not with
+    /// --ramp.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Load")]
+    pub procs: u32,
+
+    /// Pin each client process to one CPU: child i of --procs to the i-th
+    /// CPU of this list (cycling), a single process to the first. Leave
+    /// the broker's CPUs out of it.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "CPU,...",
+        help_heading = "Load"
+    )]
+    pub pin_cpus: Vec<usize>,
+
+    /// Set by --procs for its children: which share of the connections
+    /// this process runs (I/N).
+    #[arg(long, hide = true, value_parser = parse_share)]
+    pub share: Option<Share>,
 
     #[command(flatten)]
     pub common: CommonArgs,

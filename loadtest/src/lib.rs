@@ -11,7 +11,8 @@
 //! byte; `ramp` raises the rate step by step and `plot` draws the result.
 //! `stream_probe` measures the JetStream engine behind cluster mode alone.
 //! `fanout` adds live-stream consumers to a run (`--consumers`) and
-//! measures a stream's replay (`loadtest replay`).
+//! measures a stream's replay (`loadtest replay`). `procs` splits one MQTT
+//! run over several client processes (`--procs`) and merges their results.
 
 pub mod cli;
 pub mod fanout;
@@ -21,6 +22,7 @@ pub mod mqtt;
 pub mod mqtt_rumqttc;
 pub mod payload;
 pub mod plot;
+pub mod procs;
 pub mod ramp;
 pub mod report;
 pub mod run;

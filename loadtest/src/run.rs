@@ -1,5 +1,7 @@
 //! One run from options to exit status: credentials, connect phase, the
-//! timed phase with progress, then verification, report and plot.
+//! timed phase with progress, then verification, report and plot. With
+//! `--procs` the connect and timed phases run in child processes (see
+//! `procs`) and this process merges what they report.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -10,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use hyper::header::HeaderValue;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
 use sluice::client::AdminClient;
 
 use crate::cli::{Cli, Command, CommonArgs, MqttClientImpl, MqttVersion};
@@ -18,6 +21,7 @@ use crate::http::{self, HttpConfig};
 use crate::mqtt::{self, MqttConfig};
 use crate::mqtt_rumqttc;
 use crate::payload::Payload;
+use crate::procs::{self, ChildPlan, ChildReport, Children, FleetWire, ParentLink};
 use crate::ramp;
 use crate::report::{self, Summary};
 use crate::schedule::{self, ConnSchedule, Step};
@@ -36,7 +40,7 @@ pub struct Shared {
 }
 
 /// What one connection did, for verification.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct ConnOutcome {
     pub conn: u32,
     /// Sequence numbers used: messages 0..seqs were sent or attempted.
@@ -70,10 +74,20 @@ struct Plan {
     mode: String,
     /// Topic (MQTT) or path (HTTP) template.
     template: String,
+    /// Client processes (`--procs`; always 1 for HTTP).
+    procs: u32,
     common: CommonArgs,
 }
 
 pub fn main(cli: Cli) -> Result<ExitCode> {
+    if let Command::Mqtt(m) = &cli.command {
+        // The parent of a --procs run only waits for its children, so it
+        // is left unpinned.
+        if !m.pin_cpus.is_empty() && (m.share.is_some() || m.procs == 1) {
+            let i = m.share.map_or(0, |s| s.index) as usize;
+            procs::pin_to(m.pin_cpus[i % m.pin_cpus.len()])?;
+        }
+    }
     let threads = match cli.command {
         Command::Mqtt(ref m) => m.common.threads,
         Command::Http(ref h) => h.common.threads,
@@ -111,6 +125,16 @@ fn plan(cli: Cli, run: &str) -> Result<Plan> {
             if m.client == MqttClientImpl::Rumqttc && m.version == MqttVersion::V5 {
                 bail!("--mqtt-client rumqttc supports --mqtt-version 3.1.1 only");
             }
+            if m.procs > 1 && m.common.ramp.ramp {
+                bail!("--procs does not go with --ramp: the ramp judges every step live, in one process");
+            }
+            if m.procs > m.common.connections {
+                bail!(
+                    "--procs {} is more than --connections {}: every process needs a connection",
+                    m.procs,
+                    m.common.connections
+                );
+            }
             let cfg = MqttConfig {
                 addr: String::new(),
                 v5: m.version == MqttVersion::V5,
@@ -139,7 +163,20 @@ fn plan(cli: Cli, run: &str) -> Result<Plan> {
                     MqttClientImpl::Rumqttc => "rumqttc",
                 },
                 if m.nagle { ", Nagle on" } else { "" }
-            );
+            ) + &if m.procs > 1 {
+                format!(
+                    ", {} client processes{}",
+                    m.procs,
+                    if m.pin_cpus.is_empty() {
+                        String::new()
+                    } else {
+                        let cpus: Vec<String> = m.pin_cpus.iter().map(|c| c.to_string()).collect();
+                        format!(" pinned to CPUs {}", cpus.join(","))
+                    }
+                )
+            } else {
+                String::new()
+            };
             let cfgs: Vec<MqttConfig> = m
                 .addrs
                 .iter()
@@ -158,6 +195,7 @@ fn plan(cli: Cli, run: &str) -> Result<Plan> {
                 protocol: "mqtt",
                 mode,
                 template: m.topic,
+                procs: m.procs,
                 common: m.common,
             }
         }
@@ -187,6 +225,7 @@ fn plan(cli: Cli, run: &str) -> Result<Plan> {
                 protocol: "http",
                 mode,
                 template: h.path,
+                procs: 1,
                 common: h.common,
             }
         }
@@ -218,14 +257,35 @@ fn check_common(c: &CommonArgs) -> Result<()> {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    let run = run_id();
+    let share = match &cli.command {
+        Command::Mqtt(m) => m.share,
+        _ => None,
+    };
+    // A child of a --procs run takes the run id and the credentials from
+    // its parent, so its connections are those of one common run.
+    let is_child = share.is_some();
+    let mut link = share.map(|_| ParentLink::open());
+    let from_parent = match &mut link {
+        Some(l) => Some(l.plan().await?),
+        None => None,
+    };
+    let run = match &from_parent {
+        Some(p) => p.run.clone(),
+        None => run_id(),
+    };
     let plan = plan(cli, &run)?;
     let c = plan.common.clone();
     check_common(&c)?;
+    let children = (!is_child && plan.procs > 1).then_some(plan.procs);
 
-    let needs_admin = c.verify
-        || (c.token.is_none() && c.tokens_file.is_none() && !c.no_provision && c.admin.is_some());
+    let needs_admin = !is_child
+        && (c.verify
+            || (c.token.is_none()
+                && c.tokens_file.is_none()
+                && !c.no_provision
+                && c.admin.is_some()));
     let admin = match (&c.admin, &c.admin_token) {
+        _ if is_child => None,
         (Some(url), Some(tok)) => Some(AdminClient::new(
             url,
             tok,
@@ -238,7 +298,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     };
 
     let payload = Payload::new(&run, c.payload_size);
-    if c.payload_size < payload.min_size() {
+    if c.payload_size < payload.min_size() && !is_child {
         eprintln!(
             "note: messages are at least their unpadded size (up to {} bytes), \
              more than --payload-size {}",
@@ -264,7 +324,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
     };
 
-    eprintln!("loadtest run {run}: {} {}", plan.protocol, plan.target);
+    if !is_child {
+        eprintln!("loadtest run {run}: {} {}", plan.protocol, plan.target);
+    }
     // Senders: one per connection, except HTTP/2's streams, each of which
     // is a sender with its own devices, schedule and outcome.
     let streams = match &plan.driver {
@@ -279,21 +341,27 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Driver::Mqtt(..) => TokenUnit::PerConnection,
         Driver::Http(_) => TokenUnit::PerDevice,
     };
-    let fleet = fleet::build(FleetSpec {
-        app: &c.app,
-        run: &run,
-        connections: senders,
-        per_conn: c.devices_per_connection,
-        device_prefix: &c.device_prefix,
-        token: c.token.as_deref(),
-        tokens_file: c.tokens_file.as_deref(),
-        no_provision: c.no_provision,
-        admin: admin.as_ref(),
-        unit,
-        concurrency: c.admin_concurrency as usize,
-    })
-    .await?;
-    eprintln!("credentials: {}", fleet.source);
+    let fleet = match from_parent {
+        Some(p) => Fleet::from(p.fleet),
+        None => {
+            let fleet = fleet::build(FleetSpec {
+                app: &c.app,
+                run: &run,
+                connections: senders,
+                per_conn: c.devices_per_connection,
+                device_prefix: &c.device_prefix,
+                token: c.token.as_deref(),
+                tokens_file: c.tokens_file.as_deref(),
+                no_provision: c.no_provision,
+                admin: admin.as_ref(),
+                unit,
+                concurrency: c.admin_concurrency as usize,
+            })
+            .await?;
+            eprintln!("credentials: {}", fleet.source);
+            fleet
+        }
+    };
     let targets = build_targets(&plan, &c, &fleet)?;
     // HTTP/2: the connection the senders of one connection index share,
     // opened by whichever of them gets there first.
@@ -311,6 +379,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     tokio::spawn({
         let stop = stop.clone();
         async move {
+            if is_child {
+                // The terminal's Ctrl-C reaches the parent and its children
+                // alike; the parent decides (ToChild::Stop), so a child
+                // only keeps the signal from ending it.
+                while tokio::signal::ctrl_c().await.is_ok() {}
+                return;
+            }
             if tokio::signal::ctrl_c().await.is_ok() {
                 eprintln!("\nstopping: finishing what is in flight (Ctrl-C again to quit now)");
                 stop.store(true, Ordering::Relaxed);
@@ -326,126 +401,158 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let driver = Arc::new(plan.driver);
     let targets = Arc::new(targets);
     let fleet = Arc::new(fleet);
-    let (start_tx, start_rx) = tokio::sync::watch::channel(None::<Instant>);
-    let sem = Arc::new(tokio::sync::Semaphore::new(c.connect_concurrency as usize));
-    let (connected_tx, mut connected_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let connect_started = Instant::now();
-    let mut set = tokio::task::JoinSet::new();
-    for conn in 0..senders {
-        let (sh, driver, targets, fleet, sem, steps, shared_conns) = (
-            sh.clone(),
-            driver.clone(),
-            targets.clone(),
-            fleet.clone(),
-            sem.clone(),
-            steps.clone(),
-            shared_conns.clone(),
-        );
-        let mut start_rx = start_rx.clone();
-        let connected_tx = connected_tx.clone();
-        let quota = total.map(|t| schedule::quota(t, senders, conn));
-        // The sender that counts its connection in the summary.
-        let first_of_conn = conn % streams == 0;
-        set.spawn(async move {
-            let password = fleet.conn_tokens[conn as usize].as_deref();
-            let permit = sem.acquire().await.expect("semaphore open");
-            let connected = match &*driver {
-                Driver::Mqtt(cfgs, MqttClientImpl::Native) => {
-                    mqtt::connect(pick(cfgs, conn), conn, password)
-                        .await
-                        .map(Conn::Mqtt)
-                }
-                Driver::Mqtt(cfgs, MqttClientImpl::Rumqttc) => {
-                    mqtt_rumqttc::connect(pick(cfgs, conn), conn, password)
-                        .await
-                        .map(|c| Conn::Rumqttc(Box::new(c)))
-                }
-                Driver::Http(cfgs) if cfgs[0].h2 => {
-                    let shared = conn / streams;
-                    shared_conns[shared as usize]
-                        .get_or_init(|| http::connect_h2(pick(cfgs, shared)))
-                        .await
-                        .clone()
-                        .map(|s| Conn::Http(http::Connected::Http2(s)))
-                }
-                Driver::Http(cfgs) => http::connect(pick(cfgs, conn)).await.map(Conn::Http),
-            };
-            drop(permit);
-            if first_of_conn {
-                match &connected {
-                    Ok(_) => sh.stats.connected.fetch_add(1, Ordering::Relaxed),
-                    Err(kind) => {
-                        sh.stats.error(kind, 1);
-                        sh.stats.connect_failed.fetch_add(1, Ordering::Relaxed)
+    // Either this process runs connections (`local`: its tasks and their
+    // start signal), or its children do (`kids`).
+    let mut kids = None;
+    let mut local = None;
+    let connect_secs;
+    let mut connected = 0;
+    if let Some(n) = children {
+        bar.set_message(format!("starting {n} client processes"));
+        let plan = ChildPlan {
+            run: run.clone(),
+            fleet: FleetWire::from(&*fleet),
+        };
+        let mut k = Children::spawn(n, plan).await?;
+        bar.set_message(format!("{n} client processes connecting"));
+        connect_secs = k.ready().await?;
+        kids = Some(k);
+    } else {
+        let (start_tx, start_rx) = tokio::sync::watch::channel(None::<Instant>);
+        let sem = Arc::new(tokio::sync::Semaphore::new(c.connect_concurrency as usize));
+        let (connected_tx, mut connected_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let mut set = tokio::task::JoinSet::new();
+        let mine: Vec<u32> = (0..senders)
+            .filter(|&conn| share.is_none_or(|s| s.owns(conn)))
+            .collect();
+        for &conn in &mine {
+            let (sh, driver, targets, fleet, sem, steps, shared_conns) = (
+                sh.clone(),
+                driver.clone(),
+                targets.clone(),
+                fleet.clone(),
+                sem.clone(),
+                steps.clone(),
+                shared_conns.clone(),
+            );
+            let mut start_rx = start_rx.clone();
+            let connected_tx = connected_tx.clone();
+            let quota = total.map(|t| schedule::quota(t, senders, conn));
+            // The sender that counts its connection in the summary.
+            let first_of_conn = conn % streams == 0;
+            set.spawn(async move {
+                let password = fleet.conn_tokens[conn as usize].as_deref();
+                let permit = sem.acquire().await.expect("semaphore open");
+                let connected = match &*driver {
+                    Driver::Mqtt(cfgs, MqttClientImpl::Native) => {
+                        mqtt::connect(pick(cfgs, conn), conn, password)
+                            .await
+                            .map(Conn::Mqtt)
                     }
+                    Driver::Mqtt(cfgs, MqttClientImpl::Rumqttc) => {
+                        mqtt_rumqttc::connect(pick(cfgs, conn), conn, password)
+                            .await
+                            .map(|c| Conn::Rumqttc(Box::new(c)))
+                    }
+                    Driver::Http(cfgs) if cfgs[0].h2 => {
+                        let shared = conn / streams;
+                        shared_conns[shared as usize]
+                            .get_or_init(|| http::connect_h2(pick(cfgs, shared)))
+                            .await
+                            .clone()
+                            .map(|s| Conn::Http(http::Connected::Http2(s)))
+                    }
+                    Driver::Http(cfgs) => http::connect(pick(cfgs, conn)).await.map(Conn::Http),
                 };
-            }
-            let _ = connected_tx.send(());
-            let connected = match connected {
-                Ok(x) => x,
-                Err(_) => {
-                    return ConnOutcome {
-                        conn,
-                        ..ConnOutcome::default()
+                drop(permit);
+                if first_of_conn {
+                    match &connected {
+                        Ok(_) => sh.stats.connected.fetch_add(1, Ordering::Relaxed),
+                        Err(kind) => {
+                            sh.stats.error(kind, 1);
+                            sh.stats.connect_failed.fetch_add(1, Ordering::Relaxed)
+                        }
                     };
                 }
-            };
-            let start = match start_rx.wait_for(|s| s.is_some()).await {
-                Ok(s) => s.expect("checked"),
-                Err(_) => {
-                    return ConnOutcome {
-                        conn,
-                        ..ConnOutcome::default()
+                let _ = connected_tx.send(());
+                let connected = match connected {
+                    Ok(x) => x,
+                    Err(_) => {
+                        return ConnOutcome {
+                            conn,
+                            ..ConnOutcome::default()
+                        };
                     }
+                };
+                let start = match start_rx.wait_for(|s| s.is_some()).await {
+                    Ok(s) => s.expect("checked"),
+                    Err(_) => {
+                        return ConnOutcome {
+                            conn,
+                            ..ConnOutcome::default()
+                        }
+                    }
+                };
+                tokio::time::sleep_until(start.into()).await;
+                let sched = ConnSchedule::new(conn, senders, start, steps, quota, sh.stop.clone());
+                let per = fleet.per_conn as usize;
+                let range = conn as usize * per..(conn as usize + 1) * per;
+                match (&*driver, connected, &*targets) {
+                    (Driver::Mqtt(cfgs, _), Conn::Mqtt(x), Targets::Topics(t)) => {
+                        mqtt::run_conn(&sh, pick(cfgs, conn), conn, x, sched, &t[range]).await
+                    }
+                    (Driver::Mqtt(cfgs, _), Conn::Rumqttc(x), Targets::Topics(t)) => {
+                        mqtt_rumqttc::run_conn(&sh, pick(cfgs, conn), conn, *x, sched, &t[range])
+                            .await
+                    }
+                    (Driver::Http(cfgs), Conn::Http(x), Targets::Http(t)) => {
+                        http::run_conn(&sh, pick(cfgs, conn / streams), conn, x, sched, &t[range])
+                            .await
+                    }
+                    _ => unreachable!("driver, connection and targets match"),
                 }
-            };
-            tokio::time::sleep_until(start.into()).await;
-            let sched = ConnSchedule::new(conn, senders, start, steps, quota, sh.stop.clone());
-            let per = fleet.per_conn as usize;
-            let range = conn as usize * per..(conn as usize + 1) * per;
-            match (&*driver, connected, &*targets) {
-                (Driver::Mqtt(cfgs, _), Conn::Mqtt(x), Targets::Topics(t)) => {
-                    mqtt::run_conn(&sh, pick(cfgs, conn), conn, x, sched, &t[range]).await
-                }
-                (Driver::Mqtt(cfgs, _), Conn::Rumqttc(x), Targets::Topics(t)) => {
-                    mqtt_rumqttc::run_conn(&sh, pick(cfgs, conn), conn, *x, sched, &t[range]).await
-                }
-                (Driver::Http(cfgs), Conn::Http(x), Targets::Http(t)) => {
-                    http::run_conn(&sh, pick(cfgs, conn / streams), conn, x, sched, &t[range]).await
-                }
-                _ => unreachable!("driver, connection and targets match"),
-            }
-        });
-    }
-    drop(start_rx);
+            });
+        }
+        drop(start_rx);
 
-    // Connect phase: every task reports once, connected or not.
-    drop(connected_tx);
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let mut reported = 0u32;
-    while reported < senders {
-        tokio::select! {
-            r = connected_rx.recv() => match r {
-                Some(()) => reported += 1,
-                None => break,
-            },
-            _ = tick.tick() => {
-                let failed = sh.stats.connect_failed.load(Ordering::Relaxed);
-                bar.set_message(format!("connecting {reported}/{senders} ({failed} failed)"));
+        // Connect phase: every task reports once, connected or not.
+        drop(connected_tx);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut reported = 0usize;
+        while reported < mine.len() {
+            tokio::select! {
+                r = connected_rx.recv() => match r {
+                    Some(()) => reported += 1,
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    let failed = sh.stats.connect_failed.load(Ordering::Relaxed);
+                    bar.set_message(format!("connecting {reported}/{} ({failed} failed)", mine.len()));
+                }
             }
         }
+        connect_secs = connect_started.elapsed().as_secs_f64();
+        connected = sh.stats.connected.load(Ordering::Relaxed);
+        local = Some((set, start_tx));
     }
-    let connect_secs = connect_started.elapsed().as_secs_f64();
-    let connected = sh.stats.connected.load(Ordering::Relaxed);
 
-    // Live-stream consumers, in place before the first message.
+    // Live-stream consumers, in place before the first message (in the
+    // parent of a --procs run, which sees the whole run).
     let consumers = match c.consumers.consumers {
         0 => None,
+        _ if is_child => None,
         n => Some(start_consumers(&driver, &c, &run, admin.as_ref(), n as usize).await?),
     };
 
     // Timed phase.
-    let start = Instant::now() + Duration::from_millis(20);
+    let start = match &mut link {
+        Some(l) => l.ready(connect_secs, &stop).await?,
+        // Children need a moment to read the start time and wake their
+        // connections; a late start would show as send lag.
+        None if kids.is_some() => Instant::now() + Duration::from_millis(50),
+        None => Instant::now() + Duration::from_millis(20),
+    };
     if let Some(cons) = &consumers {
         if c.rate > 0.0 && !c.ramp.ramp {
             cons.set_clock(crate::fanout::Clock {
@@ -456,11 +563,21 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     let cpu_before = report::cpu_seconds();
-    let broker_before = c.broker_pid.and_then(report::pid_cpu_seconds);
-    if let (Some(pid), None) = (c.broker_pid, broker_before) {
+    // The parent alone reads the broker's CPU, once for the whole run.
+    let broker_pid = c.broker_pid.filter(|_| !is_child);
+    let broker_before = broker_pid.and_then(report::pid_cpu_seconds);
+    if let (Some(pid), None) = (broker_pid, broker_before) {
         eprintln!("loadtest: cannot read /proc/{pid}/stat: no broker CPU in this run");
     }
-    let _ = start_tx.send(Some(start));
+    if let Some(k) = &mut kids {
+        k.start(start).await?;
+    }
+    if let Some((_, start_tx)) = &local {
+        let _ = start_tx.send(Some(start));
+    }
+    if let Some(l) = link.take() {
+        l.watch(stop.clone());
+    }
     let controller = if c.ramp.ramp && connected > 0 {
         Some(tokio::spawn(ramp::control(
             sh.clone(),
@@ -473,27 +590,76 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         None
     };
     let mut outcomes: Vec<ConnOutcome> = Vec::with_capacity(senders as usize);
-    let mut live = report::Live::new(start);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    loop {
-        tokio::select! {
-            r = set.join_next() => match r {
-                None => break,
-                Some(Ok(o)) => outcomes.push(o),
-                Some(Err(e)) => {
-                    sh.stats.error("internal_task_failure", 1);
-                    eprintln!("loadtest: a connection task failed: {e}");
+    // Children's CPU seconds (user, system) and the last one's end.
+    let mut children_cpu = (0.0, 0.0);
+    let mut children_end: Option<Instant> = None;
+    if let Some((mut set, _start_tx)) = local {
+        let mut live = report::Live::new(start);
+        loop {
+            tokio::select! {
+                r = set.join_next() => match r {
+                    None => break,
+                    Some(Ok(o)) => outcomes.push(o),
+                    Some(Err(e)) => {
+                        sh.stats.error("internal_task_failure", 1);
+                        eprintln!("loadtest: a connection task failed: {e}");
+                    }
+                },
+                _ = tick.tick() => {
+                    bar.set_message(live.line(&sh.stats, &steps));
                 }
-            },
-            _ = tick.tick() => {
-                bar.set_message(live.line(&sh.stats, &steps));
             }
         }
     }
-    let end = Instant::now();
+    if let Some(k) = &mut kids {
+        let n = plan.procs;
+        let mut stopping = false;
+        let mut reported = 0;
+        loop {
+            tokio::select! {
+                r = k.next_report() => match r? {
+                    None => break,
+                    Some(rep) => {
+                        sh.stats.absorb(&rep.stats)?;
+                        outcomes.extend(rep.outcomes);
+                        if let Some((u, s)) = rep.cpu {
+                            children_cpu.0 += u;
+                            children_cpu.1 += s;
+                        }
+                        let end = procs::instant_at(rep.end_ns);
+                        children_end = Some(children_end.map_or(end, |e| e.max(end)));
+                        reported += 1;
+                    }
+                },
+                _ = tick.tick() => {
+                    if stop.load(Ordering::Relaxed) && !stopping {
+                        stopping = true;
+                        k.stop().await;
+                    }
+                    bar.set_message(format!("{n} client processes running, {reported} done"));
+                }
+            }
+        }
+        connected = sh.stats.connected.load(Ordering::Relaxed);
+    }
+    let end = children_end.unwrap_or_else(Instant::now);
     let cpu_after = report::cpu_seconds();
-    let broker_after = c.broker_pid.and_then(report::pid_cpu_seconds);
+    let broker_after = broker_pid.and_then(report::pid_cpu_seconds);
     bar.finish_and_clear();
+    if is_child {
+        let cpu = match (cpu_before, cpu_after) {
+            (Some((u0, s0)), Some((u1, s1))) => Some((u1 - u0, s1 - s0)),
+            _ => None,
+        };
+        procs::report(ChildReport {
+            stats: sh.stats.export()?,
+            outcomes,
+            cpu,
+            end_ns: procs::mono_ns(end),
+        })?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let evaluated = match controller {
         Some(h) => h.await.unwrap_or(0),
         None => 0,
@@ -519,10 +685,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     summary.streams_per_connection = streams;
     summary.devices = u64::from(senders) * u64::from(c.devices_per_connection);
     if let (Some((u0, s0)), Some((u1, s1))) = (cpu_before, cpu_after) {
-        summary.set_cpu(u1 - u0, s1 - s0);
+        summary.set_cpu(u1 - u0 + children_cpu.0, s1 - s0 + children_cpu.1);
     }
-    if let (Some(pid), Some((u0, s0)), Some((u1, s1))) = (c.broker_pid, broker_before, broker_after)
-    {
+    if let (Some(pid), Some((u0, s0)), Some((u1, s1))) = (broker_pid, broker_before, broker_after) {
         summary.set_broker_cpu(pid, u1 - u0, s1 - s0);
     }
 

@@ -4,12 +4,21 @@
 //! (microseconds, 3 significant digits) per step, each locked once per
 //! batch of acknowledgements, not per message. Errors are rare and keyed by
 //! kind in a map behind a mutex.
+//!
+//! With `--procs`, each child process exports its stats ([`StatsWire`]:
+//! counters, errors, and every histogram in HDR's V2 serialization) and
+//! the parent absorbs them into its own, so percentiles are of the merged
+//! histograms, never averages of the children's percentiles.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use anyhow::{bail, Context, Result};
+use base64::Engine as _;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
 
 /// Histograms per step; connections pick one by number.
 const SHARDS: usize = 4;
@@ -192,6 +201,108 @@ impl Stats {
     }
 }
 
+/// One step's counters and latencies, as a child process sends them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepWire {
+    pub sent: u64,
+    pub acked: u64,
+    pub failed: u64,
+    /// The step's latency histogram ([`encode_histogram`]).
+    pub latency: String,
+}
+
+/// Everything a [`Stats`] holds, as a child process sends it to the
+/// parent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatsWire {
+    pub steps: Vec<StepWire>,
+    pub connected: u64,
+    pub connect_failed: u64,
+    pub lag: String,
+    pub served: String,
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl Stats {
+    /// Everything recorded so far, for the parent of a `--procs` run.
+    pub fn export(&self) -> Result<StatsWire> {
+        Ok(StatsWire {
+            steps: self
+                .steps
+                .iter()
+                .map(|st| {
+                    Ok(StepWire {
+                        sent: st.sent.load(Ordering::Relaxed),
+                        acked: st.acked.load(Ordering::Relaxed),
+                        failed: st.failed.load(Ordering::Relaxed),
+                        latency: encode_histogram(&st.histogram())?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            connected: self.connected.load(Ordering::Relaxed),
+            connect_failed: self.connect_failed.load(Ordering::Relaxed),
+            lag: encode_histogram(&self.lag_histogram())?,
+            served: encode_histogram(&self.served_histogram())?,
+            errors: self.errors(),
+        })
+    }
+
+    /// Adds a child's stats to these: counters add up and histograms are
+    /// merged bucket by bucket.
+    pub fn absorb(&self, w: &StatsWire) -> Result<()> {
+        if w.steps.len() != self.steps.len() {
+            bail!(
+                "a child process reported {} steps, expected {}",
+                w.steps.len(),
+                self.steps.len()
+            );
+        }
+        for (st, ws) in self.steps.iter().zip(&w.steps) {
+            st.sent.fetch_add(ws.sent, Ordering::Relaxed);
+            st.acked.fetch_add(ws.acked, Ordering::Relaxed);
+            st.failed.fetch_add(ws.failed, Ordering::Relaxed);
+            add_encoded(&st.hist[0], &ws.latency)?;
+        }
+        self.connected.fetch_add(w.connected, Ordering::Relaxed);
+        self.connect_failed
+            .fetch_add(w.connect_failed, Ordering::Relaxed);
+        add_encoded(&self.lag[0], &w.lag)?;
+        add_encoded(&self.served[0], &w.served)?;
+        for (kind, n) in &w.errors {
+            self.error(kind, *n);
+        }
+        Ok(())
+    }
+}
+
+/// A histogram as text: HDR's V2 serialization (uncompressed: the pipe
+/// is local, so compressing would only cost CPU) in base64.
+pub fn encode_histogram(h: &Histogram<u64>) -> Result<String> {
+    let mut bytes = Vec::new();
+    V2Serializer::new()
+        .serialize(h, &mut bytes)
+        .map_err(|e| anyhow::anyhow!("serializing a histogram: {e:?}"))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// The inverse of [`encode_histogram`].
+pub fn decode_histogram(text: &str) -> Result<Histogram<u64>> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .context("a histogram's base64")?;
+    Deserializer::new()
+        .deserialize(&mut &bytes[..])
+        .map_err(|e| anyhow::anyhow!("deserializing a histogram: {e:?}"))
+}
+
+fn add_encoded(into: &Mutex<Histogram<u64>>, text: &str) -> Result<()> {
+    let h = decode_histogram(text)?;
+    into.lock()
+        .unwrap()
+        .add(&h)
+        .map_err(|e| anyhow::anyhow!("merging a histogram: {e:?}"))
+}
+
 fn record_all(h: &mut Histogram<u64>, values: &[u64]) {
     for &v in values {
         // Auto-resizing: `record` grows the histogram (saturating_record
@@ -203,7 +314,7 @@ fn record_all(h: &mut Histogram<u64>, values: &[u64]) {
 }
 
 /// A growable bit set over sequence numbers (which messages were acked).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bits(Vec<u64>);
 
 impl Bits {
@@ -275,5 +386,40 @@ mod tests {
         let p99 = h.value_at_quantile(0.99);
         assert!((985..=995).contains(&p99), "{p99}");
         assert_eq!(s.steps[1].histogram().len(), 0);
+    }
+
+    #[test]
+    fn absorbed_children_add_up_and_merge_histograms() {
+        let a = Stats::new(1);
+        let b = Stats::new(1);
+        a.sent(0, 600);
+        a.acked(0, 1, &(1..=600).collect::<Vec<_>>());
+        a.lagged(0, &[5, 7]);
+        a.served(2, &[100]);
+        a.connected.fetch_add(2, Ordering::Relaxed);
+        b.sent(0, 400);
+        b.acked(0, 0, &(100_001..=100_400).collect::<Vec<_>>());
+        b.failed(0, "timeout", 3);
+        b.connect_failed.fetch_add(1, Ordering::Relaxed);
+        let parent = Stats::new(1);
+        parent.absorb(&a.export().unwrap()).unwrap();
+        parent.absorb(&b.export().unwrap()).unwrap();
+        assert_eq!(parent.total_sent(), 1000);
+        assert_eq!(parent.total_acked(), 1000);
+        assert_eq!(parent.total_failed(), 3);
+        assert_eq!(parent.errors()["timeout"], 3);
+        assert_eq!(parent.errors_total(), 3);
+        assert_eq!(parent.connected.load(Ordering::Relaxed), 2);
+        assert_eq!(parent.connect_failed.load(Ordering::Relaxed), 1);
+        // The merged p50 lies in the first child's values and the p99 in
+        // the second's: a percentile of the whole, not of either part.
+        let h = parent.histogram();
+        assert_eq!(h.len(), 1000);
+        assert!((499..=501).contains(&h.value_at_quantile(0.5)));
+        let p99 = h.value_at_quantile(0.99);
+        assert!((100_300..=100_500).contains(&p99), "{p99}");
+        assert_eq!(parent.lag_histogram().len(), 2);
+        assert_eq!(parent.served_histogram().len(), 1);
+        assert!(Stats::new(2).absorb(&a.export().unwrap()).is_err());
     }
 }

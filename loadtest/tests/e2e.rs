@@ -60,6 +60,45 @@ fn mqtt_311_qos1_counts_and_verify() {
 }
 
 #[test]
+fn mqtt_procs_provision_once_and_verify_the_merged_run() {
+    let s = Server::start();
+    let pid = s.pid().to_string();
+    let r = loadtest(
+        &[
+            "mqtt",
+            &s.mqtt,
+            "--admin",
+            &s.admin,
+            "-c",
+            "4",
+            "-n",
+            "2000",
+            "--rate",
+            "4000",
+            "--procs",
+            "2",
+            "--broker-pid",
+            &pid,
+            "--verify",
+        ],
+        LIMIT,
+    );
+    assert_clean(&r, 2000);
+    assert_verified(&r, 2000);
+    assert_eq!(r.u("/verify/devices"), 4);
+    assert_eq!(r.u("/connections/connected"), 4);
+    // The parent provisioned every connection's token; the children used
+    // them.
+    assert!(r.json["credentials"]
+        .as_str()
+        .unwrap()
+        .contains("provisioned 4 device-scoped tokens"));
+    assert_eq!(r.u("/send_lag/count"), 2000, "{}", r.show());
+    assert_eq!(r.u("/server_latency/count"), 2000, "{}", r.show());
+    assert_eq!(r.json["broker_cpu"]["per"], "acked", "{}", r.show());
+}
+
+#[test]
 fn mqtt_5_paced_with_several_devices_per_connection_verifies() {
     let s = Server::start();
     let r = loadtest(
@@ -429,6 +468,8 @@ fn help_documents_every_option() {
         "--client-id-prefix",
         "--keep-alive",
         "--mqtt-client",
+        "--procs",
+        "--pin-cpus",
     ]) {
         assert!(mqtt.contains(opt), "mqtt --help lacks {opt}");
     }
