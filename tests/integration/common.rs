@@ -161,6 +161,17 @@ impl Drop for Server {
     }
 }
 
+/// `N` distinct free loopback ports. The listeners are held until all are
+/// chosen: ports taken one at a time can repeat, and a server given the
+/// same port twice fails to start (or a test expecting one of them
+/// refused finds the other listener there).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+}
+
 pub fn unsafe_kill(pid: u32, sig: &str) {
     let _ = Command::new("kill")
         .arg(format!("-{sig}"))

@@ -238,14 +238,6 @@ fn instructions(text: &str) -> Vec<(String, String)> {
     out
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Waits for `<data>/listening` and returns its lines as (kind, addr).
 fn listening(child: &mut Child, data: &Path, log: &Path) -> HashMap<String, String> {
     let file = data.join("listening");
@@ -376,7 +368,7 @@ fn image_start_command_serves_as_its_non_root_user() {
     // The image's arguments after its binary, and its environment with
     // /data at the temp dir; published ports are remapped as `docker run
     // -p FREE:PORT` would, since the defaults may be taken here.
-    let (mqtt, http, admin) = (free_port(), free_port(), free_port());
+    let [mqtt, http, admin] = free_ports();
     command.args(&entrypoint[1..]).args(&cmd).env_clear();
     for (k, v) in &env {
         let v = v
@@ -561,12 +553,13 @@ fn systemd_unit_is_sandboxed_and_its_commands_work() {
     for (k, v) in &env {
         cmd.env(k, v.replace("/var/lib/sluice", data.to_str().unwrap()));
     }
+    let [mqtt, http, admin] = free_ports();
     let mut child = cmd
         .env_remove("RUST_LOG")
         .env_remove("SLUICE_ADMIN_TOKEN")
-        .env("SLUICE_MQTT__LISTEN", format!("127.0.0.1:{}", free_port()))
-        .env("SLUICE_HTTP__LISTEN", format!("127.0.0.1:{}", free_port()))
-        .env("SLUICE_ADMIN__LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("SLUICE_MQTT__LISTEN", format!("127.0.0.1:{mqtt}"))
+        .env("SLUICE_HTTP__LISTEN", format!("127.0.0.1:{http}"))
+        .env("SLUICE_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
