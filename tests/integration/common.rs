@@ -161,15 +161,23 @@ impl Drop for Server {
     }
 }
 
-/// `N` distinct free loopback ports. The listeners are held until all are
-/// chosen: ports taken one at a time can repeat, and a server given the
-/// same port twice fails to start (or a test expecting one of them
-/// refused finds the other listener there).
-pub fn free_ports<const N: usize>() -> [u16; N] {
-    let held: Vec<std::net::TcpListener> = (0..N)
+/// `k` distinct free loopback ports. All listeners are held until every
+/// port is chosen: binding and dropping one at a time can hand out the
+/// same port twice, and a server given one port twice fails to start (or a
+/// test expecting one of them refused finds the other listener there).
+pub fn free_ports(k: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..k)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
-    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// Three distinct free ports, for a broker's three listeners.
+pub fn three_free_ports() -> (u16, u16, u16) {
+    let p = free_ports(3);
+    (p[0], p[1], p[2])
 }
 
 pub fn unsafe_kill(pid: u32, sig: &str) {

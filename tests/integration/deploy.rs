@@ -368,7 +368,7 @@ fn image_start_command_serves_as_its_non_root_user() {
     // The image's arguments after its binary, and its environment with
     // /data at the temp dir; published ports are remapped as `docker run
     // -p FREE:PORT` would, since the defaults may be taken here.
-    let [mqtt, http, admin] = free_ports();
+    let (mqtt, http, admin) = three_free_ports();
     command.args(&entrypoint[1..]).args(&cmd).env_clear();
     for (k, v) in &env {
         let v = v
@@ -553,7 +553,7 @@ fn systemd_unit_is_sandboxed_and_its_commands_work() {
     for (k, v) in &env {
         cmd.env(k, v.replace("/var/lib/sluice", data.to_str().unwrap()));
     }
-    let [mqtt, http, admin] = free_ports();
+    let (mqtt, http, admin) = three_free_ports();
     let mut child = cmd
         .env_remove("RUST_LOG")
         .env_remove("SLUICE_ADMIN_TOKEN")

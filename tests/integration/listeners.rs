@@ -83,7 +83,7 @@ fn tls_turns_plain_mqtt_off_unless_kept() {
     let (cert, key) = (p.cert.to_str().unwrap(), p.key.to_str().unwrap());
     let tls = [("SLUICE_TLS__CERT", cert), ("SLUICE_TLS__KEY", key)];
 
-    let [mqtt, http, mqtts] = free_ports();
+    let (mqtt, http, mqtts) = three_free_ports();
     let (lines, log) = open_listeners(mqtt, http, mqtts, &tls);
     assert_eq!(kinds(&lines), ["https", "admin", "mqtts"], "{lines:?}");
     assert!(
@@ -92,12 +92,12 @@ fn tls_turns_plain_mqtt_off_unless_kept() {
     );
 
     let kept = [tls[0], tls[1], ("SLUICE_MQTT__PLAIN_WITH_TLS", "true")];
-    let [mqtt, http, mqtts] = free_ports();
+    let (mqtt, http, mqtts) = three_free_ports();
     let (lines, _) = open_listeners(mqtt, http, mqtts, &kept);
     assert_eq!(kinds(&lines), ["mqtt", "https", "admin", "mqtts"]);
 
     let no_mqtts = [tls[0], tls[1], ("SLUICE_TLS__MQTTS_ENABLED", "false")];
-    let [mqtt, http, mqtts] = free_ports();
+    let (mqtt, http, mqtts) = three_free_ports();
     let (lines, log) = open_listeners(mqtt, http, mqtts, &no_mqtts);
     assert_eq!(kinds(&lines), ["https", "admin"]);
     assert!(log.contains("tls.mqtts_enabled = false"), "{log}");
@@ -105,11 +105,11 @@ fn tls_turns_plain_mqtt_off_unless_kept() {
 
 #[test]
 fn any_device_listener_can_be_turned_off() {
-    let [mqtt, http, mqtts] = free_ports();
+    let (mqtt, http, mqtts) = three_free_ports();
     let (lines, _) = open_listeners(mqtt, http, mqtts, &[]);
     assert_eq!(kinds(&lines), ["mqtt", "http", "admin"]);
 
-    let [mqtt, http, mqtts] = free_ports();
+    let (mqtt, http, mqtts) = three_free_ports();
     let (lines, log) = open_listeners(
         mqtt,
         http,
@@ -122,7 +122,7 @@ fn any_device_listener_can_be_turned_off() {
     assert_eq!(kinds(&lines), ["admin"]);
     assert!(log.contains("every device listener is off"), "{log}");
 
-    let [mqtt, http, mqtts] = free_ports();
+    let (mqtt, http, mqtts) = three_free_ports();
     let (lines, _) = open_listeners(mqtt, http, mqtts, &[("SLUICE_HTTP__ENABLED", "false")]);
     assert_eq!(kinds(&lines), ["mqtt", "admin"]);
 }

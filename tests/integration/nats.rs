@@ -5,10 +5,12 @@
 //! and the whole cluster stopped and started again.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::common::free_ports;
 
 /// The nats-server binary: `SLUICE_NATS_SERVER`, else `nats-server` on PATH.
 fn server_binary() -> String {
@@ -27,18 +29,6 @@ struct Node {
 pub struct NatsCluster {
     nodes: Vec<Node>,
     _dir: tempfile::TempDir,
-}
-
-/// `k` distinct free ports. All listeners are held until every port is
-/// chosen: binding and dropping one at a time can hand out the same port
-/// twice, and two nodes on one route port make the cluster refuse to start.
-fn free_ports(k: usize) -> Vec<u16> {
-    let held: Vec<TcpListener> = (0..k)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
 }
 
 impl NatsCluster {
