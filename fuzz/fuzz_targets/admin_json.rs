@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use libfuzzer_sys::fuzz_target;
-use sluice::http::admin::{history_query, MAX_LIMIT};
+use sluice::http::read::{history_query, MAX_LIMIT};
 use sluice::ids::is_valid_id;
 use sluice::store::Position;
 use sluice::timefmt::{check_ms, MAX_TIME_MS};
@@ -35,7 +35,8 @@ fuzz_target!(|data: &[u8]| {
                 if let Some(sluice::auth::Devices::Only(list)) = &c.devices {
                     assert!(!list.is_empty() && list.len() <= max_devices);
                     assert!(list.iter().all(|d| is_valid_id(d)));
-                    assert!(list.windows(2).all(|w| w[0] < w[1]));
+                    let ids: Vec<&str> = list.iter().collect();
+                    assert!(ids.windows(2).all(|w| w[0] < w[1]));
                 }
                 if let Some(e) = c.expires_at {
                     assert_eq!(check_ms(e), Ok(e));

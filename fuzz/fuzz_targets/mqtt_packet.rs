@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::BytesMut;
 use bytestring::ByteString;
 use libfuzzer_sys::fuzz_target;
-use sluice::auth::{Devices, NewToken, Registry, Scope, Scopes, Status, TokenEntry};
+use sluice::auth::{Devices, TokenRecord, Registry, Scope, Scopes, Status, TokenEntry};
 use sluice::mqtt::{
     check_publish, Codec, Incoming, ProtoError, PublishRefusal, Refusal, SubAck, UnsubAck,
 };
@@ -34,7 +34,7 @@ fn registry() -> &'static (Registry, Arc<TokenEntry>) {
     static R: OnceLock<(Registry, Arc<TokenEntry>)> = OnceLock::new();
     R.get_or_init(|| {
         let r = Registry::new();
-        r.insert(NewToken {
+        r.insert(TokenRecord {
             id: "t".into(),
             app: "app".into(),
             name: "fuzz".into(),
@@ -44,7 +44,8 @@ fn registry() -> &'static (Registry, Arc<TokenEntry>) {
             status: Status::Active,
             parent_id: None,
             created_at: 0,
-            last_used: 0,
+            last_used: None,
+            deactivated_by: None,
             rate_limit: None,
             hash: TokenHash::of(SECRET),
         })

@@ -8,7 +8,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use sluice::auth::{Denied, Devices, NewToken, Registry, Scope, Scopes, Status};
+use sluice::auth::{Denied, Devices, TokenRecord, Registry, Scope, Scopes, Status};
 use sluice::secret::{parse_bearer, plausible_credential, TokenHash, MAX_PRESENTED_LEN};
 
 /// Active parent (every device), its child (two devices), an inactive
@@ -23,7 +23,7 @@ fn registry() -> &'static Registry {
     static R: OnceLock<Registry> = OnceLock::new();
     R.get_or_init(|| {
         let r = Registry::new();
-        let tok = |id: &str, parent: Option<&str>, devices: Devices, status, secret: &[u8]| NewToken {
+        let tok = |id: &str, parent: Option<&str>, devices: Devices, status, secret: &[u8]| TokenRecord {
             id: id.into(),
             app: "app".into(),
             name: id.into(),
@@ -33,7 +33,8 @@ fn registry() -> &'static Registry {
             status,
             parent_id: parent.map(String::from),
             created_at: 0,
-            last_used: 0,
+            last_used: None,
+            deactivated_by: None,
             rate_limit: None,
             hash: TokenHash::of(secret),
         };
