@@ -312,59 +312,35 @@ fn bench_single(c: &mut Criterion, f: &Fixture) {
 
     let mut g = c.benchmark_group("authorize");
     g.throughput(Throughput::Elements(1));
+    // The request each probe was built to permit.
+    let check = |p: &Probe| {
+        f.registry.authorize(
+            black_box(&p.secret),
+            f.app(p),
+            Some(f.device(p)),
+            Scope::SendState,
+            NOW_MS,
+        )
+    };
     g.bench_function("hit_mixed", |b| {
         let mut i = 0;
         b.iter(|| {
             i = (i + 1) % f.hits.len();
-            let p = &f.hits[i];
-            f.registry.authorize(
-                black_box(&p.secret),
-                f.app(p),
-                Some(f.device(p)),
-                Scope::SendState,
-                NOW_MS,
-            )
+            check(&f.hits[i])
         })
     });
-    g.bench_function("hit_depth1", |b| {
-        let mut i = 0;
-        b.iter(|| {
-            i = (i + 1) % f.roots.len();
-            let p = &f.hits[f.roots[i]];
-            f.registry.authorize(
-                black_box(&p.secret),
-                f.app(p),
-                Some(f.device(p)),
-                Scope::SendState,
-                NOW_MS,
-            )
-        })
-    });
-    g.bench_function("hit_depth3", |b| {
-        let mut i = 0;
-        b.iter(|| {
-            i = (i + 1) % f.deep.len();
-            let p = &f.hits[f.deep[i]];
-            f.registry.authorize(
-                black_box(&p.secret),
-                f.app(p),
-                Some(f.device(p)),
-                Scope::SendState,
-                NOW_MS,
-            )
-        })
-    });
+    for (name, subset) in [("hit_depth1", &f.roots), ("hit_depth3", &f.deep)] {
+        g.bench_function(name, |b| {
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) % subset.len();
+                check(&f.hits[subset[i]])
+            })
+        });
+    }
     g.bench_function("hit_same_token", |b| {
         let p = &f.hits[f.deep[0]];
-        b.iter(|| {
-            f.registry.authorize(
-                black_box(&p.secret),
-                f.app(p),
-                Some(f.device(p)),
-                Scope::SendState,
-                NOW_MS,
-            )
-        })
+        b.iter(|| check(p))
     });
     g.bench_function("miss_unknown", |b| {
         let mut i = 0;
