@@ -6,7 +6,9 @@
 //! and the composite-state operand for the whole request (with a keyed hash
 //! of each attribute name, for the attribute limit) is built here, on the
 //! connection's task, so the single writer thread only copies bytes and
-//! looks hashes up.
+//! looks hashes up. One serde_json pass over the body validates it and
+//! collects the attributes; each `data` span is then found from its first
+//! and last values (`data_span`), so `data` is not scanned a second time.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -71,13 +73,13 @@ pub fn parse(body: &[u8], shape: Shape, now_ms: i64) -> Result<ParsedStates, Bad
         return Err(BadState("body too large".into()));
     }
     let mut acc = Acc {
-        base: body.as_ptr() as usize,
+        body,
         now_ms: now_ms.max(0) as u64,
         out: ParsedStates {
             received_ms: now_ms,
             ..ParsedStates::default()
         },
-        attrs: Vec::new(),
+        attrs: SmallVec::new(),
         msg_index: 0,
     };
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
@@ -165,10 +167,12 @@ struct Attr<'a> {
 }
 
 struct Acc<'a> {
-    base: usize,
+    body: &'a [u8],
     now_ms: u64,
     out: ParsedStates,
-    attrs: Vec<Attr<'a>>,
+    /// Every attribute seen, in order; inline up to 8, the usual state,
+    /// so a request's parse allocates only the composite operand.
+    attrs: SmallVec<[Attr<'a>; 8]>,
     msg_index: usize,
 }
 
@@ -273,15 +277,20 @@ impl<'de: 'a, 'a> Visitor<'de> for StateSeed<'_, 'a> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let mut data: Option<&'de RawValue> = None;
+        // `data` is validated and its attributes collected in the same pass
+        // over the body; their time is filled in once `time` (which may
+        // come after `data`) is known.
+        let first_attr = self.acc.attrs.len();
+        let mut data_seen = false;
         let mut time: Option<Option<u64>> = None;
         while let Some(field) = map.next_key::<Field>()? {
             match field {
                 Field::Data => {
-                    if data.is_some() {
+                    if data_seen {
                         return Err(de::Error::duplicate_field("data"));
                     }
-                    data = Some(map.next_value()?);
+                    map.next_value_seed(AttrsSeed { acc: self.acc })?;
+                    data_seen = true;
                 }
                 Field::Time => {
                     if time.is_some() {
@@ -291,42 +300,81 @@ impl<'de: 'a, 'a> Visitor<'de> for StateSeed<'_, 'a> {
                 }
             }
         }
-        let data = data.ok_or_else(|| de::Error::missing_field("data"))?;
-        let time_ms = time.flatten().unwrap_or(self.acc.now_ms);
-        let text = data.get();
-        if !text.starts_with('{') {
-            return Err(de::Error::custom("`data` must be an object"));
+        if !data_seen {
+            return Err(de::Error::missing_field("data"));
         }
-        if nesting_depth(text.as_bytes()) > MAX_DATA_DEPTH {
+        let time_ms = time.flatten().unwrap_or(self.acc.now_ms);
+        let attrs = &mut self.acc.attrs[first_attr..];
+        let (Some(first), Some(last)) = (attrs.first(), attrs.last()) else {
+            return Err(de::Error::custom("`data` must have at least one attribute"));
+        };
+        let span = data_span(self.acc.body, first.value, last.value)
+            .ok_or_else(|| de::Error::custom("`data` could not be located in the body"))?;
+        for a in attrs.iter_mut() {
+            a.time_ms = time_ms;
+        }
+        if nesting_depth(&self.acc.body[span.clone()]) > MAX_DATA_DEPTH {
             return Err(de::Error::custom(format_args!(
                 "`data` is nested deeper than {MAX_DATA_DEPTH} levels"
             )));
         }
-        let start = text.as_ptr() as usize - self.acc.base;
-        let first_attr = self.acc.attrs.len();
-        let mut inner = serde_json::Deserializer::from_str(text);
-        AttrsSeed {
-            acc: self.acc,
-            time_ms,
-        }
-        .deserialize(&mut inner)
-        .map_err(|e| de::Error::custom(strip_position(&e.to_string())))?;
-        let attrs = &self.acc.attrs[first_attr..];
-        if attrs.is_empty() {
-            return Err(de::Error::custom("`data` must have at least one attribute"));
-        }
-        if let Some(dup) = duplicate_name(attrs) {
+        if let Some(dup) = duplicate_name(&self.acc.attrs[first_attr..]) {
             return Err(de::Error::custom(format_args!(
                 "duplicate attribute {dup:?} in `data`"
             )));
         }
         self.acc.out.states.push(StateSpan {
             time_ms,
-            data: start as u32..(start + text.len()) as u32,
+            data: span.start as u32..span.end as u32,
         });
         self.acc.msg_index += 1;
         Ok(())
     }
+}
+
+/// The byte range of the `data` object in `body`, from the text of its
+/// first and last attribute values (slices of `body`, which the parser has
+/// validated as JSON): back from the first value over `"name" :` to the
+/// `{`, forward from the last value to the `}`. `None` only if the values
+/// are not where valid JSON puts them, which would be a bug.
+fn data_span(body: &[u8], first_value: &str, last_value: &str) -> Option<Range<usize>> {
+    let base = body.as_ptr() as usize;
+    let first = (first_value.as_ptr() as usize).checked_sub(base)?;
+    let last_end = (last_value.as_ptr() as usize).checked_sub(base)? + last_value.len();
+    if first > body.len() || last_end > body.len() {
+        return None;
+    }
+    let ws = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    // Back over whitespace, the colon and whitespace to the name's closing
+    // quote.
+    let mut i = first;
+    i -= body[..i].iter().rev().take_while(|b| ws(b)).count();
+    if i == 0 || body[i - 1] != b':' {
+        return None;
+    }
+    i -= 1;
+    i -= body[..i].iter().rev().take_while(|b| ws(b)).count();
+    if i == 0 || body[i - 1] != b'"' {
+        return None;
+    }
+    i -= 1;
+    // Back to the opening quote: the first quote not escaped, i.e. not
+    // preceded by an odd number of backslashes.
+    loop {
+        let q = body[..i].iter().rposition(|&b| b == b'"')?;
+        let backslashes = body[..q].iter().rev().take_while(|&&b| b == b'\\').count();
+        i = q;
+        if backslashes % 2 == 0 {
+            break;
+        }
+    }
+    i -= body[..i].iter().rev().take_while(|b| ws(b)).count();
+    if i == 0 || body[i - 1] != b'{' {
+        return None;
+    }
+    let start = i - 1;
+    let end = last_end + body[last_end..].iter().take_while(|b| ws(b)).count();
+    (body.get(end) == Some(&b'}')).then_some(start..end + 1)
 }
 
 /// Maximum nesting of `[`/`{` in valid JSON text, ignoring strings.
@@ -370,32 +418,49 @@ fn duplicate_name<'x>(attrs: &'x [Attr<'_>]) -> Option<&'x str> {
     names.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
 }
 
-/// Errors from the inner parse of `data` carry positions relative to
-/// `data`, which would mislead; the outer error adds the real position.
-fn strip_position(msg: &str) -> String {
-    match msg.rfind(" at line ") {
-        Some(i) => msg[..i].to_string(),
-        None => msg.to_string(),
-    }
-}
-
+/// The attributes of one `data` object, pushed to `acc.attrs` (with a
+/// time filled in by the caller).
 struct AttrsSeed<'s, 'a> {
     acc: &'s mut Acc<'a>,
-    time_ms: u64,
 }
 
 impl<'de: 'a, 'a> DeserializeSeed<'de> for AttrsSeed<'_, 'a> {
     type Value = ();
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
+        d.deserialize_any(self)
     }
 }
+
+const NOT_AN_OBJECT: &str = "`data` must be an object";
 
 impl<'de: 'a, 'a> Visitor<'de> for AttrsSeed<'_, 'a> {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("an object of attributes")
+    }
+
+    // Every other JSON value is refused in the same words.
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Err(E::custom(NOT_AN_OBJECT))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Err(E::custom(NOT_AN_OBJECT))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Err(E::custom(NOT_AN_OBJECT))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Err(E::custom(NOT_AN_OBJECT))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Err(E::custom(NOT_AN_OBJECT))
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Err(E::custom(NOT_AN_OBJECT))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        Err(de::Error::custom(NOT_AN_OBJECT))
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
@@ -418,7 +483,7 @@ impl<'de: 'a, 'a> Visitor<'de> for AttrsSeed<'_, 'a> {
             let value: &'de RawValue = map.next_value()?;
             self.acc.attrs.push(Attr {
                 name,
-                time_ms: self.time_ms,
+                time_ms: 0,
                 value: value.get(),
             });
         }
@@ -506,6 +571,45 @@ mod tests {
 
     fn data_of<'a>(body: &'a str, s: &StateSpan) -> &'a str {
         &body[s.data.start as usize..s.data.end as usize]
+    }
+
+    /// The span found in one pass is exactly the `data` text serde_json
+    /// itself delimits, whatever the whitespace, escapes and nesting.
+    #[test]
+    fn data_spans_match_serde_json() {
+        #[derive(serde::Deserialize)]
+        struct Outer<'a> {
+            #[serde(borrow)]
+            data: &'a RawValue,
+        }
+        let bodies = [
+            r#"{"data":{"a":1}}"#,
+            r#"  {  "time" : 5 ,  "data"  :  {  "a"  :  1  ,  "b" : [1,{"x":"}"}]  }  }  "#,
+            "{\"data\":\n\t{\r\n\"a\":\"v\"\n}\n}",
+            r#"{"data":{"q\"uote":1,"z":2}}"#,
+            r#"{"data":{"back\\":1}}"#,
+            r#"{"data":{"\\\"x":true}}"#,
+            r#"{"data":{"br{ace\"}":null,"end":"}\"\\"}}"#,
+            r#"{"data":{"\u00e9t\u00e9":{"deep":[[[{"a":[]}]]]}},"time":"2024-01-01T00:00:00Z"}"#,
+            r#"{"data":{"é":"ü","日本":1.5e3}}"#,
+            r#"[{"data":{"a":1}} , {"time":1,"data":{ "b":"{" }},{"data":{"c\\\\":"\\"}}]"#,
+        ];
+        for body in bodies {
+            let p = parse(body.as_bytes(), Shape::OneOrArray, 0)
+                .unwrap_or_else(|e| panic!("{body}: {e}"));
+            let trimmed = body.trim_start();
+            let want: Vec<&str> = if trimmed.starts_with('[') {
+                serde_json::from_str::<Vec<Outer>>(body)
+                    .unwrap()
+                    .iter()
+                    .map(|o| o.data.get())
+                    .collect()
+            } else {
+                vec![serde_json::from_str::<Outer>(body).unwrap().data.get()]
+            };
+            let got: Vec<&str> = p.states.iter().map(|s| data_of(body, s)).collect();
+            assert_eq!(got, want, "{body}");
+        }
     }
 
     #[test]
