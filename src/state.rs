@@ -80,7 +80,6 @@ pub fn parse(body: &[u8], shape: Shape, now_ms: i64) -> Result<ParsedStates, Bad
             ..ParsedStates::default()
         },
         attrs: SmallVec::new(),
-        msg_index: 0,
     };
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     let mut de = serde_json::Deserializer::from_slice(body);
@@ -173,7 +172,6 @@ struct Acc<'a> {
     /// Every attribute seen, in order; inline up to 8, the usual state,
     /// so a request's parse allocates only the composite operand.
     attrs: SmallVec<[Attr<'a>; 8]>,
-    msg_index: usize,
 }
 
 impl<'a> Acc<'a> {
@@ -327,7 +325,6 @@ impl<'de: 'a, 'a> Visitor<'de> for StateSeed<'_, 'a> {
             time_ms,
             data: span.start as u32..span.end as u32,
         });
-        self.acc.msg_index += 1;
         Ok(())
     }
 }

@@ -11,8 +11,7 @@ use serde_json::json;
 use crate::common::*;
 use crate::tls::pki;
 
-/// A port that was free a moment ago, so a test can name it and then check
-/// that nothing listens there.
+/// Whether nothing listens on `port` of loopback: a connection is refused.
 fn refused(port: u16) -> bool {
     TcpStream::connect_timeout(
         &format!("127.0.0.1:{port}").parse().unwrap(),
